@@ -1,0 +1,56 @@
+# Two entry points (see README): `make repro` runs the whole pipeline on the bundled corpus,
+# `make test` runs the test suite. Each builds its virtualenv and, when run as root, installs
+# the Debian packages it needs, so both work on a fresh machine.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+export PATH := $(BIN):$(PATH)
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export DVC_NO_ANALYTICS := 1
+PIP := $(BIN)/python -m pip install -q --progress-bar off
+# apt packages: dpkg tools unpack the corpus .debs; redis-server backs the Redis LSH tests.
+APT_PACKAGES := dpkg redis-server
+
+.PHONY: repro test bench setup setup-test apt dag clean-venv
+
+repro: setup
+	dvc repro
+
+test: setup-test
+	python -m pytest tests -ra --durations=15
+
+bench: setup-test
+	python benchmarks/dedup_quality.py
+	python benchmarks/io_speed.py
+	python benchmarks/lora_vs_full.py
+	python benchmarks/label_noise.py
+
+dag: setup
+	dvc dag
+
+setup: apt $(VENV)/.installed
+setup-test: apt $(VENV)/.installed-test
+
+$(VENV)/.installed: requirements.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) -r requirements.txt > $(VENV)/pip.log 2>&1 || { grep -v '^WARNING: Location' $(VENV)/pip.log; exit 1; }
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt
+	$(PIP) -r requirements-test.txt > $(VENV)/pip-test.log 2>&1 || { grep -v '^WARNING: Location' $(VENV)/pip-test.log; exit 1; }
+	touch $@
+
+# apt-get update also refreshes the lists that `apt-get download` needs to fetch the corpus .debs.
+apt:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get update -qq >/dev/null; \
+	  missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	  if [ -n "$$missing" ]; then DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi; \
+	else \
+	  for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo "warning: Debian package $$p is missing; install it as root (apt-get install $$p)"; done; \
+	fi
+
+clean-venv:
+	rm -rf $(VENV)

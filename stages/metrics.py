@@ -1,0 +1,25 @@
+"""Stage metrics: one JSON file per stage under ``metrics/``, read by ``dvc metrics show/diff``.
+
+Conventions: nested dicts of numbers with stable keys; rates are fractions in [0, 1];
+durations are seconds; names carry their unit (``docs_per_s``, ``peak_rss_mb``).
+"""
+from __future__ import annotations
+
+import os
+import resource
+from pathlib import Path
+from typing import Any
+
+from stages.atomic import write_json
+
+METRICS_DIR = Path("metrics")
+
+
+def write_metrics(name: str, values: dict[str, Any], root: str | os.PathLike = METRICS_DIR) -> Path:
+    """Write ``values`` to ``<root>/<name>.json`` atomically; ``name`` may contain ``/``."""
+    return write_json(Path(root) / f"{name}.json", values)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far, in MiB (``getrusage``; Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

@@ -1,0 +1,60 @@
+"""MLflow tracking for the model stages: one run per DVC stage, tagged with git commit and stage.
+
+The tracking URI defaults to ``sqlite:///mlflow.db`` in the repository root (git-ignored);
+``MLFLOW_TRACKING_URI`` overrides it. ``mlflow ui --backend-store-uri sqlite:///mlflow.db``
+shows the runs.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+from typing import Any, Iterator
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+EXPERIMENT = "domain-lm"
+
+
+def tracking_uri() -> str:
+    """The MLflow tracking URI in force: ``$MLFLOW_TRACKING_URI`` or ``sqlite:///mlflow.db``."""
+    return os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
+
+
+def git_commit() -> str:
+    """The current git commit (``HEAD``), or ``"unknown"`` outside a git repository."""
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, params: dict[str, Any] | None = None, *, nested: bool = False,
+              run_name: str | None = None) -> Iterator[Any]:
+    """Open an MLflow run for a DVC stage and yield the ``mlflow`` module.
+
+    Tags: ``dvc.stage`` = ``stage``, ``git.commit`` = HEAD. ``params`` are flattened with
+    ``.``-joined keys and logged (values stringified by MLflow, 6000 chars max each).
+    """
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri())
+    mlflow.set_experiment(EXPERIMENT)
+    with mlflow.start_run(run_name=run_name or stage, nested=nested) as run:
+        mlflow.set_tags({"dvc.stage": stage, "git.commit": git_commit()})
+        if params:
+            mlflow.log_params(_flatten(params))
+        yield mlflow
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out

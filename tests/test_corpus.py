@@ -1,0 +1,118 @@
+"""corpus: real Korean documents from the packages that ship them, and user JSONL with a field mapping."""
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import boto3
+import pytest
+
+from stages import corpus, sources
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = ROOT / ".cache" / "corpus"  # shared with `make repro`; filled on first use
+
+
+@pytest.fixture(scope="module")
+def konlpy_wheel():
+    return sources.fetch_wheel(sources.KONLPY_REQUIREMENT, CACHE, "law")
+
+
+def test_constitution_splits_into_preamble_and_articles(konlpy_wheel):
+    with zipfile.ZipFile(konlpy_wheel.root) as zf:
+        text = zf.read("konlpy/data/corpus/kolaw/constitution.txt").decode("utf-8")
+    docs = sources.split_constitution(text)
+    keys = [k for k, _ in docs]
+    assert len(docs) == 137 and len(set(keys)) == 137
+    assert keys[0] == "preamble" and docs[0][1].startswith("유구한 역사와 전통에")
+    assert keys[1] == "art-001" and docs[1][1].startswith("제1조 ① 대한민국은 민주공화국이다.")
+    assert sum(k.startswith("art-") for k in keys) == 130
+    assert sum(k.startswith("addenda-art-") for k in keys) == 6
+    # chapter headings between articles are not part of any article
+    assert not any("제2장 국민의 권리와 의무" in body for _, body in docs)
+    assert "부칙" not in docs[130][1]
+
+
+def test_html_to_text_drops_chrome_and_unescapes():
+    page = """<html><head><title>T</title><style>p{}</style></head><body>
+    <header id="TopLeftHeader"><p>LibreOffice 7.4 Help</p></header>
+    <div class="navheader"><table><tr><td>이전</td></tr></table></div>
+    <h1>셀 서식</h1><script>var x = "<p>no</p>";</script>
+    <p>A &amp; B &lt;표&gt;&nbsp;끝</p><div><div>중첩</div></div>
+    <footer><p>This page is: /text/scalc/x.xhp</p></footer></body></html>"""
+    assert sources.html_to_text(page) == "셀 서식\nA & B <표> 끝\n중첩"
+
+
+def test_builtin_sources_give_real_labelled_documents(tmp_path):
+    domains = ["law", "bill", "office_help", "faq"]
+    specs = {"law": {"type": "kolaw"}, "bill": {"type": "kobill"},
+             "office_help": {"type": "libreoffice_help"}, "faq": {"type": "debian_faq"}}
+    manifest = corpus.build_corpus(specs, domains, tmp_path, CACHE, max_docs_per_domain=40)
+    recs = {d: [json.loads(l) for l in (tmp_path / f"{d}.jsonl").read_text(encoding="utf-8").splitlines()] for d in domains}
+    assert [len(recs[d]) for d in domains] == [40, 10, 40, 16]
+    assert manifest["domains"]["office_help"]["documents_available"] > 2500
+    assert manifest["domains"]["office_help"]["version"].startswith("4:7.")
+    assert manifest["domains"]["law"]["version"] == "0.6.0"
+    assert json.loads((tmp_path / "MANIFEST.json").read_text())["totals"]["documents"] == 106
+    help_labels = {r["label"] for r in recs["office_help"]}
+    assert help_labels <= set(sources.HELP_MODULE_LABELS.values()) and len(help_labels) >= 5  # strided slice keeps the mix
+    for d in ("law", "bill", "faq"):
+        assert {r["label"] for r in recs[d]} == {d}
+    for rs in recs.values():
+        for r in rs:
+            assert set(r) >= {"id", "text", "domain", "label", "source"}
+            assert r["source"]
+    hangul = sum(1 for r in recs["office_help"] for ch in r["text"] if "가" <= ch <= "힣")
+    assert hangul > 1000
+    assert all(len({r["id"] for r in rs}) == len(rs) for rs in recs.values())
+
+
+def test_jsonl_source_with_field_mapping_keeps_bad_lines_for_validate(tmp_path):
+    src = tmp_path / "mine"
+    src.mkdir()
+    (src / "a.jsonl").write_text(
+        json.dumps({"doc_id": "n1", "body": "뉴스 본문입니다.", "topic": "경제"}, ensure_ascii=False) + "\nnot json\n",
+        encoding="utf-8")
+    (src / "b.jsonl").write_text(json.dumps({"doc_id": "n2", "body": "둘째", "topic": None}) + "\n", encoding="utf-8")
+    out = tmp_path / "raw"
+    out.mkdir()
+    spec = {"type": "jsonl", "uri": str(src / "*.jsonl"), "fields": {"id": "doc_id", "text": "body", "label": "topic"}}
+    manifest = corpus.build_corpus({"news": spec}, ["news"], out, CACHE)
+    lines = (out / "news.jsonl").read_text(encoding="utf-8").splitlines()
+    assert manifest["domains"]["news"]["lines"] == 3 and len(lines) == 3
+    first = json.loads(lines[0])
+    assert first == {"id": "n1", "text": "뉴스 본문입니다.", "label": "경제", "domain": "news", "source": str(src / "a.jsonl")}
+    assert lines[1] == "not json"
+
+
+def test_jsonl_source_from_s3(tmp_path, s3_env):
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket="users")
+    s3.put_object(Bucket="users", Key="news/2026-01.jsonl",
+                  Body=(json.dumps({"doc_id": 1, "body": "에스쓰리에서 온 글"}, ensure_ascii=False) + "\n").encode())
+    out = tmp_path / "raw"
+    out.mkdir()
+    spec = {"type": "jsonl", "uri": "s3://users/news/*.jsonl", "fields": {"id": "doc_id", "text": "body"}}
+    corpus.build_corpus({"news": spec}, ["news"], out, CACHE)
+    rec = json.loads((out / "news.jsonl").read_text(encoding="utf-8"))
+    assert rec["text"] == "에스쓰리에서 온 글" and rec["source"] == "s3://users/news/2026-01.jsonl"
+
+
+def test_unavailable_source_names_itself_and_the_way_out(tmp_path):
+    with pytest.raises(sources.SourceUnavailable) as info:
+        corpus.build_corpus({"faq": {"type": "debian_faq", "package": "debian-faq-xx-no-such-package"}}, ["faq"],
+                            tmp_path, tmp_path / "cache")
+    msg = str(info.value)
+    assert "'faq'" in msg and "debian-faq-xx-no-such-package" in msg and "corpus.sources" in msg
+
+
+def test_domains_and_sources_must_agree(tmp_path):
+    with pytest.raises(ValueError, match=r"No source for \['faq'\]"):
+        corpus.build_corpus({"law": {"type": "kolaw"}}, ["law", "faq"], tmp_path, CACHE)
+
+
+def test_evenly_spaced_is_deterministic_and_bounded():
+    items = list(range(100))
+    assert corpus.evenly_spaced(items, 4) == [0, 25, 50, 75]
+    assert corpus.evenly_spaced(items, None) == items and corpus.evenly_spaced(items[:3], 10) == [0, 1, 2]
