@@ -52,7 +52,7 @@ def test_repro_builds_every_declared_output(data_repo):
         assert isinstance(json.loads((data_repo / "metrics" / f"{name}.json").read_text()), dict)
     v = json.loads((data_repo / "metrics" / "validate.json").read_text())["totals"]
     assert v["kept"] + v["rejected"] == v["lines_read"] == 60 + 10 + 60 + 16
-    status = run(["dvc", "status"], data_repo).stdout
+    status = run(["dvc", "status", "--with-deps", "split"], data_repo).stdout
     assert "up to date" in status.lower()
     assert "data/split" in (data_repo / "dvc.lock").read_text()
 
@@ -61,14 +61,14 @@ def test_push_pull_roundtrip_local_and_s3(data_repo, tmp_path, s3_env):
     before = file_digests(data_repo)
     assert len(before) > 20
     # default local remote
-    run(["dvc", "push"], data_repo)
+    run(["dvc", "push", "--with-deps", "split"], data_repo)
     # S3 remote on moto: endpoint in .dvc/config, secrets in .dvc/config.local (--local), never committed
     boto3.client("s3").create_bucket(Bucket="dvc-store")
     run(["dvc", "remote", "add", "s3store", "s3://dvc-store/domain-lm"], data_repo)
     run(["dvc", "remote", "modify", "s3store", "endpointurl", s3_env], data_repo)
     run(["dvc", "remote", "modify", "--local", "s3store", "access_key_id", "testing"], data_repo)
     run(["dvc", "remote", "modify", "--local", "s3store", "secret_access_key", "testing"], data_repo)
-    run(["dvc", "push", "-r", "s3store"], data_repo)
+    run(["dvc", "push", "--with-deps", "-r", "s3store", "split"], data_repo)
     run(["git", "add", "-A"], data_repo)
     run(["git", "commit", "-q", "-m", "s3 remote"], data_repo)
     assert "secret_access_key" not in (data_repo / ".dvc" / "config").read_text()
@@ -82,15 +82,15 @@ def test_push_pull_roundtrip_local_and_s3(data_repo, tmp_path, s3_env):
             run(["dvc", "remote", "modify", "--local", "s3store", "access_key_id", "testing"], clone)
             run(["dvc", "remote", "modify", "--local", "s3store", "secret_access_key", "testing"], clone)
         assert not (clone / "data" / "split").exists()
-        run(["dvc", "pull", "-r", remote], clone)
+        run(["dvc", "pull", "--with-deps", "-r", remote, "split"], clone)
         after = file_digests(clone)
         assert after == before, f"pull from {remote} differs"
-        assert "up to date" in run(["dvc", "status"], clone).stdout.lower()
+        assert "up to date" in run(["dvc", "status", "--with-deps", "split"], clone).stdout.lower()
 
 
 def test_threshold_change_reruns_only_dedup_and_dependents(data_repo):
     set_params(data_repo, {"dedup": {"threshold": 0.7}})
-    status = run(["dvc", "status"], data_repo).stdout
+    status = run(["dvc", "status", "--with-deps", "split"], data_repo).stdout
     assert "dedup:" in status
     for upstream in ("corpus:", "validate:"):
         assert upstream not in status
@@ -98,5 +98,5 @@ def test_threshold_change_reruns_only_dedup_and_dependents(data_repo):
     ran = ran_stages(proc.stdout)
     assert ran[0] == "dedup"
     assert "corpus" not in ran and "validate" not in ran
-    assert "up to date" in run(["dvc", "status"], data_repo).stdout.lower()
+    assert "up to date" in run(["dvc", "status", "--with-deps", "split"], data_repo).stdout.lower()
     assert "0.7" in (data_repo / "dvc.lock").read_text()

@@ -1,0 +1,335 @@
+"""Tests for stages/split.py: stratified train/val/test splits per domain, with label overrides."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from stages.parquet import DOC_SCHEMA, SCHEMA_FILE, ParquetLayout, SchemaMismatchError, read_docs, read_layout, \
+    schema_text, write_docs
+from stages.split import (
+    SPLITS,
+    OVERRIDES_SCHEMA,
+    DomainTooSmallError,
+    apply_overrides,
+    read_overrides,
+    run,
+    split_domain,
+    split_indices,
+    split_sizes,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+LAYOUT = ParquetLayout.from_params("brotli", "zstd", 16)
+
+
+def doc_table(domain: str, labels: list[str | None]) -> pa.Table:
+    """A DOC_SCHEMA table with one document per label (Korean text, unique ids)."""
+    texts = [f"{domain} 문서 {i}번: 한국어 본문입니다." for i in range(len(labels))]
+    return pa.Table.from_pylist(
+        [{"id": f"{domain}-{i:05d}", "text": t, "domain": domain, "label": lab, "n_chars": len(t),
+          "source": "test"} for i, (t, lab) in enumerate(zip(texts, labels))],
+        schema=DOC_SCHEMA,
+    )
+
+
+def make_parquet_dir(root: Path, tables: dict[str, pa.Table]) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / SCHEMA_FILE).write_text(schema_text(), encoding="utf-8")
+    for domain, table in tables.items():
+        write_docs(root / f"{domain}.parquet", table, LAYOUT)
+    return root
+
+
+def split_ids(out: Path, domain: str) -> dict[str, list[str]]:
+    return {s: read_docs(out / domain / f"{s}.parquet")["id"].to_pylist() for s in SPLITS}
+
+
+OFFICE_LABELS = ["shared"] * 160 + ["calc"] * 80 + ["writer"] * 60 + ["chart"] * 20 + [None] * 20
+
+
+@pytest.fixture
+def parquet_dir(tmp_path) -> Path:
+    return make_parquet_dir(tmp_path / "parquet", {
+        "law": doc_table("law", ["law"] * 40),
+        "office_help": doc_table("office_help", OFFICE_LABELS),
+    })
+
+
+def run_default(parquet_dir: Path, out: Path, seed: int = 42, **kw) -> dict:
+    return run(parquet_dir, out, ["law", "office_help"], seed=seed, val_size=0.1, test_size=0.1,
+               overrides_path=kw.pop("overrides_path", None), **kw)
+
+
+def test_splits_are_disjoint_cover_every_document_and_keep_the_schema(parquet_dir, tmp_path):
+    metrics = run_default(parquet_dir, tmp_path / "split")
+    for domain, n in (("law", 40), ("office_help", 340)):
+        ids = split_ids(tmp_path / "split", domain)
+        sets = {s: set(v) for s, v in ids.items()}
+        assert sets["train"].isdisjoint(sets["val"]) and sets["train"].isdisjoint(sets["test"])
+        assert sets["val"].isdisjoint(sets["test"])
+        assert sum(len(v) for v in ids.values()) == n
+        assert set().union(*sets.values()) == set(read_docs(parquet_dir / f"{domain}.parquet")["id"].to_pylist())
+        for s in SPLITS:
+            path = tmp_path / "split" / domain / f"{s}.parquet"
+            assert pq.read_schema(path).equals(DOC_SCHEMA)
+            assert read_layout(path).codecs["text"] == "BROTLI" and read_layout(path).codecs["id"] == "ZSTD"
+            assert metrics["domains"][domain][s]["docs"] == len(ids[s])
+    assert [metrics["domains"]["office_help"][s]["docs"] for s in SPLITS] == [272, 34, 34]
+    assert [metrics["domains"]["law"][s]["docs"] for s in SPLITS] == [32, 4, 4]
+    assert metrics["total"] == {"train": 304, "val": 38, "test": 38}
+
+
+def test_same_seed_same_split_other_seed_other_split(parquet_dir, tmp_path):
+    run_default(parquet_dir, tmp_path / "a", seed=7)
+    run_default(parquet_dir, tmp_path / "b", seed=7)
+    run_default(parquet_dir, tmp_path / "c", seed=8)
+    for domain in ("law", "office_help"):
+        a, b, c = (split_ids(tmp_path / x, domain) for x in "abc")
+        assert a == b
+        assert a["test"] != c["test"]
+    for s in SPLITS:  # byte-identical files for the same seed
+        assert (tmp_path / "a" / "law" / f"{s}.parquet").read_bytes() == \
+            (tmp_path / "b" / "law" / f"{s}.parquet").read_bytes()
+
+
+def test_stratification_keeps_label_proportions(parquet_dir, tmp_path):
+    metrics = run_default(parquet_dir, tmp_path / "split")
+    overall = Counter("_null" if x is None else x for x in OFFICE_LABELS)
+    n = len(OFFICE_LABELS)
+    for s in SPLITS:
+        part = read_docs(tmp_path / "split" / "office_help" / f"{s}.parquet")
+        counts = Counter("_null" if x is None else x for x in part["label"].to_pylist())
+        assert set(counts) == set(overall)  # every label, null included, is in every split
+        for label, total in overall.items():
+            expected = total / n * part.num_rows
+            assert abs(counts[label] - expected) <= 1, (s, label, counts[label], expected)
+        assert metrics["domains"]["office_help"][s]["labels"] == dict(sorted(counts.items()))
+        shares = metrics["domains"]["office_help"][s]["label_share"]
+        assert sum(shares.values()) == pytest.approx(1.0, abs=1e-3)
+    assert metrics["domains"]["office_help"]["stratified"] == {"test": 1, "val": 1}
+
+
+def test_unstratified_shuffle_would_be_detectably_worse_than_stratified():
+    """Guards the stratification test: a seeded plain shuffle misses the ±1 bound for some seed."""
+    labels = pa.array(OFFICE_LABELS)
+    off = 0
+    for seed in range(20):
+        res = split_indices(labels, "office_help", seed=seed, val_size=0.1, test_size=0.1)
+        for s in ("val", "test"):
+            counts = Counter(OFFICE_LABELS[i] for i in res.indices[s])
+            for label, total in Counter(OFFICE_LABELS).items():
+                off = max(off, abs(counts[label] - total / len(OFFICE_LABELS) * len(res.indices[s])))
+    assert off <= 1  # stratified over 20 seeds
+    rng = np.random.default_rng(0)
+    worst = 0
+    for _ in range(20):
+        idx = rng.permutation(len(OFFICE_LABELS))[:34]
+        counts = Counter(OFFICE_LABELS[i] for i in idx)
+        worst = max(worst, max(abs(counts[lab] - t / 340 * 34) for lab, t in Counter(OFFICE_LABELS).items()))
+    assert worst > 1
+
+
+def test_rare_labels_go_to_train_without_crashing():
+    labels = ["calc"] * 30 + ["writer"] * 30 + ["draw", "math"]  # draw and math: one document each
+    res = split_indices(pa.array(labels), "office_help", seed=1, val_size=0.1, test_size=0.1)
+    train = {labels[i] for i in res.indices["train"]}
+    held = [labels[i] for s in ("val", "test") for i in res.indices[s]]
+    assert {"draw", "math"} <= train and "draw" not in held and "math" not in held
+    assert res.rare_to_train == 2
+    assert res.stratified == {"test": True, "val": True}
+    assert [len(res.indices[s]) for s in SPLITS] == [48, 7, 7]  # 62 docs: ceil(6.2) held out twice
+
+
+def test_more_labels_than_held_out_docs_falls_back_to_unstratified_split():
+    labels = [lab for lab in ["a", "b", "c", "d", "e"] for _ in range(2)]  # 10 docs, 5 labels, 1 test doc
+    res = split_indices(pa.array(labels), "office_help", seed=3, val_size=0.1, test_size=0.1)
+    assert res.stratified == {"test": False, "val": False}
+    assert [len(res.indices[s]) for s in SPLITS] == [8, 1, 1]
+    assert sorted(i for s in SPLITS for i in res.indices[s]) == list(range(10))
+
+
+def test_all_null_labels_split_fine():
+    res = split_indices(pa.array([None] * 20, pa.string()), "faq", seed=0, val_size=0.1, test_size=0.2)
+    assert [len(res.indices[s]) for s in SPLITS] == [14, 2, 4]
+
+
+@pytest.mark.parametrize("n", [0, 1, 2])
+def test_too_small_domain_error_names_the_domain(n):
+    with pytest.raises(DomainTooSmallError, match=r"domain 'bill' has %d document" % n):
+        split_indices(pa.array(["bill"] * n, pa.string()), "bill", seed=0, val_size=0.1, test_size=0.1)
+
+
+@pytest.mark.parametrize("n,val,test,expected", [(30, 0.1, 0.1, (24, 3, 3)), (31, 0.1, 0.1, (23, 4, 4)),
+                                                 (137, 0.1, 0.1, (109, 14, 14)), (100, 0.07, 0.14, (79, 7, 14))])
+def test_split_sizes_round_held_out_counts_up_exactly(n, val, test, expected):
+    assert split_sizes(n, val, test, "law") == expected  # 0.07 * 100 is 7.000000000000001 in floats
+
+
+def test_three_docs_is_just_enough():
+    res = split_indices(pa.array(["bill"] * 3), "bill", seed=0, val_size=0.1, test_size=0.1)
+    assert [len(res.indices[s]) for s in SPLITS] == [1, 1, 1]
+
+
+def test_too_small_domain_in_run_names_it_and_writes_nothing(tmp_path):
+    pdir = make_parquet_dir(tmp_path / "parquet", {"law": doc_table("law", ["law"] * 10),
+                                                   "bill": doc_table("bill", ["bill"] * 2)})
+    with pytest.raises(DomainTooSmallError, match="'bill'"):
+        run(pdir, tmp_path / "split", ["law", "bill"], seed=0, val_size=0.1, test_size=0.1, overrides_path=None)
+    assert not (tmp_path / "split").exists()
+
+
+@pytest.mark.parametrize("val,test,match", [(0, 0.1, "val_size"), (0.1, 1.0, "test_size"), (0.5, 0.5, "< 1")])
+def test_bad_fractions_are_rejected(val, test, match):
+    with pytest.raises(ValueError, match=match):
+        split_sizes(100, val, test, "law")
+
+
+def test_listed_domain_without_parquet_is_an_error_naming_it(parquet_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="'faq'"):
+        run(parquet_dir, tmp_path / "split", ["law", "faq"], seed=0, val_size=0.1, test_size=0.1,
+            overrides_path=None)
+
+
+def test_stale_schema_file_is_rejected(parquet_dir, tmp_path):
+    (parquet_dir / SCHEMA_FILE).write_text("id: string\n", encoding="utf-8")
+    with pytest.raises(SchemaMismatchError, match="schema.txt"):
+        run_default(parquet_dir, tmp_path / "split")
+
+
+def test_input_with_another_schema_is_rejected_naming_file(parquet_dir, tmp_path):
+    table = doc_table("law", ["law"] * 5).drop_columns(["n_chars"])
+    pq.write_table(table, parquet_dir / "law.parquet")
+    with pytest.raises(SchemaMismatchError, match=r"law.parquet: field 'n_chars' is missing"):
+        run_default(parquet_dir, tmp_path / "split")
+
+
+def test_duplicate_id_in_a_domain_is_an_error():
+    table = doc_table("law", ["law"] * 6)
+    table = pa.concat_tables([table, table.slice(0, 1)])
+    with pytest.raises(ValueError, match=r"domain 'law': id 'law-00000' occurs more than once"):
+        split_domain(table, "law", seed=0, val_size=0.1, test_size=0.1)
+
+
+# --- label overrides ------------------------------------------------------------------------
+
+def overrides_table(pairs: list[tuple[str, str]]) -> pa.Table:
+    return pa.table({"id": [p[0] for p in pairs], "label": [p[1] for p in pairs]}, schema=OVERRIDES_SCHEMA)
+
+
+def test_apply_overrides_replaces_labels_and_counts_unknown_ids():
+    table = doc_table("office_help", ["calc", "writer", None, "draw"])
+    ov = overrides_table([("office_help-00001", "calc"), ("office_help-00002", "math"),
+                          ("nobody", "calc"), ("also-nobody", "draw")])
+    out, applied, unknown = apply_overrides(table, ov)
+    assert out["label"].to_pylist() == ["calc", "calc", "math", "draw"]
+    assert (applied, unknown) == (2, 2)
+    assert out.schema.equals(DOC_SCHEMA)
+    assert out["id"].to_pylist() == table["id"].to_pylist() and out["text"].equals(table["text"])
+
+
+def test_apply_overrides_with_empty_overrides_changes_nothing():
+    table = doc_table("law", ["law", None])
+    out, applied, unknown = apply_overrides(table, overrides_table([]))
+    assert out.equals(table) and (applied, unknown) == (0, 0)
+
+
+def test_run_applies_overrides_before_splitting(parquet_dir, tmp_path):
+    # Relabel 30 'shared' documents as 'math': the new label must be stratified across splits.
+    pairs = [(f"office_help-{i:05d}", "math") for i in range(30)] + [("law-00003", "law-special"),
+                                                                     ("ghost-1", "x"), ("ghost-2", "y")]
+    ov_path = tmp_path / "labels" / "overrides.parquet"
+    ov_path.parent.mkdir()
+    pq.write_table(overrides_table(pairs), ov_path)
+    metrics = run_default(parquet_dir, tmp_path / "split", overrides_path=ov_path)
+    assert metrics["overrides"] == {"rows": 33, "applied": 31, "unknown_ids": 2}
+    assert metrics["domains"]["office_help"]["overrides_applied"] == 30
+    labels = {}
+    for s in SPLITS:
+        t = read_docs(tmp_path / "split" / "office_help" / f"{s}.parquet")
+        labels.update(dict(zip(t["id"].to_pylist(), t["label"].to_pylist())))
+        assert metrics["domains"]["office_help"][s]["labels"].get("math", 0) >= 3  # stratified: 24/3/3
+    assert all(labels[f"office_help-{i:05d}"] == "math" for i in range(30))
+    assert labels["office_help-00030"] == "shared"
+    law = {i: lab for s in SPLITS for i, lab in zip(*[read_docs(tmp_path / "split" / "law" / f"{s}.parquet")[c]
+                                                     .to_pylist() for c in ("id", "label")])}
+    assert law["law-00003"] == "law-special" and law["law-00004"] == "law"
+
+
+@pytest.mark.parametrize("table,match", [
+    (pa.table({"id": ["a", "a"], "label": ["x", "y"]}), "id 'a' has more than one override"),
+    (pa.table({"id": ["a", "b"], "label": ["x", None]}), "row 1 has a null 'label'"),
+    (pa.table({"id": ["a"]}), "column 'label'"),
+    (pa.table({"id": [1], "label": ["x"]}), "column 'id' is int64"),
+])
+def test_bad_overrides_file_is_rejected(tmp_path, table, match):
+    path = tmp_path / "overrides.parquet"
+    pq.write_table(table, path)
+    with pytest.raises(ValueError, match=match) as err:
+        read_overrides(path)
+    assert "overrides.parquet" in str(err.value)
+
+
+# --- the stage as DVC runs it ---------------------------------------------------------------
+
+def _jsonl(path: Path, domain: str, labels: list[str | None]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = doc_table(domain, labels).drop_columns(["n_chars"]).to_pylist()
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+
+
+def _stage_repo(tmp_path: Path) -> Path:
+    """A throwaway repository with the real stage code, the real parquet/split stage definitions
+    from dvc.yaml, and small data/dedup inputs."""
+    repo = tmp_path / "repo"
+    shutil.copytree(REPO / "stages", repo / "stages", ignore=shutil.ignore_patterns("__pycache__"))
+    _jsonl(repo / "data" / "dedup" / "law.jsonl", "law", ["law"] * 12)
+    _jsonl(repo / "data" / "dedup" / "office_help.jsonl", "office_help", ["calc"] * 20 + ["writer"] * 20)
+    params = {"domains": ["law", "office_help"],
+              "parquet": {"batch_rows": 8, "text_codec": "brotli", "default_codec": "zstd"},
+              "split": {"seed": 42, "val_size": 0.1, "test_size": 0.1}}
+    (repo / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
+    return repo
+
+
+def test_main_modules_write_declared_outs(tmp_path):
+    repo = _stage_repo(tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    for mod in ("stages.parquet", "stages.split"):
+        subprocess.run([sys.executable, "-m", mod], cwd=repo, env=env, check=True, capture_output=True, timeout=120)
+    metrics = json.loads((repo / "metrics" / "split.json").read_text(encoding="utf-8"))
+    assert metrics["total"] == {"train": 40, "val": 6, "test": 6}  # law 8/2/2, office_help 32/4/4
+    assert sorted(p.name for p in (repo / "data" / "split").iterdir()) == ["law", "office_help"]
+    assert sorted(p.name for p in (repo / "data" / "split" / "law").iterdir()) == \
+        ["test.parquet", "train.parquet", "val.parquet"]
+
+
+@pytest.mark.slow
+def test_dvc_repro_runs_parquet_and_split_and_is_then_up_to_date(tmp_path):
+    """Real DVC with the stage definitions copied from the project's dvc.yaml."""
+    dvc = Path(sys.executable).with_name("dvc")
+    repo = _stage_repo(tmp_path)
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+    pipeline = {"stages": {name: stages[name] for name in ("parquet", "split")}}
+    for stage in pipeline["stages"].values():  # run the stage modules with this interpreter
+        stage["cmd"] = stage["cmd"].replace("python ", f"{sys.executable} ", 1)
+    (repo / "dvc.yaml").write_text(yaml.safe_dump(pipeline, sort_keys=False), encoding="utf-8")
+    env = {**os.environ, "PYTHONPATH": str(repo), "DVC_NO_ANALYTICS": "1"}
+    for cmd in (["git", "init", "-q"], [str(dvc), "init", "-q"], [str(dvc), "repro", "-q", "split"]):
+        proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr + proc.stdout
+    assert (repo / "dvc.lock").exists()
+    status = subprocess.run([str(dvc), "status", "--json"], cwd=repo, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert status.returncode == 0 and json.loads(status.stdout) == {}, status.stdout
+    assert read_docs(repo / "data" / "split" / "office_help" / "train.parquet").num_rows == 32
