@@ -107,6 +107,8 @@ def build_corpus(source_specs: dict[str, dict], domains: list[str], out_dir: Pat
                  max_docs_per_domain: int | None = None) -> dict[str, Any]:
     """Write ``<out_dir>/<domain>.jsonl`` for every domain and return the manifest.
 
+    ``max_docs_per_domain`` (or a source's own ``max_docs``) takes a deterministic slice.
+
     Raises:
         ValueError: when ``domains`` and ``source_specs`` disagree.
         sources.SourceUnavailable: when a source cannot be had (never skipped quietly).
@@ -123,19 +125,20 @@ def build_corpus(source_specs: dict[str, dict], domains: list[str], out_dir: Pat
     for domain in tqdm(domains, desc="corpus", unit="domain"):
         spec = source_specs[domain] or {}
         target = out_dir / f"{domain}.jsonl"
+        limit = spec.get("max_docs", max_docs_per_domain)  # a source's own slice wins over the global one
         if spec.get("type") == "jsonl":
             lines = jsonl_source_lines(domain, spec)
             n = 0
             with target.open("wb") as fh:
                 for line in lines:
-                    if max_docs_per_domain is not None and n >= max_docs_per_domain:
+                    if limit is not None and n >= limit:
                         break
                     fh.write(line + b"\n")
                     n += 1
             manifest["domains"][domain] = {"type": "jsonl", "uri": spec["uri"], "lines": n}
             continue
         docs, entry = builtin_documents(domain, spec, cache_dir)
-        picked = evenly_spaced(docs, max_docs_per_domain)
+        picked = evenly_spaced(docs, limit)
         with target.open("w", encoding="utf-8") as fh:
             for doc in picked:
                 fh.write(dumps(doc.record()) + "\n")

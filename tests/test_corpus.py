@@ -116,3 +116,9 @@ def test_evenly_spaced_is_deterministic_and_bounded():
     items = list(range(100))
     assert corpus.evenly_spaced(items, 4) == [0, 25, 50, 75]
     assert corpus.evenly_spaced(items, None) == items and corpus.evenly_spaced(items[:3], 10) == [0, 1, 2]
+
+
+def test_a_sources_own_max_docs_wins(tmp_path):
+    specs = {"law": {"type": "kolaw", "max_docs": 5}, "faq": {"type": "debian_faq"}}
+    manifest = corpus.build_corpus(specs, ["law", "faq"], tmp_path, CACHE, max_docs_per_domain=12)
+    assert manifest["domains"]["law"]["documents"] == 5 and manifest["domains"]["faq"]["documents"] == 12

@@ -1,0 +1,89 @@
+"""The whole pipeline under real DVC and MLflow, in a temporary git repo, on a small slice of the real corpus.
+
+Tiny model params keep it to a few minutes on 2 cores. It checks what a user relies on:
+`dvc repro` runs end to end; `dvc exp run -S merge.method=ties` re-runs only merge and what depends
+on it; `dvc metrics diff` shows the perplexity change; changing one domain's data re-trains only
+that domain's adapter (with a fixed base checkpoint, `base_model.source: path`).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+
+import mlflow
+import pytest
+
+from conftest import make_pipeline_repo, run, set_params
+
+pytestmark = pytest.mark.slow
+
+DOMAINS = ["law", "bill", "office_help", "faq"]
+TINY = {
+    "corpus": {"max_docs_per_domain": 36},
+    "base_model": {
+        "tokenizer": {"vocab_size": 512},
+        "model": {"context_length": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                  "num_attention_heads": 2, "num_key_value_heads": 1},
+        "train": {"steps": 12, "batch_size": 4, "warmup_steps": 2, "log_every": 4},
+    },
+    "train_lora": {"train": {"max_steps": 6, "eval_steps": 3, "logging_steps": 2, "batch_size": 4}},
+    "evaluate": {"stride": 32, "max_tokens_per_domain": 512,
+                 "continuation": {"n_docs": 2, "prompt_tokens": 8, "new_tokens": 8, "show_per_domain": 1}},
+}
+
+
+def ran_stages(output: str) -> list[str]:
+    return [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")]
+
+
+@pytest.fixture(scope="module")
+def model_repo(tmp_path_factory):
+    repo = make_pipeline_repo(tmp_path_factory.mktemp("model") / "repo", TINY)
+    proc = run(["dvc", "repro"], repo)
+    ran = ran_stages(proc.stdout)
+    assert {"corpus", "split", "base_model", "diff", "merge", "evaluate"} <= set(ran)
+    assert {f"train_lora@{d}" for d in DOMAINS} <= set(ran)
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-q", "-m", "first full run"], repo)
+    return repo
+
+
+def test_repro_end_to_end_writes_models_metrics_and_mlflow_runs(model_repo):
+    assert (model_repo / "models" / "merged" / "config.json").exists()
+    ev = json.loads((model_repo / "metrics" / "evaluate.json").read_text())
+    for d in DOMAINS:
+        assert ev["perplexity"]["base"][d] > 1.0 and ev["perplexity"]["merged"][d] > 1.0
+    assert "up to date" in run(["dvc", "status"], model_repo).stdout.lower()
+    mlflow.set_tracking_uri(f"sqlite:///{model_repo / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["domain-lm"])
+    stages = set(runs["tags.dvc.stage"])
+    assert {"base_model", "train_lora@law", "merge", "evaluate"} <= stages
+    assert set(runs["tags.git.commit"]) - {"unknown"}
+
+
+def test_exp_run_ties_reruns_only_merge_and_dependents_and_metrics_diff_shows_it(model_repo):
+    proc = run(["dvc", "exp", "run", "-S", "merge.method=ties"], model_repo)
+    ran = ran_stages(proc.stdout)
+    assert ran[0] == "merge" and "evaluate" in ran
+    assert not [s for s in ran if s.startswith("train_lora") or s in ("base_model", "diff", "split")]
+    diff = run(["dvc", "metrics", "diff", "--json"], model_repo).stdout
+    changes = json.loads(diff)["metrics/evaluate.json"]
+    ppl_changes = [k for k in changes if k.startswith("perplexity.merged.")]
+    assert ppl_changes, changes.keys()
+    assert all(changes[k]["old"] != changes[k]["new"] for k in ppl_changes)
+    assert "perplexity.merged" in run(["dvc", "metrics", "diff"], model_repo).stdout
+    run(["dvc", "exp", "show", "--no-pager"], model_repo)
+
+
+def test_changing_one_domains_data_retrains_only_that_adapter(model_repo, tmp_path):
+    run(["git", "checkout", "-q", "--", "."], model_repo)
+    run(["dvc", "checkout", "-q"], model_repo)
+    fixed_base = tmp_path / "checkpoint"
+    shutil.copytree(model_repo / "models" / "base", fixed_base)
+    set_params(model_repo, {"base_model": {"source": "path", "path": str(fixed_base)}})
+    first = ran_stages(run(["dvc", "repro"], model_repo).stdout)
+    assert "base_model" in first and not [s for s in first if s.startswith("train_lora")]  # same weights, no retrain
+    set_params(model_repo, {"corpus": {"sources": {"faq": {"max_docs": 12}}}})
+    ran = ran_stages(run(["dvc", "repro"], model_repo).stdout)
+    assert [s for s in ran if s.startswith("train_lora")] == ["train_lora@faq"]
+    assert "merge" in ran and "evaluate" in ran
