@@ -149,6 +149,8 @@ def make_pipeline_repo(path: Path, param_updates: dict | None = None) -> Path:
     run(["dvc", "init", "-q"], path)
     run(["dvc", "config", "core.autostage", "true"], path)
     run(["dvc", "remote", "add", "-d", "local", str(path.parent / f"{path.name}-dvcstore")], path)
+    if (path / "data" / "labels" / "overrides.parquet").exists():
+        run(["dvc", "add", "-q", "data/labels/overrides.parquet"], path)  # into this repo's cache
     run(["git", "add", "-A"], path)
     run(["git", "commit", "-q", "-m", "pipeline"], path)
     return path

@@ -1,0 +1,608 @@
+"""The label-refinement ensemble: lexicon (naive Bayes) + LSTM + BiLSTM + frozen-LM head, cross-fitted.
+
+Members mirror the lexicon/LSTM/BiLSTM/BERT ensembles of Korean text classification; out-of-fold
+probabilities (k-fold cross-fitting) follow confident learning (Northcutt et al., JAIR 2021).
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from sklearn.feature_extraction.text import CountVectorizer
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold
+from sklearn.naive_bayes import MultinomialNB
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from tqdm.auto import tqdm
+
+from stages.hangul import decompose
+
+log = logging.getLogger(__name__)
+
+#: Hangul jamo blocks: conjoining (U+1100–U+11FF) and compatibility (U+3130–U+318F).
+_JAMO_RUN = re.compile("[\u1100-\u11ff\u3130-\u318f]+")
+#: Word tokens: runs of Unicode word characters, single characters kept (Korean has many
+#: one-syllable words; scikit-learn's default pattern drops them).
+WORD_PATTERN = r"(?u)\b\w+\b"
+
+
+# ------------------------------------------------------------------ memory: OOM back-off
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for an allocator failure: ``torch.OutOfMemoryError`` (CUDA) or a ``RuntimeError``
+    whose message says ``out of memory`` / ``can't allocate memory`` (PyTorch's CPU allocator)."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    msg = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in msg or "can't allocate memory" in msg)
+
+
+def free_memory() -> None:
+    """Release what the previous member held: Python garbage, then the CUDA caching allocator's
+    unused blocks (``torch.cuda.empty_cache()``) where CUDA exists."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+@contextlib.contextmanager
+def limit_threads(n: int | None) -> Iterator[None]:
+    """Run the block with at most ``n`` compute threads, then restore the settings: PyTorch's
+    intra-op pool (``torch.set_num_threads``) and the BLAS/OpenMP pools numpy and scikit-learn use
+    (``threadpoolctl.threadpool_limits``). ``None`` leaves everything as it is.
+
+    The ensemble's models are small: a 12-class logistic regression on 256 features, a 32-unit
+    LSTM, a 256-wide LM forward pass. On the shared 2-core machine, 2 threads measured 10x slower
+    than 1 for the LSTM and the LM embedding and 75x slower for the logistic regression, because
+    threads that wait for a busy core spin instead of computing.
+    """
+    if n is None:
+        yield
+        return
+    from threadpoolctl import threadpool_limits
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(int(n))
+    try:
+        with threadpool_limits(limits=int(n)):
+            yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def run_in_batches(step: Callable[[int, int], None], n: int, batch_size: int, *,
+                   desc: str | None = None) -> int:
+    """Call ``step(start, stop)`` over ``range(n)`` in consecutive batches, halving on OOM.
+
+    When a batch runs out of memory (:func:`is_out_of_memory`) the memory is freed, the batch
+    size halved and the SAME batch retried from ``start``, so every index is processed exactly
+    once by a call that succeeded. ``step`` must not keep partial effects of a failed call (a
+    training step zeroes its gradients first).
+
+    Args:
+        step: callback on the half-open index range ``[start, stop)``.
+        n: number of items.
+        batch_size: first batch size, >= 1.
+        desc: tqdm label; ``None`` hides the progress bar.
+
+    Returns:
+        The batch size in force at the end (callers keep it for their next pass).
+
+    Raises:
+        ValueError: when ``batch_size < 1``.
+        torch.OutOfMemoryError / RuntimeError: re-raised when even a batch of one does not fit,
+            and any non-OOM error unchanged.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    start = 0
+    with tqdm(total=n, desc=desc, disable=desc is None, leave=False) as bar:
+        while start < n:
+            stop = min(start + batch_size, n)
+            try:
+                step(start, stop)
+            except (RuntimeError, torch.OutOfMemoryError) as exc:
+                if not is_out_of_memory(exc) or batch_size == 1:
+                    raise
+                free_memory()
+                batch_size //= 2
+                log.warning("out of memory on a batch of %d; retrying with batch size %d", stop - start, batch_size)
+                continue
+            bar.update(stop - start)
+            start = stop
+    return batch_size
+
+
+# ------------------------------------------------------------------ members
+
+class Member(Protocol):
+    """One ensemble member. Its features are fixed at construction (texts never change during
+    refinement); only the labels do, so ``fit`` takes the label vector each time."""
+
+    name: str
+
+    def fit(self, train_idx: np.ndarray, y: np.ndarray, n_classes: int, seed: int) -> Any:
+        """Fit on rows ``train_idx`` (int64, shape ``(m,)``) with labels ``y[train_idx]``
+        (class indices in ``[0, n_classes)``); return the fitted model."""
+
+    def predict_proba(self, model: Any, idx: np.ndarray, n_classes: int) -> np.ndarray:
+        """Class probabilities of rows ``idx``: float64, shape ``(len(idx), n_classes)``, rows sum to 1."""
+
+
+def _full_proba(proba: np.ndarray, seen: np.ndarray, n_classes: int) -> np.ndarray:
+    """Spread a model's ``proba`` over the classes it saw (``seen``) into all ``n_classes``
+    columns; a class absent from the training fold gets probability 0."""
+    out = np.zeros((proba.shape[0], n_classes), dtype=np.float64)
+    out[:, seen] = proba
+    return out
+
+
+def lexical_counts(texts: Sequence[str], *, word_ngrams: tuple[int, int] = (1, 2),
+                   jamo_ngrams: tuple[int, int] = (2, 4), min_df: int = 2,
+                   jamo_weight: float = 0.1) -> tuple[sp.csr_matrix, np.ndarray]:
+    """Word n-gram and jamo n-gram counts of ``texts`` (scikit-learn ``CountVectorizer``).
+
+    Words are :data:`WORD_PATTERN` tokens, lower-cased. Jamo n-grams are character n-grams
+    inside each run of Hangul jamo after :func:`stages.hangul.decompose` (syllables split into
+    conjoining jamo, Unicode 3.12), so they see stems and particles of Korean words; text in
+    other scripts gives no jamo n-grams and is covered by the word n-grams. Jamo counts are
+    scaled by ``jamo_weight`` (multinomial naive Bayes accepts fractional counts): there are
+    several jamo n-grams per syllable, and unscaled they would outvote the words.
+    The vocabulary depends on the texts only, never on labels, so it is built once for all folds.
+
+    Returns:
+        ``(X, names)``: CSR float64 matrix of shape ``(len(texts), n_features)`` and the
+        feature names (``"w:<word n-gram>"`` then ``"j:<jamo n-gram>"``), shape ``(n_features,)``.
+
+    Raises:
+        ValueError: when ``texts`` is empty or no word feature survives ``min_df``.
+    """
+    if len(texts) == 0:
+        raise ValueError("lexical_counts needs at least one text")
+    min_df = min(min_df, len(texts))
+    words = CountVectorizer(token_pattern=WORD_PATTERN, ngram_range=tuple(word_ngrams), min_df=min_df)
+    xw = words.fit_transform(texts)
+    jamo_text = [" ".join(_JAMO_RUN.findall(decompose(t))) for t in texts]
+    jamo = CountVectorizer(analyzer="char_wb", ngram_range=tuple(jamo_ngrams), min_df=min_df, lowercase=False)
+    try:
+        xj = jamo.fit_transform(jamo_text).astype(np.float64) * jamo_weight
+        jnames = [f"j:{f}" for f in jamo.get_feature_names_out()]
+    except ValueError:  # no Hangul anywhere (e.g. an all-English corpus): words only
+        xj = sp.csr_matrix((len(texts), 0), dtype=np.float64)
+        jnames = []
+    x = sp.hstack([xw.astype(np.float64), xj], format="csr")
+    names = np.array([f"w:{f}" for f in words.get_feature_names_out()] + jnames, dtype=object)
+    return x, names
+
+
+class LexicalNB:
+    """Lexical member: multinomial naive Bayes on word + jamo n-gram counts (scikit-learn).
+
+    Naive Bayes multiplies one likelihood per token, so on long documents its posteriors are
+    all 0 or 1. Each document's counts are rescaled to ``doc_tokens`` tokens before fitting and
+    scoring (the per-document length normalisation of Rennie et al., ICML 2003), which keeps
+    the ranking of classes but gives probabilities that can be averaged with other members.
+    """
+
+    name = "lexical"
+
+    def __init__(self, counts: sp.csr_matrix, feature_names: np.ndarray, *, alpha: float = 0.01,
+                 doc_tokens: float = 30.0):
+        """Args: ``counts`` from :func:`lexical_counts` (rows = documents), its ``feature_names``,
+        the Lidstone smoothing ``alpha`` and the normalised document length ``doc_tokens``."""
+        if counts.shape[1] != len(feature_names):
+            raise ValueError(f"{counts.shape[1]} feature columns but {len(feature_names)} feature names")
+        totals = np.asarray(counts.sum(axis=1)).ravel()
+        scale = np.divide(doc_tokens, totals, out=np.zeros_like(totals), where=totals > 0)
+        self.x = sp.diags(scale) @ counts
+        self.x = self.x.tocsr()
+        self.feature_names = feature_names
+        self.alpha = alpha
+
+    def fit(self, train_idx, y, n_classes, seed):
+        return MultinomialNB(alpha=self.alpha).fit(self.x[train_idx], y[train_idx])
+
+    def predict_proba(self, model, idx, n_classes):
+        return _full_proba(model.predict_proba(self.x[idx]), model.classes_, n_classes)
+
+    def top_features(self, y: np.ndarray, n_classes: int, k: int) -> dict[int, frozenset[str]]:
+        """The ``k`` most class-indicative features of each class, naive Bayes fitted on all rows.
+
+        Score of feature f for class c: ``log P(f | c) - log P(f | not c)`` with both estimated
+        from the smoothed class-conditional counts (the log-likelihood ratio naive Bayes adds per
+        occurrence). Classes without rows are left out.
+
+        Returns:
+            class index -> frozenset of ``k`` feature names.
+        """
+        nb = MultinomialNB(alpha=self.alpha).fit(self.x, y)
+        counts = nb.feature_count_ + self.alpha
+        total = counts.sum(axis=0)
+        out: dict[int, frozenset[str]] = {}
+        for row, c in enumerate(nb.classes_):
+            rest = total - counts[row]
+            score = np.log(counts[row] / counts[row].sum()) - np.log(rest / rest.sum())
+            top = np.argpartition(-score, min(k, len(score)) - 1)[:k]
+            out[int(c)] = frozenset(self.feature_names[top])
+        return out
+
+
+def token_matrix(token_ids: Sequence[Sequence[int]], *, min_count: int = 2,
+                 max_len: int = 128) -> tuple[np.ndarray, np.ndarray, int]:
+    """Pack tokenised documents into a padded matrix over a compact vocabulary.
+
+    The tokenizer's ids (e.g. a 150k-entry BPE vocabulary) are remapped to ``2..V+1`` for ids seen
+    at least ``min_count`` times in the corpus; rarer ids share ``1`` (unknown) and ``0`` pads.
+    A small vocabulary keeps the LSTM embedding table small.
+
+    Returns:
+        ``(ids, lengths, vocab_size)``: int64 ``(n, max_len)``, int64 ``(n,)`` with every length
+        >= 1 (an empty document becomes one unknown token), and the embedding-table size.
+    """
+    truncated = [list(t)[:max_len] for t in token_ids]
+    flat = np.fromiter((i for t in truncated for i in t), dtype=np.int64)
+    uniq, counts = np.unique(flat, return_counts=True)
+    keep = uniq[counts >= min_count]
+    lut = {int(tok): j + 2 for j, tok in enumerate(keep)}
+    ids = np.zeros((len(truncated), max_len), dtype=np.int64)
+    lengths = np.ones(len(truncated), dtype=np.int64)
+    for r, toks in enumerate(truncated):
+        if toks:
+            ids[r, :len(toks)] = [lut.get(int(t), 1) for t in toks]
+            lengths[r] = len(toks)
+        else:
+            ids[r, 0] = 1
+    return ids, lengths, len(keep) + 2
+
+
+class RecurrentClassifier(torch.nn.Module):
+    """Embedding → (Bi)LSTM → masked mean pooling over time → linear layer (class logits)."""
+
+    def __init__(self, vocab_size: int, n_classes: int, *, embed_dim: int, hidden: int, bidirectional: bool):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab_size, embed_dim, padding_idx=0)
+        self.lstm = torch.nn.LSTM(embed_dim, hidden, batch_first=True, bidirectional=bidirectional)
+        self.out = torch.nn.Linear(hidden * (2 if bidirectional else 1), n_classes)
+
+    def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """``ids`` int64 ``(B, T)`` right-padded with 0, ``lengths`` int64 ``(B,)`` → logits float32
+        ``(B, n_classes)``.
+
+        The LSTM runs over the padded batch (on CPU, ``pack_padded_sequence`` measured 3x slower
+        for these sizes); padding positions embed to zeros and are left out of the mean.
+        """
+        out, _ = self.lstm(self.embed(ids))
+        mask = (torch.arange(ids.shape[1], device=ids.device)[None, :] < lengths[:, None]).unsqueeze(-1)
+        pooled = (out * mask).sum(1) / lengths[:, None].clamp(min=1)
+        return self.out(pooled)
+
+
+class LSTMMember:
+    """LSTM (``bidirectional=False``) or BiLSTM classifier over token ids, trained with Adam
+    (PyTorch). A batch that runs out of memory is retried at half the batch size
+    (:func:`run_in_batches`); the smaller size is kept for the rest of the run."""
+
+    def __init__(self, ids: np.ndarray, lengths: np.ndarray, vocab_size: int, *, bidirectional: bool,
+                 embed_dim: int = 32, hidden: int = 32, epochs: int = 8, batch_size: int = 64,
+                 lr: float = 1e-2, device: str | None = None):
+        self.name = "bilstm" if bidirectional else "lstm"
+        self.ids, self.lengths, self.vocab_size = ids, lengths, vocab_size
+        self.bidirectional = bidirectional
+        self.embed_dim, self.hidden, self.epochs, self.lr = embed_dim, hidden, epochs, lr
+        self.batch_size = batch_size
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    def build_model(self, n_classes: int) -> RecurrentClassifier:
+        """A freshly initialised network on this member's device."""
+        return RecurrentClassifier(self.vocab_size, n_classes, embed_dim=self.embed_dim, hidden=self.hidden,
+                                   bidirectional=self.bidirectional).to(self.device)
+
+    def _batch(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        width = int(self.lengths[rows].max())
+        return (torch.from_numpy(self.ids[rows, :width]).to(self.device),
+                torch.from_numpy(self.lengths[rows]).to(self.device))
+
+    def fit(self, train_idx, y, n_classes, seed):
+        torch.manual_seed(seed)
+        rng = np.random.default_rng(seed)
+        model = self.build_model(n_classes).train()
+        opt = torch.optim.Adam(model.parameters(), lr=self.lr)
+        targets = torch.from_numpy(np.asarray(y, dtype=np.int64))
+        for _ in range(self.epochs):
+            order = train_idx[rng.permutation(len(train_idx))]
+
+            def step(start: int, stop: int) -> None:
+                opt.zero_grad(set_to_none=True)
+                rows = order[start:stop]
+                ids, lengths = self._batch(rows)
+                loss = torch.nn.functional.cross_entropy(model(ids, lengths), targets[rows].to(self.device))
+                loss.backward()
+                opt.step()
+
+            self.batch_size = run_in_batches(step, len(order), self.batch_size)
+        return model.eval()
+
+    @torch.no_grad()
+    def predict_proba(self, model, idx, n_classes):
+        out = np.empty((len(idx), n_classes), dtype=np.float64)
+
+        def step(start: int, stop: int) -> None:
+            ids, lengths = self._batch(idx[start:stop])
+            out[start:stop] = torch.softmax(model(ids, lengths).float(), dim=-1).cpu().numpy()
+
+        self.batch_size = run_in_batches(step, len(idx), self.batch_size)
+        return out
+
+
+@torch.no_grad()
+def embed_mean_pooled(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], *, max_tokens: int = 256,
+                      batch_size: int = 16, desc: str | None = "embed") -> tuple[np.ndarray, int]:
+    """Mean-pooled last hidden states of a frozen causal LM (Hugging Face transformers).
+
+    Texts are tokenised with truncation to ``max_tokens``, processed longest first (so the
+    first batch shows whether memory suffices) and right-padded per batch; padding positions are
+    excluded from the mean. ``model`` is any ``*ForCausalLM`` (its ``base_model`` gives the hidden
+    states) or a bare decoder. A batch that runs out of memory is retried at half the size.
+
+    Returns:
+        ``(embeddings, final_batch_size)``: float32 array ``(len(texts), hidden_size)`` in the order
+        of ``texts``, and the batch size in force at the end.
+    """
+    model.eval()
+    body = getattr(model, "base_model", model)
+    enc = tokenizer(list(texts), truncation=True, max_length=max_tokens, add_special_tokens=False)["input_ids"]
+    enc = [e if e else [tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0] for e in enc]
+    order = np.argsort([-len(e) for e in enc], kind="stable")
+    device = next(model.parameters()).device
+    out: np.ndarray | None = None
+
+    def step(start: int, stop: int) -> None:
+        nonlocal out
+        rows = order[start:stop]
+        width = max(len(enc[r]) for r in rows)
+        ids = torch.zeros((len(rows), width), dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for j, r in enumerate(rows):
+            ids[j, :len(enc[r])] = torch.tensor(enc[r])
+            mask[j, :len(enc[r])] = 1
+        hidden = body(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state.float()
+        m = mask.to(device).unsqueeze(-1).float()
+        pooled = ((hidden * m).sum(1) / m.sum(1)).cpu().numpy()
+        if out is None:
+            out = np.empty((len(enc), pooled.shape[1]), dtype=np.float32)
+        out[rows] = pooled
+
+    final = run_in_batches(step, len(enc), batch_size, desc=desc)
+    assert out is not None or len(enc) == 0
+    return (out if out is not None else np.empty((0, 0), np.float32)), final
+
+
+class EmbeddingHead:
+    """Transformer member: logistic regression (scikit-learn, L2, lbfgs) on standardised
+    mean-pooled hidden states of the frozen merged LM (:func:`embed_mean_pooled`, computed once)."""
+
+    name = "transformer"
+
+    def __init__(self, embeddings: np.ndarray, *, C: float = 0.1, max_iter: int = 300):
+        self.x = np.asarray(embeddings, dtype=np.float32)
+        self.C, self.max_iter = C, max_iter
+
+    def fit(self, train_idx, y, n_classes, seed):
+        clf = make_pipeline(StandardScaler(), LogisticRegression(C=self.C, max_iter=self.max_iter, random_state=seed))
+        return clf.fit(self.x[train_idx], y[train_idx])
+
+    def predict_proba(self, model, idx, n_classes):
+        return _full_proba(model.predict_proba(self.x[idx]), model.classes_, n_classes)
+
+
+# ------------------------------------------------------------------ cross-fitting and voting
+
+def assign_folds(y: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Fold id in ``[0, k)`` for every row, stratified by label (scikit-learn StratifiedKFold,
+    shuffled with ``seed``). A class with fewer than ``k`` rows is spread over as many folds as it
+    has rows (scikit-learn warns about it).
+
+    Raises:
+        ValueError: when ``k < 2`` or there are fewer rows than folds.
+    """
+    if k < 2:
+        raise ValueError(f"refine.folds must be >= 2 for out-of-fold probabilities, got {k}")
+    if len(y) < k:
+        raise ValueError(f"{len(y)} rows cannot be cross-fitted with {k} folds")
+    folds = np.empty(len(y), dtype=np.int64)
+    splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
+        for f, (_, test) in enumerate(splitter.split(np.zeros(len(y)), y)):
+            folds[test] = f
+    return folds
+
+
+@dataclass
+class OutOfFold:
+    """Out-of-fold class probabilities of one member.
+
+    Attributes:
+        proba: float64 ``(n, n_classes)``; row i comes from the model of fold ``scored_by[i]``.
+        scored_by: int64 ``(n,)``: the fold whose model scored each row.
+        trained_on: per fold, the sorted int64 row indices its model was fitted on.
+    """
+
+    proba: np.ndarray
+    scored_by: np.ndarray
+    trained_on: list[np.ndarray]
+
+
+def out_of_fold(member: Member, y: np.ndarray, folds: np.ndarray, n_classes: int, *, seed: int = 0) -> OutOfFold:
+    """Cross-fit ``member``: for each fold f, fit on the rows outside f and score the rows in f.
+
+    No row is ever scored by a model that was trained on it, so the probabilities estimate how
+    the member would label the row had it never seen the row's (possibly wrong) label
+    (confident learning, Northcutt et al. 2021, section 2).
+
+    Args:
+        y: int64 ``(n,)`` class indices (the current labels).
+        folds: int64 ``(n,)`` fold ids from :func:`assign_folds`.
+
+    Returns:
+        :class:`OutOfFold` with the probabilities and the record of which model scored which row.
+    """
+    k = int(folds.max()) + 1
+    proba = np.full((len(y), n_classes), np.nan, dtype=np.float64)
+    scored_by = np.full(len(y), -1, dtype=np.int64)
+    trained_on: list[np.ndarray] = []
+    for f in tqdm(range(k), desc=f"{member.name} folds", leave=False):
+        train_idx = np.flatnonzero(folds != f)
+        test_idx = np.flatnonzero(folds == f)
+        model = member.fit(train_idx, y, n_classes, seed + f)
+        proba[test_idx] = member.predict_proba(model, test_idx, n_classes)
+        scored_by[test_idx] = f
+        trained_on.append(train_idx)
+        del model
+        free_memory()
+    if np.isnan(proba).any():
+        raise RuntimeError(f"member {member.name!r} left rows without out-of-fold probabilities")
+    return OutOfFold(proba, scored_by, trained_on)
+
+
+def apply_temperature(proba: np.ndarray, temperature: float) -> np.ndarray:
+    """``softmax(log(proba) / T)`` row-wise: T > 1 softens, T < 1 sharpens, argmax unchanged.
+
+    Probabilities are clipped at 1e-12 before the log (naive Bayes underflows to exact zeros).
+    Returns float64 of the same shape, rows summing to 1.
+    """
+    z = np.log(np.clip(proba, 1e-12, 1.0)) / temperature
+    z -= z.max(axis=1, keepdims=True)
+    q = np.exp(z)
+    return q / q.sum(axis=1, keepdims=True)
+
+
+def fit_temperature(proba: np.ndarray, y: np.ndarray, *, bounds: tuple[float, float] = (0.05, 50.0)) -> float:
+    """Temperature scaling (Guo et al., ICML 2017): the T in ``bounds`` minimising the mean negative
+    log-likelihood of ``y`` under :func:`apply_temperature` (scipy bounded scalar search on log T).
+
+    Fitted on out-of-fold probabilities against the current labels, one scalar per member, so a
+    member's confidence means "how often a label it is this sure of agrees with the labels". Naive
+    Bayes on long documents gets T >> 1 (its posteriors are near 0/1), small LSTMs T ≈ 1–3.
+    """
+    from scipy.optimize import minimize_scalar
+
+    rows = np.arange(len(y))
+
+    def nll(log_t: float) -> float:
+        return float(-np.log(np.clip(apply_temperature(proba, np.exp(log_t))[rows, y], 1e-12, 1.0)).mean())
+
+    res = minimize_scalar(nll, bounds=(np.log(bounds[0]), np.log(bounds[1])), method="bounded")
+    return float(np.exp(res.x))
+
+
+def accuracy_weights(accuracies: dict[str, float], baseline: float, *, floor: float = 1e-3) -> dict[str, float]:
+    """Soft-voting weights from out-of-fold accuracies.
+
+    ``w_m ∝ max(acc_m - baseline, floor)``, normalised to sum to 1, where ``baseline`` is the
+    accuracy of always answering the most frequent label: a member earns weight only for the
+    accuracy it adds over that trivial classifier (a member no better than it keeps a token
+    ``floor`` so the vote stays defined).
+
+    Returns:
+        member name -> weight in ``(0, 1]``, summing to 1.
+
+    Raises:
+        ValueError: when ``accuracies`` is empty.
+    """
+    if not accuracies:
+        raise ValueError("no ensemble members")
+    raw = {m: max(a - baseline, floor) for m, a in accuracies.items()}
+    total = sum(raw.values())
+    return {m: r / total for m, r in raw.items()}
+
+
+def soft_vote(probas: dict[str, np.ndarray], weights: dict[str, float]) -> np.ndarray:
+    """Weighted mean of the members' probability matrices (soft voting); float64 ``(n, C)``."""
+    return sum(weights[m] * p for m, p in probas.items())
+
+
+@dataclass
+class EnsembleResult:
+    """One round of cross-fitted soft voting.
+
+    Attributes:
+        proba: ensemble probabilities, float64 ``(n, C)``.
+        members: member name -> :class:`OutOfFold` (raw probabilities).
+        calibrated: member name -> temperature-scaled out-of-fold probabilities, ``(n, C)``.
+        temperatures: member name -> fitted temperature (:func:`fit_temperature`).
+        accuracy: member name -> out-of-fold accuracy on the reference rows.
+        weights: member name -> soft-voting weight (:func:`accuracy_weights`).
+        folds: the fold id of every row.
+        seconds: member name -> wall time of its cross-fitting.
+    """
+
+    proba: np.ndarray
+    members: dict[str, OutOfFold]
+    calibrated: dict[str, np.ndarray]
+    temperatures: dict[str, float]
+    accuracy: dict[str, float]
+    weights: dict[str, float]
+    folds: np.ndarray
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def cross_fit_ensemble(members: Iterable[Member], y: np.ndarray, n_classes: int, *, folds: int,
+                       seed: int, calibrate: bool = True, reference: np.ndarray | None = None) -> EnsembleResult:
+    """Cross-fit every member on the same folds, one after another (memory freed in between),
+    calibrate each by temperature scaling, weight them by out-of-fold accuracy and soft-vote.
+
+    Soft voting: ``p = Σ_m w_m · p_m`` with ``p_m`` member m's temperature-scaled out-of-fold
+    probabilities (:func:`fit_temperature`; ``calibrate=False`` keeps them raw) and ``w_m`` from
+    its out-of-fold accuracy (:func:`accuracy_weights`, baseline = share of the most frequent
+    label). Temperatures and accuracies are measured on the ``reference`` rows only (boolean mask;
+    default all rows). Self-training passes the rows whose label no earlier iteration changed:
+    a label the ensemble itself wrote agrees with the ensemble by construction, and measuring on
+    it would make every later iteration look more accurate and more confident than it is.
+
+    Args:
+        members: the ensemble members (their features already computed).
+        y: int64 ``(n,)`` current labels as class indices (the members are fitted on these).
+        n_classes: size of the label space.
+        folds: number of folds k; seed: fold assignment and model seeds.
+        reference: bool ``(n,)``, rows that calibrate and weight the members.
+
+    Raises:
+        ValueError: when ``reference`` selects no row.
+    """
+    import time
+
+    ref = np.ones(len(y), dtype=bool) if reference is None else np.asarray(reference, dtype=bool)
+    if not ref.any():
+        raise ValueError("the reference rows for calibration and weights are empty")
+    fold_ids = assign_folds(y, folds, seed)
+    oof: dict[str, OutOfFold] = {}
+    acc: dict[str, float] = {}
+    secs: dict[str, float] = {}
+    calibrated: dict[str, np.ndarray] = {}
+    temps: dict[str, float] = {}
+    for member in members:
+        t0 = time.perf_counter()
+        oof[member.name] = out_of_fold(member, y, fold_ids, n_classes, seed=seed)
+        secs[member.name] = time.perf_counter() - t0
+        raw = oof[member.name].proba
+        acc[member.name] = float((raw[ref].argmax(1) == y[ref]).mean())
+        temps[member.name] = fit_temperature(raw[ref], y[ref]) if calibrate else 1.0
+        calibrated[member.name] = apply_temperature(raw, temps[member.name]) if calibrate else raw
+        free_memory()
+        log.info("%s: out-of-fold accuracy %.4f, temperature %.2f, %.1fs", member.name, acc[member.name],
+                 temps[member.name], secs[member.name])
+    baseline = float(np.bincount(y[ref], minlength=n_classes).max() / ref.sum())
+    weights = accuracy_weights(acc, baseline)
+    proba = soft_vote(calibrated, weights)
+    return EnsembleResult(proba, oof, calibrated, temps, acc, weights, fold_ids, secs)

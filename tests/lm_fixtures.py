@@ -1,0 +1,51 @@
+"""Shared fixtures for the model-stage tests: synthetic Korean documents per domain, tiny base-model params,
+and split parquet files with the pipeline's columns. Deterministic; nothing comes from a hub.
+"""
+from __future__ import annotations
+
+import random
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from stages import lm_data
+
+WORDS = {
+    "law": ["대한민국", "국민", "헌법", "법률", "권리", "의무", "국회", "대통령", "조약", "재판"],
+    "office_help": ["셀", "수식", "서식", "문서", "메뉴", "도구", "표", "차트", "슬라이드", "스타일"],
+    "faq": ["데비안", "패키지", "설치", "커널", "저장소", "업그레이드", "명령", "시스템", "사용자", "파일"],
+}
+ENDINGS = ["을 선택합니다.", "은 보장된다.", "에 관한 질문입니다.", "를 확인하십시오.", "이 필요합니다."]
+
+
+def korean_docs(domain: str, n_docs: int, seed: int = 0, sentences: int = 6) -> list[str]:
+    """Deterministic synthetic Korean documents whose vocabulary differs by domain."""
+    rng = random.Random(f"{domain}-{seed}")
+    words = WORDS[domain]
+    return [" ".join(f"제{rng.randint(1, 9)}조 {rng.choice(words)} {rng.choice(words)}{rng.choice(ENDINGS)}"
+                     for _ in range(sentences)) for _ in range(n_docs)]
+
+
+TINY = {
+    "source": "build", "path": None, "seed": 7,
+    "tokenizer": {"vocab_size": 300, "min_frequency": 2},
+    "model": {"context_length": 32, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+              "num_attention_heads": 2, "num_key_value_heads": 1, "tie_word_embeddings": True},
+    "train": {"steps": 40, "batch_size": 8, "lr": 1.0e-2, "betas": [0.9, 0.95], "weight_decay": 0.1,
+              "warmup_steps": 3, "grad_clip": 1.0, "log_every": 5, "eval_batch_size": 16},
+}
+TRAIN_TEXTS = {d: korean_docs(d, 12) for d in WORDS}  # pretraining texts of the tiny base
+
+
+def write_split_fixture(root, texts_by_domain: dict[str, list[str]]) -> None:
+    """data/split/<domain>/{train,val,test}.parquet with the pipeline's columns (8/2/2 docs)."""
+    for domain, texts in texts_by_domain.items():
+        parts = {"train": texts[:-4], "val": texts[-4:-2], "test": texts[-2:]}
+        for split, part in parts.items():
+            path = lm_data.split_path(root, domain, split)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            pq.write_table(pa.table({
+                "id": [f"{domain}-{split}-{i}" for i in range(len(part))], "text": part,
+                "domain": pa.array([domain] * len(part)).dictionary_encode(), "label": [domain] * len(part),
+                "n_chars": pa.array([len(t) for t in part], pa.int32()), "source": ["fixture"] * len(part),
+            }), path)
