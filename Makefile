@@ -15,10 +15,16 @@ APT_PACKAGES := dpkg redis-server
 
 .PHONY: repro test bench setup setup-test apt dag clean-venv
 
-repro: setup
+repro: setup data/labels/overrides.parquet
 	dvc repro
 
-test: setup-test
+# The label overrides are a `dvc add`-ed file that starts empty. A fresh clone has only its .dvc
+# pointer: pull it from the remote, or, where the remote does not have it yet, write the empty
+# file (byte-identical to the committed one).
+data/labels/overrides.parquet:
+	dvc pull -q $@.dvc 2>/dev/null || python -c "from stages.refine_labels import write_empty_overrides; write_empty_overrides()"
+
+test: setup-test data/labels/overrides.parquet
 	python -m pytest tests -ra --durations=15
 
 bench: setup-test

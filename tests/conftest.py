@@ -147,10 +147,15 @@ def make_pipeline_repo(path: Path, param_updates: dict | None = None) -> Path:
     run(["git", "config", "user.email", "ci@example.com"], path)
     run(["git", "config", "user.name", "CI"], path)
     run(["dvc", "init", "-q"], path)
+    shutil.copytree(ROOT / ".dvc" / "plots", path / ".dvc" / "plots")  # custom plot templates
     run(["dvc", "config", "core.autostage", "true"], path)
     run(["dvc", "remote", "add", "-d", "local", str(path.parent / f"{path.name}-dvcstore")], path)
-    if (path / "data" / "labels" / "overrides.parquet").exists():
-        run(["dvc", "add", "-q", "data/labels/overrides.parquet"], path)  # into this repo's cache
+    overrides = path / "data" / "labels" / "overrides.parquet"
+    if not overrides.exists():  # a fresh clone has only the .dvc pointer; the file starts empty
+        from stages.refine_labels import write_empty_overrides
+
+        write_empty_overrides(overrides)
+    run(["dvc", "add", "-q", "data/labels/overrides.parquet"], path)  # into this repo's cache
     run(["git", "add", "-A"], path)
     run(["git", "commit", "-q", "-m", "pipeline"], path)
     return path

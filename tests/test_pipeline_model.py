@@ -48,7 +48,7 @@ def model_repo(tmp_path_factory):
     return repo
 
 
-def test_repro_end_to_end_writes_models_metrics_and_mlflow_runs(model_repo):
+def test_repro_end_to_end_writes_models_metrics_and_mlflow_runs(model_repo, tmp_path):
     assert (model_repo / "models" / "merged" / "config.json").exists()
     ev = json.loads((model_repo / "metrics" / "evaluate.json").read_text())
     for d in DOMAINS:
@@ -59,6 +59,10 @@ def test_repro_end_to_end_writes_models_metrics_and_mlflow_runs(model_repo):
     stages = set(runs["tags.dvc.stage"])
     assert {"base_model", "train_lora@law", "merge", "evaluate"} <= stages
     assert set(runs["tags.git.commit"]) - {"unknown"}
+    run(["dvc", "plots", "show", "-o", str(tmp_path / "plots")], model_repo)
+    html = (tmp_path / "plots" / "index.html").read_text(encoding="utf-8")
+    for plot in ("task_vector_cosine.csv", "perplexity.csv", "train_loss.csv", "refine_history.csv"):
+        assert plot in html
 
 
 def test_exp_run_ties_reruns_only_merge_and_dependents_and_metrics_diff_shows_it(model_repo):

@@ -299,6 +299,9 @@ def _stage_repo(tmp_path: Path) -> Path:
               "parquet": {"batch_rows": 8, "text_codec": "brotli", "default_codec": "zstd"},
               "split": {"seed": 42, "val_size": 0.1, "test_size": 0.1}}
     (repo / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
+    from stages.refine_labels import write_empty_overrides
+
+    write_empty_overrides(repo / "data" / "labels" / "overrides.parquet")  # split's dep; starts empty
     return repo
 
 
