@@ -47,7 +47,7 @@ from stages.params import domains as param_domains  # noqa: E402
 from stages.params import section  # noqa: E402
 
 log = logging.getLogger("benchmarks.label_noise")
-FIELDS = ["noise_rate", "seed", "method", "rows", "noisy_rows", "rows_changed", "correction_precision",
+FIELDS = ["noise_rate", "seed", "model", "method", "rows", "noisy_rows", "rows_changed", "correction_precision",
           "correction_recall", "final_accuracy", "clean_broken", "iterations", "wall_s",
           "final_accuracy_ratio_vs_cleanlab", "clean_broken_ratio_vs_cleanlab",
           "correction_precision_ratio_vs_cleanlab"]
@@ -180,7 +180,7 @@ def _main(argv: list[str] | None, p: dict[str, Any]) -> int:
                                                if theirs["clean_broken"] else float("nan")),
             "correction_precision_ratio_vs_cleanlab": ours["correction_precision"] / theirs["correction_precision"],
         }
-        common = {"noise_rate": rate, "seed": args.seed}
+        common = {"noise_rate": rate, "seed": args.seed, "model": str(args.model)}
         out_rows.append({**common, "method": "noisy_input", **untouched, "iterations": 0, "wall_s": 0.0})
         out_rows.append({**common, "method": "cleanlab", **theirs, "iterations": 1, "wall_s": anchor_wall})
         out_rows.append({**common, "method": "refine_labels", **ours, "iterations": iterations, "wall_s": wall,

@@ -181,8 +181,7 @@ def refine(db: sqlite_utils.Database, members: Sequence[ens.Member], lexical: en
     """Run refinement iterations on the ``sentences`` table until convergence or the cap.
 
     Iteration t: read the current labels; cross-fit every member with ``cfg.folds`` folds
-    (:func:`stages.ensemble.cross_fit_ensemble`), calibrating and weighting the members on the rows
-    whose label no earlier iteration changed; pick changes with :func:`select_changes` at
+    (:func:`stages.ensemble.cross_fit_ensemble`); pick changes with :func:`select_changes` at
     ``τ_t`` (:func:`threshold`); write labels and confidences in one transaction
     (:func:`stages.sentence_store.apply_updates`; a row's confidence is the ensemble probability of
     its label after the iteration, which for a changed row is the confidence of the prediction
@@ -213,7 +212,6 @@ def refine(db: sqlite_utils.Database, members: Sequence[ens.Member], lexical: en
     rows: list[dict[str, float]] = []
     val = np.asarray(splits) == "val"
     snapshot_dir = Path(snapshot_dir)
-    original = store.read_labels(db).original
     for t in range(cfg.max_iterations):
         t0 = time.perf_counter()
         ids, current = store.read_current(db)
@@ -221,9 +219,7 @@ def refine(db: sqlite_utils.Database, members: Sequence[ens.Member], lexical: en
         if unknown:
             raise ValueError(f"labels {unknown} are not in the label space {classes}")
         y = np.array([index[c] for c in current], dtype=np.int64)
-        untouched = current == original
-        round_ = ens.cross_fit_ensemble(members, y, len(classes), folds=cfg.folds, seed=cfg.seed + t,
-                                        reference=untouched if untouched.any() else None)
+        round_ = ens.cross_fit_ensemble(members, y, len(classes), folds=cfg.folds, seed=cfg.seed + t)
         tau = threshold(t, cfg.tau0, cfg.tau_step, cfg.tau_max)
         new = select_changes(y, round_.proba, tau, cfg.max_change_fraction)
         conf = round_.proba[np.arange(len(y)), new]

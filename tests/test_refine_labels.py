@@ -218,6 +218,39 @@ def test_lexical_member_counts_words_and_jamo():
     assert not any(n.startswith("j:") for n in enames) and english_only.shape[0] == 2
 
 
+def test_temperature_scaling_softens_an_overconfident_member():
+    rng = np.random.default_rng(0)
+    n, c = 2000, 4
+    y = rng.integers(0, c, n)
+    # right 70% of the time, but always 99.7% sure
+    pred = np.where(rng.random(n) < 0.7, y, (y + rng.integers(1, c, n)) % c)
+    proba = np.full((n, c), 0.001)
+    proba[np.arange(n), pred] = 0.997
+    t = ens.fit_temperature(proba, y)
+    assert t > 1.5
+    calibrated = ens.apply_temperature(proba, t)
+    assert (calibrated.argmax(1) == pred).all()  # ranking kept
+    assert np.allclose(calibrated.sum(1), 1.0)
+    assert abs(calibrated.max(1).mean() - 0.7) < 0.03  # confidence now matches accuracy
+    # a calibrated member stays (about) as it is
+    honest = ens.apply_temperature(proba, t)
+    assert ens.fit_temperature(honest, y) == pytest.approx(1.0, abs=0.05)
+
+
+def test_limit_threads_restores_settings():
+    from threadpoolctl import threadpool_info
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # the module runs on one thread (tiny_lm.one_torch_thread)
+    try:
+        with ens.limit_threads(1):
+            assert torch.get_num_threads() == 1
+            assert all(p["num_threads"] == 1 for p in threadpool_info())
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_accuracy_weights():
     w = ens.accuracy_weights({"a": 0.9, "b": 0.7, "c": 0.4}, baseline=0.5)
     assert sum(w.values()) == pytest.approx(1.0)
@@ -364,14 +397,14 @@ def test_promote_writes_and_merges_overrides(db, tmp_path):
     path = tmp_path / "labels" / "overrides.parquet"
     rl.write_empty_overrides(path)
     assert pq.read_table(path).num_rows == 0
-    counts = rl.promote(db.conn.execute("PRAGMA database_list").fetchone()[2], path)
+    counts = rl.promote(tmp_path / "sentences.db", path)
     assert counts == {"new": 2, "kept": 0, "rows": 2}
     table = read_overrides(path)
     assert table.schema == rl.OVERRIDES_SCHEMA
     assert table.to_pylist() == [{"id": "faq-2", "label": "law"}, {"id": "law-1", "label": "faq"}]
     # an older override survives unless a new one replaces it
     pq.write_table(pa.table({"id": ["law-1", "old-9"], "label": ["bill", "calc"]}, schema=rl.OVERRIDES_SCHEMA), path)
-    counts = rl.promote(db.conn.execute("PRAGMA database_list").fetchone()[2], path)
+    counts = rl.promote(tmp_path / "sentences.db", path)
     assert counts == {"new": 2, "kept": 1, "rows": 3}
     assert dict((r["id"], r["label"]) for r in read_overrides(path).to_pylist()) == \
         {"faq-2": "law", "law-1": "faq", "old-9": "calc"}
