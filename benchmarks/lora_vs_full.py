@@ -4,9 +4,10 @@ Both modes run the same plain training step (forward, backward, AdamW step) on t
 blocks; only what is trainable differs (peft LoRA from params.yaml ``train_lora.lora`` vs every
 weight). Each measurement is a fresh subprocess, so its peak RSS is its own; modes alternate
 (lora, full, lora, full, ...) so that load from other processes hits both alike, and the median
-over repeats is reported. The model is ``models/base`` when it exists, else a randomly initialised
-Qwen2 with the ``base_model.model`` sizes; the blocks come from ``data/split/*/train.parquet`` when
-they exist, else random token ids (throughput does not depend on the text).
+over repeats is reported. The model is ``--base-dir`` (default ``models/base``) when it exists,
+else a randomly initialised Qwen2 with the ``base_model.model`` sizes; the blocks come from
+``data/split/*/train.parquet`` when they exist, else random token ids (throughput does not depend
+on the text).
 
 Writes benchmarks/results/lora_vs_full.csv: one row per mode plus ratios LoRA / full.
 Usage: ``python benchmarks/lora_vs_full.py [--repeats 3] [--steps 8] [--warmup 2]``.
@@ -28,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks" / "results" / "lora_vs_full.csv"
 
 
-def load_model_and_blocks(batch_size: int, n_batches: int):
+def load_model_and_blocks(batch_size: int, n_batches: int, base_dir: Path):
     """The model to fine-tune and ``n_batches`` batches of packed blocks (int64 [batch_size, context])."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
@@ -36,11 +37,10 @@ def load_model_and_blocks(batch_size: int, n_batches: int):
     from stages import lm_data
     from stages.params import domains, section
 
-    base_dir = ROOT / "models" / "base"
     if (base_dir / "config.json").exists():
         model = AutoModelForCausalLM.from_pretrained(base_dir, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(base_dir, local_files_only=True)
-        source = "models/base"
+        source = str(base_dir)
     else:
         sizes = section("base_model", ROOT / "params.yaml")
         m, vocab = sizes["model"], int(sizes["tokenizer"]["vocab_size"])
@@ -50,7 +50,7 @@ def load_model_and_blocks(batch_size: int, n_batches: int):
             num_hidden_layers=m["num_hidden_layers"], num_attention_heads=m["num_attention_heads"],
             num_key_value_heads=m["num_key_value_heads"], max_position_embeddings=m["context_length"],
             tie_word_embeddings=m.get("tie_word_embeddings", True)))
-        tokenizer, source = None, "random init (no models/base)"
+        tokenizer, source = None, f"random init (no {base_dir})"
     context = int(model.config.max_position_embeddings)
     need = batch_size * n_batches
     split_root = ROOT / "data" / "split"
@@ -70,7 +70,7 @@ def load_model_and_blocks(batch_size: int, n_batches: int):
     return model, ids.view(n_batches, batch_size, context), source
 
 
-def measure(mode: str, steps: int, warmup: int, batch_size: int) -> dict:
+def measure(mode: str, steps: int, warmup: int, batch_size: int, base_dir: Path) -> dict:
     """Run ``warmup + steps`` training steps in ``mode`` ('lora' or 'full'); return throughput and memory."""
     import torch
 
@@ -78,7 +78,7 @@ def measure(mode: str, steps: int, warmup: int, batch_size: int) -> dict:
     from stages.params import section
     from stages.train_lora import attach_lora
 
-    model, batches, source = load_model_and_blocks(batch_size, warmup + steps)
+    model, batches, source = load_model_and_blocks(batch_size, warmup + steps, base_dir)
     total = sum(p.numel() for p in model.parameters())
     if mode == "lora":
         model = attach_lora(model, section("train_lora", ROOT / "params.yaml")["lora"], seed=0)
@@ -108,17 +108,20 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--base-dir", type=Path, default=ROOT / "models" / "base",
+                    help="HF folder of the model to fine-tune (default: models/base)")
     ap.add_argument("--child", choices=["lora", "full"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(measure(args.child, args.steps, args.warmup, args.batch_size)))
+        print(json.dumps(measure(args.child, args.steps, args.warmup, args.batch_size, args.base_dir)))
         return
 
     runs: dict[str, list[dict]] = {"lora": [], "full": []}
     for r in range(args.repeats):
         for mode in ("lora", "full"):
             out = subprocess.run([sys.executable, __file__, "--child", mode, "--steps", str(args.steps),
-                                  "--warmup", str(args.warmup), "--batch-size", str(args.batch_size)],
+                                  "--warmup", str(args.warmup), "--batch-size", str(args.batch_size),
+                                  "--base-dir", str(args.base_dir)],
                                  cwd=ROOT, capture_output=True, text=True, check=True,
                                  env={**os.environ, "HF_HUB_OFFLINE": "1"})
             res = json.loads(out.stdout.strip().splitlines()[-1])

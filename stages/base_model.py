@@ -98,10 +98,17 @@ def pretrain(model, blocks: Mapping[str, torch.Tensor], train_params: Mapping[st
     Returns:
         ``{"final_loss"`` (mean train loss over the last ``log_every`` steps, nats/token),
         ``"tokens_seen"``, ``"tokens_per_s"``, ``"train_s"}``.
+
+    Raises:
+        ValueError: steps or batch_size below 1, or fewer blocks than one batch.
     """
     from transformers import get_cosine_schedule_with_warmup
 
     steps, bs = int(train_params["steps"]), int(train_params["batch_size"])
+    if steps < 1 or bs < 1:
+        raise ValueError(f"base_model.train.steps and batch_size must be >= 1, got {steps} and {bs}")
+    if int(blocks["input_ids"].shape[0]) < bs:
+        raise ValueError(f"only {blocks['input_ids'].shape[0]} training blocks for batch_size {bs}")
     log_every = int(train_params.get("log_every", 10))
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
@@ -249,8 +256,7 @@ def main() -> None:
 
         model = AutoModelForCausalLM.from_pretrained(OUT_DIR, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(OUT_DIR, local_files_only=True)
-        block_size = int(params["model"]["context_length"]) if source == "build" else min(
-            int(params["model"]["context_length"]), int(model.config.max_position_embeddings))
+        block_size = min(int(params["model"]["context_length"]), int(model.config.max_position_embeddings))
         val_ppl = val_perplexities(model, tokenizer, lm_data.read_domain_texts(SPLIT_ROOT, doms, "val"),
                                    block_size, int(params["train"]["eval_batch_size"]))
         metrics: dict[str, Any] = {
