@@ -60,11 +60,15 @@ def threshold(iteration: int, tau0: float, step: float, tau_max: float) -> float
     return min(tau0 + step * iteration, tau_max)
 
 
-def select_changes(y: np.ndarray, proba: np.ndarray, tau: float, max_change_fraction: float) -> np.ndarray:
+def select_changes(y: np.ndarray, proba: np.ndarray, tau: float, max_change_fraction: float,
+                   max_self_confidence: float = 1.0) -> np.ndarray:
     """The new labels after one iteration.
 
     A row is a candidate when the ensemble's predicted label ``argmax proba`` differs from its
-    current label ``y`` and the confidence ``max proba`` is at least ``tau``. Guard: of the rows
+    current label ``y``, the confidence ``max proba`` is at least ``tau``, and the row's
+    self-confidence ``proba[y]`` (the probability of its current label, cleanlab's label quality
+    score; Northcutt et al. 2021) is at most ``max_self_confidence``: a label the ensemble still
+    finds plausible is kept even when another class wins, which spares ambiguous rows. Guard: of the rows
     currently in class c, at most ``floor(max_change_fraction · |c|)`` may change; when more are
     candidates, the most confident ones change (ties: lower row index first).
 
@@ -73,20 +77,24 @@ def select_changes(y: np.ndarray, proba: np.ndarray, tau: float, max_change_frac
         proba: float ``(n, C)`` ensemble out-of-fold probabilities.
         tau: confidence threshold in ``[0, 1]``.
         max_change_fraction: per-class cap in ``[0, 1]``.
+        max_self_confidence: in ``[0, 1]``; 1 disables the self-confidence condition.
 
     Returns:
         int64 ``(n,)`` new class indices (``y`` where nothing changes).
 
     Raises:
-        ValueError: on mismatched shapes or a cap outside ``[0, 1]``.
+        ValueError: on mismatched shapes, or a cap or self-confidence bound outside ``[0, 1]``.
     """
     if proba.ndim != 2 or proba.shape[0] != len(y):
         raise ValueError(f"proba has shape {proba.shape}, expected ({len(y)}, n_classes)")
     if not 0.0 <= max_change_fraction <= 1.0:
         raise ValueError(f"refine.max_change_fraction must be in [0, 1], got {max_change_fraction}")
+    if not 0.0 <= max_self_confidence <= 1.0:
+        raise ValueError(f"refine.max_self_confidence must be in [0, 1], got {max_self_confidence}")
     pred = proba.argmax(axis=1)
     conf = proba[np.arange(len(y)), pred]
-    candidate = (pred != y) & (conf >= tau)
+    self_conf = proba[np.arange(len(y)), y]
+    candidate = (pred != y) & (conf >= tau) & (self_conf <= max_self_confidence)
     new = y.copy()
     for c in np.unique(y[candidate]):
         rows = np.flatnonzero(candidate & (y == c))
@@ -128,6 +136,7 @@ class RefineConfig:
     tau_step: float = 0.05
     tau_max: float = 0.95
     max_change_fraction: float = 0.1
+    max_self_confidence: float = 1.0
     top_k_features: int = 20
 
     @classmethod
@@ -221,7 +230,7 @@ def refine(db: sqlite_utils.Database, members: Sequence[ens.Member], lexical: en
         y = np.array([index[c] for c in current], dtype=np.int64)
         round_ = ens.cross_fit_ensemble(members, y, len(classes), folds=cfg.folds, seed=cfg.seed + t)
         tau = threshold(t, cfg.tau0, cfg.tau_step, cfg.tau_max)
-        new = select_changes(y, round_.proba, tau, cfg.max_change_fraction)
+        new = select_changes(y, round_.proba, tau, cfg.max_change_fraction, cfg.max_self_confidence)
         conf = round_.proba[np.arange(len(y)), new]
         changed = new != y
         updates = (store.RowUpdate(ids[i], float(conf[i]), classes[new[i]] if changed[i] else None)

@@ -91,3 +91,46 @@ def test_changing_one_domains_data_retrains_only_that_adapter(model_repo, tmp_pa
     ran = ran_stages(run(["dvc", "repro"], model_repo).stdout)
     assert [s for s in ran if s.startswith("train_lora")] == ["train_lora@faq"]
     assert "merge" in ran and "evaluate" in ran
+
+
+def test_promote_then_repro_trains_on_the_refined_labels(model_repo):
+    """The round trip of issue 4: a label fixed in ``sentences`` (by the loop or by a reviewer working
+    through review_queue.jsonl) is promoted to the dvc-tracked overrides file, and the next
+    ``dvc repro`` re-splits with it; ``dvc metrics diff HEAD~1`` then compares the two rounds."""
+    import sqlite3
+
+    import pyarrow.parquet as pq
+
+    run(["git", "reset", "-q", "--hard", "HEAD"], model_repo)  # dvc repro above auto-staged its dvc.lock
+    run(["dvc", "checkout", "-q", "--force"], model_repo)
+    assert "up to date" in run(["dvc", "status"], model_repo).stdout.lower()
+
+    db_path = model_repo / "data" / "refined" / "sentences.db"
+    with sqlite3.connect(db_path) as con:
+        row_id, label = con.execute("SELECT id, current_label FROM sentences WHERE domain = 'office_help' "
+                                    "AND current_label = original_label ORDER BY id LIMIT 1").fetchone()
+        other = con.execute("SELECT DISTINCT original_label FROM sentences WHERE domain = 'office_help' "
+                            "AND original_label != ? ORDER BY original_label LIMIT 1", [label]).fetchone()[0]
+        con.execute("UPDATE sentences SET current_label = ? WHERE id = ?", [other, row_id])  # the reviewer's fix
+    run(["python", "-m", "stages.refine_labels", "promote"], model_repo)
+
+    overrides = pq.read_table(model_repo / "data" / "labels" / "overrides.parquet").to_pydict()
+    promoted = dict(zip(overrides["id"], overrides["label"]))
+    assert promoted[row_id] == other
+    assert "overrides.parquet" in run(["dvc", "status"], model_repo).stdout
+    run(["dvc", "add", "data/labels/overrides.parquet"], model_repo)
+    ran = ran_stages(run(["dvc", "repro"], model_repo).stdout)
+    assert ran[0] == "split" and "refine_labels" in ran
+
+    split_labels = {}
+    for part in (model_repo / "data" / "split").glob("*/*.parquet"):
+        t = pq.read_table(part, columns=["id", "label"]).to_pydict()
+        split_labels.update(zip(t["id"], t["label"]))
+    assert all(split_labels[i] == lab for i, lab in promoted.items())
+    assert split_labels[row_id] == other
+
+    run(["git", "add", "-A"], model_repo)
+    run(["git", "commit", "-q", "-m", "round 2: refined labels"], model_repo)
+    diff = json.loads(run(["dvc", "metrics", "diff", "HEAD~1", "--json"], model_repo).stdout)
+    split_diff = diff["metrics/split.json"]
+    assert split_diff["overrides.rows"]["old"] == 0 and split_diff["overrides.rows"]["new"] == len(promoted)

@@ -135,6 +135,17 @@ def test_select_changes_threshold():
     assert rl.select_changes(y, proba, tau=0.96, max_change_fraction=1.0).tolist() == y.tolist()
 
 
+def test_select_changes_self_confidence_bound():
+    y = np.array([0, 0, 0])
+    proba = np.array([[0.30, 0.70, 0.00], [0.05, 0.85, 0.10], [0.02, 0.08, 0.90]])
+    # every row's prediction beats its label at tau 0.6; only rows whose own label is implausible change
+    assert rl.select_changes(y, proba, 0.6, 1.0).tolist() == [1, 1, 2]
+    assert rl.select_changes(y, proba, 0.6, 1.0, max_self_confidence=0.1).tolist() == [0, 1, 2]
+    assert rl.select_changes(y, proba, 0.6, 1.0, max_self_confidence=0.02).tolist() == [0, 0, 2]
+    with pytest.raises(ValueError, match="max_self_confidence"):
+        rl.select_changes(y, proba, 0.6, 1.0, max_self_confidence=1.5)
+
+
 def test_select_changes_class_cap():
     rng = np.random.default_rng(0)
     n, c = 400, 5
