@@ -1,4 +1,8 @@
-"""Split each domain's documents into train/val/test, stratified by label, after label overrides.
+"""Split each domain's documents into train/val/test, stratified by label, then apply label overrides.
+
+Membership is decided on the documents' own labels, so a label override (a refined label from
+``refine_labels promote``) changes a document's label but never its split: the held-out documents
+stay the same across refinement rounds and ``dvc metrics diff HEAD~1`` compares like with like.
 
 Stratified hold-out with scikit-learn's ``train_test_split(stratify=...)``; rare labels and
 unstratifiable domains are handled explicitly (see :func:`split_indices`).
@@ -234,7 +238,8 @@ def run(in_dir: str | os.PathLike, out_dir: str | os.PathLike, domains: list[str
 
     ``out_dir`` is replaced as a whole, atomically. Each output keeps the input's per-column
     codecs and row-group size. When ``overrides_path`` exists its labels replace the documents'
-    labels first (:func:`apply_overrides`).
+    labels after the split (:func:`apply_overrides`), so overrides never move a document between
+    splits; label counts and shares in the metrics are those after the overrides.
 
     Returns:
         Metrics: ``{"domains": {d: {"docs", "overrides_applied", "rare_to_train",
@@ -264,11 +269,13 @@ def run(in_dir: str | os.PathLike, out_dir: str | os.PathLike, domains: list[str
         for domain in domains:
             path = in_dir / f"{domain}.parquet"
             table = read_docs(path)
+            parts, result = split_domain(table, domain, seed=seed, val_size=val_size, test_size=test_size)
             applied = 0
             if overrides is not None:
-                table, applied, _ = apply_overrides(table, overrides)
+                for name in SPLITS:
+                    parts[name], n_applied, _ = apply_overrides(parts[name], overrides)
+                    applied += n_applied
                 found |= pc.is_in(overrides["id"], value_set=table["id"]).to_numpy(zero_copy_only=False)
-            parts, result = split_domain(table, domain, seed=seed, val_size=val_size, test_size=test_size)
             layout = read_layout(path)
             dm: dict = {
                 "docs": table.num_rows,

@@ -244,8 +244,8 @@ def test_apply_overrides_with_empty_overrides_changes_nothing():
     assert out.equals(table) and (applied, unknown) == (0, 0)
 
 
-def test_run_applies_overrides_before_splitting(parquet_dir, tmp_path):
-    # Relabel 30 'shared' documents as 'math': the new label must be stratified across splits.
+def test_run_applies_overrides_after_splitting_so_no_document_changes_split(parquet_dir, tmp_path):
+    # Relabel 30 'shared' documents as 'math': labels change, split membership does not.
     pairs = [(f"office_help-{i:05d}", "math") for i in range(30)] + [("law-00003", "law-special"),
                                                                      ("ghost-1", "x"), ("ghost-2", "y")]
     ov_path = tmp_path / "labels" / "overrides.parquet"
@@ -254,11 +254,15 @@ def test_run_applies_overrides_before_splitting(parquet_dir, tmp_path):
     metrics = run_default(parquet_dir, tmp_path / "split", overrides_path=ov_path)
     assert metrics["overrides"] == {"rows": 33, "applied": 31, "unknown_ids": 2}
     assert metrics["domains"]["office_help"]["overrides_applied"] == 30
+    run_default(parquet_dir, tmp_path / "plain", overrides_path=None)
     labels = {}
     for s in SPLITS:
         t = read_docs(tmp_path / "split" / "office_help" / f"{s}.parquet")
         labels.update(dict(zip(t["id"].to_pylist(), t["label"].to_pylist())))
-        assert metrics["domains"]["office_help"][s]["labels"].get("math", 0) >= 3  # stratified: 24/3/3
+        plain = read_docs(tmp_path / "plain" / "office_help" / f"{s}.parquet")
+        assert t["id"].to_pylist() == plain["id"].to_pylist()  # same documents in every split
+        assert metrics["domains"]["office_help"][s]["labels"].get("math", 0) == sum(
+            1 for i in t["id"].to_pylist() if i in {p[0] for p in pairs})
     assert all(labels[f"office_help-{i:05d}"] == "math" for i in range(30))
     assert labels["office_help-00030"] == "shared"
     law = {i: lab for s in SPLITS for i, lab in zip(*[read_docs(tmp_path / "split" / "law" / f"{s}.parquet")[c]
