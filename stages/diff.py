@@ -23,7 +23,7 @@ from tqdm import tqdm
 from stages import params as P
 from stages.atomic import atomic_path, write_json, write_text
 from stages.merging import StateDict, load_causal_lm
-from stages.metrics import peak_rss_mb
+from stages.metrics import flatten_numbers, peak_rss_mb
 from stages.tracking import stage_run
 
 log = logging.getLogger("diff")
@@ -177,18 +177,6 @@ def pairwise_cosine(task_vectors: Mapping[str, Mapping[str, torch.Tensor]]) -> l
             dot = sum(float((task_vectors[a][k].double() * task_vectors[b][k].double()).sum()) for k in shared)
             rows.append({"domain_a": a, "domain_b": b, "cosine": dot / (norms[a] * norms[b])})
     return rows
-
-
-def flatten_numbers(obj: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
-    """Numeric leaves of a nested dict as ``{"a.b": value}`` (booleans and strings left out)."""
-    out: dict[str, float] = {}
-    for key, value in obj.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            out.update(flatten_numbers(value, name + "."))
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            out[name] = value
-    return out
 
 
 def training_summary(metric_files: Mapping[str, str | os.PathLike]) -> list[dict[str, Any]]:

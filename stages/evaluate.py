@@ -21,12 +21,12 @@ import torch
 
 from stages import params as P
 from stages.atomic import write_json, write_text
-from stages.diff import flatten_numbers, rows_to_csv
+from stages.diff import rows_to_csv
 from stages.lm_data import read_texts, split_path
 from stages.lm_eval import (continuation_pairs, greedy_continuations, perplexity, text_scores, token_stream,
                              torch_threads)
 from stages.merging import linear, load_causal_lm, load_task_vectors
-from stages.metrics import peak_rss_mb, write_metrics
+from stages.metrics import flatten_numbers, peak_rss_mb, write_metrics
 from stages.tracking import stage_run
 
 log = logging.getLogger("evaluate")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import resource
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from stages.atomic import write_json
 
@@ -23,3 +23,20 @@ def write_metrics(name: str, values: dict[str, Any], root: str | os.PathLike = M
 def peak_rss_mb() -> float:
     """Peak resident set size of this process so far, in MiB (``getrusage``; Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def flatten(obj: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Leaves of a nested dict as ``{"a.b": value}`` (the key form of ``dvc metrics`` and MLflow)."""
+    out: dict[str, Any] = {}
+    for key, value in obj.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def flatten_numbers(obj: Mapping[str, Any]) -> dict[str, float]:
+    """Numeric leaves of a nested dict as ``{"a.b": value}`` (booleans, strings and None left out)."""
+    return {k: v for k, v in flatten(obj).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}

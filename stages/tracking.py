@@ -11,6 +11,8 @@ import os
 import subprocess
 from typing import Any, Iterator
 
+from stages.metrics import flatten
+
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 EXPERIMENT = "domain-lm"
 
@@ -45,16 +47,5 @@ def stage_run(stage: str, params: dict[str, Any] | None = None, *, nested: bool 
     with mlflow.start_run(run_name=run_name or stage, nested=nested) as run:
         mlflow.set_tags({"dvc.stage": stage, "git.commit": git_commit()})
         if params:
-            mlflow.log_params(_flatten(params))
+            mlflow.log_params(flatten(params))
         yield mlflow
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
