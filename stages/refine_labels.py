@@ -28,7 +28,7 @@ from stages.jsonl import write_records
 from stages.metrics import peak_rss_mb, write_metrics
 from stages.params import domains as param_domains
 from stages.params import section
-from stages.split import OVERRIDES_PATH, OVERRIDES_SCHEMA, read_overrides
+from stages.split import LABELS_PATH, OVERRIDES_PATH, OVERRIDES_SCHEMA, read_overrides
 
 log = logging.getLogger("stages.refine_labels")
 
@@ -404,18 +404,21 @@ def write_empty_overrides(path: str | Path = OVERRIDES_PATH) -> Path:
 # ------------------------------------------------------------------ stage entry points
 
 def run_stage(p: dict[str, Any], domain_names: Sequence[str], *, split_root: Path = SPLIT_ROOT,
-              model_dir: Path = MODEL_DIR, out_dir: Path = OUT_DIR, history_path: Path = HISTORY_CSV,
-              metrics_root: Path = Path("metrics")) -> dict[str, Any]:
-    """The whole stage: load the table, build the members, refine, write the review queue,
-    metrics and MLflow runs, on at most ``refine.threads`` compute threads
-    (:func:`stages.ensemble.limit_threads`). Returns the metrics dict."""
+              labels_path: Path | None = LABELS_PATH, model_dir: Path = MODEL_DIR, out_dir: Path = OUT_DIR,
+              history_path: Path = HISTORY_CSV, metrics_root: Path = Path("metrics")) -> dict[str, Any]:
+    """The whole stage: load the table (texts from ``split_root``, labels from the split stage's
+    label table ``labels_path``; ``None`` = the document files' own labels), build the members,
+    refine, write the review queue, metrics and MLflow runs, on at most ``refine.threads``
+    compute threads (:func:`stages.ensemble.limit_threads`). Returns the metrics dict."""
     with ens.limit_threads(p.get("threads")):
-        return _run_stage(p, domain_names, split_root=Path(split_root), model_dir=Path(model_dir),
-                          out_dir=Path(out_dir), history_path=Path(history_path), metrics_root=Path(metrics_root))
+        return _run_stage(p, domain_names, split_root=Path(split_root),
+                          labels_path=Path(labels_path) if labels_path is not None else None,
+                          model_dir=Path(model_dir), out_dir=Path(out_dir), history_path=Path(history_path),
+                          metrics_root=Path(metrics_root))
 
 
-def _run_stage(p: dict[str, Any], domain_names: Sequence[str], *, split_root: Path, model_dir: Path,
-               out_dir: Path, history_path: Path, metrics_root: Path) -> dict[str, Any]:
+def _run_stage(p: dict[str, Any], domain_names: Sequence[str], *, split_root: Path, labels_path: Path | None,
+               model_dir: Path, out_dir: Path, history_path: Path, metrics_root: Path) -> dict[str, Any]:
     from stages.tracking import stage_run
 
     wall0 = time.perf_counter()
@@ -426,7 +429,8 @@ def _run_stage(p: dict[str, Any], domain_names: Sequence[str], *, split_root: Pa
 
     t0 = time.perf_counter()
     report = store.LoadReport()
-    rows = store.iter_split_rows(store.split_files(split_root, domain_names), int(p["chunksize"]), report)
+    label_of = store.label_map(labels_path) if labels_path is not None else None
+    rows = store.iter_split_rows(store.split_files(split_root, domain_names), int(p["chunksize"]), report, label_of)
     store.create_store(db_path, rows, chunksize=int(p["chunksize"]))
     load_s = time.perf_counter() - t0
 

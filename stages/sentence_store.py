@@ -10,7 +10,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -70,15 +70,18 @@ class LoadReport:
     per_split: dict[str, int] | None = None
 
 
-def iter_split_rows(files: list[tuple[str, Path]], chunksize: int, report: LoadReport) -> Iterator[dict]:
+def iter_split_rows(files: list[tuple[str, Path]], chunksize: int, report: LoadReport,
+                    labels: Mapping[str, str | None] | None = None) -> Iterator[dict]:
     """Yield one ``sentences`` row per labelled document, reading each parquet file in
     record batches of ``chunksize`` rows (pyarrow), so memory stays bounded.
 
-    Documents with a null label are counted in ``report.unlabelled`` (and logged), not loaded.
+    A document's label is ``labels[id]`` when ``labels`` is given (the split stage's label table,
+    overrides applied: :func:`label_map`), else the file's own ``label`` column. Documents with a
+    null label are counted in ``report.unlabelled`` (and logged), not loaded.
 
     Raises:
-        ValueError: naming the file when a required column (id, text, domain, label) is missing
-            or an id appears twice across the split outputs.
+        ValueError: naming the file when a required column (id, text, domain, label) is missing,
+            an id appears twice across the split outputs, or an id has no entry in ``labels``.
     """
     seen: set[str] = set()
     now = utc_now()
@@ -90,6 +93,11 @@ def iter_split_rows(files: list[tuple[str, Path]], chunksize: int, report: LoadR
             raise ValueError(f"{path}: missing column(s) {sorted(missing)}")
         for batch in pf.iter_batches(batch_size=chunksize, columns=["id", "text", "domain", "label"]):
             for rec in batch.to_pylist():
+                if labels is not None:
+                    if rec["id"] not in labels:
+                        raise ValueError(f"{path}: document id {rec['id']!r} has no row in the label table "
+                                         "(re-run the split stage)")
+                    rec["label"] = labels[rec["id"]]
                 if rec["label"] is None:
                     report.unlabelled += 1
                     continue
@@ -103,6 +111,15 @@ def iter_split_rows(files: list[tuple[str, Path]], chunksize: int, report: LoadR
                        "label_last_updated": now, "updated_iteration": None}
     if report.unlabelled:
         log.warning("%d documents have no label and are not refined", report.unlabelled)
+
+
+def label_map(path: str | os.PathLike) -> dict[str, str | None]:
+    """``{id: label}`` from the split stage's label table (overrides applied;
+    :func:`stages.split.read_label_table`, whose errors it raises)."""
+    from stages.split import read_label_table
+
+    table = read_label_table(path)
+    return dict(zip(table["id"].to_pylist(), table["label"].to_pylist()))
 
 
 def create_store(path: str | os.PathLike, rows: Iterable[dict], *, chunksize: int = 500) -> Path:

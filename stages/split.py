@@ -1,8 +1,12 @@
 """Split each domain's documents into train/val/test, stratified by label, then apply label overrides.
 
-Membership is decided on the documents' own labels, so a label override (a refined label from
-``refine_labels promote``) changes a document's label but never its split: the held-out documents
-stay the same across refinement rounds and ``dvc metrics diff HEAD~1`` compares like with like.
+Two outputs: the documents (``data/split/<domain>/<split>.parquet``, text with the label it was
+ingested with) and the label table (``data/labels/split_labels.parquet``: id, domain, split,
+source_label, label), where label overrides (refined labels from ``refine_labels promote``) are
+applied. Membership is decided on the documents' own labels, so an override changes a document's
+label but never its split, and never the document files: the language-model stages, which read
+only the text, stay up to date across refinement rounds, and ``dvc metrics diff HEAD~1`` compares
+like with like.
 
 Stratified hold-out with scikit-learn's ``train_test_split(stratify=...)``; rare labels and
 unstratifiable domains are handled explicitly (see :func:`split_indices`).
@@ -34,11 +38,17 @@ log = logging.getLogger(__name__)
 IN_DIR = Path("data/parquet")
 OUT_DIR = Path("data/split")
 OVERRIDES_PATH = Path("data/labels/overrides.parquet")
+LABELS_PATH = Path("data/labels/split_labels.parquet")
 SPLITS = ("train", "val", "test")
 #: Metrics key for documents whose label is null.
 NULL_LABEL_KEY = "_null"
 
 OVERRIDES_SCHEMA = pa.schema([pa.field("id", pa.string()), pa.field("label", pa.string())])
+#: The label table: one row per document, in document-file order (domains, then train/val/test).
+#: ``source_label`` is the label the document was ingested with, ``label`` the one after overrides.
+LABELS_SCHEMA = pa.schema([pa.field("id", pa.string()), pa.field("domain", pa.string()),
+                           pa.field("split", pa.string()), pa.field("source_label", pa.string()),
+                           pa.field("label", pa.string())])
 
 
 class DomainTooSmallError(ValueError):
@@ -112,6 +122,34 @@ def apply_overrides(table: pa.Table, overrides: pa.Table) -> tuple[pa.Table, int
     label_idx = table.schema.get_field_index("label")
     out = table.set_column(label_idx, table.schema.field("label"), new_label.cast(pa.string()))
     return out, n_applied, n_unknown
+
+
+def write_label_table(path: str | os.PathLike, table: pa.Table) -> Path:
+    """Write the label table (:data:`LABELS_SCHEMA`) to ``path`` atomically (zstd Parquet)."""
+    with atomic_path(path) as tmp:
+        pq.write_table(table.cast(LABELS_SCHEMA), tmp, compression="zstd")
+    return Path(path)
+
+
+def read_label_table(path: str | os.PathLike) -> pa.Table:
+    """Read the label table the split stage wrote (:data:`LABELS_SCHEMA`).
+
+    Raises:
+        FileNotFoundError: when ``path`` does not exist (run the split stage first).
+        ValueError: naming ``path`` when a column of :data:`LABELS_SCHEMA` is missing or an id
+            appears twice.
+    """
+    if not Path(path).exists():
+        raise FileNotFoundError(f"label table {path} is missing: run the split stage first")
+    names = pq.read_schema(path).names
+    missing = [f.name for f in LABELS_SCHEMA if f.name not in names]
+    if missing:
+        raise ValueError(f"{path}: the label table needs column(s) {missing}")
+    table = pq.read_table(path, columns=LABELS_SCHEMA.names).cast(LABELS_SCHEMA)
+    if pc.count_distinct(table["id"]).as_py() != table.num_rows:
+        dup = next(v["values"] for v in pc.value_counts(table["id"]).to_pylist() if v["counts"] > 1)
+        raise ValueError(f"{path}: id {dup!r} appears more than once")
+    return table
 
 
 def split_sizes(n: int, val_size: float, test_size: float, domain: str) -> tuple[int, int, int]:
@@ -233,13 +271,18 @@ def split_domain(table: pa.Table, domain: str, *, seed: int, val_size: float, te
 
 
 def run(in_dir: str | os.PathLike, out_dir: str | os.PathLike, domains: list[str], *, seed: int,
-        val_size: float, test_size: float, overrides_path: str | os.PathLike | None = OVERRIDES_PATH) -> dict:
-    """Split ``<in_dir>/<domain>.parquet`` for every domain into ``<out_dir>/<domain>/{train,val,test}.parquet``.
+        val_size: float, test_size: float, overrides_path: str | os.PathLike | None = OVERRIDES_PATH,
+        labels_path: str | os.PathLike | None = None) -> dict:
+    """Split ``<in_dir>/<domain>.parquet`` for every domain into ``<out_dir>/<domain>/{train,val,test}.parquet``
+    and write the label table to ``labels_path``.
 
-    ``out_dir`` is replaced as a whole, atomically. Each output keeps the input's per-column
-    codecs and row-group size. When ``overrides_path`` exists its labels replace the documents'
-    labels after the split (:func:`apply_overrides`), so overrides never move a document between
-    splits; label counts and shares in the metrics are those after the overrides.
+    ``out_dir`` is replaced as a whole, atomically, and so is ``labels_path``. Each document file
+    keeps the input's per-column codecs and row-group size and the documents' own labels. When
+    ``overrides_path`` exists its labels replace the documents' labels in the label table
+    (:func:`apply_overrides`, :data:`LABELS_SCHEMA`), after the split: overrides move no document
+    between splits and leave the document files byte for byte as they were. Label counts and
+    shares in the metrics are those after the overrides. ``labels_path=None`` (the default; the
+    DVC stage passes :data:`LABELS_PATH`) writes no label table.
 
     Returns:
         Metrics: ``{"domains": {d: {"docs", "overrides_applied", "rare_to_train",
@@ -265,26 +308,34 @@ def run(in_dir: str | os.PathLike, out_dir: str | os.PathLike, domains: list[str
     overrides = read_overrides(overrides_path) if overrides_path and Path(overrides_path).exists() else None
     found = np.zeros(overrides.num_rows if overrides is not None else 0, dtype=bool)
     metrics: dict = {"domains": {}}
+    label_parts: list[pa.Table] = []
     with atomic_path(out_dir, is_dir=True) as tmp_dir:
         for domain in domains:
             path = in_dir / f"{domain}.parquet"
             table = read_docs(path)
             parts, result = split_domain(table, domain, seed=seed, val_size=val_size, test_size=test_size)
-            applied = 0
-            if overrides is not None:
-                for name in SPLITS:
-                    parts[name], n_applied, _ = apply_overrides(parts[name], overrides)
-                    applied += n_applied
-                found |= pc.is_in(overrides["id"], value_set=table["id"]).to_numpy(zero_copy_only=False)
             layout = read_layout(path)
+            applied = 0
+            relabelled: dict[str, pa.Table] = {}
+            for name in SPLITS:
+                write_docs(tmp_dir / domain / f"{name}.parquet", parts[name], layout)
+                relabelled[name] = parts[name]
+                if overrides is not None:
+                    relabelled[name], n_applied, _ = apply_overrides(parts[name], overrides)
+                    applied += n_applied
+                n = parts[name].num_rows
+                label_parts.append(pa.table([parts[name]["id"], pa.array([domain] * n, pa.string()),
+                                             pa.array([name] * n, pa.string()), parts[name]["label"],
+                                             relabelled[name]["label"]], schema=LABELS_SCHEMA))
+            if overrides is not None:
+                found |= pc.is_in(overrides["id"], value_set=table["id"]).to_numpy(zero_copy_only=False)
             dm: dict = {
                 "docs": table.num_rows,
                 "overrides_applied": applied,
                 "rare_to_train": result.rare_to_train,
                 "stratified": {k: int(v) for k, v in result.stratified.items()},
             }
-            for name, part in parts.items():
-                write_docs(tmp_dir / domain / f"{name}.parquet", part, layout)
+            for name, part in relabelled.items():
                 labels = label_counts(part["label"])
                 dm[name] = {
                     "docs": part.num_rows,
@@ -294,6 +345,9 @@ def run(in_dir: str | os.PathLike, out_dir: str | os.PathLike, domains: list[str
                 }
             metrics["domains"][domain] = dm
             log.info("split %s: %s", domain, {s: dm[s]["docs"] for s in SPLITS})
+        if labels_path is not None:
+            write_label_table(labels_path, pa.concat_tables(label_parts) if label_parts
+                              else LABELS_SCHEMA.empty_table())
     metrics["overrides"] = {
         "rows": int(len(found)),
         "applied": sum(d["overrides_applied"] for d in metrics["domains"].values()),
@@ -317,11 +371,12 @@ def _check_schema_file(path: Path) -> None:
 
 
 def main() -> None:
-    """DVC entry point: params ``domains`` + ``split`` -> data/split/, metrics/split.json."""
+    """DVC entry point: params ``domains`` + ``split`` -> data/split/, data/labels/split_labels.parquet,
+    metrics/split.json."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     p = section("split")
     metrics = run(IN_DIR, OUT_DIR, param_domains(), seed=int(p["seed"]), val_size=float(p["val_size"]),
-                  test_size=float(p["test_size"]))
+                  test_size=float(p["test_size"]), labels_path=LABELS_PATH)
     write_metrics("split", metrics)
 
 

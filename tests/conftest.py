@@ -135,7 +135,8 @@ def make_pipeline_repo(path: Path, param_updates: dict | None = None) -> Path:
     for name in PIPELINE_FILES:
         src = ROOT / name
         if src.is_dir():
-            shutil.copytree(src, path / name, ignore=shutil.ignore_patterns("__pycache__"))
+            # data/labels: the overrides file only; split_labels.parquet is the split stage's output
+            shutil.copytree(src, path / name, ignore=shutil.ignore_patterns("__pycache__", "split_labels.parquet"))
         elif src.exists():
             (path / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, path / name)

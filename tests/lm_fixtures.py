@@ -4,11 +4,13 @@ and split parquet files with the pipeline's columns. Deterministic; nothing come
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from stages import lm_data
+from stages.parquet import DOC_SCHEMA
 
 WORDS = {
     "law": ["대한민국", "국민", "헌법", "법률", "권리", "의무", "국회", "대통령", "조약", "재판"],
@@ -37,6 +39,16 @@ TINY = {
 TRAIN_TEXTS = {d: korean_docs(d, 12) for d in WORDS}  # pretraining texts of the tiny base
 
 
+def doc_table(domain: str, ids: list[str], texts: list[str], labels: list[str | None] | None = None) -> pa.Table:
+    """Documents in the pipeline's schema (:data:`stages.parquet.DOC_SCHEMA`); label = domain unless given."""
+    return pa.table({
+        "id": ids, "text": texts,
+        "domain": pa.array([domain] * len(texts), pa.string()).dictionary_encode(),
+        "label": labels if labels is not None else [domain] * len(texts),
+        "n_chars": pa.array([len(t) for t in texts], pa.int32()), "source": ["fixture"] * len(texts),
+    }).cast(DOC_SCHEMA)
+
+
 def write_split_fixture(root, texts_by_domain: dict[str, list[str]]) -> None:
     """data/split/<domain>/{train,val,test}.parquet with the pipeline's columns (8/2/2 docs)."""
     for domain, texts in texts_by_domain.items():
@@ -44,8 +56,20 @@ def write_split_fixture(root, texts_by_domain: dict[str, list[str]]) -> None:
         for split, part in parts.items():
             path = lm_data.split_path(root, domain, split)
             path.parent.mkdir(parents=True, exist_ok=True)
-            pq.write_table(pa.table({
-                "id": [f"{domain}-{split}-{i}" for i in range(len(part))], "text": part,
-                "domain": pa.array([domain] * len(part)).dictionary_encode(), "label": [domain] * len(part),
-                "n_chars": pa.array([len(t) for t in part], pa.int32()), "source": ["fixture"] * len(part),
-            }), path)
+            pq.write_table(doc_table(domain, [f"{domain}-{split}-{i}" for i in range(len(part))], part), path)
+
+
+def write_label_table_fixture(split_root, path, overrides: dict[str, str] | None = None) -> None:
+    """The split stage's label table (stages.split.LABELS_SCHEMA) for the document files under
+    ``split_root``: each document's own label, replaced by ``overrides[id]`` where given."""
+    from stages.split import LABELS_SCHEMA, SPLITS, write_label_table
+
+    overrides = overrides or {}
+    rows = []
+    for domain_dir in sorted(p for p in Path(split_root).iterdir() if p.is_dir()):
+        for split in SPLITS:
+            t = pq.read_table(domain_dir / f"{split}.parquet", columns=["id", "label"])
+            for i, lab in zip(t["id"].to_pylist(), t["label"].to_pylist()):
+                rows.append({"id": i, "domain": domain_dir.name, "split": split, "source_label": lab,
+                             "label": overrides.get(i, lab)})
+    write_label_table(path, pa.Table.from_pylist(rows, schema=LABELS_SCHEMA))

@@ -12,6 +12,7 @@ import shutil
 
 import mlflow
 import pytest
+import yaml
 
 from conftest import make_pipeline_repo, run, set_params
 
@@ -96,7 +97,9 @@ def test_changing_one_domains_data_retrains_only_that_adapter(model_repo, tmp_pa
 def test_promote_then_repro_trains_on_the_refined_labels(model_repo):
     """The round trip of issue 4: a label fixed in ``sentences`` (by the loop or by a reviewer working
     through review_queue.jsonl) is promoted to the dvc-tracked overrides file, and the next
-    ``dvc repro`` re-splits with it; ``dvc metrics diff HEAD~1`` then compares the two rounds."""
+    ``dvc repro`` re-runs split (whose label table applies it) and refine_labels, and nothing else:
+    the document files are unchanged, so the base model, the adapters and the evaluation stay up
+    to date. ``dvc metrics diff HEAD~1`` then compares the two rounds."""
     import sqlite3
 
     import pyarrow.parquet as pq
@@ -119,15 +122,20 @@ def test_promote_then_repro_trains_on_the_refined_labels(model_repo):
     assert promoted[row_id] == other
     assert "overrides.parquet" in run(["dvc", "status"], model_repo).stdout
     run(["dvc", "add", "data/labels/overrides.parquet"], model_repo)
+    lock_before = yaml.safe_load((model_repo / "dvc.lock").read_text())["stages"]
     ran = ran_stages(run(["dvc", "repro"], model_repo).stdout)
-    assert ran[0] == "split" and "refine_labels" in ran
+    assert ran == ["split", "refine_labels"]
+    lock_after = yaml.safe_load((model_repo / "dvc.lock").read_text())["stages"]
+    outs = {o["path"]: o["md5"] for o in lock_after["split"]["outs"]}
+    assert outs["data/split"] == {o["path"]: o["md5"] for o in lock_before["split"]["outs"]}["data/split"]
+    assert lock_after["base_model"] == lock_before["base_model"]
 
-    split_labels = {}
-    for part in (model_repo / "data" / "split").glob("*/*.parquet"):
-        t = pq.read_table(part, columns=["id", "label"]).to_pydict()
-        split_labels.update(zip(t["id"], t["label"]))
+    table = pq.read_table(model_repo / "data" / "labels" / "split_labels.parquet").to_pydict()
+    split_labels = dict(zip(table["id"], table["label"]))
     assert all(split_labels[i] == lab for i, lab in promoted.items())
-    assert split_labels[row_id] == other
+    assert split_labels[row_id] == other and dict(zip(table["id"], table["source_label"]))[row_id] == label
+    with sqlite3.connect(db_path) as con:  # round 2 starts from the promoted label
+        assert con.execute("SELECT original_label FROM sentences WHERE id = ?", [row_id]).fetchone()[0] == other
 
     run(["git", "add", "-A"], model_repo)
     run(["git", "commit", "-q", "-m", "round 2: refined labels"], model_repo)

@@ -16,7 +16,7 @@ import pytest
 import sqlite_utils
 import torch
 
-from lm_fixtures import korean_docs, write_split_fixture
+from lm_fixtures import korean_docs, write_label_table_fixture, write_split_fixture
 from stages import ensemble as ens
 from stages import refine_labels as rl
 from stages import sentence_store as store
@@ -67,6 +67,19 @@ def test_store_schema_chunks_and_indexes(tmp_path):
     assert row["split"] == "val" and row["original_label"] == row["current_label"] == "law"
     assert row["label_last_updated"].endswith("+00:00")
     assert not list(tmp_path.glob(".s.db*"))  # the temporary sibling is gone
+
+
+def test_store_takes_labels_from_the_label_table(tmp_path):
+    write_split_fixture(tmp_path / "split", {d: korean_docs(d, 10) for d in DOMAINS})
+    write_label_table_fixture(tmp_path / "split", tmp_path / "labels.parquet", {"law-train-0": "faq"})
+    labels = store.label_map(tmp_path / "labels.parquet")
+    rows = {r["id"]: r for r in store.iter_split_rows(store.split_files(tmp_path / "split", DOMAINS), 4,
+                                                      store.LoadReport(), labels)}
+    assert rows["law-train-0"]["original_label"] == rows["law-train-0"]["current_label"] == "faq"
+    assert rows["law-train-1"]["original_label"] == "law"
+    del labels["law-val-0"]
+    with pytest.raises(ValueError, match="law-val-0.*no row in the label table"):
+        list(store.iter_split_rows(store.split_files(tmp_path / "split", DOMAINS), 4, store.LoadReport(), labels))
 
 
 def test_store_rejects_duplicate_ids_and_missing_split(tmp_path):
@@ -453,6 +466,7 @@ def test_stage_end_to_end(tmp_path, monkeypatch):
     texts = {d: korean_docs(d, 14) for d in DOMAINS}
     texts["law"][:2], texts["faq"][:2] = texts["faq"][:2], texts["law"][:2]  # two mislabelled docs each way
     write_split_fixture(tmp_path / "split", texts)
+    write_label_table_fixture(tmp_path / "split", tmp_path / "labels" / "split_labels.parquet")
     build_base(tmp_path / "merged")
     params = {
         "chunksize": 8, "folds": 3, "seed": 0, "max_iterations": 3, "epsilon": 0.01, "tau0": 0.5, "tau_step": 0.05,
@@ -463,7 +477,8 @@ def test_stage_end_to_end(tmp_path, monkeypatch):
                  "lr": 0.02},
         "transformer": {"max_tokens": 32, "batch_size": 8, "C": 1.0, "max_iter": 100}, "threads": 1,
     }
-    metrics = rl.run_stage(params, DOMAINS, split_root=tmp_path / "split", model_dir=tmp_path / "merged",
+    metrics = rl.run_stage(params, DOMAINS, split_root=tmp_path / "split",
+                           labels_path=tmp_path / "labels" / "split_labels.parquet", model_dir=tmp_path / "merged",
                            out_dir=tmp_path / "refined", history_path=tmp_path / "plots" / "refine_history.csv",
                            metrics_root=tmp_path / "metrics")
     assert metrics["rows"] == 42 and metrics["classes"] == 3

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -21,7 +22,9 @@ from stages.split import (
     SPLITS,
     OVERRIDES_SCHEMA,
     DomainTooSmallError,
+    LABELS_SCHEMA,
     apply_overrides,
+    read_label_table,
     read_overrides,
     run,
     split_domain,
@@ -251,23 +254,47 @@ def test_run_applies_overrides_after_splitting_so_no_document_changes_split(parq
     ov_path = tmp_path / "labels" / "overrides.parquet"
     ov_path.parent.mkdir()
     pq.write_table(overrides_table(pairs), ov_path)
-    metrics = run_default(parquet_dir, tmp_path / "split", overrides_path=ov_path)
+    metrics = run_default(parquet_dir, tmp_path / "split", overrides_path=ov_path,
+                          labels_path=tmp_path / "labels" / "split_labels.parquet")
     assert metrics["overrides"] == {"rows": 33, "applied": 31, "unknown_ids": 2}
     assert metrics["domains"]["office_help"]["overrides_applied"] == 30
-    run_default(parquet_dir, tmp_path / "plain", overrides_path=None)
-    labels = {}
+    run_default(parquet_dir, tmp_path / "plain", overrides_path=None, labels_path=tmp_path / "plain_labels.parquet")
+    for domain in ("law", "office_help"):
+        for s in SPLITS:
+            # The document files do not see overrides: byte for byte what a run without them writes,
+            # so the LM stages that read them stay up to date across refinement rounds.
+            assert (tmp_path / "split" / domain / f"{s}.parquet").read_bytes() == \
+                (tmp_path / "plain" / domain / f"{s}.parquet").read_bytes()
+    table = read_label_table(tmp_path / "labels" / "split_labels.parquet")
+    plain = read_label_table(tmp_path / "plain_labels.parquet")
+    assert table.schema == LABELS_SCHEMA
+    assert table.select(["id", "domain", "split", "source_label"]).equals(plain.select(["id", "domain", "split",
+                                                                                       "source_label"]))
+    labels = dict(zip(table["id"].to_pylist(), table["label"].to_pylist()))
+    source = dict(zip(table["id"].to_pylist(), table["source_label"].to_pylist()))
+    assert plain["label"].to_pylist() == plain["source_label"].to_pylist()
     for s in SPLITS:
-        t = read_docs(tmp_path / "split" / "office_help" / f"{s}.parquet")
-        labels.update(dict(zip(t["id"].to_pylist(), t["label"].to_pylist())))
-        plain = read_docs(tmp_path / "plain" / "office_help" / f"{s}.parquet")
-        assert t["id"].to_pylist() == plain["id"].to_pylist()  # same documents in every split
+        ids = split_ids(tmp_path / "split", "office_help")[s]
+        assert table.filter(pc.and_(pc.equal(table["split"], s), pc.equal(table["domain"], "office_help")))[
+            "id"].to_pylist() == ids  # same documents, same order as the document files
         assert metrics["domains"]["office_help"][s]["labels"].get("math", 0) == sum(
-            1 for i in t["id"].to_pylist() if i in {p[0] for p in pairs})
-    assert all(labels[f"office_help-{i:05d}"] == "math" for i in range(30))
+            1 for i in ids if i in {p[0] for p in pairs})
+    assert all(labels[f"office_help-{i:05d}"] == "math" and source[f"office_help-{i:05d}"] == "shared"
+               for i in range(30))
     assert labels["office_help-00030"] == "shared"
-    law = {i: lab for s in SPLITS for i, lab in zip(*[read_docs(tmp_path / "split" / "law" / f"{s}.parquet")[c]
-                                                     .to_pylist() for c in ("id", "label")])}
-    assert law["law-00003"] == "law-special" and law["law-00004"] == "law"
+    assert labels["law-00003"] == "law-special" and labels["law-00004"] == "law"
+    assert source["law-00003"] == "law"
+
+
+def test_label_table_rejects_duplicates_and_missing_columns(tmp_path):
+    with pytest.raises(FileNotFoundError, match="run the split stage"):
+        read_label_table(tmp_path / "none.parquet")
+    pq.write_table(pa.table({"id": ["a"], "label": ["x"]}), tmp_path / "thin.parquet")
+    with pytest.raises(ValueError, match="domain"):
+        read_label_table(tmp_path / "thin.parquet")
+    pq.write_table(pa.table({c: ["a", "a"] for c in LABELS_SCHEMA.names}), tmp_path / "dup.parquet")
+    with pytest.raises(ValueError, match="id 'a' appears more than once"):
+        read_label_table(tmp_path / "dup.parquet")
 
 
 @pytest.mark.parametrize("table,match", [
@@ -319,6 +346,7 @@ def test_main_modules_write_declared_outs(tmp_path):
     assert sorted(p.name for p in (repo / "data" / "split").iterdir()) == ["law", "office_help"]
     assert sorted(p.name for p in (repo / "data" / "split" / "law").iterdir()) == \
         ["test.parquet", "train.parquet", "val.parquet"]
+    assert read_label_table(repo / "data" / "labels" / "split_labels.parquet").num_rows == 52
 
 
 @pytest.mark.slow

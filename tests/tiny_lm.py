@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from lm_fixtures import doc_table
 
 KOREAN_SENTENCES = [
     "대한민국은 민주공화국이다. 대한민국의 주권은 국민에게 있고, 모든 권력은 국민으로부터 나온다.",
@@ -98,20 +98,11 @@ def build_lora(base_dir: Path, out_dir: Path, *, seed: int, r: int = 4, alpha: i
 
 
 def write_split(root: Path, domain: str, texts: list[str], repeat: int = 3) -> Path:
-    """Write ``<root>/<domain>/test.parquet`` in the split schema (id, text, domain, label, n_chars, source)."""
+    """Write ``<root>/<domain>/test.parquet`` in the split schema, each text ``repeat`` times."""
     rows = [t for t in texts for _ in range(repeat)]
-    table = pa.table({
-        "id": pa.array([f"{domain}-{i}" for i in range(len(rows))], pa.string()),
-        "text": pa.array(rows, pa.string()),
-        "domain": pa.array([domain] * len(rows), pa.string()).dictionary_encode().cast(
-            pa.dictionary(pa.int32(), pa.string())),
-        "label": pa.array([domain] * len(rows), pa.string()),
-        "n_chars": pa.array([len(t) for t in rows], pa.int32()),
-        "source": pa.array(["fixture"] * len(rows), pa.string()),
-    })
     path = Path(root) / domain / "test.parquet"
     path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, path)
+    pq.write_table(doc_table(domain, [f"{domain}-{i}" for i in range(len(rows))], rows), path)
     return path
 
 
