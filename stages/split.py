@@ -72,6 +72,13 @@ class SplitResult:
     rare_to_train: int = 0
 
 
+def duplicate_id(ids: pa.ChunkedArray | pa.Array) -> str | None:
+    """The first id (in ``pyarrow.compute.value_counts`` order) that occurs more than once, or None."""
+    if pc.count_distinct(ids).as_py() == len(ids):
+        return None
+    return next(v["values"] for v in pc.value_counts(ids).to_pylist() if v["counts"] > 1)
+
+
 def read_overrides(path: str | os.PathLike) -> pa.Table:
     """Read a label-override table (``id: string``, ``label: string``), checking it.
 
@@ -93,9 +100,8 @@ def read_overrides(path: str | os.PathLike) -> pa.Table:
         if table[name].null_count:
             i = pc.index(pc.is_null(table[name]), True).as_py()
             raise ValueError(f"{path}: row {i} has a null {name!r}")
-    if pc.count_distinct(table["id"]).as_py() != table.num_rows:
-        counts = pc.value_counts(table["id"])
-        dup = next(v["values"] for v in counts.to_pylist() if v["counts"] > 1)
+    dup = duplicate_id(table["id"])
+    if dup is not None:
         raise ValueError(f"{path}: id {dup!r} has more than one override")
     return table
 
@@ -146,8 +152,8 @@ def read_label_table(path: str | os.PathLike) -> pa.Table:
     if missing:
         raise ValueError(f"{path}: the label table needs column(s) {missing}")
     table = pq.read_table(path, columns=LABELS_SCHEMA.names).cast(LABELS_SCHEMA)
-    if pc.count_distinct(table["id"]).as_py() != table.num_rows:
-        dup = next(v["values"] for v in pc.value_counts(table["id"]).to_pylist() if v["counts"] > 1)
+    dup = duplicate_id(table["id"])
+    if dup is not None:
         raise ValueError(f"{path}: id {dup!r} appears more than once")
     return table
 
@@ -263,8 +269,8 @@ def split_domain(table: pa.Table, domain: str, *, seed: int, val_size: float, te
         ValueError: naming ``domain`` and the id when an id occurs twice (splits could not be disjoint).
         DomainTooSmallError: see :func:`split_indices`.
     """
-    if pc.count_distinct(table["id"]).as_py() != table.num_rows:
-        dup = next(v["values"] for v in pc.value_counts(table["id"]).to_pylist() if v["counts"] > 1)
+    dup = duplicate_id(table["id"])
+    if dup is not None:
         raise ValueError(f"domain {domain!r}: id {dup!r} occurs more than once")
     result = split_indices(table["label"], domain, seed=seed, val_size=val_size, test_size=test_size)
     return {name: table.take(pa.array(result.indices[name])) for name in SPLITS}, result
@@ -319,10 +325,9 @@ def run(in_dir: str | os.PathLike, out_dir: str | os.PathLike, domains: list[str
             relabelled: dict[str, pa.Table] = {}
             for name in SPLITS:
                 write_docs(tmp_dir / domain / f"{name}.parquet", parts[name], layout)
-                relabelled[name] = parts[name]
-                if overrides is not None:
-                    relabelled[name], n_applied, _ = apply_overrides(parts[name], overrides)
-                    applied += n_applied
+                relabelled[name], n_applied, _ = (apply_overrides(parts[name], overrides) if overrides is not None
+                                                  else (parts[name], 0, 0))
+                applied += n_applied
                 n = parts[name].num_rows
                 label_parts.append(pa.table([parts[name]["id"], pa.array([domain] * n, pa.string()),
                                              pa.array([name] * n, pa.string()), parts[name]["label"],
