@@ -22,7 +22,7 @@ repro: setup data/labels/overrides.parquet
 # pointer: pull it from the remote, or, where the remote does not have it yet, write the empty
 # file (byte-identical to the committed one).
 data/labels/overrides.parquet:
-	dvc pull -q $@.dvc 2>/dev/null || python -c "from stages.refine_labels import write_empty_overrides; write_empty_overrides()"
+	dvc pull -q $@.dvc 2>/dev/null || python -c "from domainlm.documents.labels import write_empty_overrides; write_empty_overrides()"
 
 test: setup-test data/labels/overrides.parquet
 	python -m pytest tests -ra --durations=15

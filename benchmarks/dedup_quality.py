@@ -2,7 +2,7 @@
 
 Ground truth: brute-force exact Jaccard over ALL document pairs (scipy.sparse binary
 document × shingle matrix, intersections from X·Xᵀ), built from the readable string
-shingles of :func:`stages.hangul.shingle_strings` — an implementation independent of the
+shingles of :func:`domainlm.korean.hangul.shingle_strings` — an implementation independent of the
 integer shingle ids the stage uses. Baseline, measured in the same run: plain datasketch
 (``MinHash.update_batch`` over the same shingles as UTF-8 strings with the default SHA1
 hashfunc, ``MinHashLSH`` with its default banding, one process) on the office_help pages.
@@ -38,21 +38,15 @@ from datasketch import MinHash, MinHashLSH
 from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run as a script: make the `stages` package importable
+if str(REPO) not in sys.path:  # run as a script: make the `domainlm` package importable
     sys.path.insert(0, str(REPO))
 
-from stages.atomic import atomic_path, write_json
-from stages.dedup import (
-    banding_report,
-    choose_bands_rows,
-    find_near_duplicates,
-    read_domain_records,
-    resolve_workers,
-    run,
-)
-from stages.hangul import normalize_text, shingle_strings
-from stages.params import domains as param_domains
-from stages.params import section
+from domainlm.common.atomic import atomic_path, write_json
+from domainlm.common.params import domains as param_domains
+from domainlm.common.params import section
+from domainlm.dedup.files import deduplicate_domains, read_domain_records, resolve_workers
+from domainlm.dedup.minhash_lsh import banding_report, choose_bands_rows, find_near_duplicates
+from domainlm.korean.hangul import normalize_text, shingle_strings
 
 RESULTS = Path("benchmarks/results")
 BARS = {"recall_min": 0.95, "precision_min": 0.99, "docs_per_s_min": 1500.0}
@@ -126,9 +120,14 @@ def score(reported: set[Pair], truth: dict[Pair, float]) -> dict[str, float]:
 
 
 def end_to_end(cfg: dict[str, Any], domains: Sequence[str], input_dir: Path) -> float:
-    """Wall seconds of :func:`stages.dedup.run` (read JSONL → dedup → write outputs)."""
+    """Wall seconds of the dedup stage's work, :func:`domainlm.dedup.files.deduplicate_domains`
+    (read JSONL → dedup → write outputs) with the in-memory LSH index: the stage's ``wall_s``."""
     with tempfile.TemporaryDirectory() as tmp:
-        return run(cfg, domains, input_dir=input_dir, output_dir=Path(tmp) / "dedup")["wall_s"]
+        t0 = time.perf_counter()
+        deduplicate_domains(domains, input_dir, Path(tmp) / "dedup", num_perm=cfg["num_perm"],
+                            threshold=cfg["threshold"], min_recall=cfg["min_recall_at_threshold"], seed=cfg["seed"],
+                            workers=resolve_workers(cfg.get("workers")))
+        return time.perf_counter() - t0
 
 
 def process_wall(input_dir: Path) -> float:

@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a script: make the `stages` package importable
+if str(ROOT) not in sys.path:  # run as a script: make the `domainlm` package importable
     sys.path.insert(0, str(ROOT))
 
 COLUMNS = ["id", "text", "domain", "label"]
@@ -75,12 +75,12 @@ def _batches(kind: str, path: str, batch_rows: int):
         if cols["id"]:
             yield cols
     elif kind == "jsonl_arrow":
-        from stages.parquet import read_jsonl_batches, rebatch
+        from domainlm.documents.conversion import read_jsonl_batches, rebatch
 
         for batch in rebatch(read_jsonl_batches(path), batch_rows):
             yield batch.select(COLUMNS).to_pydict()
     elif kind in ("parquet", "parquet_text"):
-        from stages.parquet import iter_doc_batches
+        from domainlm.documents.schema import iter_doc_batches
 
         columns = ["text"] if kind == "parquet_text" else COLUMNS
         for batch in iter_doc_batches(path, batch_rows=batch_rows, columns=columns):
@@ -113,8 +113,8 @@ def _child(kind: str, files: list[str], batch_rows: int, workers: int, conn) -> 
     import torch  # noqa: F401  (imported before the RSS baseline, in every loader's process alike)
     import pyarrow.parquet  # noqa: F401
 
-    import stages.parquet  # noqa: F401
-    from stages.metrics import peak_rss_mb
+    import domainlm.documents.conversion  # noqa: F401
+    from domainlm.common.metrics import peak_rss_mb
 
     rss0 = peak_rss_mb()
     _one_pass(kind, files, batch_rows, workers)  # warm-up, not timed
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--workers", type=int, default=0, help="DataLoader num_workers (files are sharded per worker)")
     args = ap.parse_args(argv)
 
-    from stages.params import domains as param_domains
+    from domainlm.common.params import domains as param_domains
 
     domains = args.domains or param_domains(ROOT / "params.yaml")
     jsonl, parquet = find_inputs(args.jsonl_dir, args.parquet_dir, domains)
@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> Path:
         r["speedup_vs_jsonl"] = round(base["median_s"] / r["median_s"], 3)
         r["cpu_speedup_vs_jsonl"] = round(base["median_cpu_s"] / r["median_cpu_s"], 3)
         r["size_ratio_vs_jsonl"] = round(r["bytes_on_disk"] / base["bytes_on_disk"], 4)
-    from stages.atomic import atomic_path
+    from domainlm.common.atomic import atomic_path
 
     with atomic_path(args.out) as tmp, tmp.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))

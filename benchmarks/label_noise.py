@@ -2,7 +2,7 @@
 
 Truth: the labels of the bundled corpus (every labelled document of ``data/split``). For each
 noise rate (10/20/30% by default) a fixed seed picks that share of rows and gives each a label
-drawn uniformly from the OTHER classes; the refinement loop (:func:`stages.refine_labels.refine`,
+drawn uniformly from the OTHER classes; the refinement loop (:func:`domainlm.refine.loop.refine`,
 params from the ``refine`` section, members built once and shared by every run) then runs on a
 fresh ``sentences`` table holding the noisy labels.
 
@@ -43,11 +43,13 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from stages import ensemble as ens  # noqa: E402
-from stages import refine_labels as rl  # noqa: E402
-from stages import sentence_store as store  # noqa: E402
-from stages.params import domains as param_domains  # noqa: E402
-from stages.params import section  # noqa: E402
+from domainlm.common import paths  # noqa: E402
+from domainlm.common.params import domains as param_domains  # noqa: E402
+from domainlm.common.params import section  # noqa: E402
+from domainlm.common.threads import limit_threads  # noqa: E402
+from domainlm.refine import ensemble as ens  # noqa: E402
+from domainlm.refine import loop  # noqa: E402
+from domainlm.refine import store  # noqa: E402
 
 log = logging.getLogger("benchmarks.label_noise")
 FIELDS = ["noise_rate", "seed", "model", "method", "rows", "noisy_rows", "rows_changed", "correction_precision",
@@ -95,7 +97,7 @@ def oracle_rule(truth: np.ndarray, noisy: np.ndarray, proba: np.ndarray,
                 taus: tuple[float, ...] = tuple(np.round(np.arange(0.0, 0.96, 0.05), 2)),
                 self_confidences: tuple[float, ...] = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
                 ) -> tuple[np.ndarray, dict[str, float]]:
-    """A ceiling, not a method: the single-iteration update rule (:func:`stages.refine_labels.select_changes`,
+    """A ceiling, not a method: the single-iteration update rule (:func:`domainlm.refine.loop.select_changes`,
     no class cap) at the ``(tau, max_self_confidence)`` of the grid that gives the highest final
     accuracy, chosen by looking at the truth. It shows how far the bar is from what these
     out-of-fold probabilities allow any threshold to reach.
@@ -106,7 +108,7 @@ def oracle_rule(truth: np.ndarray, noisy: np.ndarray, proba: np.ndarray,
     best: tuple[float, np.ndarray, dict[str, float]] | None = None
     for tau in taus:
         for sc in self_confidences:
-            out = rl.select_changes(noisy, proba, float(tau), 1.0, float(sc))
+            out = loop.select_changes(noisy, proba, float(tau), 1.0, float(sc))
             acc = float((out == truth).mean())
             if best is None or acc > best[0]:
                 best = (acc, out, {"tau": float(tau), "max_self_confidence": float(sc)})
@@ -114,7 +116,7 @@ def oracle_rule(truth: np.ndarray, noisy: np.ndarray, proba: np.ndarray,
     return best[1], best[2]
 
 
-def run_refine(texts_rows: list[dict], noisy_labels: list[str], members, lexical, cfg: rl.RefineConfig,
+def run_refine(texts_rows: list[dict], noisy_labels: list[str], members, lexical, cfg: loop.RefineConfig,
                classes: list[str], splits: np.ndarray, workdir: Path,
                truth: list[str]) -> tuple[list[str], np.ndarray, int]:
     """Refine on a fresh table holding ``noisy_labels``; return (final labels, first-iteration
@@ -134,7 +136,7 @@ def run_refine(texts_rows: list[dict], noisy_labels: list[str], members, lexical
         previous[0] = cur
 
     try:
-        result = rl.refine(db, members, lexical, cfg, splits=splits, classes=classes, on_iteration=report,
+        result = loop.refine(db, members, lexical, cfg, splits=splits, classes=classes, on_iteration=report,
                            snapshot_dir=workdir / "snapshots", history_path=workdir / "history.csv")
         _, final = store.read_current(db)
     finally:
@@ -155,33 +157,34 @@ def main(argv: list[str] | None = None) -> int:
         if leaf not in node:
             raise KeyError(f"refine params have no {key!r}")
         node[leaf] = yaml.safe_load(value)
-    with ens.limit_threads(p.get("threads")):
-        return _main(argv, p)
+    cfg = loop.RefineConfig.from_params(p)
+    with limit_threads(cfg.threads):
+        return _main(argv, cfg)
 
 
-def _main(argv: list[str] | None, p: dict[str, Any]) -> int:
+def _main(argv: list[str] | None, cfg: loop.RefineConfig) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rates", type=float, nargs="+", default=[0.1, 0.2, 0.3])
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--split-root", type=Path, default=REPO / rl.SPLIT_ROOT)
-    ap.add_argument("--model", type=Path, default=REPO / rl.MODEL_DIR)
+    ap.add_argument("--split-root", type=Path, default=REPO / paths.SPLIT_DIR)
+    ap.add_argument("--model", type=Path, default=REPO / paths.MERGED_DIR)
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "label_noise.csv")
     args = ap.parse_args(argv)
 
-    cfg = rl.RefineConfig.from_params(p)
     report = store.LoadReport()
     base_rows = list(store.iter_split_rows(store.split_files(args.split_root, param_domains(REPO / "params.yaml")),
-                                           int(p["chunksize"]), report))
+                                           cfg.chunksize, report))
     classes = sorted({r["original_label"] for r in base_rows})
     index = {c: i for i, c in enumerate(classes)}
     truth = np.array([index[r["original_label"]] for r in base_rows], dtype=np.int64)
     splits = np.array([r["split"] for r in base_rows], dtype=object)
-    texts = [r["text"][: int(p["max_chars"])] for r in base_rows]
+    texts = [r["text"][: cfg.max_chars] for r in base_rows]
 
     t0 = time.perf_counter()
-    tokenizer, lm = rl.load_lm(args.model)
-    members, lexical, feature_secs = rl.build_members(texts, p, tokenizer, lm)
+    tokenizer, lm = ens.load_lm(args.model)
+    members, lexical, feature_secs = ens.build_members(texts, tokenizer, lm, lexical=cfg.lexical, lstm=cfg.lstm,
+                                                       transformer=cfg.transformer)
     del lm
     log.info("features for %d rows, %d classes in %.1fs: %s", len(texts), len(classes), time.perf_counter() - t0,
              feature_secs)

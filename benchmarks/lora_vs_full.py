@@ -34,15 +34,16 @@ def load_model_and_blocks(batch_size: int, n_batches: int, base_dir: Path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
-    from stages import lm_data
-    from stages.params import domains, section
+    from domainlm.common.params import domains, section
+    from domainlm.common.paths import PARAMS_FILE, SPLIT_DIR
+    from domainlm.lm import data as lm_data
 
     if (base_dir / "config.json").exists():
         model = AutoModelForCausalLM.from_pretrained(base_dir, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(base_dir, local_files_only=True)
         source = str(base_dir)
     else:
-        sizes = section("base_model", ROOT / "params.yaml")
+        sizes = section("base_model", ROOT / PARAMS_FILE)
         m, vocab = sizes["model"], int(sizes["tokenizer"]["vocab_size"])
         torch.manual_seed(0)
         model = Qwen2ForCausalLM(Qwen2Config(
@@ -53,10 +54,10 @@ def load_model_and_blocks(batch_size: int, n_batches: int, base_dir: Path):
         tokenizer, source = None, f"random init (no {base_dir})"
     context = int(model.config.max_position_embeddings)
     need = batch_size * n_batches
-    split_root = ROOT / "data" / "split"
+    split_root = ROOT / SPLIT_DIR
     texts = []
     if tokenizer is not None and split_root.exists():
-        for d in domains(ROOT / "params.yaml"):
+        for d in domains(ROOT / PARAMS_FILE):
             path = lm_data.split_path(split_root, d, "train")
             if path.exists():
                 texts += lm_data.read_texts(path)[:50]
@@ -74,14 +75,15 @@ def measure(mode: str, steps: int, warmup: int, batch_size: int, base_dir: Path)
     """Run ``warmup + steps`` training steps in ``mode`` ('lora' or 'full'); return throughput and memory."""
     import torch
 
-    from stages.metrics import peak_rss_mb
-    from stages.params import section
-    from stages.train_lora import attach_lora
+    from domainlm.common.metrics import peak_rss_mb
+    from domainlm.common.params import section
+    from domainlm.common.paths import PARAMS_FILE
+    from domainlm.lm.lora import attach_lora
 
     model, batches, source = load_model_and_blocks(batch_size, warmup + steps, base_dir)
     total = sum(p.numel() for p in model.parameters())
     if mode == "lora":
-        model = attach_lora(model, section("train_lora", ROOT / "params.yaml")["lora"], seed=0)
+        model = attach_lora(model, section("train_lora", ROOT / PARAMS_FILE)["lora"], seed=0)
     elif mode != "full":
         raise ValueError(f"mode must be 'lora' or 'full', got {mode!r}")
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -103,12 +105,14 @@ def measure(mode: str, steps: int, warmup: int, batch_size: int, base_dir: Path)
 
 
 def main() -> None:
+    from domainlm.common.paths import BASE_DIR
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--base-dir", type=Path, default=ROOT / "models" / "base",
+    ap.add_argument("--base-dir", type=Path, default=ROOT / BASE_DIR,
                     help="HF folder of the model to fine-tune (default: models/base)")
     ap.add_argument("--child", choices=["lora", "full"], help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -152,7 +156,7 @@ def main() -> None:
                  "peak_rss_mb": lora["peak_rss_mb"] / full["peak_rss_mb"],
                  "repeats": args.repeats, "steps": args.steps, "batch_size": args.batch_size,
                  "threads": lora["threads"], "source": lora["source"]})
-    from stages.atomic import atomic_path
+    from domainlm.common.atomic import atomic_path
 
     with atomic_path(RESULTS) as tmp, tmp.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))

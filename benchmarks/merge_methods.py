@@ -1,9 +1,9 @@
-"""Compare the merge methods of stages.merging on the pipeline's real experts: retained gain and perplexity.
+"""Compare the merge methods of domainlm.lm.merging on the pipeline's real experts: retained gain and perplexity.
 
 Baseline: ``linear`` (task arithmetic) at the λ that params.yaml sets, measured in the same run.
 Every other (method, λ) pair — ``ties`` and ``dare`` with their params options, and each method at
 every ``--lams`` value — is merged from the same task vectors (models/diff) and scored with the
-evaluate stage's perplexity probe (same test token streams, windows and caps, stages.evaluate).
+evaluate stage's perplexity probe (same test token streams, windows and caps, domainlm.lm.evaluation).
 Reports per domain the merged perplexity and retained gain (ppl_base − ppl_merged) / (ppl_base −
 ppl_expert), their mean, its ratio to the baseline's, how many domains the merge beats the base
 on, and the merge's wall time. Writes benchmarks/results/merge_methods.csv.
@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a script: make the `stages` package importable
+if str(ROOT) not in sys.path:  # run as a script: make the `domainlm` package importable
     sys.path.insert(0, str(ROOT))
 
 RESULTS = ROOT / "benchmarks" / "results" / "merge_methods.csv"
@@ -29,10 +29,10 @@ RESULTS = ROOT / "benchmarks" / "results" / "merge_methods.csv"
 def main() -> None:
     from transformers import AutoTokenizer
 
-    from stages import params as P
-    from stages.evaluate import BASE_DIR, DIFF_DIR, SPLIT_DIR, PerplexityProbe, expert_states, read_test_split
-    from stages.merge import method_options, resolve_weights
-    from stages.merging import MERGE_METHODS, load_causal_lm, load_task_vectors, merge
+    from domainlm.common import params as P
+    from domainlm.common.paths import BASE_DIR, DIFF_DIR, SPLIT_DIR
+    from domainlm.lm.evaluation import PerplexityProbe, expert_states, read_test_split
+    from domainlm.lm.merging import MERGE_METHODS, load_causal_lm, load_task_vectors, merge, method_options, resolve_weights
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lams", type=float, nargs="*", default=[0.5, 1.0], help="extra λ values tried for every method")

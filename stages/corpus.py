@@ -1,175 +1,58 @@
-"""corpus: build ``data/raw/<domain>.jsonl`` from real Korean text that packages ship, or from your own JSONL.
+"""corpus: write ``data/raw/<domain>.jsonl`` from real Korean text that packages ship, or from your own JSONL.
 
-Built-in sources are described in :mod:`stages.sources`; ``type: jsonl`` sources stream local globs or
-``s3://`` URIs through smart_open and rename fields per a mapping. ``data/raw/MANIFEST.json`` records
-package versions and document counts.
+Built-in sources read konlpy's kolaw/kobill corpora (PyPI) and Debian's libreoffice-help-ko and
+debian-faq-ko (:mod:`domainlm.documents.sources`); ``type: jsonl`` sources stream local globs or
+``s3://`` URIs through smart_open. ``data/raw/MANIFEST.json`` records package versions and counts.
 """
 from __future__ import annotations
 
-import json
-import logging
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
-from tqdm import tqdm
-
-from stages import params as P
-from stages import sources
-from stages.atomic import atomic_path
-from stages.jsonl import dumps, expand_uris, iter_raw_lines
-
-log = logging.getLogger("corpus")
-RAW_DIR = Path("data/raw")
-
-BUILTIN = {
-    "kolaw": (sources.fetch_wheel, sources.kolaw_documents),
-    "kobill": (sources.fetch_wheel, sources.kobill_documents),
-    "libreoffice_help": (sources.fetch_deb, sources.libreoffice_help_documents),
-    "debian_faq": (sources.fetch_deb, sources.debian_faq_documents),
-}
-# The package each built-in type reads when params name none.
-DEFAULT_PACKAGE = {
-    "kolaw": sources.KONLPY_REQUIREMENT,
-    "kobill": sources.KONLPY_REQUIREMENT,
-    "libreoffice_help": "libreoffice-help-ko",
-    "debian_faq": "debian-faq-ko",
-}
+from domainlm.common import params as P
+from domainlm.common import paths
+from domainlm.common.atomic import atomic_path
+from domainlm.common.pipeline import UndeclaredInputError, require_declared
+from domainlm.common.stage import fail, stage_run
+from domainlm.documents import sources
+from domainlm.documents.corpus import build_corpus, external_inputs
 
 
-def evenly_spaced(items: list, limit: int | None) -> list:
-    """At most ``limit`` items picked at even strides (deterministic, keeps the label mix of a sorted list)."""
-    if limit is None or len(items) <= limit:
-        return items
-    if limit <= 0:
-        return []
-    step = len(items) / limit
-    return [items[int(i * step)] for i in range(limit)]
-
-
-def map_jsonl_line(line: bytes, domain: str, fields: dict[str, str], origin: str) -> bytes:
-    """Rename a user JSONL line's fields to ours (``fields`` maps our name -> theirs) and fill ``domain``/``source``.
-
-    A line that is not a JSON object is passed through unchanged, so ``validate`` rejects it with its
-    reason and line number rather than losing it here.
-    """
-    try:
-        obj = json.loads(line)
-    except (ValueError, UnicodeDecodeError):
-        return line
-    if not isinstance(obj, dict):
-        return line
-    for ours, theirs in fields.items():
-        if theirs != ours and theirs in obj:
-            obj[ours] = obj.pop(theirs)
-    obj.setdefault("domain", domain)
-    obj.setdefault("source", origin)
-    return dumps(obj).encode("utf-8")
-
-
-def jsonl_source_lines(domain: str, spec: dict[str, Any]) -> Iterator[bytes]:
-    """Yield the mapped lines of a ``type: jsonl`` source (``uri`` may be a glob or an ``s3://`` glob).
-
-    Raises:
-        sources.SourceUnavailable: when ``uri`` is missing or matches nothing.
-    """
-    uri = spec.get("uri")
-    if not uri:
-        raise sources.SourceUnavailable(f"corpus source '{domain}' (type jsonl) needs a 'uri' (local glob or s3://…)")
-    try:
-        uris = expand_uris(uri)
-    except FileNotFoundError as exc:
-        raise sources.SourceUnavailable(f"corpus source '{domain}': {exc}") from exc
-    fields = dict(spec.get("fields") or {})
-    for u in uris:
-        for line in iter_raw_lines(u):
-            yield map_jsonl_line(line, domain, fields, u)
-
-
-def builtin_documents(domain: str, spec: dict[str, Any], cache_dir: Path) -> tuple[list[sources.Document], dict]:
-    """Fetch a built-in source and return its documents and its manifest entry.
-
-    Raises:
-        sources.SourceUnavailable: unknown type, or the package cannot be had.
-    """
-    kind = spec.get("type")
-    if kind not in BUILTIN:
-        raise sources.SourceUnavailable(
-            f"corpus source '{domain}' has unknown type {kind!r}; choose one of {sorted(BUILTIN) + ['jsonl']}"
-        )
-    fetch, read = BUILTIN[kind]
-    package = spec.get("package") or DEFAULT_PACKAGE[kind]
-    pkg = fetch(package, cache_dir, domain)
-    docs = list(read(pkg, domain))
-    return docs, {"type": kind, "package": pkg.name, "version": pkg.version}
-
-
-def build_corpus(source_specs: dict[str, dict], domains: list[str], out_dir: Path, cache_dir: Path,
-                 max_docs_per_domain: int | None = None) -> dict[str, Any]:
-    """Write ``<out_dir>/<domain>.jsonl`` for every domain and return the manifest.
-
-    ``max_docs_per_domain`` (or a source's own ``max_docs``) takes a deterministic slice.
+def run(source_specs: dict[str, dict], domains: list[str], out_dir: str | Path, cache_dir: str | Path,
+        max_docs_per_domain: int | None = None) -> dict[str, Any]:
+    """Build ``out_dir`` (replaced whole, atomically) and return its manifest.
 
     Raises:
         ValueError: when ``domains`` and ``source_specs`` disagree.
         sources.SourceUnavailable: when a source cannot be had (never skipped quietly).
     """
-    missing = [d for d in domains if d not in source_specs]
-    extra = [d for d in source_specs if d not in domains]
-    if missing or extra:
-        raise ValueError(
-            "params.yaml: every domain needs exactly one corpus source. "
-            + (f"No source for {missing} (add it under corpus.sources). " if missing else "")
-            + (f"Sources {extra} are not in domains (add them to domains or remove them)." if extra else "")
-        )
-    manifest: dict[str, Any] = {"domains": {}, "max_docs_per_domain": max_docs_per_domain}
-    for domain in tqdm(domains, desc="corpus", unit="domain"):
-        spec = source_specs[domain] or {}
-        target = out_dir / f"{domain}.jsonl"
-        limit = spec.get("max_docs", max_docs_per_domain)  # a source's own slice wins over the global one
-        if spec.get("type") == "jsonl":
-            lines = jsonl_source_lines(domain, spec)
-            n = 0
-            with target.open("wb") as fh:
-                for line in lines:
-                    if limit is not None and n >= limit:
-                        break
-                    fh.write(line + b"\n")
-                    n += 1
-            manifest["domains"][domain] = {"type": "jsonl", "uri": spec["uri"], "lines": n}
-            continue
-        docs, entry = builtin_documents(domain, spec, cache_dir)
-        picked = evenly_spaced(docs, limit)
-        with target.open("w", encoding="utf-8") as fh:
-            for doc in picked:
-                fh.write(dumps(doc.record()) + "\n")
-        entry.update({"documents": len(picked), "documents_available": len(docs),
-                      "chars": sum(len(d.text) for d in picked)})
-        labels: dict[str, int] = {}
-        for d in picked:
-            labels[d.label or ""] = labels.get(d.label or "", 0) + 1
-        entry["documents_per_label"] = dict(sorted(labels.items()))
-        manifest["domains"][domain] = entry
-    manifest["totals"] = {
-        "documents": sum(e.get("documents", e.get("lines", 0)) for e in manifest["domains"].values()),
-        "chars": sum(e.get("chars", 0) for e in manifest["domains"].values()),
-    }
-    (out_dir / "MANIFEST.json").write_text(json.dumps(manifest, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-    return manifest
+    with atomic_path(out_dir, is_dir=True) as tmp:
+        return build_corpus(source_specs, domains, tmp, Path(cache_dir).expanduser(), max_docs_per_domain)
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    cfg = P.section("corpus")
-    domains = P.domains()
-    cache_dir = Path(cfg.get("cache_dir") or ".cache/corpus").expanduser()
-    try:
-        with atomic_path(RAW_DIR, is_dir=True) as tmp:
-            manifest = build_corpus(cfg.get("sources") or {}, domains, tmp, cache_dir, cfg.get("max_docs_per_domain"))
-    except (sources.SourceUnavailable, ValueError) as exc:
-        raise SystemExit(f"corpus: {exc}") from None
-    for domain, entry in manifest["domains"].items():
-        log.info("%s: %s documents (%s %s)", domain, entry.get("documents", entry.get("lines")),
-                 entry.get("package", entry.get("uri")), entry.get("version", ""))
+    with stage_run("corpus") as st:
+        cfg = P.section("corpus")
+        specs = cfg.get("sources") or {}
+        try:
+            require_declared("corpus", external_inputs(specs))
+            manifest = run(specs, P.domains(), paths.RAW_DIR, cfg.get("cache_dir") or ".cache/corpus",
+                           cfg.get("max_docs_per_domain"))
+        except (sources.SourceUnavailable, UndeclaredInputError, ValueError) as exc:
+            fail(f"corpus: {exc}")
+        for domain, entry in manifest["domains"].items():
+            st.log.info("%s: %s documents (%s %s)", domain, entry.get("documents", entry.get("lines")),
+                        entry.get("package", entry.get("uri")), entry.get("version", ""))
+        st.write_metrics("corpus", corpus_metrics(manifest))
+
+
+def corpus_metrics(manifest: dict[str, Any]) -> dict[str, Any]:
+    """``metrics/corpus.json``: documents (built-in sources) or lines (JSONL sources) per domain, and chars."""
+    return {
+        "domains": {d: {"documents": e.get("documents", e.get("lines", 0)), "chars": e.get("chars", 0)}
+                    for d, e in manifest["domains"].items()},
+        "totals": dict(manifest["totals"]),
+    }
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""merge: combine the domains' task vectors into one model with a method from :mod:`stages.merging`
+"""merge: combine the domains' task vectors into one model with a method from :mod:`domainlm.lm.merging`
 (task arithmetic, TIES, DARE — mergekit-style registry) and write a full HF folder to ``models/merged/``.
 
 Sums dense Δs exactly (peft's ``add_weighted_adapter`` "linear" would combine A and B separately,
@@ -6,112 +6,67 @@ adding cross terms). ``metrics/merge.json`` records the method, λ, weights and 
 """
 from __future__ import annotations
 
-import logging
 import os
-import shutil
 import time
-from pathlib import Path
 from typing import Any, Mapping
 
-import torch
-
-from stages import params as P
-from stages.atomic import atomic_path
-from stages.merging import MERGE_METHODS, StateDict, delta_l2_norm, load_causal_lm, load_task_vectors, merge
-from stages.metrics import peak_rss_mb, write_metrics
-from stages.tracking import stage_run
-
-log = logging.getLogger("merge")
-
-BASE_DIR = Path("models/base")
-DIFF_DIR = Path("models/diff")
-MERGED_DIR = Path("models/merged")
-
-# Files of an HF folder that ``save_pretrained`` of the model writes; everything else (the tokenizer) is copied.
-MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json")
-MODEL_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+from domainlm.common import params as P
+from domainlm.common import paths
+from domainlm.common.metrics import peak_rss_mb
+from domainlm.common.stage import stage_run
+from domainlm.common.tracking import mlflow_run
+from domainlm.lm.merging import (load_causal_lm, load_task_vectors, merge, merge_report, method_options,
+                                 resolve_weights, save_merged)
 
 
-def resolve_weights(weights: Mapping[str, float] | None, domains: list[str], default: float = 1.0) -> dict[str, float]:
-    """Per-domain merge weights: ``weights[d]`` where given, ``default`` otherwise.
+def run(base_dir: str | os.PathLike, diff_dir: str | os.PathLike, out_dir: str | os.PathLike, method: str,
+        options: Mapping[str, Any], weights: Mapping[str, float]) -> dict[str, Any]:
+    """Merge the task vectors ``<diff_dir>/<domain>.safetensors`` of every domain in ``weights`` into the
+    base ``base_dir`` (kept in its saved dtype) and write the merged model plus the base's tokenizer to
+    ``out_dir``, atomically.
 
-    Raises:
-        ValueError: ``weights`` names a domain not in ``domains``.
-    """
-    weights = dict(weights or {})
-    unknown = sorted(set(weights) - set(domains))
-    if unknown:
-        raise ValueError(f"merge.weights names unknown domain(s) {unknown}; domains are {domains}")
-    return {d: float(weights.get(d, default)) for d in domains}
+    Args:
+        method: a key of :data:`~domainlm.lm.merging.MERGE_METHODS`.
+        options: the method's keyword options, ``lam`` (λ) included (:func:`~domainlm.lm.merging.method_options`).
+        weights: ``{domain: weight}``, in domain order (:func:`~domainlm.lm.merging.resolve_weights`).
 
-
-def method_options(cfg: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
-    """``(method, options)`` from the ``merge`` params: λ (``lam``) plus the method's own sub-section.
+    Returns:
+        metrics: ``method``, ``lam``, ``options`` (the others), :func:`~domainlm.lm.merging.merge_report`'s
+        norms, ``wall_s`` (seconds) and ``peak_rss_mb`` (MiB).
 
     Raises:
-        KeyError: unknown method, listing the registered ones.
+        FileNotFoundError: the base or a task vector is missing.
+        KeyError: unknown method. ValueError: a task vector does not fit the base.
     """
-    method = cfg.get("method", "linear")
-    if method not in MERGE_METHODS:
-        raise KeyError(f"merge.method {method!r} is not registered; known: {sorted(MERGE_METHODS)}")
-    return method, {"lam": float(cfg.get("lam", 1.0)), **(cfg.get(method) or {})}
-
-
-def merge_report(base: Mapping[str, torch.Tensor], merged: Mapping[str, torch.Tensor],
-                 task_vectors: Mapping[str, StateDict], weights: Mapping[str, float]) -> dict[str, Any]:
-    """Norms of the merge: ‖θ_merged − θ_base‖₂ over the touched keys, and per domain its weight,
-    ‖Δᵢ‖₂ and the cosine between Δᵢ and the merged update (float64)."""
-    keys = sorted({k for tv in task_vectors.values() for k in tv})
-    update = {k: merged[k].double() - base[k].double() for k in keys}
-    update_norm = sum(float(u.pow(2).sum()) for u in update.values()) ** 0.5
-    per_domain = {}
-    for domain, tv in task_vectors.items():
-        norm = sum(float(t.double().pow(2).sum()) for t in tv.values()) ** 0.5
-        dot = sum(float((tv[k].double() * update[k]).sum()) for k in tv)
-        per_domain[domain] = {
-            "weight": float(weights[domain]), "task_vector_l2_norm": norm,
-            "cosine_to_merged_update": dot / (norm * update_norm) if norm > 0 and update_norm > 0 else 0.0,
-        }
-    return {"merged_update_l2_norm": delta_l2_norm(merged, base, keys), "n_tensors": len(keys), "domains": per_domain}
-
-
-def save_merged(model, base_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
-    """Write ``model`` (``save_pretrained``: config + safetensors) and the base folder's tokenizer
-    files to ``out_dir``, atomically (the folder appears whole or not at all)."""
-    base_dir = Path(base_dir)
-    with atomic_path(out_dir, is_dir=True) as tmp:
-        model.save_pretrained(tmp)
-        for path in sorted(base_dir.iterdir()):
-            if path.is_file() and path.name not in MODEL_FILES and not path.name.endswith(MODEL_SUFFIXES):
-                shutil.copy2(path, tmp / path.name)
-    return Path(out_dir)
+    start = time.perf_counter()
+    model = load_causal_lm(base_dir, dtype="auto")
+    base = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    task_vectors = load_task_vectors(diff_dir, list(weights))
+    merged = merge(method, base, task_vectors, weights, **options)
+    model.load_state_dict(merged, strict=True)
+    save_merged(model, base_dir, out_dir)
+    report = merge_report(base, merged, task_vectors, weights)
+    return {"method": method, "lam": options["lam"],
+            "options": {k: v for k, v in options.items() if k != "lam"}, **report,
+            "wall_s": time.perf_counter() - start, "peak_rss_mb": peak_rss_mb()}
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    cfg = P.section("merge")
-    domains = P.domains()
-    method, options = method_options(cfg)
-    weights = resolve_weights(cfg.get("weights"), domains)
-    start = time.perf_counter()
-    model = load_causal_lm(BASE_DIR, dtype="auto")
-    base = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    task_vectors = load_task_vectors(DIFF_DIR, domains)
-    merged = merge(method, base, task_vectors, weights, **options)
-    model.load_state_dict(merged, strict=True)
-    save_merged(model, BASE_DIR, MERGED_DIR)
-    report = merge_report(base, merged, task_vectors, weights)
-    metrics = {"method": method, "lam": options["lam"],
-               "options": {k: v for k, v in options.items() if k != "lam"}, **report,
-               "wall_s": time.perf_counter() - start, "peak_rss_mb": peak_rss_mb()}
-    write_metrics("merge", metrics)
-    log.info("%s merge of %s (λ=%s): ‖update‖₂ = %.4g", method, domains, options["lam"], report["merged_update_l2_norm"])
-    with stage_run("merge", cfg) as mlflow:
-        mlflow.log_metrics({"merged_update_l2_norm": report["merged_update_l2_norm"], "wall_s": metrics["wall_s"],
-                            "peak_rss_mb": metrics["peak_rss_mb"]})
-        mlflow.log_metrics({f"{d}.cosine_to_merged_update": v["cosine_to_merged_update"]
-                            for d, v in report["domains"].items()})
-        mlflow.log_artifact("metrics/merge.json")
+    with stage_run("merge") as st:
+        cfg = P.section("merge")
+        domains = P.domains()
+        method, options = method_options(cfg)
+        weights = resolve_weights(cfg.get("weights"), domains)
+        metrics = run(paths.BASE_DIR, paths.DIFF_DIR, paths.MERGED_DIR, method, options, weights)
+        metrics_path = st.write_metrics("merge", metrics)
+        st.log.info("%s merge of %s (λ=%s): ‖update‖₂ = %.4g", method, domains, options["lam"],
+                    metrics["merged_update_l2_norm"])
+        with mlflow_run("merge", cfg) as mlflow:
+            mlflow.log_metrics({"merged_update_l2_norm": metrics["merged_update_l2_norm"], "wall_s": metrics["wall_s"],
+                                "peak_rss_mb": metrics["peak_rss_mb"]})
+            mlflow.log_metrics({f"{d}.cosine_to_merged_update": v["cosine_to_merged_update"]
+                                for d, v in metrics["domains"].items()})
+            mlflow.log_artifact(str(metrics_path))
 
 
 if __name__ == "__main__":

@@ -1,217 +1,62 @@
 """validate: stream JSONL (local or ``s3://``) line by line and account for every line, kept or rejected with a reason.
 
-Memory stays constant in the file size: lines are read one at a time (smart_open) and only the set of
-seen ids grows. Kept records are NFC-normalized (Unicode TR15) with missing-value spellings set to null.
-Invariant, per input file: kept + rejected = lines read.
+Kept records are NFC-normalized (Unicode TR15); see :mod:`domainlm.documents.validation` (datatrove-style
+per-step stats: kept + rejected = lines read, per file).
 """
 from __future__ import annotations
 
-import json
-import logging
-import math
-import re
-import time
-import unicodedata
-from collections import Counter, defaultdict
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Iterable, Iterator
+import os
+from typing import Any, Sequence
 
-from tqdm import tqdm
-
-from stages import params as P
-from stages.atomic import atomic_path, write_json
-from stages.jsonl import JsonlWriters, dumps, expand_uris, iter_raw_lines
-from stages.metrics import peak_rss_mb, write_metrics
-
-log = logging.getLogger("validate")
-OUT_DIR = Path("data/validated")
-
-REQUIRED = ("id", "text", "domain")
-OPTIONAL_STRINGS = ("label", "source")
-MISSING_SPELLINGS = {"", "null", "none", "n/a", "na", "nan"}
-DOMAIN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
-EXCERPT_CHARS = 120
-
-# Every reason a line can be rejected for, in the order the checks run.
-REASONS = (
-    "invalid_utf8", "invalid_json", "not_an_object",
-    "missing_id", "missing_text", "missing_domain",
-    "wrong_type_id", "wrong_type_text", "wrong_type_domain", "wrong_type_label", "wrong_type_source",
-    "bad_domain_name", "unknown_domain",
-    "empty_text", "text_too_short", "text_too_long", "duplicate_id",
-)
+from domainlm.common import params as P
+from domainlm.common import paths
+from domainlm.common.atomic import atomic_path
+from domainlm.common.pipeline import UndeclaredInputError, require_declared
+from domainlm.common.stage import fail, stage_run
+from domainlm.documents.jsonl import input_root
+from domainlm.documents.validation import Validator, validate_files
 
 
-class Rejected(Exception):
-    """A line failed a check; ``reason`` is one of :data:`REASONS`."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(reason)
-        self.reason = reason
-        self.detail = detail
-
-
-def is_missing(value: Any) -> bool:
-    """True for the spellings of a missing value: None, NaN, "", "null", "None", "N/A", "NA", "nan" (any case)."""
-    if value is None:
-        return True
-    if isinstance(value, float) and math.isnan(value):
-        return True
-    return isinstance(value, str) and value.strip().lower() in MISSING_SPELLINGS
-
-
-@dataclass
-class Validator:
-    """Checks one raw line at a time and remembers the ids it has kept.
+def run(inputs: Sequence[str], out_dir: str | os.PathLike, *, domains: Sequence[str] | None,
+        min_chars: int = 30, max_chars: int = 200_000, preview_per_domain: int = 5) -> dict[str, Any]:
+    """Validate every line of ``inputs`` into ``out_dir``, replacing that folder as a whole, atomically.
 
     Args:
+        inputs: local globs/paths or ``s3://`` patterns of JSONL files.
+        out_dir: output folder: ``<domain>.jsonl``, ``rejects.jsonl``, ``sample_preview.json``.
+        domains: allowed domain names (each gets a file, even if empty); empty or ``None`` allows any
+            safe file name.
         min_chars, max_chars: allowed text length in code points after NFC, inclusive.
-        domains: allowed domain names; ``None`` allows any safe file name.
-    """
+        preview_per_domain: records per domain in ``sample_preview.json``.
 
-    min_chars: int = 30
-    max_chars: int = 200_000
-    domains: set[str] | None = None
-    seen_ids: set[str] = field(default_factory=set)
-
-    def check(self, raw: bytes) -> dict[str, Any]:
-        """Return the normalized record for ``raw`` or raise :class:`Rejected`."""
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise Rejected("invalid_utf8", str(exc)) from None
-        try:
-            obj = json.loads(line)
-        except ValueError as exc:
-            raise Rejected("invalid_json", str(exc)) from None
-        if not isinstance(obj, dict):
-            raise Rejected("not_an_object", type(obj).__name__)
-        for key in REQUIRED:
-            if key not in obj or obj[key] is None:
-                raise Rejected(f"missing_{key}")
-        rec = dict(obj)
-        if isinstance(rec["id"], bool) or not isinstance(rec["id"], (str, int)):
-            raise Rejected("wrong_type_id", type(rec["id"]).__name__)
-        rec["id"] = str(rec["id"])
-        for key in ("text", "domain"):
-            if not isinstance(rec[key], str):
-                raise Rejected(f"wrong_type_{key}", type(rec[key]).__name__)
-        for key in OPTIONAL_STRINGS:
-            value = rec.get(key)
-            if is_missing(value):
-                rec[key] = None
-            elif not isinstance(value, str):
-                raise Rejected(f"wrong_type_{key}", type(value).__name__)
-        if not DOMAIN_NAME.match(rec["domain"]):
-            raise Rejected("bad_domain_name", rec["domain"][:40])
-        if self.domains is not None and rec["domain"] not in self.domains:
-            raise Rejected("unknown_domain", rec["domain"][:40])
-        text = unicodedata.normalize("NFC", rec["text"])
-        if not text.strip():
-            raise Rejected("empty_text")
-        if len(text) < self.min_chars:
-            raise Rejected("text_too_short", f"{len(text)} < {self.min_chars}")
-        if len(text) > self.max_chars:
-            raise Rejected("text_too_long", f"{len(text)} > {self.max_chars}")
-        if rec["id"] in self.seen_ids:
-            raise Rejected("duplicate_id", rec["id"][:80])
-        self.seen_ids.add(rec["id"])
-        rec["text"] = text
-        return rec
-
-
-def excerpt(raw: bytes, limit: int = EXCERPT_CHARS) -> str:
-    """A short, always-printable excerpt of a raw line (undecodable bytes replaced)."""
-    text = raw.decode("utf-8", errors="replace")
-    return text if len(text) <= limit else text[:limit] + "…"
-
-
-@dataclass
-class FileStats:
-    lines_read: int = 0
-    kept: int = 0
-    rejected: int = 0
-
-
-def validate_stream(uris: Iterable[str], validator: Validator) -> Iterator[tuple[str, int, dict | None, dict | None]]:
-    """Yield ``(uri, line_no, record, reject)`` for every line of every input; exactly one of record/reject is set.
-
-    ``line_no`` is 1-based. ``reject`` is ``{"file", "line", "reason", "detail", "excerpt"}``.
-    """
-    for uri in uris:
-        for line_no, raw in enumerate(iter_raw_lines(uri), start=1):
-            try:
-                yield uri, line_no, validator.check(raw), None
-            except Rejected as rej:
-                yield uri, line_no, None, {"file": uri, "line": line_no, "reason": rej.reason,
-                                           "detail": rej.detail, "excerpt": excerpt(raw)}
-
-
-def run_validation(inputs: list[str], out_dir: Path, validator: Validator, preview_per_domain: int = 5) -> dict[str, Any]:
-    """Validate every line of ``inputs`` (globs or URIs) into ``out_dir`` and return the metrics dict.
-
-    Writes ``<domain>.jsonl``, ``rejects.jsonl`` and ``sample_preview.json``, all atomically.
+    Returns:
+        The metrics dict of :func:`domainlm.documents.validation.validate_files`.
 
     Raises:
-        FileNotFoundError: when an input pattern matches nothing.
-        AssertionError: if kept + rejected != lines read for a file (an internal bug; never expected).
+        FileNotFoundError: when an input pattern matches nothing (``out_dir`` is then left as it was).
     """
-    uris = [u for pattern in inputs for u in expand_uris(pattern)]
-    per_file: dict[str, FileStats] = defaultdict(FileStats)
-    by_reason: Counter[str] = Counter()
-    by_domain: Counter[str] = Counter()
-    preview: dict[str, list[dict]] = defaultdict(list)
-    t0 = time.perf_counter()
-    chars = 0
-    with JsonlWriters(lambda d: out_dir / f"{d}.jsonl") as writers, \
-            atomic_path(out_dir / "rejects.jsonl") as rej_tmp, rej_tmp.open("w", encoding="utf-8") as rej_fh:
-        for domain in sorted(validator.domains or ()):
-            writers.ensure(domain)
-        for uri, _, rec, reject in tqdm(validate_stream(uris, validator), desc="validate", unit="line"):
-            stats = per_file[uri]
-            stats.lines_read += 1
-            if rec is not None:
-                stats.kept += 1
-                by_domain[rec["domain"]] += 1
-                chars += len(rec["text"])
-                writers.write(rec["domain"], rec)
-                if len(preview[rec["domain"]]) < preview_per_domain:
-                    preview[rec["domain"]].append({k: (v[:200] if k == "text" else v) for k, v in rec.items()})
-            else:
-                stats.rejected += 1
-                by_reason[reject["reason"]] += 1
-                rej_fh.write(dumps(reject) + "\n")
-    for uri, s in per_file.items():
-        assert s.kept + s.rejected == s.lines_read, f"{uri}: kept {s.kept} + rejected {s.rejected} != read {s.lines_read}"
-    write_json(out_dir / "sample_preview.json", dict(sorted(preview.items())))
-    wall = time.perf_counter() - t0
-    lines = sum(s.lines_read for s in per_file.values())
-    kept = sum(s.kept for s in per_file.values())
-    return {
-        "totals": {"files": len(per_file), "lines_read": lines, "kept": kept, "rejected": lines - kept,
-                   "reject_rate": (lines - kept) / lines if lines else 0.0, "chars_kept": chars},
-        "by_reason": {r: by_reason.get(r, 0) for r in REASONS},
-        "by_domain": {d: {"kept": by_domain.get(d, 0)} for d in sorted(set(by_domain) | set(validator.domains or ()))},
-        "by_file": {Path(u).name if not u.startswith("s3://") else u: vars(s) for u, s in sorted(per_file.items())},
-        "perf": {"wall_s": round(wall, 3), "lines_per_s": round(lines / wall, 1) if wall else 0.0,
-                 "peak_rss_mb": round(peak_rss_mb(), 1)},
-    }
+    validator = Validator(min_chars=int(min_chars), max_chars=int(max_chars),
+                          domains=set(domains) if domains else None)
+    with atomic_path(out_dir, is_dir=True) as tmp:
+        return validate_files(list(inputs), tmp, validator, int(preview_per_domain))
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    cfg = P.section("validate")
-    domains = P.domains()
-    validator = Validator(min_chars=int(cfg.get("min_chars", 30)), max_chars=int(cfg.get("max_chars", 200_000)),
-                          domains=set(domains) if domains else None)
-    with atomic_path(OUT_DIR, is_dir=True) as tmp:
-        metrics = run_validation(list(cfg.get("inputs") or ["data/raw/*.jsonl"]), tmp, validator,
-                                 int(cfg.get("preview_per_domain", 5)))
-    write_metrics("validate", metrics)
-    t = metrics["totals"]
-    log.info("%d lines read: %d kept, %d rejected %s", t["lines_read"], t["kept"], t["rejected"],
-             {k: v for k, v in metrics["by_reason"].items() if v})
+    """DVC entry point: params ``domains`` + ``validate`` -> data/validated/, metrics/validate.json."""
+    with stage_run("validate") as st:
+        cfg = P.section("validate")
+        inputs = list(cfg.get("inputs") or [str(paths.RAW_DIR / "*.jsonl")])
+        try:
+            require_declared("validate", [input_root(i) for i in inputs])
+        except UndeclaredInputError as exc:
+            fail(f"validate: {exc}")
+        metrics = run(inputs, paths.VALIDATED_DIR,
+                      domains=P.domains(), min_chars=cfg.get("min_chars", 30),
+                      max_chars=cfg.get("max_chars", 200_000), preview_per_domain=cfg.get("preview_per_domain", 5))
+        st.write_metrics("validate", metrics)
+        t = metrics["totals"]
+        st.log.info("%d lines read: %d kept, %d rejected %s", t["lines_read"], t["kept"], t["rejected"],
+                    {k: v for k, v in metrics["by_reason"].items() if v})
 
 
 if __name__ == "__main__":

@@ -89,7 +89,7 @@ def s3_env(s3_server, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------ pipeline repos
-PIPELINE_FILES = ("stages", "dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", "data/labels")
+PIPELINE_FILES = ("stages", "domainlm", "dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", "data/labels")
 
 
 def run(cmd: list[str] | str, cwd: Path, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -153,7 +153,7 @@ def make_pipeline_repo(path: Path, param_updates: dict | None = None) -> Path:
     run(["dvc", "remote", "add", "-d", "local", str(path.parent / f"{path.name}-dvcstore")], path)
     overrides = path / "data" / "labels" / "overrides.parquet"
     if not overrides.exists():  # a fresh clone has only the .dvc pointer; the file starts empty
-        from stages.refine_labels import write_empty_overrides
+        from domainlm.documents.labels import write_empty_overrides
 
         write_empty_overrides(overrides)
     run(["dvc", "add", "-q", "data/labels/overrides.parquet"], path)  # into this repo's cache

@@ -9,8 +9,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from stages import lm_data
-from stages.parquet import DOC_SCHEMA
+from domainlm.common.paths import SPLITS, split_path
+from domainlm.documents.labels import LABELS_SCHEMA, write_label_table
+from domainlm.documents.schema import DOC_SCHEMA
 
 WORDS = {
     "law": ["대한민국", "국민", "헌법", "법률", "권리", "의무", "국회", "대통령", "조약", "재판"],
@@ -40,7 +41,7 @@ TRAIN_TEXTS = {d: korean_docs(d, 12) for d in WORDS}  # pretraining texts of the
 
 
 def doc_table(domain: str, ids: list[str], texts: list[str], labels: list[str | None] | None = None) -> pa.Table:
-    """Documents in the pipeline's schema (:data:`stages.parquet.DOC_SCHEMA`); label = domain unless given."""
+    """Documents in the pipeline's schema (:data:`domainlm.documents.schema.DOC_SCHEMA`); label = domain unless given."""
     return pa.table({
         "id": ids, "text": texts,
         "domain": pa.array([domain] * len(texts), pa.string()).dictionary_encode(),
@@ -54,16 +55,14 @@ def write_split_fixture(root, texts_by_domain: dict[str, list[str]]) -> None:
     for domain, texts in texts_by_domain.items():
         parts = {"train": texts[:-4], "val": texts[-4:-2], "test": texts[-2:]}
         for split, part in parts.items():
-            path = lm_data.split_path(root, domain, split)
+            path = split_path(root, domain, split)
             path.parent.mkdir(parents=True, exist_ok=True)
             pq.write_table(doc_table(domain, [f"{domain}-{split}-{i}" for i in range(len(part))], part), path)
 
 
 def write_label_table_fixture(split_root, path, overrides: dict[str, str] | None = None) -> None:
-    """The split stage's label table (stages.split.LABELS_SCHEMA) for the document files under
-    ``split_root``: each document's own label, replaced by ``overrides[id]`` where given."""
-    from stages.split import LABELS_SCHEMA, SPLITS, write_label_table
-
+    """The split stage's label table (:data:`domainlm.documents.labels.LABELS_SCHEMA`) for the document files
+    under ``split_root``: each document's own label, replaced by ``overrides[id]`` where given."""
     overrides = overrides or {}
     rows = []
     for domain_dir in sorted(p for p in Path(split_root).iterdir() if p.is_dir()):

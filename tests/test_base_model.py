@@ -1,4 +1,5 @@
-"""base_model stage and the shared LM data module (stages.lm_data): tokenizer, packing, pretraining, HF folder, copy."""
+"""base_model stage (domainlm.lm.pretrain) and the shared LM data module (domainlm.lm.data): tokenizer, packing,
+pretraining, HF folder, copy."""
 from __future__ import annotations
 
 import copy
@@ -12,8 +13,10 @@ import pytest
 import torch
 import yaml
 
+from domainlm.lm import data as lm_data
+from domainlm.lm import pretrain
 from lm_fixtures import TINY, TRAIN_TEXTS, WORDS, korean_docs, write_split_fixture
-from stages import base_model, lm_data
+from stages import base_model
 
 
 @pytest.fixture(autouse=True)
@@ -24,7 +27,7 @@ def _offline(monkeypatch):
 @pytest.fixture(scope="module")
 def built():
     """One tiny pretraining run shared by the tests: (model, tokenizer, stats)."""
-    return base_model.build(TRAIN_TEXTS, TINY)
+    return pretrain.build(TRAIN_TEXTS, TINY)
 
 
 def test_tokenizer_round_trips_korean_and_other_scripts():
@@ -102,7 +105,7 @@ def test_build_learns_and_saves_a_loadable_hf_folder(built, tmp_path):
     assert stats["final_loss"] < 0.6 * math.log(len(tok))  # well below the uniform-guess loss
     assert stats["tokens_seen"] > 0 and stats["tokens_per_s"] > 0
 
-    out = base_model.save_hf_folder(model, tok, tmp_path / "models" / "base")
+    out = pretrain.save_hf_folder(model, tok, tmp_path / "models" / "base")
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in out.iterdir()}
     assert [p.name for p in out.parent.iterdir()] == ["base"]  # no temp sibling left behind
     loaded = AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
@@ -123,35 +126,35 @@ def test_param_count_matches_the_configured_sizes(built, tied):
 
     _, tok, _ = built
     sizes = {**TINY["model"], "tie_word_embeddings": tied}
-    model = Qwen2ForCausalLM(base_model.qwen2_config(tok, sizes))
-    assert model.num_parameters() == base_model.qwen2_param_count(len(tok), sizes)
+    model = Qwen2ForCausalLM(pretrain.qwen2_config(tok, sizes))
+    assert model.num_parameters() == pretrain.qwen2_param_count(len(tok), sizes)
 
 
 def test_default_params_configure_about_five_million_parameters():
     with open("params.yaml", encoding="utf-8") as fh:
         params = yaml.safe_load(fh)["base_model"]
-    n = base_model.qwen2_param_count(params["tokenizer"]["vocab_size"], params["model"])
+    n = pretrain.qwen2_param_count(params["tokenizer"]["vocab_size"], params["model"])
     assert 4_000_000 <= n <= 6_000_000
 
 
 def test_build_is_deterministic(built):
     model, _, stats = built
-    again, _, stats2 = base_model.build(TRAIN_TEXTS, TINY)
+    again, _, stats2 = pretrain.build(TRAIN_TEXTS, TINY)
     assert stats2["final_loss"] == stats["final_loss"]
     for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
         assert torch.equal(a, b), name
 
 
 def test_batches_cover_every_block_each_epoch():
-    stream = base_model.batches(10, 4, seed=0)
+    stream = pretrain.batches(10, 4, seed=0)
     first = torch.cat([next(stream) for _ in range(5)]).tolist()  # 20 indices = 2 epochs
     assert sorted(first) == sorted(list(range(10)) * 2)
 
 
 def test_source_path_copies_a_checkpoint(built, tmp_path):
     model, tok, _ = built
-    src = base_model.save_hf_folder(model, tok, tmp_path / "ckpt")
-    out = base_model.copy_checkpoint(src, tmp_path / "models" / "base")
+    src = pretrain.save_hf_folder(model, tok, tmp_path / "ckpt")
+    out = pretrain.copy_checkpoint(src, tmp_path / "models" / "base")
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in src.iterdir())
     for p in src.iterdir():
         assert (out / p.name).read_bytes() == p.read_bytes()
@@ -162,10 +165,10 @@ def test_source_path_missing_or_not_a_causal_lm_gives_a_clear_error(tmp_path):
 
     missing = tmp_path / "no_such_model"
     with pytest.raises(FileNotFoundError, match="no_such_model"):
-        base_model.copy_checkpoint(missing, tmp_path / "out")
+        pretrain.copy_checkpoint(missing, tmp_path / "out")
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="config.json"):
-        base_model.copy_checkpoint(tmp_path / "empty", tmp_path / "out")
+        pretrain.copy_checkpoint(tmp_path / "empty", tmp_path / "out")
     for name, config in {
         "vit": ViTConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=1, intermediate_size=8),
         "bert_classifier": BertConfig(vocab_size=50, hidden_size=8, num_hidden_layers=1, num_attention_heads=1,
@@ -174,7 +177,7 @@ def test_source_path_missing_or_not_a_causal_lm_gives_a_clear_error(tmp_path):
         config.save_pretrained(tmp_path / name)
         (tmp_path / name / "tokenizer.json").write_text("{}", encoding="utf-8")
         with pytest.raises(ValueError, match="not a causal LM"):
-            base_model.copy_checkpoint(tmp_path / name, tmp_path / "out")
+            pretrain.copy_checkpoint(tmp_path / name, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 

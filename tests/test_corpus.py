@@ -8,7 +8,9 @@ from pathlib import Path
 import boto3
 import pytest
 
-from stages import corpus, sources
+from domainlm.documents import corpus
+from domainlm.documents.jsonl import input_root
+from domainlm.documents import sources
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".cache" / "corpus"  # shared with `make repro`; filled on first use
@@ -122,3 +124,20 @@ def test_a_sources_own_max_docs_wins(tmp_path):
     specs = {"law": {"type": "kolaw", "max_docs": 5}, "faq": {"type": "debian_faq"}}
     manifest = corpus.build_corpus(specs, ["law", "faq"], tmp_path, CACHE, max_docs_per_domain=12)
     assert manifest["domains"]["law"]["documents"] == 5 and manifest["domains"]["faq"]["documents"] == 12
+
+
+@pytest.mark.parametrize("uri, root", [
+    ("s3://bucket/news/*.jsonl", "s3://bucket/news"),
+    ("s3://bucket/news/2026-*/part-?.jsonl.gz", "s3://bucket/news"),
+    ("data/incoming/news.jsonl", "data/incoming/news.jsonl"),
+    ("data/incoming/**/*.jsonl", "data/incoming"),
+    ("/abs/in/", "/abs/in"),
+])
+def test_input_root_is_the_folder_before_the_first_wildcard(uri, root):
+    assert input_root(uri) == root
+
+
+def test_external_inputs_lists_only_jsonl_sources_once():
+    specs = {"law": {"type": "kolaw"}, "news": {"type": "jsonl", "uri": "s3://b/news/*.jsonl"},
+             "blog": {"type": "jsonl", "uri": "s3://b/news/blog-*.jsonl"}, "mail": {"type": "jsonl", "uri": "in/m.jsonl"}}
+    assert corpus.external_inputs(specs) == ["s3://b/news", "in/m.jsonl"]

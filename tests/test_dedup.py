@@ -1,4 +1,5 @@
-"""Tests for stages.dedup: banding choice, signatures, exact + near dedup, outputs, Redis backend."""
+"""Tests for dedup (domainlm.dedup.minhash_lsh, domainlm.dedup.files, stages/dedup.py): banding choice,
+signatures, exact + near dedup and its named steps, outputs, Redis backend."""
 from __future__ import annotations
 
 import csv
@@ -14,25 +15,38 @@ import pytest
 import redis
 from datasketch import MinHash, MinHashLSH
 
-from stages.dedup import (
+from domainlm.dedup.files import read_domain_records
+from domainlm.dedup.minhash_lsh import (
+    ExactGroups,
+    UnionFind,
     candidate_probability,
     choose_bands_rows,
+    choose_representatives,
+    cluster,
     compute_signatures,
     deduplicate,
+    domain_counts,
+    exact_groups,
     false_positive_area,
     jaccard,
     lsh_candidate_pairs,
     minhash_signature,
-    read_domain_records,
-    run,
+    removal_rows,
     storage_config,
-    UnionFind,
 )
-from stages.hangul import normalize_text, shingle_ids, to_hash32
+from stages.dedup import run
+from domainlm.korean.hangul import normalize_text, shingle_ids, to_hash32
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = {"num_perm": 128, "threshold": 0.8, "min_recall_at_threshold": 0.99, "workers": 2,
           "lsh_backend": "memory", "redis": {"host": "127.0.0.1", "port": 6379, "basename": "dedup"}, "seed": 1}
+
+
+def run_stage(params: dict, domains: list[str], *, input_dir: Path, output_dir: Path) -> dict:
+    """The stage's ``run`` with the arguments ``main()`` takes from a ``dedup`` params section."""
+    return run(domains, input_dir, output_dir, num_perm=params["num_perm"], threshold=params["threshold"],
+               min_recall=params["min_recall_at_threshold"], seed=params["seed"], workers=params.get("workers"),
+               lsh_backend=params["lsh_backend"], redis=params.get("redis"))
 
 
 def korean_text(rng: random.Random, words: int) -> str:
@@ -125,7 +139,7 @@ def test_signatures_do_not_depend_on_workers_or_hash_seed(corpus):
     two = compute_signatures(texts, 128, 1, workers=2, chunk_docs=3)
     assert one.dtype == np.uint32 and one.shape == (len(texts), 128)
     assert np.array_equal(one, two)
-    code = ("import sys; from stages.dedup import minhash_signature; "
+    code = ("import sys; from domainlm.dedup.minhash_lsh import minhash_signature; "
             "sys.stdout.write(minhash_signature(sys.argv[1]).tobytes().hex())")
     out = subprocess.run([sys.executable, "-c", code, texts[0]], capture_output=True, text=True, check=True,
                          cwd=ROOT, env={**os.environ, "PYTHONHASHSEED": "123"})
@@ -205,6 +219,60 @@ def test_counts_add_up_per_domain(corpus):
     assert len(result.kept) + len(result.removed) == len(corpus)
 
 
+# ------------------------------------------------------------------ the named steps of deduplicate
+
+def test_exact_groups_keep_the_smallest_id_and_survivors_keep_input_order():
+    recs = [{"id": "c", "text": "가나다  라마", "domain": "law"},
+            {"id": "z", "text": "전혀 다른 글", "domain": "faq"},
+            {"id": "a", "text": "\t가나다 라마\n", "domain": "faq"},
+            {"id": "b", "text": "가나다 라마", "domain": "law"}]
+    exact = exact_groups(recs)
+    assert exact.normalized == ["가나다 라마", "전혀 다른 글", "가나다 라마", "가나다 라마"]
+    assert exact.keeper_of == [2, 1, 2, 2]  # "a" (record 2) keeps its group, whatever its position
+    assert exact.survivors == [1, 2]
+
+
+def test_cluster_gives_the_connected_components_of_the_links():
+    assert cluster([(0, 1), (3, 4), (1, 4), (6, 7)]) == [[0, 1, 3, 4], [6, 7]]
+    assert cluster([]) == []
+
+
+def test_representatives_have_most_shingles_then_smallest_id():
+    ids = ["e", "d", "a", "c", "b"]
+    assert choose_representatives(5, [[0, 1, 3]], {0: 10, 1: 12, 3: 12}, ids) == [3, 3, 2, 3, 4]  # tie: "c" < "d"
+    assert choose_representatives(5, [[0, 1, 3]], {0: 10, 1: 12, 3: 11}, ids) == [1, 1, 2, 1, 4]  # 12 beats "c"
+    assert choose_representatives(3, [], {}, ids[:3]) == [0, 1, 2]  # no cluster: each its own
+
+
+def test_removal_rows_number_clusters_by_representative_id_and_counts_add_up():
+    recs = [{"id": "a", "domain": "law"}, {"id": "b", "domain": "law"}, {"id": "c", "domain": "faq"},
+            {"id": "d", "domain": "faq"}, {"id": "e", "domain": "law"}]
+    # b is an exact copy of a; c and d (survivor positions 1 and 2) are near duplicates, d kept
+    exact = ExactGroups(normalized=["x"] * 5, keeper_of=[0, 0, 2, 3, 4], survivors=[0, 2, 3, 4])
+    shingles = {1: np.array([1, 2, 3, 4], np.uint64), 2: np.array([1, 2, 3, 4, 5], np.uint64)}
+    rows = removal_rows(recs, exact, [0, 2, 2, 3], shingles)
+    assert rows == [
+        {"id": "b", "domain": "law", "kind": "exact", "cluster_id": 0, "representative_id": "a",
+         "representative_domain": "law", "jaccard": 1.0},
+        {"id": "c", "domain": "faq", "kind": "near", "cluster_id": 1, "representative_id": "d",
+         "representative_domain": "faq", "jaccard": 0.8},
+    ]
+    counts = domain_counts(recs, rows)
+    assert counts == {"law": {"before": 3, "after": 2, "exact_removed": 1, "near_removed": 0},
+                      "faq": {"before": 2, "after": 1, "exact_removed": 0, "near_removed": 1}}
+    for c in counts.values():
+        assert c["before"] == c["after"] + c["exact_removed"] + c["near_removed"]
+
+
+def test_deduplicate_stats_agree_with_its_removal_rows(corpus):
+    result = deduplicate(corpus, workers=1)
+    cluster_ids = [r["cluster_id"] for r in result.removed]
+    assert result.stats["clusters"] == len(set(cluster_ids)) == max(cluster_ids) + 1
+    assert result.stats["largest_cluster"] == 4  # law-z (kept) with law-b, law-a and law-x
+    assert sorted(r["id"] for r in result.removed if r["representative_id"] == "law-z") == ["law-a", "law-b",
+                                                                                           "law-x"]
+
+
 def test_bad_records_are_rejected_with_the_reason():
     with pytest.raises(ValueError, match="duplicate document id 'a'"):
         deduplicate([{"id": "a", "text": "x y", "domain": "d"}, {"id": "a", "text": "z", "domain": "d"}])
@@ -230,7 +298,7 @@ def write_inputs(root: Path, corpus) -> None:
 def test_run_writes_every_output_atomically_and_consistently(tmp_path, corpus):
     write_inputs(tmp_path, corpus)
     out = tmp_path / "dedup"
-    metrics = run(PARAMS, ["law", "faq"], input_dir=tmp_path / "validated", output_dir=out)
+    metrics = run_stage(PARAMS, ["law", "faq"], input_dir=tmp_path / "validated", output_dir=out)
     assert sorted(p.name for p in out.iterdir()) == ["candidates.json", "dedup_log.csv", "faq.jsonl", "law.jsonl",
                                                      "removed.jsonl"]
     kept = [json.loads(line) for d in ("law", "faq") for line in (out / f"{d}.jsonl").read_text().splitlines()]
@@ -255,7 +323,7 @@ def test_run_writes_every_output_atomically_and_consistently(tmp_path, corpus):
     # a failing run leaves the previous output untouched
     (tmp_path / "validated" / "faq.jsonl").write_text('{"id": "q", "text": "x", "domain": "law"}\n')
     with pytest.raises(ValueError, match=r"faq.jsonl:1: record domain 'law' != file domain 'faq'"):
-        run(PARAMS, ["law", "faq"], input_dir=tmp_path / "validated", output_dir=out)
+        run_stage(PARAMS, ["law", "faq"], input_dir=tmp_path / "validated", output_dir=out)
     assert len((out / "law.jsonl").read_text().splitlines()) == sum(r["domain"] == "law" for r in kept)
 
 
@@ -269,7 +337,7 @@ def test_read_errors_name_the_file(tmp_path):
     with pytest.raises(ValueError, match="lsh_backend"):
         storage_config("cassandra")
     with pytest.raises(ValueError, match="workers"):
-        run({**PARAMS, "workers": 0}, ["law"], input_dir=tmp_path, output_dir=tmp_path / "o")
+        run_stage({**PARAMS, "workers": 0}, ["law"], input_dir=tmp_path, output_dir=tmp_path / "o")
 
 
 def test_stage_main_runs_as_module(tmp_path, corpus):
@@ -281,6 +349,7 @@ def test_stage_main_runs_as_module(tmp_path, corpus):
     proc = subprocess.run([sys.executable, "-m", "stages.dedup"], cwd=tmp_path, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout == "" and "stages.dedup: " in proc.stderr  # logs through the stage logger, no print()
     metrics = json.loads((tmp_path / "metrics" / "dedup.json").read_text())
     assert metrics["totals"]["before"] == len(corpus)
     assert (tmp_path / "data" / "dedup" / "removed.jsonl").exists()
@@ -311,8 +380,8 @@ def test_run_with_redis_backend(redis_server, tmp_path, corpus):
     host, port = redis_server
     write_inputs(tmp_path, corpus)
     params = {**PARAMS, "lsh_backend": "redis", "redis": {"host": host, "port": port, "basename": "dedup-run"}}
-    metrics = run(params, ["law", "faq"], input_dir=tmp_path / "validated", output_dir=tmp_path / "r")
-    reference = run(PARAMS, ["law", "faq"], input_dir=tmp_path / "validated", output_dir=tmp_path / "m")
+    metrics = run_stage(params, ["law", "faq"], input_dir=tmp_path / "validated", output_dir=tmp_path / "r")
+    reference = run_stage(PARAMS, ["law", "faq"], input_dir=tmp_path / "validated", output_dir=tmp_path / "m")
     assert metrics["redis_backend"] == 1
     for name in ("law.jsonl", "faq.jsonl", "removed.jsonl", "candidates.json", "dedup_log.csv"):
         assert (tmp_path / "r" / name).read_bytes() == (tmp_path / "m" / name).read_bytes(), name
@@ -322,7 +391,7 @@ def test_domain_with_empty_file_gets_empty_output_and_zero_counts(tmp_path):
     (tmp_path / "v").mkdir()
     (tmp_path / "v" / "law.jsonl").write_text("")
     (tmp_path / "v" / "faq.jsonl").write_text(json.dumps({"id": "f", "text": "하나 둘 셋", "domain": "faq"}) + "\n")
-    metrics = run({**PARAMS, "workers": 1}, ["law", "faq"], input_dir=tmp_path / "v", output_dir=tmp_path / "o")
+    metrics = run_stage({**PARAMS, "workers": 1}, ["law", "faq"], input_dir=tmp_path / "v", output_dir=tmp_path / "o")
     assert list(metrics["per_domain"]) == ["law", "faq"]
     assert metrics["per_domain"]["law"] == {"before": 0, "after": 0, "exact_removed": 0, "near_removed": 0}
     assert (tmp_path / "o" / "law.jsonl").read_text() == ""

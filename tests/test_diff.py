@@ -1,4 +1,5 @@
-"""Tests for stages.diff: task vectors from LoRA adapters, their statistics and cosine similarities."""
+"""Tests for domainlm.lm.task_vectors and the diff stage: task vectors from LoRA adapters, their statistics and
+cosine similarities."""
 from __future__ import annotations
 
 import csv
@@ -9,8 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from domainlm.lm import task_vectors
+from domainlm.lm.merging import load_causal_lm
 from stages import diff
-from stages.merging import load_causal_lm
 from tiny_lm import build_base, build_lora, one_torch_thread  # noqa: F401 (autouse fixture)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -34,7 +36,7 @@ def _merged_minus_base(base_dir, adapter_dir):
 
 
 def test_task_vector_equals_merge_and_unload_minus_base(tiny):
-    tv = diff.task_vector(tiny / "base", tiny / "lora" / "law")
+    tv = task_vectors.task_vector(tiny / "base", tiny / "lora" / "law")
     reference = _merged_minus_base(tiny / "base", tiny / "lora" / "law")
     changed = {k for k, d in reference.items() if d.abs().max() > 0}
     assert set(tv) == changed
@@ -47,7 +49,7 @@ def test_task_vector_equals_merge_and_unload_minus_base(tiny):
 
 
 def test_task_vector_only_touches_target_modules(tiny):
-    tv = diff.task_vector(tiny / "base", tiny / "lora" / "faq")
+    tv = task_vectors.task_vector(tiny / "base", tiny / "lora" / "faq")
     assert sorted({k.rsplit(".", 2)[-2] for k in tv}) == ["q_proj", "v_proj"]
 
 
@@ -61,7 +63,7 @@ def test_fan_in_fan_out_conv1d_matches_merge(tmp_path):
     config = LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn"], fan_in_fan_out=True, init_lora_weights=False)
     get_peft_model(load_causal_lm(tmp_path / "gpt2"), config).save_pretrained(tmp_path / "adapter")
 
-    tv = diff.task_vector(tmp_path / "gpt2", tmp_path / "adapter")
+    tv = task_vectors.task_vector(tmp_path / "gpt2", tmp_path / "adapter")
     base = load_causal_lm(tmp_path / "gpt2").state_dict()
     merged = PeftModel.from_pretrained(load_causal_lm(tmp_path / "gpt2"), str(tmp_path / "adapter")).merge_and_unload()
     assert list(tv) == ["transformer.h.0.attn.c_attn.weight"]
@@ -76,18 +78,18 @@ def test_dora_adapter_is_rejected(tmp_path, tiny):
     config = LoraConfig(r=2, target_modules=["q_proj"], use_dora=True)
     get_peft_model(load_causal_lm(tiny / "base"), config).save_pretrained(tmp_path / "dora")
     with pytest.raises(ValueError, match="DoRA"):
-        diff.task_vector(tiny / "base", tmp_path / "dora")
+        task_vectors.task_vector(tiny / "base", tmp_path / "dora")
 
 
 def test_missing_adapter_folder_is_named(tiny, tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        diff.task_vector(tiny / "base", tmp_path / "nowhere")
+        task_vectors.task_vector(tiny / "base", tmp_path / "nowhere")
 
 
 def test_task_vector_stats():
     tv = {"a": torch.tensor([[3.0, -4.0]]), "b": torch.tensor([0.0, 12.0, 0.0])}
     base = {"a": torch.tensor([[0.0, 1.0]]), "b": torch.tensor([0.0, 0.0, 0.0])}
-    stats = diff.task_vector_stats(tv, base, top_k=1)
+    stats = task_vectors.task_vector_stats(tv, base, top_k=1)
     assert stats["l2_norm"] == pytest.approx(13.0)
     assert stats["max"] == 12.0 and stats["min"] == -4.0
     assert stats["mean_abs"] == pytest.approx(19.0 / 5)
@@ -98,7 +100,7 @@ def test_task_vector_stats():
 
 def test_pairwise_cosine():
     x = {"w": torch.tensor([1.0, 0.0]), "v": torch.tensor([2.0])}
-    rows = diff.pairwise_cosine({
+    rows = task_vectors.pairwise_cosine({
         "a": x,
         "neg": {k: -t for k, t in x.items()},
         "orth": {"w": torch.tensor([0.0, 5.0])},  # lacks "v": counts as zeros
@@ -113,15 +115,15 @@ def test_pairwise_cosine():
 
 def test_pairwise_cosine_rejects_zero_vector():
     with pytest.raises(ValueError, match="'z'.*all zeros"):
-        diff.pairwise_cosine({"a": {"w": torch.ones(2)}, "z": {"w": torch.zeros(2)}})
+        task_vectors.pairwise_cosine({"a": {"w": torch.ones(2)}, "z": {"w": torch.zeros(2)}})
 
 
 def test_training_summary(tmp_path):
     (tmp_path / "law.json").write_text(json.dumps({"train_loss": 2.5, "val": {"perplexity": 9.0}, "note": "x"}))
-    rows = diff.training_summary({"law": tmp_path / "law.json"})
+    rows = task_vectors.training_summary({"law": tmp_path / "law.json"})
     assert rows == [{"domain": "law", "train_loss": 2.5, "val.perplexity": 9.0}]
     with pytest.raises(FileNotFoundError, match="train_lora@faq"):
-        diff.training_summary({"faq": tmp_path / "faq.json"})
+        task_vectors.training_summary({"faq": tmp_path / "faq.json"})
 
 
 def test_main_writes_declared_outputs(tiny, tmp_path, monkeypatch):
@@ -141,7 +143,7 @@ def test_main_writes_declared_outputs(tiny, tmp_path, monkeypatch):
     diff.main()
 
     law = load_file(str(tmp_path / "models/diff/law.safetensors"))
-    torch.testing.assert_close(law, diff.task_vector(tiny / "base", tiny / "lora" / "law"))
+    torch.testing.assert_close(law, task_vectors.task_vector(tiny / "base", tiny / "lora" / "law"))
     metrics = json.loads((tmp_path / "metrics/diff/faq.json").read_text())
     assert metrics["n_tensors"] == 4 and len(metrics["top_tensor_l2_norms"]) == 3 and metrics["l2_norm"] > 0
     with open(tmp_path / "plots/task_vector_cosine.csv", newline="") as fh:

@@ -1,5 +1,5 @@
-"""Tests for stages.lm_eval (sliding-window perplexity, continuations, Korean-safe ROUGE-L) and the
-evaluate stage (expert x domain perplexities, gate, MLflow Model Registry aliases)."""
+"""Tests for domainlm.lm.evaluation (sliding-window perplexity, continuations, Korean-safe ROUGE-L), domainlm.lm.gate
+and the evaluate stage (expert x domain perplexities, gate, MLflow Model Registry aliases)."""
 from __future__ import annotations
 
 import csv
@@ -13,10 +13,11 @@ import torch
 from rouge_score import rouge_scorer
 from safetensors.torch import save_file
 
+from domainlm.lm import evaluation as lm_eval
+from domainlm.lm import gate
+from domainlm.lm.merging import linear, load_causal_lm
+from domainlm.lm.task_vectors import task_vector
 from stages import evaluate as ev
-from stages import lm_eval
-from stages.diff import task_vector
-from stages.merging import linear, load_causal_lm
 from tiny_lm import DOMAIN_TEXTS, build_base, one_torch_thread, train_lora, write_split  # noqa: F401 (autouse fixture)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -161,10 +162,10 @@ PPL = {"base": {"law": 10.0, "faq": 20.0}, "merged": {"law": 8.0, "faq": 17.0},
 
 
 def test_retained_gain_and_gate():
-    retained = ev.retained_gains(PPL, ["law", "faq"])
+    retained = lm_eval.retained_gains(PPL, ["law", "faq"])
     assert retained == {"law": pytest.approx(0.5), "faq": pytest.approx(0.5)}
-    assert ev.check_gate(PPL, retained, {"min_mean_retained_gain": 0.5, "max_perplexity": 20, "merged_below_base": True}) == []
-    failures = ev.check_gate(PPL, retained, {"min_mean_retained_gain": 0.6, "max_perplexity": 16, "merged_below_base": True})
+    assert gate.check_gate(PPL, retained, {"min_mean_retained_gain": 0.5, "max_perplexity": 20, "merged_below_base": True}) == []
+    failures = gate.check_gate(PPL, retained, {"min_mean_retained_gain": 0.6, "max_perplexity": 16, "merged_below_base": True})
     assert [(f["rule"], f["metric"]) for f in failures] == [
         ("min_mean_retained_gain", "mean_retained_gain"), ("max_perplexity", "perplexity.merged.faq")]
     assert failures[0]["value"] == pytest.approx(0.5) and failures[0]["threshold"] == 0.6
@@ -172,21 +173,21 @@ def test_retained_gain_and_gate():
 
 def test_gate_flags_expert_that_does_not_beat_base():
     ppl = {**PPL, "expert_faq": {"law": 12.0, "faq": 21.0}, "merged": {"law": 11.0, "faq": 19.0}}
-    retained = ev.retained_gains(ppl, ["law", "faq"])
+    retained = lm_eval.retained_gains(ppl, ["law", "faq"])
     assert retained["faq"] == 0.0 and retained["law"] == pytest.approx(-0.25)
-    rules = [f["rule"] for f in ev.check_gate(ppl, retained, {"merged_below_base": True})]
+    rules = [f["rule"] for f in gate.check_gate(ppl, retained, {"merged_below_base": True})]
     assert rules == ["expert_below_base", "merged_below_base"]
 
 
 def test_read_test_split_shuffles_reproducibly(tmp_path):
     write_split(tmp_path, "law", [f"문서 {i}" for i in range(20)], repeat=1)
-    in_order = ev.read_test_split(tmp_path, "law")
-    shuffled = ev.read_test_split(tmp_path, "law", seed=0)
+    in_order = lm_eval.read_test_split(tmp_path, "law")
+    shuffled = lm_eval.read_test_split(tmp_path, "law", seed=0)
     assert in_order == [f"문서 {i}" for i in range(20)]
     assert sorted(shuffled) == sorted(in_order) and shuffled != in_order
-    assert ev.read_test_split(tmp_path, "law", seed=0) == shuffled
+    assert lm_eval.read_test_split(tmp_path, "law", seed=0) == shuffled
     with pytest.raises(FileNotFoundError, match="faq"):
-        ev.read_test_split(tmp_path, "faq")
+        lm_eval.read_test_split(tmp_path, "faq")
 
 
 def test_read_train_log_merges_steps(tmp_path):
@@ -194,26 +195,26 @@ def test_read_train_log_merges_steps(tmp_path):
     log.write_text("\n".join(json.dumps(r) for r in [
         {"step": 10, "loss": 3.0, "learning_rate": 1e-3}, {"step": 10, "eval_loss": 3.2},
         {"step": 20, "loss": 2.5}, {"step": 20, "train_runtime": 4.0, "train_loss": 2.7}]) + "\n")
-    assert ev.read_train_log(log) == [{"step": 10, "loss": 3.0, "eval_loss": 3.2},
+    assert lm_eval.read_train_log(log) == [{"step": 10, "loss": 3.0, "eval_loss": 3.2},
                                       {"step": 20, "loss": 2.5, "eval_loss": None}]
     log.write_text('{"step": 1, "loss": 2}\nnot json\n')
     with pytest.raises(ValueError, match="train_law.log:2"):
-        ev.read_train_log(log)
+        lm_eval.read_train_log(log)
 
 
 def test_register_merged_sets_aliases(tmp_path, monkeypatch, tiny):
     import mlflow
     from mlflow import MlflowClient
 
-    from stages.tracking import stage_run
+    from domainlm.common.tracking import mlflow_run
 
     root, _, _ = tiny
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    with stage_run("evaluate") as ml:
-        first = ev.register_merged(ml, root / "base", "tiny-lm", passed=True)
-    with stage_run("evaluate") as ml:
-        second = ev.register_merged(ml, root / "base", "tiny-lm", passed=False)
+    with mlflow_run("evaluate") as ml:
+        first = gate.register_merged(ml, root / "base", "tiny-lm", passed=True)
+    with mlflow_run("evaluate") as ml:
+        second = gate.register_merged(ml, root / "base", "tiny-lm", passed=False)
     assert (first["version"], first["alias"]) == (1, "champion")
     assert (second["version"], second["alias"]) == (2, "challenger")
     client = MlflowClient()

@@ -1,4 +1,4 @@
-"""Tests for stages.hangul: arithmetic jamo decomposition, normalization, shingles."""
+"""Tests for domainlm.korean.hangul: arithmetic jamo decomposition, normalization, shingles."""
 from __future__ import annotations
 
 import os
@@ -9,7 +9,7 @@ import unicodedata
 import numpy as np
 import pytest
 
-from stages.hangul import (
+from domainlm.korean.hangul import (
     code_points,
     decompose,
     decompose_syllable,
@@ -134,7 +134,7 @@ def test_unique_sorted_and_hash32():
 
 
 def test_shingles_are_identical_across_processes_and_hash_seeds():
-    code = ("import sys; from stages.hangul import shingle_ids; "
+    code = ("import sys; from domainlm.korean.hangul import shingle_ids; "
             "sys.stdout.write(shingle_ids(sys.argv[1]).tobytes().hex())")
     outputs = set()
     for seed in ("1", "2"):

@@ -1,4 +1,4 @@
-"""Tests for stages.merging (linear / TIES / DARE behind one signature) and the merge stage."""
+"""Tests for domainlm.lm.merging (linear / TIES / DARE behind one signature) and the merge stage."""
 from __future__ import annotations
 
 import json
@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from domainlm.lm import merging
+from domainlm.lm.merging import MERGE_METHODS, load_causal_lm
+from domainlm.lm.task_vectors import task_vector
 from stages import merge as merge_stage
-from stages import merging
-from stages.diff import task_vector
-from stages.merging import MERGE_METHODS, load_causal_lm
 from tiny_lm import build_base, build_lora, one_torch_thread  # noqa: F401 (autouse fixture)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -126,7 +126,7 @@ def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match="'missing'"):
         merging.linear(base, {"a": {"missing": torch.zeros(1)}}, {"a": 1.0})
     with pytest.raises(ValueError, match="unknown domain"):
-        merge_stage.resolve_weights({"news": 1.0}, ["law"])
+        merging.resolve_weights({"news": 1.0}, ["law"])
 
 
 def test_adding_a_method_is_one_function():
@@ -136,7 +136,7 @@ def test_adding_a_method_is_one_function():
 
     try:
         base, tvs = _toy()
-        assert merge_stage.method_options({"method": "negate_for_test", "lam": 2.0}) == ("negate_for_test", {"lam": 2.0})
+        assert merging.method_options({"method": "negate_for_test", "lam": 2.0}) == ("negate_for_test", {"lam": 2.0})
         torch.testing.assert_close(merging.merge("negate_for_test", base, tvs, {"a": 1.0, "b": 1.0}, lam=1.0)["w"],
                                    base["w"] - tvs["a"]["w"] - tvs["b"]["w"])
     finally:

@@ -1,4 +1,5 @@
-"""Tests for stages/parquet.py: JSONL -> Parquet with the document schema and per-column codecs."""
+"""Tests for the parquet stage: JSONL -> Parquet with the document schema and per-column codecs
+(domainlm.documents.conversion, domainlm.documents.schema, stages/parquet.py)."""
 from __future__ import annotations
 
 import json
@@ -11,20 +12,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from stages.parquet import (
+from domainlm.documents.conversion import convert_domain
+from domainlm.documents.schema import (
     DOC_SCHEMA,
     SCHEMA_FILE,
     BadDocumentError,
     ParquetLayout,
     SchemaMismatchError,
-    convert_domain,
     iter_doc_batches,
     read_docs,
     read_layout,
-    run,
     schema_text,
     write_docs,
 )
+from stages.parquet import run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,7 +57,8 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
     return path
 
 
-LAYOUT = ParquetLayout.from_params("brotli", "zstd", 4)
+LAYOUT_ARGS = {"text_codec": "brotli", "default_codec": "zstd", "batch_rows": 4}  # the stage run's arguments
+LAYOUT = ParquetLayout.from_params(**LAYOUT_ARGS)
 
 
 def test_round_trip_keeps_schema_values_dictionary_domain_and_null_labels(tmp_path):
@@ -217,6 +219,15 @@ def test_layout_rejects_unknown_codec_and_bad_batch_rows():
         ParquetLayout.from_params("brotli", "zstd", 0)
 
 
+def test_stage_run_checks_its_layout_arguments_before_writing(tmp_path):
+    write_jsonl(tmp_path / "in" / "law.jsonl", make_records("law", 3))
+    with pytest.raises(ValueError, match="text_codec"):
+        run(tmp_path / "in", tmp_path / "out", ["law"], **{**LAYOUT_ARGS, "text_codec": "nosuchcodec"})
+    with pytest.raises(ValueError, match="batch_rows"):
+        run(tmp_path / "in", tmp_path / "out", ["law"], **{**LAYOUT_ARGS, "batch_rows": 0})
+    assert not (tmp_path / "out").exists()
+
+
 def test_write_docs_rejects_a_table_of_another_schema(tmp_path):
     table = pa.table({"id": ["a"], "text": ["t"]})
     with pytest.raises(SchemaMismatchError, match="'domain' is missing"):
@@ -228,7 +239,7 @@ def test_run_converts_every_domain_and_reports_metrics(tmp_path):
     write_jsonl(tmp_path / "in" / "law.jsonl", make_records("law", 7))
     write_jsonl(tmp_path / "in" / "office_help.jsonl", make_records("office_help", 12, label=lambda i: "calc"))
     (tmp_path / "in" / "removed.jsonl").write_text('{"id": "x", "kind": "near"}\n', encoding="utf-8")  # not a domain
-    metrics = run(tmp_path / "in", tmp_path / "out", ["law", "office_help"], LAYOUT)
+    metrics = run(tmp_path / "in", tmp_path / "out", ["law", "office_help"], **LAYOUT_ARGS)
 
     out = tmp_path / "out"
     assert sorted(p.name for p in out.iterdir()) == ["law.parquet", "office_help.parquet", SCHEMA_FILE]
@@ -246,13 +257,13 @@ def test_run_converts_every_domain_and_reports_metrics(tmp_path):
 
 def test_run_failure_leaves_previous_output_untouched(tmp_path):
     write_jsonl(tmp_path / "in" / "law.jsonl", make_records("law", 3))
-    run(tmp_path / "in", tmp_path / "out", ["law"], LAYOUT)
+    run(tmp_path / "in", tmp_path / "out", ["law"], **LAYOUT_ARGS)
     before = (tmp_path / "out" / "law.parquet").read_bytes()
     bad = make_records("faq", 2)
     bad[0]["domain"] = "law"
     write_jsonl(tmp_path / "in" / "faq.jsonl", bad)
     with pytest.raises(BadDocumentError, match="faq.jsonl"):
-        run(tmp_path / "in", tmp_path / "out", ["law", "faq"], LAYOUT)
+        run(tmp_path / "in", tmp_path / "out", ["law", "faq"], **LAYOUT_ARGS)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["law.parquet", SCHEMA_FILE]
     assert (tmp_path / "out" / "law.parquet").read_bytes() == before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp folder left
@@ -261,9 +272,9 @@ def test_run_failure_leaves_previous_output_untouched(tmp_path):
 def test_listed_domain_without_jsonl_is_an_error_naming_it(tmp_path):
     write_jsonl(tmp_path / "in" / "law.jsonl", make_records("law", 3))
     with pytest.raises(FileNotFoundError, match=r"\['faq'\].*in/<domain>.jsonl"):
-        run(tmp_path / "in", tmp_path / "out", ["law", "faq"], LAYOUT)
+        run(tmp_path / "in", tmp_path / "out", ["law", "faq"], **LAYOUT_ARGS)
     with pytest.raises(ValueError, match="domains"):
-        run(tmp_path / "in", tmp_path / "out", [], LAYOUT)
+        run(tmp_path / "in", tmp_path / "out", [], **LAYOUT_ARGS)
     assert not (tmp_path / "out").exists()
 
 
@@ -279,3 +290,4 @@ def test_main_as_a_module_writes_declared_outs(tmp_path):
     assert pq.ParquetFile(tmp_path / "data" / "parquet" / "law.parquet").metadata.num_row_groups == 3
     metrics = json.loads((tmp_path / "metrics" / "parquet.json").read_text(encoding="utf-8"))
     assert metrics["domains"]["law"]["rows"] == 5
+    assert metrics["stage"]["wall_s"] >= 0 and metrics["stage"]["peak_rss_mb"] > 0  # added by stage_run

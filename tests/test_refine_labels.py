@@ -2,6 +2,7 @@
 OOM back-off, convergence, promotion of refined labels, and (slow) the whole stage end to end."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -15,11 +16,16 @@ import pyarrow.parquet as pq
 import pytest
 import sqlite_utils
 import torch
+import yaml
 
+from domainlm.common.params import section
+from domainlm.common.threads import limit_threads
+from domainlm.documents.labels import OVERRIDES_SCHEMA, apply_overrides, read_overrides, write_empty_overrides
+from domainlm.refine import ensemble as ens
+from domainlm.refine import loop
+from domainlm.refine import store
 from lm_fixtures import korean_docs, write_label_table_fixture, write_split_fixture
-from stages import ensemble as ens
 from stages import refine_labels as rl
-from stages import sentence_store as store
 from tiny_lm import build_base, one_torch_thread  # noqa: F401 (autouse fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,34 +135,34 @@ def test_confidence_only_update_keeps_label_metadata(db):
 # ------------------------------------------------------------------ the update rule
 
 def test_threshold_schedule():
-    taus = [rl.threshold(t, 0.7, 0.05, 0.95) for t in range(8)]
+    taus = [loop.threshold(t, 0.7, 0.05, 0.95) for t in range(8)]
     assert taus[:6] == pytest.approx([0.7, 0.75, 0.8, 0.85, 0.9, 0.95])
     assert taus[6:] == [0.95, 0.95]
     assert all(a <= b for a, b in zip(taus, taus[1:]))
     with pytest.raises(ValueError, match="iteration"):
-        rl.threshold(-1, 0.7, 0.05, 0.95)
+        loop.threshold(-1, 0.7, 0.05, 0.95)
     with pytest.raises(ValueError, match="tau_max"):
-        rl.threshold(0, 0.7, 0.05, 1.5)
+        loop.threshold(0, 0.7, 0.05, 1.5)
 
 
 def test_select_changes_threshold():
     y = np.array([0, 0, 1, 1])
     proba = np.array([[0.1, 0.9], [0.3, 0.7], [0.2, 0.8], [0.95, 0.05]])
-    new = rl.select_changes(y, proba, tau=0.75, max_change_fraction=1.0)
+    new = loop.select_changes(y, proba, tau=0.75, max_change_fraction=1.0)
     # row 0: 0.9 >= 0.75 -> changes; row 1: 0.7 < 0.75 -> stays; row 2 agrees; row 3 changes
     assert new.tolist() == [1, 0, 1, 0]
-    assert rl.select_changes(y, proba, tau=0.96, max_change_fraction=1.0).tolist() == y.tolist()
+    assert loop.select_changes(y, proba, tau=0.96, max_change_fraction=1.0).tolist() == y.tolist()
 
 
 def test_select_changes_self_confidence_bound():
     y = np.array([0, 0, 0])
     proba = np.array([[0.30, 0.70, 0.00], [0.05, 0.85, 0.10], [0.02, 0.08, 0.90]])
     # every row's prediction beats its label at tau 0.6; only rows whose own label is implausible change
-    assert rl.select_changes(y, proba, 0.6, 1.0).tolist() == [1, 1, 2]
-    assert rl.select_changes(y, proba, 0.6, 1.0, max_self_confidence=0.1).tolist() == [0, 1, 2]
-    assert rl.select_changes(y, proba, 0.6, 1.0, max_self_confidence=0.02).tolist() == [0, 0, 2]
+    assert loop.select_changes(y, proba, 0.6, 1.0).tolist() == [1, 1, 2]
+    assert loop.select_changes(y, proba, 0.6, 1.0, max_self_confidence=0.1).tolist() == [0, 1, 2]
+    assert loop.select_changes(y, proba, 0.6, 1.0, max_self_confidence=0.02).tolist() == [0, 0, 2]
     with pytest.raises(ValueError, match="max_self_confidence"):
-        rl.select_changes(y, proba, 0.6, 1.0, max_self_confidence=1.5)
+        loop.select_changes(y, proba, 0.6, 1.0, max_self_confidence=1.5)
 
 
 def test_select_changes_class_cap():
@@ -165,7 +171,7 @@ def test_select_changes_class_cap():
     y = rng.integers(0, c, n)
     proba = rng.dirichlet(np.full(c, 0.3), n)
     for frac in (0.0, 0.05, 0.1, 0.3):
-        new = rl.select_changes(y, proba, tau=0.5, max_change_fraction=frac)
+        new = loop.select_changes(y, proba, tau=0.5, max_change_fraction=frac)
         changed = new != y
         conf = proba.max(1)
         for k in range(c):
@@ -177,16 +183,16 @@ def test_select_changes_class_cap():
                 assert conf[changed & in_k].min() >= conf[cand & ~changed].max(initial=0)
         assert (new[changed] == proba.argmax(1)[changed]).all()
         assert (conf[changed] >= 0.5).all()
-    uncapped = rl.select_changes(y, proba, tau=0.5, max_change_fraction=1.0)
-    capped = rl.select_changes(y, proba, tau=0.5, max_change_fraction=0.05)
+    uncapped = loop.select_changes(y, proba, tau=0.5, max_change_fraction=1.0)
+    capped = loop.select_changes(y, proba, tau=0.5, max_change_fraction=0.05)
     assert (uncapped != y).sum() > (capped != y).sum()  # the cap binds in this test
 
 
 def test_feature_change_rate():
     a = {0: frozenset("abcd"), 1: frozenset("wxyz")}
-    assert rl.feature_change_rate(a, a) == 0.0
-    assert rl.feature_change_rate(a, {0: frozenset("abce"), 1: frozenset("wxyz")}) == pytest.approx(0.125)
-    assert rl.feature_change_rate(a, {0: frozenset("abcd")}) == pytest.approx(0.5)
+    assert loop.feature_change_rate(a, a) == 0.0
+    assert loop.feature_change_rate(a, {0: frozenset("abce"), 1: frozenset("wxyz")}) == pytest.approx(0.125)
+    assert loop.feature_change_rate(a, {0: frozenset("abcd")}) == pytest.approx(0.5)
 
 
 # ------------------------------------------------------------------ out-of-fold scoring
@@ -267,7 +273,7 @@ def test_limit_threads_restores_settings():
     before = torch.get_num_threads()
     torch.set_num_threads(2)  # the module runs on one thread (tiny_lm.one_torch_thread)
     try:
-        with ens.limit_threads(1):
+        with limit_threads(1):
             assert torch.get_num_threads() == 1
             assert all(p["num_threads"] == 1 for p in threadpool_info())
         assert torch.get_num_threads() == 2
@@ -369,6 +375,22 @@ def small_members(texts):
     return [lexical, lstm], lexical
 
 
+def test_refine_config_reads_every_refine_param():
+    p = section("refine", ROOT / "params.yaml")
+    cfg = loop.RefineConfig.from_params(p)
+    # every key of the refine section is a field (none silently ignored), in params.yaml's types
+    assert set(p) <= {f.name for f in dataclasses.fields(loop.RefineConfig)}
+    for name, sub in (("lexical", cfg.lexical), ("lstm", cfg.lstm), ("transformer", cfg.transformer)):
+        assert set(p[name]) <= {f.name for f in dataclasses.fields(sub)}
+        assert all(getattr(sub, k) == (tuple(v) if isinstance(v, list) else v) for k, v in p[name].items())
+    assert all(getattr(cfg, k) == v for k, v in p.items() if not isinstance(v, dict))
+    assert cfg.lexical.word_ngrams == tuple(p["lexical"]["word_ngrams"]) and isinstance(cfg.lexical.doc_tokens, float)
+    # missing keys keep their defaults, other keys are ignored, threads may be null
+    partial = loop.RefineConfig.from_params({"folds": "3", "threads": None, "lstm": {"hidden": 4}, "other": 1})
+    assert partial.folds == 3 and partial.threads is None and partial.tau0 == loop.RefineConfig().tau0
+    assert partial.lstm == ens.LSTMConfig(hidden=4) and partial.lexical == ens.LexicalConfig()
+
+
 def test_loop_corrects_flipped_labels_and_converges(db, tmp_path):
     labels = store.read_labels(db)
     # flip three labels (one per class) to another class
@@ -377,10 +399,10 @@ def test_loop_corrects_flipped_labels_and_converges(db, tmp_path):
         for i, lab in flips.items():
             db.execute(f"UPDATE {store.TABLE} SET current_label = ?, original_label = ? WHERE id = ?", [lab, lab, i])
     members, lexical = small_members(labels.texts)
-    cfg = rl.RefineConfig(folds=3, max_iterations=6, epsilon=0.01, tau0=0.5, tau_step=0.05, tau_max=0.9,
+    cfg = loop.RefineConfig(folds=3, max_iterations=6, epsilon=0.01, tau0=0.5, tau_step=0.05, tau_max=0.9,
                           max_change_fraction=0.25)
     seen = []
-    result = rl.refine(db, members, lexical, cfg, splits=labels.splits, classes=DOMAINS,
+    result = loop.refine(db, members, lexical, cfg, splits=labels.splits, classes=DOMAINS,
                        snapshot_dir=tmp_path / "snap", history_path=tmp_path / "plots" / "h.csv",
                        on_iteration=lambda t, row: seen.append(t))
     assert result.converged and len(result.iterations) < cfg.max_iterations
@@ -395,7 +417,7 @@ def test_loop_corrects_flipped_labels_and_converges(db, tmp_path):
     snap = pq.read_table(tmp_path / "snap" / f"iter_{seen[-1]}.parquet")
     assert snap.schema.names == ["id", "current_label", "confidence"] and snap.num_rows == 36
     lines = (tmp_path / "plots" / "h.csv").read_text().splitlines()
-    assert lines[0] == ",".join(rl.history_fields(["lexical", "lstm"]))
+    assert lines[0] == ",".join(loop.history_fields(["lexical", "lstm"]))
     assert len(lines) == 1 + len(seen)
     first = dict(zip(lines[0].split(","), lines[1].split(",")))
     assert int(first["rows_changed"]) == 3 and float(first["tau"]) == 0.5
@@ -405,8 +427,8 @@ def test_loop_corrects_flipped_labels_and_converges(db, tmp_path):
 def test_loop_stops_at_max_iterations(db, tmp_path):
     labels = store.read_labels(db)
     members, lexical = small_members(labels.texts)
-    cfg = rl.RefineConfig(folds=3, max_iterations=1, epsilon=0.0)  # a rate is never < 0
-    result = rl.refine(db, members, lexical, cfg, splits=labels.splits, classes=DOMAINS,
+    cfg = loop.RefineConfig(folds=3, max_iterations=1, epsilon=0.0)  # a rate is never < 0
+    result = loop.refine(db, members, lexical, cfg, splits=labels.splits, classes=DOMAINS,
                        snapshot_dir=tmp_path / "snap", history_path=tmp_path / "h.csv")
     assert len(result.iterations) == 1 and not result.converged
 
@@ -414,21 +436,19 @@ def test_loop_stops_at_max_iterations(db, tmp_path):
 # ------------------------------------------------------------------ promotion
 
 def test_promote_writes_and_merges_overrides(db, tmp_path):
-    from stages.split import apply_overrides, read_overrides
-
     store.apply_updates(db, [store.RowUpdate("law-1", 0.97, "faq"), store.RowUpdate("faq-2", 0.91, "law"),
                              store.RowUpdate("law-3", 0.2)], iteration=0)
     path = tmp_path / "labels" / "overrides.parquet"
-    rl.write_empty_overrides(path)
+    write_empty_overrides(path)
     assert pq.read_table(path).num_rows == 0
-    counts = rl.promote(tmp_path / "sentences.db", path)
+    counts = loop.promote(tmp_path / "sentences.db", path)
     assert counts == {"new": 2, "kept": 0, "rows": 2}
     table = read_overrides(path)
-    assert table.schema == rl.OVERRIDES_SCHEMA
+    assert table.schema == OVERRIDES_SCHEMA
     assert table.to_pylist() == [{"id": "faq-2", "label": "law"}, {"id": "law-1", "label": "faq"}]
     # an older override survives unless a new one replaces it
-    pq.write_table(pa.table({"id": ["law-1", "old-9"], "label": ["bill", "calc"]}, schema=rl.OVERRIDES_SCHEMA), path)
-    counts = rl.promote(tmp_path / "sentences.db", path)
+    pq.write_table(pa.table({"id": ["law-1", "old-9"], "label": ["bill", "calc"]}, schema=OVERRIDES_SCHEMA), path)
+    counts = loop.promote(tmp_path / "sentences.db", path)
     assert counts == {"new": 2, "kept": 1, "rows": 3}
     assert dict((r["id"], r["label"]) for r in read_overrides(path).to_pylist()) == \
         {"faq-2": "law", "law-1": "faq", "old-9": "calc"}
@@ -452,22 +472,23 @@ def test_promote_cli(tmp_path):
 
 def test_repository_starts_with_an_empty_overrides_file():
     table = pq.read_table(ROOT / "data" / "labels" / "overrides.parquet")
-    assert table.schema == rl.OVERRIDES_SCHEMA and table.num_rows == 0
+    assert table.schema == OVERRIDES_SCHEMA and table.num_rows == 0
 
 
 # ------------------------------------------------------------------ the stage, end to end
 
 @pytest.mark.slow
 def test_stage_end_to_end(tmp_path, monkeypatch):
+    """``main()`` in a repository laid out as the pipeline's (domainlm.common.paths, params.yaml)."""
     import mlflow
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.chdir(tmp_path)  # MLflow artifacts go under ./mlruns of the cwd
+    monkeypatch.chdir(tmp_path)  # the stage's relative paths, and MLflow artifacts under ./mlruns
     texts = {d: korean_docs(d, 14) for d in DOMAINS}
     texts["law"][:2], texts["faq"][:2] = texts["faq"][:2], texts["law"][:2]  # two mislabelled docs each way
-    write_split_fixture(tmp_path / "split", texts)
-    write_label_table_fixture(tmp_path / "split", tmp_path / "labels" / "split_labels.parquet")
-    build_base(tmp_path / "merged")
+    write_split_fixture(tmp_path / "data" / "split", texts)
+    write_label_table_fixture(tmp_path / "data" / "split", tmp_path / "data" / "labels" / "split_labels.parquet")
+    build_base(tmp_path / "models" / "merged")
     params = {
         "chunksize": 8, "folds": 3, "seed": 0, "max_iterations": 3, "epsilon": 0.01, "tau0": 0.5, "tau_step": 0.05,
         "tau_max": 0.95, "max_change_fraction": 0.2, "review_size": 5, "top_k_features": 5, "max_chars": 400,
@@ -477,24 +498,24 @@ def test_stage_end_to_end(tmp_path, monkeypatch):
                  "lr": 0.02},
         "transformer": {"max_tokens": 32, "batch_size": 8, "C": 1.0, "max_iter": 100}, "threads": 1,
     }
-    metrics = rl.run_stage(params, DOMAINS, split_root=tmp_path / "split",
-                           labels_path=tmp_path / "labels" / "split_labels.parquet", model_dir=tmp_path / "merged",
-                           out_dir=tmp_path / "refined", history_path=tmp_path / "plots" / "refine_history.csv",
-                           metrics_root=tmp_path / "metrics")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"domains": DOMAINS, "refine": params}), encoding="utf-8")
+    rl.main([])
+    metrics = json.loads((tmp_path / "metrics" / "refine.json").read_text())
+    assert metrics["stage"]["wall_s"] > 0 and metrics["stage"]["peak_rss_mb"] > 0
+    assert (tmp_path / "logs" / "pipeline_run.log").read_text().startswith("refine_labels\t")
     assert metrics["rows"] == 42 and metrics["classes"] == 3
-    assert json.loads((tmp_path / "metrics" / "refine.json").read_text())["rows"] == 42
     assert 0 <= metrics["label_change_rate"] <= 1
-    db = sqlite_utils.Database(tmp_path / "refined" / "sentences.db")
+    db = sqlite_utils.Database(tmp_path / "data" / "refined" / "sentences.db")
     moved = dict(db.execute(f"SELECT id, current_label FROM {store.TABLE} WHERE id IN "
                             "('law-train-0','law-train-1','faq-train-0','faq-train-1')").fetchall())
     assert moved == {"law-train-0": "faq", "law-train-1": "faq", "faq-train-0": "law", "faq-train-1": "law"}
     assert db.execute(f"SELECT count(*) FROM {store.TABLE} WHERE confidence IS NULL").fetchone()[0] == 0
     db.close()
-    queue = [json.loads(x) for x in (tmp_path / "refined" / "review_queue.jsonl").read_text().splitlines()]
+    queue = [json.loads(x) for x in (tmp_path / "data" / "refined" / "review_queue.jsonl").read_text().splitlines()]
     assert len(queue) == 5
     assert [q["confidence"] for q in queue] == sorted(q["confidence"] for q in queue)
     assert len(queue[0]["suggestions"]) == 3 and queue[0]["text"]
-    snaps = sorted((tmp_path / "refined" / "snapshots").iterdir())
+    snaps = sorted((tmp_path / "data" / "refined" / "snapshots").iterdir())
     assert len(snaps) == metrics["iterations"]
     history = (tmp_path / "plots" / "refine_history.csv").read_text().splitlines()
     assert len(history) == 1 + metrics["iterations"]

@@ -1,4 +1,5 @@
-"""Tests for stages/split.py: stratified train/val/test splits per domain, with label overrides."""
+"""Tests for the split stage: stratified train/val/test splits per domain, with label overrides
+(domainlm.documents.splitting, domainlm.documents.labels, stages/split.py)."""
 from __future__ import annotations
 
 import json
@@ -16,21 +17,19 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from stages.parquet import DOC_SCHEMA, SCHEMA_FILE, ParquetLayout, SchemaMismatchError, read_docs, read_layout, \
-    schema_text, write_docs
-from stages.split import (
-    SPLITS,
-    OVERRIDES_SCHEMA,
-    DomainTooSmallError,
+from domainlm.common.paths import SPLITS
+from domainlm.documents.labels import (
     LABELS_SCHEMA,
+    OVERRIDES_SCHEMA,
     apply_overrides,
     read_label_table,
     read_overrides,
-    run,
-    split_domain,
-    split_indices,
-    split_sizes,
+    write_empty_overrides,
 )
+from domainlm.documents.schema import DOC_SCHEMA, SCHEMA_FILE, ParquetLayout, SchemaMismatchError, read_docs, \
+    read_layout, schema_text, write_docs
+from domainlm.documents.splitting import DomainTooSmallError, split_domain, split_indices, split_sizes
+from stages.split import run
 
 REPO = Path(__file__).resolve().parents[1]
 LAYOUT = ParquetLayout.from_params("brotli", "zstd", 16)
@@ -320,18 +319,17 @@ def _jsonl(path: Path, domain: str, labels: list[str | None]) -> None:
 
 
 def _stage_repo(tmp_path: Path) -> Path:
-    """A throwaway repository with the real stage code, the real parquet/split stage definitions
-    from dvc.yaml, and small data/dedup inputs."""
+    """A throwaway repository with the real stage and package code, the real parquet/split stage
+    definitions from dvc.yaml, and small data/dedup inputs."""
     repo = tmp_path / "repo"
-    shutil.copytree(REPO / "stages", repo / "stages", ignore=shutil.ignore_patterns("__pycache__"))
+    for code in ("stages", "domainlm"):
+        shutil.copytree(REPO / code, repo / code, ignore=shutil.ignore_patterns("__pycache__"))
     _jsonl(repo / "data" / "dedup" / "law.jsonl", "law", ["law"] * 12)
     _jsonl(repo / "data" / "dedup" / "office_help.jsonl", "office_help", ["calc"] * 20 + ["writer"] * 20)
     params = {"domains": ["law", "office_help"],
               "parquet": {"batch_rows": 8, "text_codec": "brotli", "default_codec": "zstd"},
               "split": {"seed": 42, "val_size": 0.1, "test_size": 0.1}}
     (repo / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
-    from stages.refine_labels import write_empty_overrides
-
     write_empty_overrides(repo / "data" / "labels" / "overrides.parquet")  # split's dep; starts empty
     return repo
 

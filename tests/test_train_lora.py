@@ -1,4 +1,4 @@
-"""train_lora stage: LoRA freezes the base, best adapter by val loss is kept, determinism, DeepSpeed config, main()."""
+"""train_lora stage (domainlm.lm.lora): LoRA freezes the base, best adapter by val loss is kept, determinism, DeepSpeed config, main()."""
 from __future__ import annotations
 
 import copy
@@ -11,8 +11,10 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from stages import base_model, lm_data, train_lora
+from domainlm.lm import data as lm_data
+from domainlm.lm import lora, pretrain
 from lm_fixtures import TINY, TRAIN_TEXTS, korean_docs, write_split_fixture
+from stages import train_lora
 
 
 @pytest.fixture(autouse=True)
@@ -42,16 +44,16 @@ SHIFTED_VAL = korean_docs("office_help", 3, seed=2)
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory) -> Path:
-    model, tok, _ = base_model.build(TRAIN_TEXTS, TINY)
-    return base_model.save_hf_folder(model, tok, tmp_path_factory.mktemp("models") / "base")
+    model, tok, _ = pretrain.build(TRAIN_TEXTS, TINY)
+    return pretrain.save_hf_folder(model, tok, tmp_path_factory.mktemp("models") / "base")
 
 
 @pytest.fixture(scope="module")
 def trained(base_dir, tmp_path_factory):
     """One adapter trained with LORA_TINY: (metrics, adapter dir, log path)."""
     root = tmp_path_factory.mktemp("run")
-    metrics = train_lora.train_adapter(base_dir, LAW_TRAIN, SHIFTED_VAL, LORA_TINY,
-                                       root / "models" / "lora" / "law", root / "logs" / "train_law.log")
+    metrics = lora.train_adapter(base_dir, LAW_TRAIN, SHIFTED_VAL, LORA_TINY,
+                                 root / "models" / "lora" / "law", root / "logs" / "train_law.log")
     return metrics, root / "models" / "lora" / "law", root / "logs" / "train_law.log"
 
 
@@ -62,7 +64,7 @@ def load_base(base_dir):
 
 
 def test_lora_freezes_the_base_and_trains_only_lora_weights(base_dir):
-    model = train_lora.attach_lora(load_base(base_dir), LORA_TINY["lora"], seed=0)
+    model = lora.attach_lora(load_base(base_dir), LORA_TINY["lora"], seed=0)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
     wrapped = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in trainable}
@@ -80,7 +82,7 @@ def test_lora_freezes_the_base_and_trains_only_lora_weights(base_dir):
 def test_unknown_target_module_is_an_error(base_dir):
     bad = {**LORA_TINY["lora"], "target_modules": ["no_such_proj"]}
     with pytest.raises(ValueError, match="no_such_proj"):
-        train_lora.attach_lora(load_base(base_dir), bad, seed=0)
+        lora.attach_lora(load_base(base_dir), bad, seed=0)
 
 
 def test_saved_adapter_loads_with_peft_and_changes_the_base(trained, base_dir):
@@ -138,27 +140,27 @@ def test_same_params_give_the_same_adapter(base_dir, tmp_path):
     params["lora"]["lora_dropout"] = 0.1  # the dropout masks must be seeded too
     params["train"].update(max_steps=4, eval_steps=2)
     for run in ("a", "b"):
-        train_lora.train_adapter(base_dir, LAW_TRAIN, SHIFTED_VAL, params, tmp_path / run, tmp_path / f"{run}.log")
+        lora.train_adapter(base_dir, LAW_TRAIN, SHIFTED_VAL, params, tmp_path / run, tmp_path / f"{run}.log")
     a, b = load_file(tmp_path / "a" / "adapter_model.safetensors"), load_file(tmp_path / "b" / "adapter_model.safetensors")
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
     params["seed"] += 1
-    train_lora.train_adapter(base_dir, LAW_TRAIN, SHIFTED_VAL, params, tmp_path / "c", tmp_path / "c.log")
+    lora.train_adapter(base_dir, LAW_TRAIN, SHIFTED_VAL, params, tmp_path / "c", tmp_path / "c.log")
     c = load_file(tmp_path / "c" / "adapter_model.safetensors")
     assert any(not torch.equal(a[k], c[k]) for k in a)
 
 
 def test_planned_steps_bounded_by_max_steps_and_epochs():
     tp = {"batch_size": 4, "gradient_accumulation_steps": 2, "max_steps": 100, "max_epochs": 3}
-    assert train_lora.planned_steps(10, tp) == 4      # ceil(3 * 10 / 8)
-    assert train_lora.planned_steps(1000, tp) == 100  # capped by max_steps
+    assert lora.planned_steps(10, tp) == 4      # ceil(3 * 10 / 8)
+    assert lora.planned_steps(1000, tp) == 100  # capped by max_steps
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback")
 def test_cpu_trains_without_deepspeed_and_says_so(caplog):
-    with caplog.at_level(logging.WARNING, logger="stages.train_lora"):
-        assert train_lora.deepspeed_config(default_params()["deepspeed"]) is None
+    with caplog.at_level(logging.WARNING, logger="domainlm.lm.lora"):
+        assert lora.deepspeed_config(default_params()["deepspeed"]) is None
     assert "without DeepSpeed" in caplog.text
 
 
@@ -175,9 +177,9 @@ def test_deepspeed_config_is_accepted_by_transformers_integration(base_dir, tmp_
     ds = copy.deepcopy(default_params()["deepspeed"])
     tp = {**default_params()["train"], "batch_size": 4, "gradient_accumulation_steps": 2}
     try:
-        args = train_lora.training_arguments(tmp_path, tp, max_steps=10, seed=0, deepspeed=ds, use_cpu=True)
+        args = lora.training_arguments(tmp_path, tp, max_steps=10, seed=0, deepspeed=ds, use_cpu=True)
         hf_ds = args.hf_deepspeed_config
-        model = train_lora.attach_lora(load_base(base_dir), LORA_TINY["lora"], seed=0)
+        model = lora.attach_lora(load_base(base_dir), LORA_TINY["lora"], seed=0)
         hf_ds.trainer_config_finalize(args, model, num_training_steps=10)
         cfg = hf_ds.config
         assert "auto" not in json.dumps(cfg)

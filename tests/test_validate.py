@@ -2,12 +2,19 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import unicodedata
+from pathlib import Path
 
 import boto3
 import pytest
 
-from stages.validate import REASONS, Validator, is_missing, run_validation
+from domainlm.documents.validation import REASONS, Validator, is_missing, validate_files
+from stages.validate import run
+
+REPO = Path(__file__).resolve().parents[1]
 
 GOOD_TEXT = "대한민국은 민주공화국이다. 대한민국의 주권은 국민에게 있다."
 
@@ -93,7 +100,7 @@ def test_length_counts_code_points_after_nfc():
     assert Validator(min_chars=30, max_chars=30).check(line(text=text))["text"] == "한" * 30
 
 
-def test_run_validation_accounts_for_every_line(tmp_path):
+def test_validate_files_accounts_for_every_line(tmp_path):
     src = tmp_path / "in"
     src.mkdir()
     good = [line(id=f"g{i}", domain="law" if i % 2 else "bill") for i in range(8)]
@@ -103,7 +110,7 @@ def test_run_validation_accounts_for_every_line(tmp_path):
     (src / "a.jsonl").write_bytes(b"\n".join(lines_a) + b"\n")
     (src / "b.jsonl").write_bytes(b"\r\n".join(lines_b))  # CRLF, no newline after the last line
     out = tmp_path / "out"
-    m = run_validation([str(src / "*.jsonl")], out, Validator(min_chars=10, max_chars=500, domains={"law", "bill"}), 3)
+    m = validate_files([str(src / "*.jsonl")], out, Validator(min_chars=10, max_chars=500, domains={"law", "bill"}), 3)
     assert m["by_file"]["a.jsonl"] == {"lines_read": 13, "kept": 4, "rejected": 9}
     assert m["by_file"]["b.jsonl"] == {"lines_read": 13, "kept": 4, "rejected": 9}
     assert m["totals"]["kept"] + m["totals"]["rejected"] == m["totals"]["lines_read"] == 26
@@ -124,7 +131,7 @@ def test_run_validation_accounts_for_every_line(tmp_path):
 
 def test_missing_input_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no input matches"):
-        run_validation([str(tmp_path / "nothing*.jsonl")], tmp_path / "out", Validator())
+        validate_files([str(tmp_path / "nothing*.jsonl")], tmp_path / "out", Validator())
 
 
 def test_streams_from_s3(tmp_path, s3_env):
@@ -134,8 +141,35 @@ def test_streams_from_s3(tmp_path, s3_env):
     s3.put_object(Bucket="raw", Key="corpus/part-0.jsonl", Body=body)
     s3.put_object(Bucket="raw", Key="corpus/part-1.jsonl", Body=line(id="s3") + b"\n")
     s3.put_object(Bucket="raw", Key="other/ignored.jsonl", Body=line(id="s4") + b"\n")
-    m = run_validation(["s3://raw/corpus/*.jsonl"], tmp_path / "out", Validator(min_chars=10))
+    m = validate_files(["s3://raw/corpus/*.jsonl"], tmp_path / "out", Validator(min_chars=10))
     assert m["totals"] == {**m["totals"], "files": 2, "lines_read": 4, "kept": 3, "rejected": 1}
     assert m["by_reason"]["invalid_json"] == 1
     rejects = (tmp_path / "out" / "rejects.jsonl").read_text()
     assert '"file":"s3://raw/corpus/part-0.jsonl","line":2' in rejects
+
+
+def test_stage_run_replaces_the_folder_and_keeps_it_on_failure(tmp_path):
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "a.jsonl").write_bytes(line(id="k1") + b"\n" + line(id="k2", domain="cooking") + b"\n")
+    out = tmp_path / "validated"
+    m = run([str(tmp_path / "raw" / "*.jsonl")], out, domains=["law", "bill"], min_chars=10)
+    assert m["totals"]["kept"] == 1 and m["by_reason"]["unknown_domain"] == 1
+    assert (out / "bill.jsonl").read_text() == ""  # every listed domain gets its file, even empty
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(FileNotFoundError, match="no input matches"):
+        run([str(tmp_path / "raw" / "none*.jsonl")], out, domains=["law", "bill"])
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
+
+
+def test_stage_main_as_a_module_writes_declared_outs(tmp_path):
+    (tmp_path / "data" / "raw").mkdir(parents=True)
+    (tmp_path / "data" / "raw" / "x.jsonl").write_bytes(line(id="m1") + b"\n" + b"oops\n")
+    (tmp_path / "params.yaml").write_text("domains: [law]\nvalidate:\n  min_chars: 10\n", encoding="utf-8")
+    proc = subprocess.run([sys.executable, "-m", "stages.validate"], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "stages.validate: 2 lines read: 1 kept, 1 rejected" in proc.stderr
+    metrics = json.loads((tmp_path / "metrics" / "validate.json").read_text())
+    assert metrics["totals"]["lines_read"] == 2 and metrics["stage"]["wall_s"] >= 0
+    assert len((tmp_path / "data" / "validated" / "law.jsonl").read_text().splitlines()) == 1

@@ -1,6 +1,8 @@
 """Language-model evaluation: strided sliding-window perplexity (the Hugging Face "Perplexity of
 fixed-length models" recipe), greedy continuations, and BLEU / chrF (sacrebleu) and ROUGE-L
-(rouge-score) with a tokenizer that keeps Hangul.
+(rouge-score) with a tokenizer that keeps Hangul; plus what the ``evaluate`` stage measures with
+them: the test texts, the experts (base + one task vector), the perplexity probe, continuation
+scores, retained gains, the training-loss curves and the base-vs-merged comparison page.
 
 rouge-score's default tokenizer lowercases and then replaces every character outside ``[a-z0-9]``
 with a space, so Korean text tokenizes to nothing and scores 0; :class:`UnicodeWordTokenizer`
@@ -8,17 +10,25 @@ fixes that for every script.
 """
 from __future__ import annotations
 
-import contextlib
+import json
 import math
+import random
 import re
 import unicodedata
-from typing import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from rouge_score import rouge_scorer
 from rouge_score.tokenizers import Tokenizer as RougeTokenizer
 from tqdm import tqdm
+
+from domainlm.common import paths
+from domainlm.common.threads import limit_threads
+from domainlm.lm.data import read_texts
+from domainlm.lm.merging import linear
 
 # Scripts written without spaces between words: scored one character per token (as sacrebleu's
 # "zh"/"intl" tokenizers do), Hiragana, Katakana, CJK ideographs.
@@ -206,18 +216,6 @@ def continuation_pairs(tokenizer, texts: Iterable[str], n_docs: int, prompt_toke
     return prompts, references, too_short
 
 
-@contextlib.contextmanager
-def torch_threads(n: int | None) -> Iterator[None]:
-    """Run the block with ``torch.set_num_threads(n)`` (``None``: leave as is), then restore."""
-    previous = torch.get_num_threads()
-    if n is not None:
-        torch.set_num_threads(int(n))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 @torch.inference_mode()
 def greedy_continuations(model, prompts: Sequence[Sequence[int]], new_tokens: int, batch_size: int = 16,
                          pad_token_id: int | None = None) -> list[list[int]]:
@@ -240,7 +238,7 @@ def greedy_continuations(model, prompts: Sequence[Sequence[int]], new_tokens: in
     for i, p in enumerate(prompts):
         by_length.setdefault(len(p), []).append(i)
     out: list[list[int] | None] = [None] * len(prompts)
-    with torch_threads(1):
+    with limit_threads(1, blas=False):
         for length, idx in by_length.items():
             for start in range(0, len(idx), batch_size):
                 chunk = idx[start:start + batch_size]
@@ -249,3 +247,151 @@ def greedy_continuations(model, prompts: Sequence[Sequence[int]], new_tokens: in
                 for row, i in enumerate(chunk):
                     out[i] = generated[row, length:].tolist()
     return out  # type: ignore[return-value]
+
+
+# ------------------------------------------------------------------------ the evaluate stage's inputs
+def read_test_split(split_dir: str | Path, domain: str, seed: int | None = None) -> list[str]:
+    """The ``text`` column of ``<split_dir>/<domain>/test.parquet`` (:func:`domainlm.lm.data.read_texts`),
+    in file order, or shuffled with ``random.Random(f"{seed}-{domain}")`` when ``seed`` is given, so
+    that token caps take a representative, reproducible sample rather than the file's first rows.
+
+    Raises:
+        FileNotFoundError: the file is missing. ValueError: no ``text`` column, a null text, no rows.
+    """
+    path = paths.split_path(split_dir, domain, "test")
+    texts = read_texts(path)
+    if not texts:
+        raise ValueError(f"test split {path} has no rows")
+    if seed is not None:
+        random.Random(f"{seed}-{domain}").shuffle(texts)
+    return texts
+
+
+def read_train_log(path: str | Path) -> list[dict[str, Any]]:
+    """Loss curve of one ``logs/train_<domain>.log`` (JSON lines): rows ``{step, loss, eval_loss}``
+    merged by step in step order, ``None`` where a step logged only one of them. Lines holding
+    neither ``loss`` nor ``eval_loss`` (e.g. the end-of-training summary) are not curve points.
+
+    Raises:
+        FileNotFoundError: the log is missing.
+        ValueError: a line is not a JSON object, or a loss line has no ``step`` (file:line named).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"training log {path} is missing: run train_lora")
+    by_step: dict[int, dict[str, Any]] = {}
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{lineno}: not JSON ({exc})") from None
+        if not isinstance(rec, dict):
+            raise ValueError(f"{path}:{lineno}: expected a JSON object")
+        if "loss" not in rec and "eval_loss" not in rec:
+            continue
+        if "step" not in rec:
+            raise ValueError(f"{path}:{lineno}: loss record without 'step'")
+        row = by_step.setdefault(int(rec["step"]), {"step": int(rec["step"]), "loss": None, "eval_loss": None})
+        for key in ("loss", "eval_loss"):
+            if key in rec:
+                row[key] = float(rec[key])
+    return [by_step[s] for s in sorted(by_step)]
+
+
+# -------------------------------------------------------------------- experts, probe and the scores
+def expert_states(base_state: Mapping, task_vectors: Mapping[str, Mapping]) -> Iterator[tuple[str, dict]]:
+    """Yield ``(domain, state dict)`` of each expert: base + its Δ (linear, weight 1, λ = 1), which
+    equals peft's ``merge_and_unload`` of that LoRA to float tolerance (tests/test_merge.py)."""
+    for domain, tv in task_vectors.items():
+        yield domain, linear(base_state, {domain: tv}, {domain: 1.0}, lam=1.0)
+
+
+def retained_gains(ppl: Mapping[str, Mapping[str, float]], domains: list[str]) -> dict[str, float]:
+    """(ppl_base − ppl_merged) / (ppl_base − ppl_expert_d) on each domain d.
+
+    1 = the merge keeps all of the expert's gain over the base, 0 = none, < 0 = worse than the
+    base. When the expert is not better than the base (denominator ≤ 0) there is no gain to
+    retain and the value is 0.0; :func:`domainlm.lm.gate.check_gate` reports such a domain separately.
+    """
+    out = {}
+    for d in domains:
+        gain = ppl["base"][d] - ppl[f"expert_{d}"][d]
+        out[d] = (ppl["base"][d] - ppl["merged"][d]) / gain if gain > 0 else 0.0
+    return out
+
+
+@dataclass
+class PerplexityProbe:
+    """Fixed test token streams and window settings, so every model is measured on the same tokens."""
+
+    streams: dict[str, torch.Tensor]  # domain -> int64 (n,) token stream
+    max_length: int
+    stride: int
+    batch_size: int
+
+    @classmethod
+    def from_params(cls, cfg: Mapping[str, Any], tokenizer, texts: Mapping[str, list[str]], context: int) -> "PerplexityProbe":
+        """Streams of at most ``max_tokens_per_domain`` tokens; ``max_length`` defaults to ``context``
+        (the model's ``max_position_embeddings``), ``stride`` to half of it."""
+        max_length = int(cfg.get("max_length") or context)
+        return cls(streams={d: token_stream(tokenizer, t, cfg.get("max_tokens_per_domain")) for d, t in texts.items()},
+                   max_length=max_length, stride=int(cfg.get("stride") or max_length // 2),
+                   batch_size=int(cfg.get("batch_size", 8)))
+
+    def run(self, model, name: str) -> dict[str, float]:
+        """``{domain: perplexity}`` of ``model`` on every stream."""
+        return {d: perplexity(model, ids, self.max_length, self.stride, self.batch_size, desc=f"ppl {name}/{d}")["perplexity"]
+                for d, ids in self.streams.items()}
+
+
+def continuation_scores(tokenizer, texts: Mapping[str, list[str]], models: Mapping[str, Any], cont: Mapping[str, Any],
+                        bleu_tokenize: str = "char") -> dict[str, Any]:
+    """Greedy continuations of every model on each domain's first ``n_docs`` long-enough test
+    documents, scored against the documents' own next tokens.
+
+    Returns:
+        ``{"scores": {metric: {model: {domain: value}}}, "samples": {domain: [row]}, "pairs":
+        {domain: n}, "too_short": {domain: n}}``; a sample row holds prompt, reference and one
+        continuation per model.
+
+    Raises:
+        ValueError: a domain has no document with ``prompt_tokens + new_tokens`` tokens.
+    """
+    k, m = int(cont.get("prompt_tokens", 32)), int(cont.get("new_tokens", 32))
+    out: dict[str, Any] = {"scores": {"bleu": {}, "chrf": {}, "rougeL": {}}, "samples": {}, "pairs": {}, "too_short": {}}
+    for d, doc_texts in texts.items():
+        prompts, refs, out["too_short"][d] = continuation_pairs(tokenizer, doc_texts, int(cont.get("n_docs", 8)), k, m)
+        out["pairs"][d] = len(prompts)
+        if not prompts:
+            raise ValueError(f"no {d} test document has {k + m} tokens: lower evaluate.continuation prompt_tokens/new_tokens")
+        ref_text = [tokenizer.decode(r, skip_special_tokens=True) for r in refs]
+        rows = [{"prompt": tokenizer.decode(p, skip_special_tokens=True), "reference": r} for p, r in zip(prompts, ref_text)]
+        for name, model in models.items():
+            gen = greedy_continuations(model, prompts, m, int(cont.get("batch_size", 16)), tokenizer.pad_token_id)
+            hyps = [tokenizer.decode(g, skip_special_tokens=True) for g in gen]
+            for row, hyp in zip(rows, hyps):
+                row[name] = hyp
+            for metric, value in text_scores(hyps, ref_text, bleu_tokenize).items():
+                out["scores"][metric].setdefault(name, {})[d] = value
+        out["samples"][d] = rows[: int(cont.get("show_per_domain", 3))]
+    return out
+
+
+# ----------------------------------------------------------------------------------------- outputs
+def _cell(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\r", " ").replace("\n", " ⏎ ")
+
+
+def comparison_markdown(samples: Mapping[str, list[dict[str, str]]], settings: Mapping[str, Any]) -> str:
+    """Markdown: per domain a table of prompt, reference, base and merged continuation."""
+    lines = ["# Base vs merged: greedy continuations", "",
+             f"Prompt = a test document's first {settings['prompt_tokens']} tokens; reference = its next "
+             f"{settings['new_tokens']} tokens; both models decode {settings['new_tokens']} tokens greedily.", ""]
+    for domain, rows in samples.items():
+        lines += [f"## {domain}", "", "| prompt | reference | base | merged |", "|---|---|---|---|"]
+        lines += [f"| {_cell(r['prompt'])} | {_cell(r['reference'])} | {_cell(r['base'])} | {_cell(r['merged'])} |"
+                  for r in rows]
+        lines.append("")
+    return "\n".join(lines)

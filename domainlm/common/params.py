@@ -7,7 +7,7 @@ from typing import Any
 
 import yaml
 
-PARAMS_FILE = "params.yaml"
+from domainlm.common.paths import PARAMS_FILE
 
 
 def load_params(path: str | os.PathLike = PARAMS_FILE) -> dict[str, Any]:

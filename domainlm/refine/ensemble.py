@@ -5,12 +5,13 @@ probabilities (k-fold cross-fitting) follow confident learning (Northcutt et al.
 """
 from __future__ import annotations
 
-import contextlib
 import gc
 import logging
 import re
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Iterable, Protocol, Sequence
 
 import numpy as np
 import scipy.sparse as sp
@@ -23,7 +24,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from tqdm.auto import tqdm
 
-from stages.hangul import decompose
+from domainlm.korean.hangul import decompose
 
 log = logging.getLogger(__name__)
 
@@ -51,31 +52,6 @@ def free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-@contextlib.contextmanager
-def limit_threads(n: int | None) -> Iterator[None]:
-    """Run the block with at most ``n`` compute threads, then restore the settings: PyTorch's
-    intra-op pool (``torch.set_num_threads``) and the BLAS/OpenMP pools numpy and scikit-learn use
-    (``threadpoolctl.threadpool_limits``). ``None`` leaves everything as it is.
-
-    The ensemble's models are small: a 12-class logistic regression on 256 features, a 32-unit
-    LSTM, a 256-wide LM forward pass. On the shared 2-core machine, 2 threads measured 10x slower
-    than 1 for the LSTM and the LM embedding and 75x slower for the logistic regression, because
-    threads that wait for a busy core spin instead of computing.
-    """
-    if n is None:
-        yield
-        return
-    from threadpoolctl import threadpool_limits
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(int(n))
-    try:
-        with threadpool_limits(limits=int(n)):
-            yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def run_in_batches(step: Callable[[int, int], None], n: int, batch_size: int, *,
@@ -151,7 +127,7 @@ def lexical_counts(texts: Sequence[str], *, word_ngrams: tuple[int, int] = (1, 2
     """Word n-gram and jamo n-gram counts of ``texts`` (scikit-learn ``CountVectorizer``).
 
     Words are :data:`WORD_PATTERN` tokens, lower-cased. Jamo n-grams are character n-grams
-    inside each run of Hangul jamo after :func:`stages.hangul.decompose` (syllables split into
+    inside each run of Hangul jamo after :func:`domainlm.korean.hangul.decompose` (syllables split into
     conjoining jamo, Unicode 3.12), so they see stems and particles of Korean words; text in
     other scripts gives no jamo n-grams and is covered by the word n-grams. Jamo counts are
     scaled by ``jamo_weight`` (multinomial naive Bayes accepts fractional counts): there are
@@ -575,8 +551,6 @@ def cross_fit_ensemble(members: Iterable[Member], y: np.ndarray, n_classes: int,
         n_classes: size of the label space.
         folds: number of folds k; seed: fold assignment and model seeds.
     """
-    import time
-
     fold_ids = assign_folds(y, folds, seed)
     oof: dict[str, OutOfFold] = {}
     acc: dict[str, float] = {}
@@ -598,3 +572,137 @@ def cross_fit_ensemble(members: Iterable[Member], y: np.ndarray, n_classes: int,
     weights = accuracy_weights(acc, baseline)
     proba = soft_vote(calibrated, weights)
     return EnsembleResult(proba, oof, calibrated, temps, acc, weights, fold_ids, secs)
+
+
+# ------------------------------------------------------------------ the four members, built from params
+
+def _from_section(cls: type, p: dict[str, Any]) -> Any:
+    """An instance of the config dataclass ``cls`` from a params sub-section: each field present
+    in ``p`` is cast to its default's type (a list becomes a tuple); missing fields keep their
+    default, other keys are ignored."""
+    kw = {}
+    for f in fields(cls):
+        if f.name in p:
+            kw[f.name] = tuple(p[f.name]) if isinstance(f.default, tuple) else type(f.default)(p[f.name])
+    return cls(**kw)
+
+
+@dataclass(frozen=True)
+class LexicalConfig:
+    """The lexical member (``refine.lexical``): :func:`lexical_counts` n-gram ranges (inclusive
+    ``(min_n, max_n)``), ``min_df`` (documents), ``jamo_weight``; :class:`LexicalNB` Lidstone
+    ``alpha`` and ``doc_tokens`` (tokens per document after length normalisation)."""
+
+    word_ngrams: tuple[int, int] = (1, 2)
+    jamo_ngrams: tuple[int, int] = (2, 4)
+    min_df: int = 2
+    jamo_weight: float = 0.1
+    alpha: float = 0.03
+    doc_tokens: float = 20.0
+
+    @classmethod
+    def from_params(cls, p: dict[str, Any]) -> "LexicalConfig":
+        """From the ``refine.lexical`` params (missing keys keep their default)."""
+        return _from_section(cls, p)
+
+
+@dataclass(frozen=True)
+class LSTMConfig:
+    """The LSTM and BiLSTM members (``refine.lstm``, shared by both): tokens per document
+    (``max_tokens``), tokenizer ids seen fewer than ``min_token_count`` times map to unknown
+    (:func:`token_matrix`), and :class:`LSTMMember`'s network and Adam settings."""
+
+    max_tokens: int = 128
+    min_token_count: int = 2
+    embed_dim: int = 32
+    hidden: int = 32
+    epochs: int = 8
+    batch_size: int = 64
+    lr: float = 1e-2
+
+    @classmethod
+    def from_params(cls, p: dict[str, Any]) -> "LSTMConfig":
+        """From the ``refine.lstm`` params (missing keys keep their default)."""
+        return _from_section(cls, p)
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    """The frozen-LM member (``refine.transformer``): tokens per document and batch size of
+    :func:`embed_mean_pooled`, inverse L2 strength ``C`` and lbfgs ``max_iter`` of
+    :class:`EmbeddingHead`."""
+
+    max_tokens: int = 256
+    batch_size: int = 16
+    C: float = 0.1
+    max_iter: int = 300
+
+    @classmethod
+    def from_params(cls, p: dict[str, Any]) -> "TransformerConfig":
+        """From the ``refine.transformer`` params (missing keys keep their default)."""
+        return _from_section(cls, p)
+
+
+def build_members(texts: Sequence[str], tokenizer: Any, lm: Any, *, lexical: LexicalConfig = LexicalConfig(),
+                  lstm: LSTMConfig = LSTMConfig(), transformer: TransformerConfig = TransformerConfig()
+                  ) -> tuple[list[Member], LexicalNB, dict[str, float]]:
+    """Compute every member's features once (texts never change during refinement) and build
+    the four members: lexical NB, LSTM, BiLSTM, and the frozen-LM head.
+
+    Args:
+        texts: documents in load order, already cut to ``refine.max_chars``.
+        tokenizer, lm: the merged model's tokenizer and causal LM (frozen; :func:`load_lm`).
+        lexical, lstm, transformer: the members' settings.
+
+    Returns:
+        ``(members, lexical_member, seconds)``: the members in the order lexical, lstm, bilstm,
+        transformer; the lexical member again (for the feature change rate); feature-building
+        wall times in seconds (``lexical_features_s``, ``tokenize_s``, ``embed_s``).
+    """
+    secs: dict[str, float] = {}
+    t0 = time.perf_counter()
+    counts, names = lexical_counts(texts, word_ngrams=lexical.word_ngrams, jamo_ngrams=lexical.jamo_ngrams,
+                                   min_df=lexical.min_df, jamo_weight=lexical.jamo_weight)
+    lexical_member = LexicalNB(counts, names, alpha=lexical.alpha, doc_tokens=lexical.doc_tokens)
+    secs["lexical_features_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    enc = tokenizer(list(texts), truncation=True, max_length=lstm.max_tokens, add_special_tokens=False)["input_ids"]
+    ids, lengths, vocab = token_matrix(enc, min_count=lstm.min_token_count, max_len=lstm.max_tokens)
+    secs["tokenize_s"] = time.perf_counter() - t0
+    lstm_kw = dict(embed_dim=lstm.embed_dim, hidden=lstm.hidden, epochs=lstm.epochs, batch_size=lstm.batch_size,
+                   lr=lstm.lr)
+
+    t0 = time.perf_counter()
+    emb, _ = embed_mean_pooled(lm, tokenizer, texts, max_tokens=transformer.max_tokens,
+                               batch_size=transformer.batch_size)
+    secs["embed_s"] = time.perf_counter() - t0
+    members: list[Member] = [
+        lexical_member,
+        LSTMMember(ids, lengths, vocab, bidirectional=False, **lstm_kw),
+        LSTMMember(ids, lengths, vocab, bidirectional=True, **lstm_kw),
+        EmbeddingHead(emb, C=transformer.C, max_iter=transformer.max_iter),
+    ]
+    return members, lexical_member, secs
+
+
+def load_lm(model_dir: str | Path) -> tuple[Any, Any]:
+    """Load the merged causal LM (eval mode, gradients off) and its tokenizer from a local folder
+    (Hugging Face transformers, ``local_files_only``): the frozen LM of :func:`embed_mean_pooled`.
+
+    Returns:
+        ``(tokenizer, model)``.
+
+    Raises:
+        FileNotFoundError: when ``model_dir`` has no ``config.json`` (run the merge stage first).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").exists():
+        raise FileNotFoundError(f"{model_dir} holds no Hugging Face model (config.json): run the merge stage first")
+    tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    lm = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True).eval()
+    for prm in lm.parameters():
+        prm.requires_grad_(False)
+    return tok, lm

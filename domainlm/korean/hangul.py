@@ -71,36 +71,6 @@ def decompose_syllable(ch: str) -> str:
     return jamo + chr(T_BASE + tail) if tail else jamo
 
 
-def jamo_code_points(text: str) -> np.ndarray:
-    """Code points of ``text`` with every precomposed Hangul syllable decomposed into jamo.
-
-    Vectorised form of :func:`decompose_syllable` over the whole string: each code point
-    fills a row of 3 slots (leading/vowel/trailing jamo for a syllable, the code point itself
-    otherwise) and the used slots are read back in order, so each syllable becomes 2 (no
-    final consonant) or 3 code points and every other code point is copied.
-
-    Returns:
-        ``uint32`` array of shape ``(m,)`` with ``len(text) <= m <= 3 * len(text)``.
-    """
-    cps = code_points(text)
-    s = cps - np.uint32(S_BASE)  # wraps around below U+AC00, so one comparison finds syllables
-    syllable = s < S_COUNT
-    if not syllable.any():
-        return cps.copy()
-    slots = np.empty((len(cps), 3), dtype=np.uint32)
-    used = np.zeros((len(cps), 3), dtype=bool)
-    s_syl = s[syllable]
-    tail = s_syl % T_COUNT
-    slots[:, 0] = cps
-    slots[syllable, 0] = L_BASE + s_syl // N_COUNT
-    slots[syllable, 1] = V_BASE + (s_syl % N_COUNT) // T_COUNT
-    slots[syllable, 2] = T_BASE + tail
-    used[:, 0] = True
-    used[:, 1] = syllable
-    used[syllable, 2] = tail > 0
-    return slots[used]
-
-
 def decompose(text: str) -> str:
     """``text`` with every precomposed Hangul syllable decomposed into conjoining jamo.
 

@@ -18,12 +18,13 @@ import pyarrow.parquet as pq
 import sqlite_utils
 from tqdm.auto import tqdm
 
-from stages.atomic import atomic_path
+from domainlm.common.atomic import atomic_path
+from domainlm.common.paths import SPLITS, split_path
+from domainlm.documents.labels import read_label_table
 
 log = logging.getLogger(__name__)
 
 TABLE = "sentences"
-SPLITS = ("train", "val", "test")
 COLUMNS = {
     "id": str,
     "text": str,
@@ -53,7 +54,7 @@ def split_files(split_root: str | os.PathLike, domains: Iterable[str]) -> list[t
     out = []
     for d in domains:
         for s in SPLITS:
-            p = Path(split_root) / d / f"{s}.parquet"
+            p = split_path(split_root, d, s)
             if not p.exists():
                 raise FileNotFoundError(f"split output {p} is missing: run the split stage first")
             out.append((s, p))
@@ -115,9 +116,7 @@ def iter_split_rows(files: list[tuple[str, Path]], chunksize: int, report: LoadR
 
 def label_map(path: str | os.PathLike) -> dict[str, str | None]:
     """``{id: label}`` from the split stage's label table (overrides applied;
-    :func:`stages.split.read_label_table`, whose errors it raises)."""
-    from stages.split import read_label_table
-
+    :func:`domainlm.documents.labels.read_label_table`, whose errors it raises)."""
     table = read_label_table(path)
     return dict(zip(table["id"].to_pylist(), table["label"].to_pylist()))
 
@@ -126,7 +125,7 @@ def create_store(path: str | os.PathLike, rows: Iterable[dict], *, chunksize: in
     """Create the ``sentences`` database at ``path`` from ``rows`` (dicts with :data:`COLUMNS`).
 
     Rows are inserted ``chunksize`` at a time (sqlite-utils ``insert_all``). The database is
-    built beside ``path`` and moved into place when complete (:func:`stages.atomic.atomic_path`),
+    built beside ``path`` and moved into place when complete (:func:`domainlm.common.atomic.atomic_path`),
     replacing any older one. Indexes: ``current_label`` and ``split``.
 
     Returns:

@@ -5,14 +5,15 @@ durations are seconds; names carry their unit (``docs_per_s``, ``peak_rss_mb``).
 """
 from __future__ import annotations
 
+import csv
+import io
 import os
 import resource
 from pathlib import Path
 from typing import Any, Mapping
 
-from stages.atomic import write_json
-
-METRICS_DIR = Path("metrics")
+from domainlm.common.atomic import write_json
+from domainlm.common.paths import METRICS_DIR
 
 
 def write_metrics(name: str, values: dict[str, Any], root: str | os.PathLike = METRICS_DIR) -> Path:
@@ -40,3 +41,19 @@ def flatten(obj: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def flatten_numbers(obj: Mapping[str, Any]) -> dict[str, float]:
     """Numeric leaves of a nested dict as ``{"a.b": value}`` (booleans, strings and None left out)."""
     return {k: v for k, v in flatten(obj).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def rows_to_csv(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
+    """CSV text of ``rows`` (``None`` → empty field); columns default to the keys in the order first seen.
+
+    The form of every ``plots/*.csv`` and ``metrics/summary.csv`` this pipeline writes.
+    """
+    if columns is None:
+        columns = []
+        for row in rows:
+            columns.extend(k for k in row if k not in columns)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
 from typing import Any, Iterator
 
-from stages.metrics import flatten
+from domainlm.common.metrics import flatten
+from domainlm.common.stage import git_commit
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 EXPERIMENT = "domain-lm"
@@ -22,18 +22,8 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
 
 
-def git_commit() -> str:
-    """The current git commit (``HEAD``), or ``"unknown"`` outside a git repository."""
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 @contextlib.contextmanager
-def stage_run(stage: str, params: dict[str, Any] | None = None, *, nested: bool = False,
+def mlflow_run(stage: str, params: dict[str, Any] | None = None, *, nested: bool = False,
               run_name: str | None = None) -> Iterator[Any]:
     """Open an MLflow run for a DVC stage and yield the ``mlflow`` module.
 

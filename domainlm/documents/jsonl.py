@@ -1,7 +1,7 @@
 """Streaming JSON Lines I/O for local paths and ``s3://`` URIs (smart_open).
 
 Readers yield one line at a time, so memory stays constant whatever the file size. Writers
-go through :func:`stages.atomic.atomic_path`, so a crash never leaves a half-written file.
+go through :func:`domainlm.common.atomic.atomic_path`, so a crash never leaves a half-written file.
 S3 endpoints other than AWS (MinIO, moto) are reached through the standard
 ``AWS_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL_S3`` environment variables, which boto3 reads.
 """
@@ -17,7 +17,7 @@ from typing import Any, Iterable, Iterator
 
 from smart_open import open as sopen
 
-from stages.atomic import atomic_path
+from domainlm.common.atomic import atomic_path
 
 
 def _s3_client():
@@ -63,6 +63,17 @@ def expand_uris(pattern: str) -> list[str]:
     return found
 
 
+def input_root(uri: str) -> str:
+    """The folder (or file, or ``s3://`` prefix) a source URI reads from: the part before the first
+    wildcard, cut back to its last ``/``. ``s3://b/news/*.jsonl`` → ``s3://b/news``; ``data/in/a.jsonl``
+    → ``data/in/a.jsonl``; ``data/in/**/*.jsonl`` → ``data/in``."""
+    uri = str(uri)
+    cut = next((i for i, c in enumerate(uri) if c in "*?["), None)
+    if cut is None:
+        return uri.rstrip("/") or uri
+    return uri[:cut].rsplit("/", 1)[0].rstrip("/")
+
+
 def _transport_params(uri: str) -> dict[str, Any] | None:
     return {"client": _s3_client()} if is_s3(uri) else None
 
@@ -84,13 +95,6 @@ def iter_raw_lines(uri: str) -> Iterator[bytes]:
             if line.endswith(b"\r"):
                 line = line[:-1]
             yield line
-
-
-def iter_records(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
-    """Yield the JSON objects of a JSONL file this pipeline wrote (trusted: one object per line)."""
-    for line in iter_raw_lines(str(path)):
-        if line.strip():
-            yield json.loads(line)
 
 
 def dumps(record: dict[str, Any]) -> str:

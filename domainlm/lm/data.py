@@ -15,19 +15,9 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-SPLITS = ("train", "val", "test")
+from domainlm.common.paths import split_path
+
 IGNORE_INDEX = -100  # label value HF causal LMs leave out of the loss
-
-
-def split_path(root: str | os.PathLike, domain: str, split: str) -> Path:
-    """Path of one split file: ``<root>/<domain>/<split>.parquet``.
-
-    Raises:
-        ValueError: when ``split`` is not one of train, val, test.
-    """
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
-    return Path(root) / domain / f"{split}.parquet"
 
 
 def read_texts(path: str | os.PathLike) -> list[str]:

@@ -1,8 +1,9 @@
 """Task-vector merge methods behind one signature, mergekit style: task arithmetic (Ilharco et al. 2023),
-TIES (Yadav et al. 2023) and DARE (Yu et al. 2024); plus loading checkpoints and task vectors.
+TIES (Yadav et al. 2023) and DARE (Yu et al. 2024); plus loading checkpoints and task vectors, the
+merge params (weights, method options), the merge report and saving the merged HF folder.
 
 Every method is ``fn(base, task_vectors, weights, **options) -> merged`` where ``base`` is a model
-state dict, ``task_vectors[domain]`` maps some of its keys to dense deltas Δ (see :mod:`stages.diff`)
+state dict, ``task_vectors[domain]`` maps some of its keys to dense deltas Δ (see :mod:`domainlm.lm.task_vectors`)
 and ``weights[domain]`` is a float. Adding a method is adding one function decorated with
 :func:`register`. Deltas are combined densely in float32 and the result is cast back to each base
 tensor's dtype; keys no task vector touches are returned unchanged (same tensor objects).
@@ -10,11 +11,14 @@ tensor's dtype; keys no task vector touches are returned unchanged (same tensor 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from safetensors.torch import load_file
+
+from domainlm.common.atomic import atomic_path
 
 Tensor = torch.Tensor
 StateDict = dict[str, Tensor]
@@ -228,3 +232,69 @@ def delta_l2_norm(merged: Mapping[str, Tensor], base: Mapping[str, Tensor], keys
     for key in keys:
         total += float((merged[key].double() - base[key].double()).pow(2).sum())
     return total ** 0.5
+
+
+# ------------------------------------------------------------ the merge stage: params, report, output
+def resolve_weights(weights: Mapping[str, float] | None, domains: list[str], default: float = 1.0) -> dict[str, float]:
+    """Per-domain merge weights: ``weights[d]`` where given, ``default`` otherwise.
+
+    Raises:
+        ValueError: ``weights`` names a domain not in ``domains``.
+    """
+    weights = dict(weights or {})
+    unknown = sorted(set(weights) - set(domains))
+    if unknown:
+        raise ValueError(f"merge.weights names unknown domain(s) {unknown}; domains are {domains}")
+    return {d: float(weights.get(d, default)) for d in domains}
+
+
+def method_options(cfg: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """``(method, options)`` from the ``merge`` params: λ (``lam``) plus the method's own sub-section.
+
+    Raises:
+        KeyError: unknown method, listing the registered ones.
+    """
+    method = cfg.get("method", "linear")
+    if method not in MERGE_METHODS:
+        raise KeyError(f"merge.method {method!r} is not registered; known: {sorted(MERGE_METHODS)}")
+    return method, {"lam": float(cfg.get("lam", 1.0)), **(cfg.get(method) or {})}
+
+
+def merge_report(base: Mapping[str, torch.Tensor], merged: Mapping[str, torch.Tensor],
+                 task_vectors: Mapping[str, StateDict], weights: Mapping[str, float]) -> dict[str, Any]:
+    """Norms of the merge: ‖θ_merged − θ_base‖₂ over the touched keys, and per domain its weight,
+    ‖Δᵢ‖₂ and the cosine between Δᵢ and the merged update (float64 accumulation).
+
+    Returns:
+        ``{"merged_update_l2_norm", "n_tensors", "domains": {domain: {"weight", "task_vector_l2_norm",
+        "cosine_to_merged_update"}}}``; the cosine is 0.0 when either norm is 0.
+    """
+    keys = sorted({k for tv in task_vectors.values() for k in tv})
+    update = {k: merged[k].double() - base[k].double() for k in keys}
+    update_norm = sum(float(u.pow(2).sum()) for u in update.values()) ** 0.5
+    per_domain = {}
+    for domain, tv in task_vectors.items():
+        norm = sum(float(t.double().pow(2).sum()) for t in tv.values()) ** 0.5
+        dot = sum(float((tv[k].double() * update[k]).sum()) for k in tv)
+        per_domain[domain] = {
+            "weight": float(weights[domain]), "task_vector_l2_norm": norm,
+            "cosine_to_merged_update": dot / (norm * update_norm) if norm > 0 and update_norm > 0 else 0.0,
+        }
+    return {"merged_update_l2_norm": delta_l2_norm(merged, base, keys), "n_tensors": len(keys), "domains": per_domain}
+
+
+# Files of an HF folder that ``save_pretrained`` of the model writes; everything else (the tokenizer) is copied.
+MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json")
+MODEL_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def save_merged(model, base_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Write ``model`` (``save_pretrained``: config + safetensors) and the base folder's tokenizer
+    files to ``out_dir``, atomically (the folder appears whole or not at all)."""
+    base_dir = Path(base_dir)
+    with atomic_path(out_dir, is_dir=True) as tmp:
+        model.save_pretrained(tmp)
+        for path in sorted(base_dir.iterdir()):
+            if path.is_file() and path.name not in MODEL_FILES and not path.name.endswith(MODEL_SUFFIXES):
+                shutil.copy2(path, tmp / path.name)
+    return Path(out_dir)

@@ -1,0 +1,131 @@
+"""The stage contract: every DVC entry point runs its body inside :func:`stage_run`.
+
+It gives every stage the same things, so ``stages/<name>.py`` holds only its own logic:
+
+- one logging format (``<time> <level> <logger>: <message>`` on stderr);
+- wall time and peak RSS, added to the stage's metrics file under ``stage`` (seconds, MiB);
+- one line per run appended to ``logs/pipeline_run.log``: stage, start time (UTC, ISO 8601), wall s,
+  ``ok`` or ``failed``, git commit (tab-separated);
+- the stack trace of a failed run appended to ``logs/pipeline_errors.log``.
+
+Both logs are git-ignored and listed in ``.dvcignore``: they are not DVC outputs, so a re-run never
+erases them, and they never change a stage's deps. This is seed 002's run log and error log.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+from domainlm.common import paths
+from domainlm.common.metrics import peak_rss_mb, write_metrics
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+LOG_DATEFMT = "%H:%M:%S"
+RUN_LOG_FIELDS = ("stage", "started_utc", "wall_s", "status", "git_commit")
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    """Set the one logging format every stage uses (root logger, stderr). Idempotent."""
+    logging.basicConfig(level=level, format=LOG_FORMAT, datefmt=LOG_DATEFMT, force=True)
+    # Libraries that log every HTTP call or file at INFO would drown the stage's own lines.
+    for noisy in ("httpx", "urllib3", "botocore", "filelock", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def git_commit(cwd: str | os.PathLike | None = None) -> str:
+    """The current git commit (``HEAD``), or ``"unknown"`` outside a git repository."""
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              timeout=10, cwd=cwd).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+@dataclass
+class StageRun:
+    """What a stage body gets from :func:`stage_run`: its name, logger and start time.
+
+    Attributes:
+        name: the DVC stage name (``train_lora@law`` for a foreach stage).
+        log: a logger named ``stages.<module>``.
+        started: ``time.perf_counter()`` at the start (seconds).
+        metrics_root: where :meth:`write_metrics` writes (``metrics/`` in the pipeline).
+    """
+
+    name: str
+    log: logging.Logger
+    started: float
+    metrics_root: Path = paths.METRICS_DIR
+    written: list[Path] = field(default_factory=list)
+
+    def wall_s(self) -> float:
+        """Seconds since the stage started."""
+        return time.perf_counter() - self.started
+
+    def write_metrics(self, metrics_name: str, values: dict[str, Any]) -> Path:
+        """Write ``<metrics_root>/<metrics_name>.json`` atomically, with ``stage.wall_s`` and
+        ``stage.peak_rss_mb`` (this process, MiB) added. ``metrics_name`` may contain ``/``."""
+        values = dict(values)
+        values["stage"] = {"wall_s": round(self.wall_s(), 3), "peak_rss_mb": round(peak_rss_mb(), 1)}
+        path = write_metrics(metrics_name, values, root=self.metrics_root)
+        self.written.append(path)
+        return path
+
+
+def append_line(path: Path, text: str) -> None:
+    """Append ``text`` (one line or a block) to ``path``, creating its folder. Never raises on I/O:
+    a log that cannot be written must not fail the stage it reports on."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a", encoding="utf-8") as fh:
+            fh.write(text if text.endswith("\n") else text + "\n")
+    except OSError as exc:  # pragma: no cover - a read-only checkout
+        logging.getLogger("stages").warning("cannot append to %s: %s", path, exc)
+
+
+@contextlib.contextmanager
+def stage_run(name: str, *, logger: str | None = None, run_log: Path = paths.RUN_LOG,
+              error_log: Path = paths.ERROR_LOG, metrics_root: Path = paths.METRICS_DIR) -> Iterator[StageRun]:
+    """Run a stage body: one log format, timing, the run log and, on failure, the error log.
+
+    Args:
+        name: the DVC stage name, as ``dvc.yaml`` shows it.
+        logger: logger name (default ``stages.<name before '@'>``).
+        run_log, error_log, metrics_root: where to write (the pipeline's defaults; tests pass others).
+
+    Yields:
+        A :class:`StageRun`. The exception of a failed body is re-raised after it is logged.
+    """
+    configure_logging()
+    log = logging.getLogger(logger or f"stages.{name.split('@')[0]}")
+    started_utc = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    run = StageRun(name=name, log=log, started=time.perf_counter(), metrics_root=Path(metrics_root))
+    status = "failed"
+    try:
+        yield run
+        status = "ok"
+    except BaseException as exc:
+        if not (isinstance(exc, SystemExit) and exc.code in (0, None)):
+            append_line(Path(error_log), f"=== {name} {started_utc} {git_commit()}\n{traceback.format_exc()}")
+        else:
+            status = "ok"
+        raise
+    finally:
+        append_line(Path(run_log), "\t".join([name, started_utc, f"{run.wall_s():.3f}", status, git_commit()]))
+        log.info("%s %s in %.1f s (peak RSS %.0f MiB)", name, "finished" if status == "ok" else "FAILED",
+                 run.wall_s(), peak_rss_mb())
+
+
+def fail(message: str) -> None:
+    """End a stage with a clear one-line message and exit status 1 (for bad input or params)."""
+    print(message, file=sys.stderr)
+    raise SystemExit(1)

@@ -1,0 +1,1 @@
+"""Near-duplicate removal: exact hashing, then MinHash-LSH with exact-Jaccard verification."""

@@ -1,0 +1,191 @@
+"""Stratified train/val/test split of one domain's documents (scikit-learn ``train_test_split(stratify=...)``).
+
+Two seeded hold-out steps (test, then val), each stratified by label with a null label as a stratum of
+its own; rare labels and unstratifiable domains are handled explicitly (see :func:`split_indices`).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from sklearn.model_selection import train_test_split
+
+from domainlm.common.paths import SPLITS
+from domainlm.documents.labels import NULL_LABEL_KEY, duplicate_id
+
+log = logging.getLogger(__name__)
+
+
+class DomainTooSmallError(ValueError):
+    """A domain has too few documents to give train, val and test at least one each."""
+
+
+@dataclass
+class SplitResult:
+    """Row indices of one domain's splits (each sorted ascending, disjoint, covering all rows).
+
+    Attributes:
+        indices: split name -> int64 array of row indices into the domain table.
+        stratified: per hold-out step (``"test"``, ``"val"``): True when the step was stratified
+            by label, False when it fell back to an unstratified (seeded) shuffle split.
+        rare_to_train: number of documents kept in train because their label had a single
+            document in a step's pool (scikit-learn cannot stratify a one-member class).
+    """
+
+    indices: dict[str, np.ndarray]
+    stratified: dict[str, bool] = field(default_factory=dict)
+    rare_to_train: int = 0
+
+
+def split_sizes(n: int, val_size: float, test_size: float, domain: str) -> tuple[int, int, int]:
+    """Document counts ``(train, val, test)`` for a domain of ``n`` documents.
+
+    Held-out counts round up (as scikit-learn's ``train_test_split`` does for fractions), so
+    val and test get at least one document each; train gets the rest.
+
+    Raises:
+        ValueError: when a fraction is not in (0, 1) or they sum to 1 or more.
+        DomainTooSmallError: naming ``domain`` when train would be empty.
+    """
+    for name, frac in (("val_size", val_size), ("test_size", test_size)):
+        if not 0 < frac < 1:
+            raise ValueError(f"split.{name} must be in (0, 1), got {frac!r}")
+    if val_size + test_size >= 1:
+        raise ValueError(f"split.val_size + split.test_size must be < 1, got {val_size + test_size!r}")
+    # round() first: 0.07 * 100 is 7.000000000000001 in binary floating point, which must give 7.
+    n_test = math.ceil(round(test_size * n, 9))
+    n_val = math.ceil(round(val_size * n, 9))
+    n_train = n - n_val - n_test
+    if n_train < 1:
+        raise DomainTooSmallError(
+            f"domain {domain!r} has {n} document(s): too few to give train, val and test at least one each "
+            f"(val_size={val_size} -> {n_val}, test_size={test_size} -> {n_test}, train -> {n_train})"
+        )
+    return n_train, n_val, n_test
+
+
+def _label_codes(labels: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """int64 stratum per document: dictionary index of the label, -1 for a null label."""
+    enc = pc.dictionary_encode(labels)
+    if isinstance(enc, pa.ChunkedArray):
+        enc = enc.combine_chunks()
+    return pc.fill_null(enc.indices.cast(pa.int64()), -1).to_numpy(zero_copy_only=False)
+
+
+def _hold_out(idx: np.ndarray, strata: np.ndarray, n_out: int, seed: int
+              ) -> tuple[np.ndarray, np.ndarray, bool, np.ndarray]:
+    """Split ``idx`` into (kept, held_out) with ``len(held_out) == n_out``.
+
+    Stratified when possible; returns (kept, held_out, stratified, rare rows forced into kept).
+    """
+    classes, counts = np.unique(strata[idx], return_counts=True)
+    rare_classes = classes[counts < 2]
+    rare = np.isin(strata[idx], rare_classes)
+    pool = idx[~rare]
+    n_classes = int((counts >= 2).sum())
+    if n_classes and n_out >= n_classes and len(pool) - n_out >= n_classes:
+        kept, out = train_test_split(pool, test_size=n_out, stratify=strata[pool], random_state=seed, shuffle=True)
+        return np.concatenate([kept, idx[rare]]), out, True, idx[rare]
+    kept, out = train_test_split(idx, test_size=n_out, random_state=seed, shuffle=True)
+    return kept, out, False, idx[:0]
+
+
+def split_indices(labels: pa.ChunkedArray | pa.Array, domain: str, *, seed: int, val_size: float,
+                  test_size: float) -> SplitResult:
+    """Stratified train/val/test split of one domain's rows (scikit-learn ``train_test_split``).
+
+    Two seeded hold-out steps: test (``ceil(test_size * n)`` docs) from all rows, then val
+    (``ceil(val_size * n)`` docs) from the rest; sizes are fractions of the whole domain. Each
+    step stratifies by label, a null label being a stratum of its own. Classes too small to
+    stratify are handled explicitly, never by crashing:
+
+    * a label with a single document in a step's pool cannot be stratified (scikit-learn needs
+      two per class), so that document stays in train (counted in ``rare_to_train``);
+    * if the held-out count, or what is left for train, is smaller than the number of labels
+      (so not every label can be represented), that step falls back to an unstratified seeded
+      shuffle split of the whole pool (``stratified[step] = False``, logged as a warning).
+
+    Args:
+        labels: one label (string or null) per row, length ``n``.
+        domain: domain name, for errors and warnings.
+        seed: ``random_state`` of both steps; the result is a pure function of the inputs.
+        val_size, test_size: fractions of ``n`` in (0, 1), summing to less than 1.
+
+    Returns:
+        A :class:`SplitResult`; index arrays are sorted, disjoint and cover ``range(n)``.
+
+    Raises:
+        DomainTooSmallError: naming ``domain`` when ``n`` is too small for three non-empty splits.
+    """
+    n = len(labels)
+    _, n_val, n_test = split_sizes(n, val_size, test_size, domain)
+    strata = _label_codes(labels)
+    rest, test, strat_test, rare_a = _hold_out(np.arange(n), strata, n_test, seed)
+    train, val, strat_val, rare_b = _hold_out(np.sort(rest), strata, n_val, seed)
+    result = SplitResult(
+        indices={"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)},
+        stratified={"test": strat_test, "val": strat_val},
+        rare_to_train=len(np.union1d(rare_a, rare_b)),
+    )
+    for step, ok in result.stratified.items():
+        if not ok:
+            log.warning("split %s: %s hold-out not stratified (more labels than held-out or train docs)",
+                        domain, step)
+    return result
+
+
+def label_counts(labels: pa.ChunkedArray | pa.Array) -> dict[str, int]:
+    """``{label: docs}`` sorted by label; null labels under :data:`NULL_LABEL_KEY`."""
+    counts = Counter(NULL_LABEL_KEY if v is None else v for v in labels.to_pylist())
+    return dict(sorted(counts.items()))
+
+
+def split_domain(table: pa.Table, domain: str, *, seed: int, val_size: float, test_size: float
+                 ) -> tuple[dict[str, pa.Table], SplitResult]:
+    """Split one domain's document table into ``{"train", "val", "test"}`` tables (same schema).
+
+    Raises:
+        ValueError: naming ``domain`` and the id when an id occurs twice (splits could not be disjoint).
+        DomainTooSmallError: see :func:`split_indices`.
+    """
+    dup = duplicate_id(table["id"])
+    if dup is not None:
+        raise ValueError(f"domain {domain!r}: id {dup!r} occurs more than once")
+    result = split_indices(table["label"], domain, seed=seed, val_size=val_size, test_size=test_size)
+    return {name: table.take(pa.array(result.indices[name])) for name in SPLITS}, result
+
+
+def split_metrics(n_docs: int, parts: dict[str, pa.Table], result: SplitResult, overrides_applied: int) -> dict:
+    """The metrics of one domain's split (the ``domains.<domain>`` entry of ``metrics/split.json``).
+
+    Args:
+        n_docs: documents in the domain.
+        parts: split name -> its documents, with the labels to count (after overrides).
+        result: the :class:`SplitResult` the parts came from.
+        overrides_applied: documents of the domain that got a label override.
+
+    Returns:
+        ``{"docs", "overrides_applied", "rare_to_train", "stratified": {"test", "val"} (0/1),
+        "<split>": {"docs", "share", "labels": {label: docs}, "label_share": {label: fraction}}}``;
+        shares are fractions in [0, 1] rounded to 4 places.
+    """
+    dm: dict = {
+        "docs": n_docs,
+        "overrides_applied": overrides_applied,
+        "rare_to_train": result.rare_to_train,
+        "stratified": {k: int(v) for k, v in result.stratified.items()},
+    }
+    for name, part in parts.items():
+        labels = label_counts(part["label"])
+        dm[name] = {
+            "docs": part.num_rows,
+            "share": round(part.num_rows / n_docs, 4),
+            "labels": labels,
+            "label_share": {k: round(v / part.num_rows, 4) for k, v in labels.items()},
+        }
+    return dm

@@ -1,0 +1,1 @@
+"""Korean text: Hangul normalization, jamo decomposition and shingling."""

@@ -1,0 +1,1 @@
+"""Language models: data, pre-training, LoRA, task vectors, merging and evaluation."""
