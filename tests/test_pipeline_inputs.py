@@ -11,7 +11,7 @@ import boto3
 import pytest
 import yaml
 
-from conftest import make_pipeline_repo, run
+from conftest import make_pipeline_repo, run, set_params
 
 pytestmark = pytest.mark.slow
 
@@ -43,9 +43,17 @@ def lines_read(repo: Path) -> int:
     return json.loads((repo / "metrics" / "validate.json").read_text())["totals"]["lines_read"]
 
 
+def only_sources(repo: Path, sources: dict) -> None:
+    """Make ``sources`` the whole ``corpus.sources`` (set_params merges dicts) and commit."""
+    set_params(repo, {"corpus": {"sources": None}})
+    set_params(repo, {"domains": sorted(sources), "corpus": {"sources": sources}})
+    run(["git", "commit", "-qam", "sources"], repo)
+
+
 def jsonl_repo(path: Path, uri: str) -> Path:
-    source = {"type": "jsonl", "uri": uri, "fields": {"id": "doc_id", "text": "body", "label": "topic"}}
-    return make_pipeline_repo(path, {"domains": ["news"], "corpus": {"sources": {"news": source}}})
+    repo = make_pipeline_repo(path)
+    only_sources(repo, {"news": {"type": "jsonl", "uri": uri, "fields": {"id": "doc_id", "text": "body", "label": "topic"}}})
+    return repo
 
 
 def test_undeclared_source_stops_corpus_with_the_line_to_add(tmp_path):
@@ -72,17 +80,17 @@ def test_local_source_growth_reruns_corpus_and_dependents(tmp_path):
     run(["git", "commit", "-qam", "declare the news source"], repo)
     assert ran_stages(run(["dvc", "repro", "validate"], repo).stdout) == ["corpus", "validate"]
     assert lines_read(repo) == 20
-    assert "up to date" in run(["dvc", "status", "validate"], repo).stdout.lower()
+    assert "up to date" in run(["dvc", "status", "--with-deps", "validate"], repo).stdout.lower()
 
     with src.open("a", encoding="utf-8") as fh:  # new data arrives: one more line
         fh.write(news_lines(20, 1))
-    status = run(["dvc", "status", "validate"], repo).stdout
+    status = run(["dvc", "status", "--with-deps", "validate"], repo).stdout
     assert "corpus:" in status and "changed deps" in status and str(incoming) in status
     assert "validate:" not in status  # it changes only once corpus has re-run
     assert ran_stages(run(["dvc", "repro", "validate"], repo).stdout) == ["corpus", "validate"]
     assert lines_read(repo) == 21
     (incoming / "part-1.jsonl").write_text(news_lines(21, 4), encoding="utf-8")  # a new file in the folder
-    assert "corpus:" in run(["dvc", "status", "validate"], repo).stdout
+    assert "corpus:" in run(["dvc", "status", "--with-deps", "validate"], repo).stdout
     run(["dvc", "repro", "validate"], repo)
     assert lines_read(repo) == 25
     log = (repo / "logs" / "pipeline_run.log").read_text().splitlines()
@@ -99,10 +107,10 @@ def test_s3_source_growth_reruns_corpus_and_dependents(tmp_path, s3_env):
     run(["git", "commit", "-qam", "declare the news source"], repo)
     assert ran_stages(run(["dvc", "repro", "validate"], repo).stdout) == ["corpus", "validate"]
     assert lines_read(repo) == 20
-    assert "up to date" in run(["dvc", "status", "validate"], repo).stdout.lower()
+    assert "up to date" in run(["dvc", "status", "--with-deps", "validate"], repo).stdout.lower()
 
     s3.put_object(Bucket="user-corpus", Key="news/part-0.jsonl", Body=news_lines(0, 21).encode())  # new ETag
-    status = run(["dvc", "status", "validate"], repo).stdout
+    status = run(["dvc", "status", "--with-deps", "validate"], repo).stdout
     assert "corpus:" in status and "s3://user-corpus/news" in status
     assert ran_stages(run(["dvc", "repro", "validate"], repo).stdout) == ["corpus", "validate"]
     assert lines_read(repo) == 21
@@ -114,9 +122,9 @@ def test_validate_inputs_outside_the_pipeline_must_be_declared(tmp_path):
     (incoming / "more.jsonl").write_text(
         "".join(json.dumps({"id": f"x{i}", "text": SENTENCES[i % 4], "domain": "law"}, ensure_ascii=False) + "\n"
                 for i in range(6)), encoding="utf-8")
-    repo = make_pipeline_repo(tmp_path / "repo", {"domains": ["law"], "corpus": {"sources": {"law": {"type": "kolaw"}},
-                                                                                  "max_docs_per_domain": 10},
+    repo = make_pipeline_repo(tmp_path / "repo", {"corpus": {"max_docs_per_domain": 10},
                                                    "validate": {"inputs": ["data/raw/*.jsonl", str(incoming / "*.jsonl")]}})
+    only_sources(repo, {"law": {"type": "kolaw"}})
     proc = run(["dvc", "repro", "validate"], repo, check=False)
     assert proc.returncode != 0 and "does not list as deps of 'validate'" in proc.stdout + proc.stderr
     add_dep(repo, "validate", str(incoming))
@@ -124,7 +132,7 @@ def test_validate_inputs_outside_the_pipeline_must_be_declared(tmp_path):
     assert lines_read(repo) == 10 + 6
     (incoming / "more.jsonl").write_text((incoming / "more.jsonl").read_text() + (incoming / "more.jsonl").read_text()
                                          .splitlines(keepends=True)[0].replace('"x0"', '"x6"'), encoding="utf-8")
-    status = run(["dvc", "status", "validate"], repo).stdout
+    status = run(["dvc", "status", "--with-deps", "validate"], repo).stdout
     assert "validate:" in status and "corpus:" not in status
     assert ran_stages(run(["dvc", "repro", "validate"], repo).stdout) == ["validate"]
     assert lines_read(repo) == 17
