@@ -89,7 +89,8 @@ def s3_env(s3_server, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------ pipeline repos
-PIPELINE_FILES = ("stages", "domainlm", "dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", "data/labels")
+PIPELINE_FILES = ("stages", "domainlm", "dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", "data/labels",
+                  "reports/summary.ipynb", "benchmarks/results/io_speed.csv")
 
 
 def run(cmd: list[str] | str, cwd: Path, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -157,3 +157,18 @@ def test_main_writes_declared_outputs(tiny, tmp_path, monkeypatch):
     runs = mlflow.search_runs(experiment_names=["domain-lm"], filter_string="tags.`dvc.stage` = 'diff'")
     law_norm = json.loads((tmp_path / "metrics/diff/law.json").read_text())["l2_norm"]
     assert len(runs) == 1 and runs["metrics.law.l2_norm"][0] == pytest.approx(law_norm)
+
+
+def test_pairwise_cosine_does_not_depend_on_the_hash_seed():
+    """The dot products sum tensors in sorted key order, so the CSV is the same in every process."""
+    import subprocess
+    import sys
+
+    code = ("import torch; from domainlm.lm.task_vectors import pairwise_cosine; g = torch.Generator().manual_seed(0); "
+            "tv = {d: {f'layer{i}.w': torch.randn(64, generator=g) * (i + 1) ** 3 for i in range(40)} for d in 'ab'}; "
+            "print(repr([r['cosine'] for r in pairwise_cosine(tv)]))")
+    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={"PYTHONHASHSEED": str(seed), "PATH": "/usr/bin:/bin",
+                                "PYTHONPATH": str(__import__("pathlib").Path(__file__).resolve().parents[1])}).stdout
+            for seed in (0, 1, 2, 3)}
+    assert len(outs) == 1

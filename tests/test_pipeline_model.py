@@ -42,8 +42,10 @@ def model_repo(tmp_path_factory):
     repo = make_pipeline_repo(tmp_path_factory.mktemp("model") / "repo", TINY)
     proc = run(["dvc", "repro"], repo)
     ran = ran_stages(proc.stdout)
-    assert {"corpus", "split", "base_model", "diff", "merge", "evaluate"} <= set(ran)
+    assert {"corpus", "split", "base_model", "diff", "merge", "evaluate", "refine_labels", "report"} <= set(ran)
     assert {f"train_lora@{d}" for d in DOMAINS} <= set(ran)
+    report = (repo / "reports" / "report.md").read_text(encoding="utf-8")
+    assert "figures/" in report and len(list((repo / "reports" / "figures").glob("*.png"))) >= 7
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-q", "-m", "first full run"], repo)
     return repo
@@ -124,7 +126,7 @@ def test_promote_then_repro_relabels_without_retraining_the_models(model_repo):
     run(["dvc", "add", "data/labels/overrides.parquet"], model_repo)
     lock_before = yaml.safe_load((model_repo / "dvc.lock").read_text())["stages"]
     ran = ran_stages(run(["dvc", "repro"], model_repo).stdout)
-    assert ran == ["split", "refine_labels"]
+    assert ran == ["split", "refine_labels", "report"]
     lock_after = yaml.safe_load((model_repo / "dvc.lock").read_text())["stages"]
     outs = {o["path"]: o["md5"] for o in lock_after["split"]["outs"]}
     assert outs["data/split"] == {o["path"]: o["md5"] for o in lock_before["split"]["outs"]}["data/split"]

@@ -226,3 +226,20 @@ def test_main_trains_one_domain_expert(base_dir, tmp_path, monkeypatch):
     assert [r.data.tags["dvc.stage"] for r in finished] == ["train_lora@faq"]
     assert finished[0].data.params["domain"] == "faq"
     assert finished[0].data.metrics["final_val_loss"] == pytest.approx(metrics["val_loss"])
+
+
+def test_adapter_config_lists_are_sorted_whatever_the_hash_seed(tmp_path):
+    """peft writes target_modules in set order (PYTHONHASHSEED); sort_adapter_config makes the file stable."""
+    import json
+
+    from domainlm.lm.lora import sort_adapter_config
+
+    path = tmp_path / "adapter_config.json"
+    path.write_text(json.dumps({"target_modules": ["v_proj", "q_proj", "o_proj", "k_proj"], "r": 8,
+                                "modules_to_save": None}))
+    sort_adapter_config(path)
+    first = path.read_bytes()
+    assert json.loads(first)["target_modules"] == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    path.write_text(json.dumps({"r": 8, "modules_to_save": None, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}))
+    sort_adapter_config(path)
+    assert path.read_bytes() == first

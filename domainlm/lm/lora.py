@@ -14,6 +14,7 @@ import math
 import os
 import tempfile
 import time
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -213,6 +214,7 @@ def train_adapter(base_dir: str | os.PathLike, train_texts: Sequence[str], val_t
         base_nll, _ = lm_data.mean_nll(model, val_blocks, batch_size=int(train_params["eval_batch_size"]), desc="val base")
     with atomic_path(out_dir, is_dir=True) as tmp:
         model.save_pretrained(tmp)
+        sort_adapter_config(Path(tmp) / "adapter_config.json")
     return {
         "train_loss": float(result.training_loss),
         "val_loss": val_nll, "val_perplexity": math.exp(val_nll),
@@ -222,3 +224,20 @@ def train_adapter(base_dir: str | os.PathLike, train_texts: Sequence[str], val_t
         "trainable_params": int(trainable), "total_params": int(total), "train_s": step_s,
         "deepspeed": int(ds is not None),
     }
+
+
+def sort_adapter_config(path: str | os.PathLike) -> None:
+    """Rewrite a peft ``adapter_config.json`` with its set-valued lists sorted.
+
+    peft keeps ``target_modules`` (and ``modules_to_save``) as Python sets and writes them in set
+    order, which follows the per-process string-hash seed (``PYTHONHASHSEED``): the same adapter came
+    out with a different file, and so a different DVC hash, on every run. Sorting makes the file a
+    pure function of the config; peft reads the lists back as sets, so loading is unchanged.
+    Formatting follows peft's own writer (``json.dumps(..., indent=2, sort_keys=True)``).
+    """
+    path = Path(path)
+    config = json.loads(path.read_text(encoding="utf-8"))
+    for key in ("target_modules", "modules_to_save", "exclude_modules"):
+        if isinstance(config.get(key), list):
+            config[key] = sorted(config[key])
+    path.write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")

@@ -152,7 +152,8 @@ def pairwise_cosine(task_vectors: Mapping[str, Mapping[str, torch.Tensor]]) -> l
     rows = []
     for a in domains:
         for b in domains:
-            shared = set(task_vectors[a]) & set(task_vectors[b])
+            # sorted: a set's order follows the per-process hash seed, and float sums depend on order
+            shared = sorted(set(task_vectors[a]) & set(task_vectors[b]))
             dot = sum(float((task_vectors[a][k].double() * task_vectors[b][k].double()).sum()) for k in shared)
             rows.append({"domain_a": a, "domain_b": b, "cosine": dot / (norms[a] * norms[b])})
     return rows
