@@ -29,6 +29,7 @@ test: setup-test data/labels/overrides.parquet
 
 bench: setup-test
 	python benchmarks/dedup_quality.py
+	python benchmarks/dedup_scale.py
 	python benchmarks/io_speed.py
 	python benchmarks/lora_vs_full.py
 	python benchmarks/label_noise.py

@@ -10,9 +10,9 @@ Writes ``benchmarks/results/dedup_quality.{json,csv}``.
 
 Timed runs come first (before the brute force fills the heap); each repeat runs every
 method once in a rotated order, so background load from other processes hits all alike,
-and medians are reported. ``docs_per_s`` of ours is end to end (read the JSONL, exact +
-near dedup, write every output); ``ratios.docs_per_s_same_scope`` compares the same work
-as the baseline does (shingles, MinHash, LSH; plus our verification). The bars checked:
+and medians are reported. ``docs_per_s`` of ours is end to end (the stage's ``run``: read the
+JSONL, every step, write every output; a fresh worker pool included); the baseline does less
+(MinHash and LSH queries, no exact pass, no verification, no output). The bars checked:
 recall >= 0.95 and precision >= 0.99 against the brute force, >= 1,500 docs/s end to end
 on the whole corpus, identical pairs on every repeat and with 1 or 2 workers.
 
@@ -44,9 +44,10 @@ if str(REPO) not in sys.path:  # run as a script: make the `domainlm` package im
 from domainlm.common.atomic import atomic_path, write_json
 from domainlm.common.params import domains as param_domains
 from domainlm.common.params import section
-from domainlm.dedup.files import deduplicate_domains, read_domain_records, resolve_workers
-from domainlm.dedup.minhash_lsh import banding_report, choose_bands_rows, find_near_duplicates
-from domainlm.korean.hangul import normalize_text, shingle_strings
+from domainlm.dedup.engines import resolve_workers
+from domainlm.dedup.minhash_lsh import banding_report
+from domainlm.korean.hangul import shingle_strings
+from stages.dedup import run as run_dedup
 
 RESULTS = Path("benchmarks/results")
 BARS = {"recall_min": 0.95, "precision_min": 0.99, "docs_per_s_min": 1500.0}
@@ -97,18 +98,29 @@ def baseline(ids: Sequence[str], texts: Sequence[str], num_perm: int, threshold:
     return pairs, time.perf_counter() - t0, (lsh.b, lsh.r)
 
 
-def ours(ids: Sequence[str], texts: Sequence[str], cfg: dict[str, Any]) -> tuple[set[Pair], int, float]:
-    """The stage's near-duplicate search (no exact pass, so every pair is visible).
+def read_records(path: Path, domain: str) -> list[dict[str, Any]]:
+    """The validated records of one domain file."""
+    import json
+
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def ours(cfg: dict[str, Any], domains: Sequence[str], input_dir: Path) -> tuple[set[Pair], dict[str, Any], float]:
+    """The dedup stage end to end (read the JSONL, every step, write every output) on ``domains``.
 
     Returns:
-        (verified pairs, candidate pair count, seconds including normalization).
+        (verified pairs of ``candidates.json``, its metrics, wall seconds).
     """
-    t0 = time.perf_counter()
-    bands, rows = choose_bands_rows(cfg["num_perm"], cfg["threshold"], cfg["min_recall_at_threshold"])
-    near = find_near_duplicates([normalize_text(t) for t in texts], num_perm=cfg["num_perm"], bands=bands,
-                                rows=rows, seed=cfg["seed"], workers=resolve_workers(cfg.get("workers")))
-    seconds = time.perf_counter() - t0
-    return {tuple(sorted((ids[i], ids[j]))) for i, j in near.verified(cfg["threshold"])}, len(near.checked), seconds
+    import json
+
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        metrics = run_dedup(domains, input_dir, Path(tmp) / "dedup", num_perm=cfg["num_perm"], threshold=cfg["threshold"],
+                            min_recall=cfg["min_recall_at_threshold"], seed=cfg["seed"],
+                            workers=resolve_workers(cfg.get("workers")), work_dir=Path(tmp) / "work")
+        seconds = time.perf_counter() - t0
+        pairs = json.loads((Path(tmp) / "dedup" / "candidates.json").read_text(encoding="utf-8"))["pairs"]
+    return {tuple(sorted((p["a"], p["b"]))) for p in pairs if p["verified"]}, metrics, seconds
 
 
 def score(reported: set[Pair], truth: dict[Pair, float]) -> dict[str, float]:
@@ -117,17 +129,6 @@ def score(reported: set[Pair], truth: dict[Pair, float]) -> dict[str, float]:
     return {"truth_pairs": len(truth), "reported_pairs": len(reported), "true_positives": tp,
             "recall": tp / len(truth) if truth else 1.0,
             "precision": tp / len(reported) if reported else 1.0}
-
-
-def end_to_end(cfg: dict[str, Any], domains: Sequence[str], input_dir: Path) -> float:
-    """Wall seconds of the dedup stage's work, :func:`domainlm.dedup.files.deduplicate_domains`
-    (read JSONL → dedup → write outputs) with the in-memory LSH index: the stage's ``wall_s``."""
-    with tempfile.TemporaryDirectory() as tmp:
-        t0 = time.perf_counter()
-        deduplicate_domains(domains, input_dir, Path(tmp) / "dedup", num_perm=cfg["num_perm"],
-                            threshold=cfg["threshold"], min_recall=cfg["min_recall_at_threshold"], seed=cfg["seed"],
-                            workers=resolve_workers(cfg.get("workers")))
-        return time.perf_counter() - t0
 
 
 def process_wall(input_dir: Path) -> float:
@@ -151,9 +152,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--out", type=Path, default=RESULTS / "dedup_quality")
     args = ap.parse_args(argv)
 
-    cfg = {**section("dedup"), "lsh_backend": "memory"}
+    cfg = section("dedup")
     domains = param_domains()
-    records = [r for d in domains for r in read_domain_records(args.input_dir / f"{d}.jsonl", d)]
+    records = [r for d in domains for r in read_records(args.input_dir / f"{d}.jsonl", d)]
     ids = [r["id"] for r in records]
     texts = [r["text"] for r in records]
     office = [k for k, r in enumerate(records) if r["domain"] == "office_help"]
@@ -163,20 +164,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     # timed first, each repeat running every method once in a rotated order (background load
     # from other processes then hits all methods alike)
     methods = {
-        "e2e_all": lambda: end_to_end(cfg, domains, args.input_dir),
-        "e2e_office": lambda: end_to_end(cfg, ["office_help"], args.input_dir),
-        "baseline": lambda: baseline(o_ids, o_texts, cfg["num_perm"], cfg["threshold"], cfg["seed"]),
-        "ours_office": lambda: ours(o_ids, o_texts, cfg),
-        "ours_all": lambda: ours(ids, texts, cfg),
+        "ours_all": lambda: ours(cfg, domains, args.input_dir),
+        "ours_office": lambda: ours(cfg, ["office_help"], args.input_dir),
+        "baseline": lambda: baseline(o_ids, o_texts, 128, cfg["threshold"], cfg["seed"]),  # datasketch defaults
     }
     timed: dict[str, list] = {name: [] for name in methods}
     names = list(methods)
     for rep in range(args.repeats):
         for name in names[rep % len(names):] + names[:rep % len(names)]:
             timed[name].append(methods[name]())
-    e2e_all, e2e_office = timed["e2e_all"], timed["e2e_office"]
-    base_runs, ours_office, ours_all = timed["baseline"], timed["ours_office"], timed["ours_all"]
-    ours_office_1w = ours(o_ids, o_texts, {**cfg, "workers": 1})
+    ours_all, ours_office, base_runs = timed["ours_all"], timed["ours_office"], timed["baseline"]
+    ours_1w = ours({**cfg, "workers": 1}, ["office_help"], args.input_dir)
     proc_all = process_wall(args.input_dir)
     base_pairs, _, base_br = base_runs[0]
     base_s = statistics.median(r[1] for r in base_runs)
@@ -187,44 +185,41 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     truth_office = {p: j for p, j in truth_all.items() if p[0] in office_ids and p[1] in office_ids}
 
     n_all, n_office = len(ids), len(office)
-    bands, rows = choose_bands_rows(cfg["num_perm"], cfg["threshold"], cfg["min_recall_at_threshold"])
+    m_all = ours_all[0][1]
+    bands, rows = m_all["bands"], m_all["rows"]
     base_score = score(base_pairs, truth_office)
     base_verified = {p for p in base_pairs if p in truth_office}
     office_score = score(ours_office[0][0], truth_office)
     all_score = score(ours_all[0][0], truth_all)
     base_dps = n_office / base_s
-    ours_office_dps = n_office / statistics.median(e2e_office)
+    office_s = statistics.median(r[2] for r in ours_office)
+    all_s = statistics.median(r[2] for r in ours_all)
+    ours_office_dps = n_office / office_s
     results = {
         "corpus": {"docs": n_all, "office_help_docs": n_office, "chars": sum(map(len, texts)),
                    "threshold": cfg["threshold"], "num_perm": cfg["num_perm"]},
         "machine": {"cpu_count": os.cpu_count(), "workers": resolve_workers(cfg.get("workers")),
                     "loadavg_1m_start": load_start, "loadavg_1m_end": load_end, "repeats": args.repeats},
-        "banding": {"ours": banding_report(cfg["num_perm"], cfg["threshold"], bands, rows),
-                    "baseline": banding_report(cfg["num_perm"], cfg["threshold"], *base_br)},
+        "banding": {"ours": m_all["lsh"], "baseline": banding_report(128, cfg["threshold"], *base_br)},
         "office_help": {
             "baseline": {**base_score, "candidate_pairs": len(base_pairs),
                          "candidates_with_exact_jaccard_at_threshold": len(base_verified),
                          "seconds": base_s, "docs_per_s": base_dps},
-            "ours": {**office_score, "candidate_pairs": ours_office[0][1],
-                     "near_search_seconds": statistics.median(r[2] for r in ours_office),
-                     "near_search_seconds_1_worker": ours_office_1w[2],
-                     "end_to_end_seconds": statistics.median(e2e_office), "docs_per_s": ours_office_dps},
+            "ours": {**office_score, "candidate_pairs": ours_office[0][1]["candidate_pairs"],
+                     "end_to_end_seconds": office_s, "end_to_end_seconds_1_worker": ours_1w[2],
+                     "docs_per_s": ours_office_dps},
             "ratios": {"docs_per_s_end_to_end": ours_office_dps / base_dps,
-                       "docs_per_s_same_scope": n_office / statistics.median(r[2] for r in ours_office) / base_dps,
                        "recall": office_score["recall"] / base_score["recall"] if base_score["recall"] else 0.0,
                        "precision": office_score["precision"] / base_score["precision"]
                        if base_score["precision"] else 0.0},
         },
         "full_corpus": {
-            "ours": {**all_score, "candidate_pairs": ours_all[0][1],
-                     "near_search_seconds": statistics.median(r[2] for r in ours_all),
-                     "end_to_end_seconds": statistics.median(e2e_all),
-                     "end_to_end_seconds_all": e2e_all,
-                     "docs_per_s": n_all / statistics.median(e2e_all),
+            "ours": {**all_score, "candidate_pairs": m_all["candidate_pairs"], "end_to_end_seconds": all_s,
+                     "end_to_end_seconds_all": [r[2] for r in ours_all], "docs_per_s": n_all / all_s,
                      "process_wall_seconds": proc_all, "process_docs_per_s": n_all / proc_all},
         },
     }
-    deterministic = len({frozenset(r[0]) for r in ours_all}) == 1 and ours_office_1w[0] == ours_office[0][0]
+    deterministic = len({frozenset(r[0]) for r in ours_all}) == 1 and ours_1w[0] == ours_office[0][0]
     results["bars"] = {**BARS, "deterministic": deterministic,
                        "passed": bool(all_score["recall"] >= BARS["recall_min"]
                                       and all_score["precision"] >= BARS["precision_min"]
@@ -237,7 +232,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         w.writerow(["method", "subset", "docs", "truth_pairs", "reported_pairs", "true_positives", "recall",
                     "precision", "seconds", "docs_per_s", "docs_per_s_ratio_vs_baseline"])
         b, o, a = results["office_help"]["baseline"], results["office_help"]["ours"], results["full_corpus"]["ours"]
-        w.writerow(["datasketch_default_9x13_sha1", "office_help", n_office, b["truth_pairs"], b["reported_pairs"],
+        w.writerow([f"datasketch_default_{base_br[0]}x{base_br[1]}_sha1", "office_help", n_office, b["truth_pairs"], b["reported_pairs"],
                     b["true_positives"], f"{b['recall']:.4f}", f"{b['precision']:.4f}", f"{b['seconds']:.3f}",
                     f"{b['docs_per_s']:.0f}", "1.00"])
         w.writerow([f"ours_{bands}x{rows}_verified", "office_help", n_office, o["truth_pairs"], o["reported_pairs"],

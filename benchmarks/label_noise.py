@@ -22,7 +22,8 @@ labels broken than cleanlab. Writes ``benchmarks/results/label_noise.csv``.
 
 Run from the repository root after ``dvc repro merge`` (needs data/split and models/merged):
 ``python benchmarks/label_noise.py [--rates 0.1 0.2 0.3] [--seed 0] [tau0=0.6 lstm.epochs=6 ...]``
-(``key=value`` items override the ``refine`` params for this run only).
+(``key=value`` items override the ``refine`` params for this run only, e.g. ``combiner=soft_vote`` to measure
+the accuracy-weighted vote instead of the cross-fitted stacker).
 """
 from __future__ import annotations
 
@@ -52,8 +53,8 @@ from domainlm.refine import loop  # noqa: E402
 from domainlm.refine import store  # noqa: E402
 
 log = logging.getLogger("benchmarks.label_noise")
-FIELDS = ["noise_rate", "seed", "model", "method", "rows", "noisy_rows", "rows_changed", "correction_precision",
-          "correction_recall", "final_accuracy", "clean_broken", "iterations", "wall_s",
+FIELDS = ["noise_rate", "seed", "model", "combiner", "method", "rows", "noisy_rows", "rows_changed",
+          "correction_precision", "correction_recall", "final_accuracy", "clean_broken", "iterations", "wall_s",
           "final_accuracy_ratio_vs_cleanlab", "clean_broken_ratio_vs_cleanlab",
           "correction_precision_ratio_vs_cleanlab", "detail"]
 
@@ -118,9 +119,9 @@ def oracle_rule(truth: np.ndarray, noisy: np.ndarray, proba: np.ndarray,
 
 def run_refine(texts_rows: list[dict], noisy_labels: list[str], members, lexical, cfg: loop.RefineConfig,
                classes: list[str], splits: np.ndarray, workdir: Path,
-               truth: list[str]) -> tuple[list[str], np.ndarray, int]:
-    """Refine on a fresh table holding ``noisy_labels``; return (final labels, first-iteration
-    ensemble probabilities, iterations run). Logs each iteration's accuracy against ``truth``."""
+               truth: list[str]) -> tuple[list[str], ens.EnsembleResult, int]:
+    """Refine on a fresh table holding ``noisy_labels``; return (final labels, the first iteration's
+    ensemble round, iterations run). Logs each iteration's accuracy against ``truth``."""
     rows = [{**r, "original_label": lab, "current_label": lab} for r, lab in zip(texts_rows, noisy_labels)]
     path = store.create_store(workdir / "sentences.db", rows)
     db = sqlite_utils.Database(path)
@@ -141,7 +142,7 @@ def run_refine(texts_rows: list[dict], noisy_labels: list[str], members, lexical
         _, final = store.read_current(db)
     finally:
         db.close()
-    return list(final), result.iterations[0].ensemble.proba, len(result.iterations)
+    return list(final), result.iterations[0].ensemble, len(result.iterations)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -194,10 +195,11 @@ def _main(argv: list[str] | None, cfg: loop.RefineConfig) -> int:
         noisy = inject_noise(truth, len(classes), rate, args.seed)
         with tempfile.TemporaryDirectory(prefix="label_noise.") as tmp:
             t1 = time.perf_counter()
-            final_labels, proba0, iterations = run_refine(base_rows, [classes[i] for i in noisy], members, lexical,
+            final_labels, round0, iterations = run_refine(base_rows, [classes[i] for i in noisy], members, lexical,
                                                           cfg, classes, splits, Path(tmp),
                                                           [classes[i] for i in truth])
             wall = time.perf_counter() - t1
+        proba0 = round0.proba
         final = np.array([index[c] for c in final_labels], dtype=np.int64)
         t2 = time.perf_counter()
         anchor = cleanlab_relabel(noisy, proba0)
@@ -211,14 +213,17 @@ def _main(argv: list[str] | None, cfg: loop.RefineConfig) -> int:
                                                if theirs["clean_broken"] else float("nan")),
             "correction_precision_ratio_vs_cleanlab": ours["correction_precision"] / theirs["correction_precision"],
         }
-        common = {"noise_rate": rate, "seed": args.seed, "model": str(args.model)}
+        common = {"noise_rate": rate, "seed": args.seed, "model": str(args.model), "combiner": cfg.combiner}
+        # each member's first-round out-of-fold accuracy against the truth: the ensemble should beat the best
+        members_vs_truth = ",".join(f"{m}:{(oof.proba.argmax(1) == truth).mean():.4f}" for m, oof in round0.members.items())
         out_rows.append({**common, "method": "noisy_input", **untouched, "iterations": 0, "wall_s": 0.0})
         out_rows.append({**common, "method": "cleanlab", **theirs, "iterations": 1, "wall_s": anchor_wall})
         out_rows.append({**common, "method": "refine_labels", **ours, "iterations": iterations, "wall_s": wall,
                          **ratios})
         out_rows.append({**common, "method": "oracle_rule_ceiling", **ceiling, "iterations": 1, "wall_s": 0.0,
                          "detail": f"tau={ceiling_at['tau']} max_self_confidence={ceiling_at['max_self_confidence']} "
-                                   f"ensemble_accuracy_vs_truth={(proba0.argmax(1) == truth).mean():.4f}"})
+                                   f"ensemble_accuracy_vs_truth={(proba0.argmax(1) == truth).mean():.4f} "
+                                   f"members_vs_truth={members_vs_truth}"})
         log.info("noise %.0f%%: ours acc %.4f prec %.4f rec %.4f broken %d (%d it) | cleanlab acc %.4f prec %.4f "
                  "rec %.4f broken %d", 100 * rate, ours["final_accuracy"], ours["correction_precision"],
                  ours["correction_recall"], ours["clean_broken"], iterations, theirs["final_accuracy"],

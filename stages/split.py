@@ -24,8 +24,8 @@ from domainlm.common.atomic import atomic_path
 from domainlm.common.metrics import peak_rss_mb
 from domainlm.common.stage import stage_run
 from domainlm.documents.labels import LABELS_SCHEMA, apply_overrides, read_overrides, write_label_table
-from domainlm.documents.schema import SCHEMA_FILE, check_schema_file, read_docs, read_layout, write_docs
-from domainlm.documents.splitting import split_domain, split_metrics
+from domainlm.documents.schema import SCHEMA_FILE, check_schema_file, read_docs, read_layout
+from domainlm.documents.splitting import split_codes, split_domain, split_metrics, write_split_files
 
 log = logging.getLogger("stages.split")  # the logger stage_run("split") configures
 
@@ -37,7 +37,9 @@ def run(in_dir: str | os.PathLike, out_dir: str | os.PathLike, domains: Sequence
     and write the label table to ``labels_path``.
 
     ``out_dir`` is replaced as a whole, atomically, and so is ``labels_path``. Each document file
-    keeps the input's per-column codecs and row-group size and the documents' own labels. When
+    keeps the input's per-column codecs and row-group size and the documents' own labels. Memory: the
+    split is decided on each domain's ids and labels; the documents are streamed one row group at a time
+    into the split files (:func:`~domainlm.documents.splitting.write_split_files`). When
     ``overrides_path`` exists its labels replace the documents' labels in the label table
     (:func:`~domainlm.documents.labels.apply_overrides`, :data:`~domainlm.documents.labels.LABELS_SCHEMA`),
     after the split: overrides move no document between splits and leave the document files byte for
@@ -81,13 +83,13 @@ def run(in_dir: str | os.PathLike, out_dir: str | os.PathLike, domains: Sequence
     with atomic_path(out_dir, is_dir=True) as tmp_dir:
         for domain in domains:
             path = in_dir / f"{domain}.parquet"
-            table = read_docs(path)
+            table = read_docs(path, columns=["id", "label"])  # ids and labels only: never the texts
             parts, result = split_domain(table, domain, seed=seed, val_size=val_size, test_size=test_size)
-            layout = read_layout(path)
+            write_split_files(path, {name: paths.split_path(tmp_dir, domain, name) for name in paths.SPLITS},
+                              split_codes(result, table.num_rows), read_layout(path))
             applied = 0
             relabelled: dict[str, pa.Table] = {}
             for name in paths.SPLITS:
-                write_docs(paths.split_path(tmp_dir, domain, name), parts[name], layout)
                 relabelled[name], n_applied, _ = (apply_overrides(parts[name], overrides) if overrides is not None
                                                   else (parts[name], 0, 0))
                 applied += n_applied

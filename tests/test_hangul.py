@@ -143,3 +143,18 @@ def test_shingles_are_identical_across_processes_and_hash_seeds():
                              env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         outputs.add(out.stdout)
     assert outputs == {shingle_ids(MIXED).tobytes().hex()}
+
+
+def test_many_texts_at_once_give_each_texts_own_shingles():
+    from domainlm.korean.hangul import raw_shingle_ids, raw_shingle_ids_many, shingle_hashes_many
+
+    texts = [normalize_text(t) for t in (KOREAN, MIXED, "가", "가 나", "a", "ab", "a b c d e f g", "힣힣", "x y",
+                                         KOREAN + " " + MIXED, "")]
+    ids, bounds = raw_shingle_ids_many(texts)
+    assert bounds.shape == (len(texts) + 1,) and ids.dtype == np.uint64
+    for d, text in enumerate(texts):
+        assert np.array_equal(ids[bounds[d]:bounds[d + 1]], raw_shingle_ids(text)), text
+    hashes, hb = shingle_hashes_many(texts)
+    for d, text in enumerate(texts):
+        assert np.array_equal(hashes[hb[d]:hb[d + 1]], unique_sorted(to_hash32(raw_shingle_ids(text)))), text
+    assert raw_shingle_ids_many([])[0].size == 0

@@ -530,3 +530,56 @@ def test_stage_end_to_end(tmp_path, monkeypatch):
     assert "rows_changed" in children[0].data.metrics
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(parent[0].info.run_id, "refine")}
     assert {"refine/review_queue.jsonl", f"refine/iter_{metrics['iterations'] - 1}.parquet"} <= artifacts
+
+
+# ------------------------------------------------------------------ the cross-fitted stacker (issue 11, item 10)
+
+def _complementary_members(n_per_class: int = 60, seed: int = 0):
+    """Two members with complementary skills on 3 classes: ``a`` knows classes 0 and 1 but calls every class-2 row
+    a confident 0; ``b`` only knows class 2 (softly) and cannot tell 0 from 1. Returns (y, probas)."""
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.arange(3), n_per_class)
+    a, b = np.zeros((len(y), 3)), np.zeros((len(y), 3))
+    for i, c in enumerate(y):
+        jitter = rng.uniform(-0.03, 0.03)
+        a[i] = [[0.9, 0.05, 0.05], [0.05, 0.9, 0.05], [0.9, 0.05, 0.05]][c]
+        b[i] = [0.45 + jitter, 0.45 - jitter, 0.1] if c < 2 else [0.2 + jitter, 0.2 - jitter, 0.6]
+    return y, {"a": a, "b": b}
+
+
+def test_stacker_learns_per_class_trust_that_the_vote_cannot():
+    y, probas = _complementary_members()
+    folds = ens.assign_folds(y, 3, seed=0)
+    stacked = ens.stack(probas, y, folds, 3, C=1.0)
+    assert stacked.shape == (len(y), 3) and np.allclose(stacked.sum(axis=1), 1.0)
+    vote = ens.soft_vote(probas, {"a": 0.5, "b": 0.5})  # a's confident 0 outvotes b's 2 on every class-2 row
+    assert (vote.argmax(1) == y).mean() == pytest.approx(2 / 3)
+    assert (stacked.argmax(1) == y).mean() > 0.95
+
+
+def test_stacker_is_cross_fitted_so_no_row_sees_its_own_label():
+    y, probas = _complementary_members()
+    folds = ens.assign_folds(y, 3, seed=0)
+    before = ens.stack(probas, y, folds, 3)
+    row = 7
+    flipped = y.copy()
+    flipped[row] = 2  # a wrong label on one row changes every other fold's stacker, never the row's own
+    after = ens.stack(probas, flipped, folds, 3)
+    assert np.array_equal(after[row], before[row])
+    others = folds != folds[row]
+    assert not np.allclose(after[others], before[others])
+    with pytest.raises(ValueError, match="wrong shape"):
+        ens.stack({"a": probas["a"][:, :2]}, y, folds, 3)
+
+
+def test_cross_fit_ensemble_combines_by_vote_or_by_stacker():
+    texts = [f"{w} 문서 {i}" for i in range(24) for w in ("헌법", "셀")][:24]
+    y = np.array([0, 1] * 12)
+    members, _ = small_members(texts)
+    stacked = ens.cross_fit_ensemble(members, y, 2, folds=3, seed=0, combiner="stack")
+    voted = ens.cross_fit_ensemble(members, y, 2, folds=3, seed=0)
+    assert stacked.combiner == "stack" and voted.combiner == "soft_vote"
+    assert np.allclose(stacked.proba.sum(axis=1), 1.0) and not np.allclose(stacked.proba, voted.proba)
+    assert stacked.weights == voted.weights  # reported either way
+    with pytest.raises(ValueError, match="combiner"):
+        ens.cross_fit_ensemble(members, y, 2, folds=3, seed=0, combiner="median")

@@ -406,3 +406,20 @@ def test_dvc_repro_runs_the_stage_and_its_changes_come_from_dvc_metrics_diff(tmp
     assert metrics["stage"]["wall_s"] > 0
     assert (repo / "reports" / "summary.executed.ipynb").is_file()
     assert "up to date" in sh(sys.executable, "-m", "dvc", "status").stdout.lower()
+
+
+def test_a_checkpoint_base_model_without_training_figures_still_reports():
+    """base_model.source: path copies a checkpoint: its metrics have no tokens_seen, and the headline says so."""
+    names = ["validate", "dedup", "split", "parquet", "base_model", "evaluate", "alerts", "refine"]
+    m = {n: json.loads((ROOT / "metrics" / f"{n}.json").read_text()) for n in names}
+    train_lora = {p.stem: json.loads(p.read_text()) for p in (ROOT / "metrics" / "train_lora").glob("*.json")}
+    domains = list(m["evaluate"]["perplexity"]["base"])
+
+    def base_row(base_model: dict) -> str:
+        md = narrative.headline(m["validate"], m["dedup"], m["split"], m["parquet"], base_model, train_lora,
+                                m["evaluate"], m["alerts"], m["refine"], None, domains)
+        return next(line for line in md.splitlines() if line.startswith("| base model |"))
+
+    assert "trained on" in base_row(m["base_model"])
+    copied = {k: v for k, v in m["base_model"].items() if k in ("n_params", "val_perplexity")}
+    assert "local checkpoint" in base_row(copied)

@@ -366,3 +366,28 @@ def test_dvc_repro_runs_parquet_and_split_and_is_then_up_to_date(tmp_path):
                             timeout=300)
     assert status.returncode == 0 and json.loads(status.stdout) == {}, status.stdout
     assert read_docs(repo / "data" / "split" / "office_help" / "train.parquet").num_rows == 32
+
+
+def test_streamed_split_files_equal_write_docs_of_the_taken_rows_byte_for_byte(tmp_path):
+    """The split stage streams row groups into the split files (ids and labels decide, texts are never all in
+    memory); the files must be those the in-memory ``write_docs(table.take(indices))`` writes."""
+    from domainlm.documents.splitting import split_codes, write_split_files
+
+    layout = ParquetLayout.from_params("brotli", "zstd", 7)  # row groups of 7: splits straddle input groups
+    table = doc_table("office_help", OFFICE_LABELS)
+    src = tmp_path / "office_help.parquet"
+    write_docs(src, table, layout)
+    ids_labels = read_docs(src, columns=["id", "label"])
+    parts, result = split_domain(ids_labels, "office_help", seed=5, val_size=0.1, test_size=0.1)
+    assert parts["train"].column_names == ["id", "label"]
+    out = {s: tmp_path / "stream" / f"{s}.parquet" for s in SPLITS}
+    written = write_split_files(src, out, split_codes(result, table.num_rows), read_layout(src))
+    assert written == {s: len(result.indices[s]) for s in SPLITS}
+    for s in SPLITS:
+        reference = tmp_path / "ref" / f"{s}.parquet"
+        write_docs(reference, read_docs(src).take(pa.array(result.indices[s])), read_layout(src))
+        assert out[s].read_bytes() == reference.read_bytes(), s
+    with pytest.raises(ValueError, match="split codes"):
+        write_split_files(src, {s: tmp_path / "bad" / f"{s}.parquet" for s in SPLITS},
+                          split_codes(result, table.num_rows)[:-1], layout)
+    assert not list((tmp_path / "bad").glob("*.parquet"))  # nothing half-written

@@ -63,3 +63,10 @@ def split_path(root: str | Path, domain: str, split: str) -> Path:
 def train_log_path(domain: str, root: str | Path = LOG_DIR) -> Path:
     """The HF Trainer log of ``train_lora@<domain>``: ``logs/train_<domain>.log``."""
     return Path(root) / f"train_{domain}.log"
+
+# ---- downstream classifier (train_classifier)
+CLASSIFIER_DIR = Path("models/classifier")        # model/ (adapter merged, serve-ready) and adapter/ (peft)
+TOKEN_STATS_JSON = METRICS_DIR / "token_stats.json"
+CLASSIFIER_ALERTS_JSON = METRICS_DIR / "classifier_alerts.json"          # evaluate owns alerts.json
+CLASSIFIER_CONFUSION_CSV = PLOTS_DIR / "classifier_confusion.csv"        # test rows: id, actual, predicted (LoRA)
+BASELINE_CONFUSION_CSV = PLOTS_DIR / "classifier_baseline_confusion.csv"  # the same for the TF-IDF baseline

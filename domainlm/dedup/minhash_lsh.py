@@ -1,76 +1,118 @@
-"""Near-duplicate removal by MinHash-LSH: exact hashing, then MinHash signatures, LSH candidate pairs and
-exact-Jaccard verification, clusters by union-find (one file per algorithm, as text-dedup does).
+"""Near-duplicate detection by MinHash-LSH, as pure functions on numpy arrays (one file per algorithm, as
+text-dedup does). The engines (:mod:`domainlm.dedup.engines`) run these same functions on blocks of
+documents, in this process's worker pool or on Ray; :mod:`domainlm.dedup.workflow` chains them.
 
-MinHash: Broder 1997. Banding: Leskovec, Rajaraman & Ullman, "Mining of Massive Datasets", ch. 3, with
-datasketch's ``MinHash``/``MinHashLSH``; bands × rows are chosen for recall at the threshold
-(:func:`choose_bands_rows`, as text-dedup does), and every candidate pair is verified by exact Jaccard.
-:func:`deduplicate` composes the named steps: :func:`exact_groups` → :func:`find_near_duplicates` →
-:func:`cluster` → :func:`choose_representatives` → :func:`removal_rows` → :func:`domain_counts`.
+MinHash: Broder 1997, with datasketch's ``affine32`` permutations (datasketch >= 2.0), so a signature
+here equals ``datasketch.MinHash(num_perm, seed).update_batch(...)`` over the same 32-bit shingle
+hashes. Banding: Leskovec, Rajaraman & Ullman, "Mining of Massive Datasets" (MMDS), ch. 3.4. The named
+steps, in order:
+
+1. **shingles** (:func:`domainlm.korean.hangul.shingle_hashes_many`): jamo 3-grams ∪ word 5-grams;
+2. **signature** (:func:`signatures`): ``num_perm`` MinHash values per document;
+3. **band** keys (:func:`band_keys`): one 64-bit key per band of ``rows`` signature values;
+4. **candidate pair**\\ s (:func:`bucket_pairs`): documents sharing a band key, by sorting the keys;
+5. **estimated Jaccard** filter (:func:`estimated_jaccard`, :func:`estimate_floor`);
+6. **verification** by exact Jaccard (:func:`jaccard`) of re-shingled documents;
+7. **clusters** (:func:`cluster`, union-find over verified pairs) and their **cluster representative**
+   (:func:`choose_representatives`), then removal rows (:func:`removal_rows`) and counts (:func:`domain_counts`).
+
+Bands × rows are chosen from the *measured* background: on a seeded sample of document pairs, the
+exact Jaccard of unrelated Korean documents is far from 0 (jamo 3-grams come from a small alphabet),
+and it, not the threshold alone, decides how many false candidate pairs a banding admits
+(:func:`choose_bands_rows`).
 """
 from __future__ import annotations
 
-import gc
 import hashlib
 import math
-import multiprocessing as mp
-import time
-from collections import Counter
-from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
-import redis
-from datasketch import LeanMinHash, MinHash, MinHashLSH
-from scipy.integrate import quad
-from tqdm import tqdm
 
-from domainlm.korean.hangul import normalize_text, raw_shingle_ids, to_hash32, unique_sorted
-
-SCHEME = "affine32"  # datasketch >= 2.0 default permutation scheme: a*h + b mod 2**32
-UPDATE_CHUNK = 512  # shingles per MinHash.update_batch call: keeps the (chunk x num_perm) product in cache
+SCHEME = "affine32"  # datasketch >= 2.0 default permutation scheme: a*h + b mod 2**32 after an fmix32 pre-mix
+EMPTY_VALUE = np.uint32(0xFFFFFFFF)  # the value of every permutation of an empty set (datasketch's init)
 S_CURVE_POINTS = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
-BACKENDS = ("memory", "redis")
+_U64 = np.uint64
 
 
 # ------------------------------------------------------------------ banding (bands x rows)
 
-def candidate_probability(j: float, bands: int, rows: int) -> float:
+def candidate_probability(j: float | np.ndarray, bands: int, rows: int) -> float | np.ndarray:
     """LSH S-curve: probability that a pair with Jaccard ``j`` becomes a candidate pair.
 
     ``P(j) = 1 - (1 - j**rows) ** bands``: the pair collides in at least one of ``bands``
-    bands of ``rows`` MinHash values each (MMDS ch. 3.4).
+    bands of ``rows`` MinHash values each (MMDS ch. 3.4). Computed as
+    ``-expm1(bands · log1p(-j**rows))``, exact where ``j**rows`` is tiny. Vectorised over an array ``j``.
     """
-    return 1.0 - (1.0 - j ** rows) ** bands
+    if isinstance(j, np.ndarray):
+        return -np.expm1(bands * np.log1p(-(j.astype(np.float64) ** rows)))
+    return -math.expm1(bands * math.log1p(-(j ** rows))) if j < 1.0 else 1.0
+
+
+def _integral(f, lo: float, hi: float, points: int = 128) -> float:
+    """∫_lo^hi f(s) ds by Gauss-Legendre quadrature (``numpy.polynomial.legendre.leggauss``); the S-curve is
+    a polynomial of degree ``bands · rows``, smooth enough that 128 nodes agree with adaptive quadrature
+    to 1e-12 on the bandings used here."""
+    x, w = np.polynomial.legendre.leggauss(points)
+    s = 0.5 * (hi - lo) * x + 0.5 * (hi + lo)
+    return float(0.5 * (hi - lo) * np.dot(w, f(s)))
 
 
 def false_positive_area(threshold: float, bands: int, rows: int) -> float:
     """∫₀^threshold P(j) dj: the S-curve area below the threshold (datasketch's FP measure)."""
-    return float(quad(lambda s: candidate_probability(s, bands, rows), 0.0, threshold)[0])
+    return _integral(lambda s: candidate_probability(s, bands, rows), 0.0, threshold)
 
 
 def false_negative_area(threshold: float, bands: int, rows: int) -> float:
     """∫_threshold^1 (1 - P(j)) dj: the area above the S-curve past the threshold."""
-    return float(quad(lambda s: 1.0 - candidate_probability(s, bands, rows), threshold, 1.0)[0])
+    return _integral(lambda s: 1.0 - candidate_probability(s, bands, rows), threshold, 1.0)
 
 
-def choose_bands_rows(num_perm: int, threshold: float, min_recall: float) -> tuple[int, int]:
-    """Pick LSH bands ``b`` and rows ``r`` for recall at the threshold (text-dedup style).
+def false_candidate_rate(background: np.ndarray | None, threshold: float, bands: int, rows: int) -> float:
+    """Expected share of unrelated document pairs that become candidate pairs (false candidates).
 
-    Minimises the false-positive area ``∫₀^t P(j) dj`` subject to ``b·r <= num_perm``,
-    ``b >= 2`` (datasketch's minimum) and ``P(t) = 1 - (1 - t**r)**b >= min_recall``. For a
-    fixed ``r`` both P(t) and the FP area grow with ``b``, so only the smallest feasible ``b``
-    per ``r`` is a contender; the search is over ``r``. Ties go to the larger P(t).
+    ``mean over sampled pairs of P(J) · [J < threshold]``: the S-curve averaged over the measured
+    background Jaccard distribution (pairs at or above the threshold are true near duplicates, not
+    false candidates). Without a sample (``None`` or empty), the background is taken as uniform on
+    ``[0, threshold)``: ``∫₀^t P(j) dj / t`` (:func:`false_positive_area`).
 
-    With ``num_perm=128, threshold=0.8, min_recall=0.99`` this gives 16 bands x 6 rows
-    (96 of the 128 values used). Its S-curve: P(0.5) = 0.223, P(0.6) = 0.534,
-    P(0.7) = 0.865, P(0.75) = 0.957, P(0.8) = 0.9923, P(0.85) = 0.9995, P(0.9) > 0.99999;
-    FP area 0.219, FN area 0.00015. datasketch's default optimiser (equal FP/FN weights)
-    gives 9 x 13, whose P(0.8) is only 0.399: three in five pairs right at the threshold
-    would never be compared. The extra candidates this admits below the threshold are
-    removed by exact-Jaccard verification.
+    Args:
+        background: ``float64`` exact Jaccard of sampled document pairs, shape ``(k,)``.
+    """
+    if background is None or len(background) == 0:
+        return false_positive_area(threshold, bands, rows) / threshold
+    below = background[background < threshold]
+    return float(candidate_probability(below, bands, rows).sum() / len(background))
+
+
+def _smallest_bands(threshold: float, rows: int, min_recall: float) -> int:
+    """The fewest bands of ``rows`` rows (at least 2, datasketch's minimum) with P(threshold) >= min_recall."""
+    bands = max(2, math.ceil(math.log1p(-min_recall) / math.log1p(-(threshold ** rows))))
+    while bands > 2 and candidate_probability(threshold, bands - 1, rows) >= min_recall:
+        bands -= 1  # guard against rounding in the closed form
+    while candidate_probability(threshold, bands, rows) < min_recall:
+        bands += 1
+    return bands
+
+
+def choose_bands_rows(num_perm: int, threshold: float, min_recall: float,
+                      background: np.ndarray | None = None) -> tuple[int, int]:
+    """Pick LSH bands ``b`` and rows ``r``: recall at the threshold first, then the fewest false candidates.
+
+    Among ``(b, r)`` with ``b·r <= num_perm``, ``b >= 2`` and ``P(threshold) = 1 - (1 - t**r)**b >=
+    min_recall``, minimise the expected false-candidate rate on the measured background
+    (:func:`false_candidate_rate`). For a fixed ``r`` both P(t) and the rate grow with ``b``, so
+    only the smallest feasible ``b`` per ``r`` is a contender; the search is over ``r``. Ties go to
+    the larger P(t). More rows make the S-curve steeper: each extra row divides the rate at a
+    background Jaccard ``j`` by about ``j / t``, and costs about ``1 / t`` times more bands.
+
+    With ``background=None`` (uniform background) this is text-dedup's rule and gives 16 x 6 for
+    ``num_perm=128, t=0.8, min_recall=0.99``. On Korean documents the background Jaccard of
+    unrelated pairs is around 0.13-0.2, so the rate is dominated by that bulk and the rule picks
+    the most rows ``num_perm`` allows: 26 x 8 at ``num_perm=256`` (P(0.8) = 0.9916).
 
     Returns:
-        ``(bands, rows)``, to pass as ``MinHashLSH(params=(bands, rows))``.
+        ``(bands, rows)``.
 
     Raises:
         ValueError: when an argument is out of range or no (b, r) meets ``min_recall``.
@@ -83,15 +125,13 @@ def choose_bands_rows(num_perm: int, threshold: float, min_recall: float) -> tup
         raise ValueError(f"dedup.min_recall_at_threshold must be in (0, 1), got {min_recall!r}")
     best: tuple[float, float, int, int] | None = None
     for rows in range(1, num_perm // 2 + 1):
-        bands = max(2, math.ceil(math.log1p(-min_recall) / math.log1p(-(threshold ** rows))))
-        while bands > 2 and candidate_probability(threshold, bands - 1, rows) >= min_recall:
-            bands -= 1  # guard against rounding in the closed form
-        while candidate_probability(threshold, bands, rows) < min_recall:
-            bands += 1
+        if 2 * rows > num_perm or math.log1p(-min_recall) / math.log1p(-(threshold ** rows)) * rows > num_perm + rows:
+            continue  # even the closed-form least number of bands does not fit num_perm
+        bands = _smallest_bands(threshold, rows, min_recall)
         if bands * rows > num_perm:
             continue
-        key = (false_positive_area(threshold, bands, rows), -candidate_probability(threshold, bands, rows),
-               bands, rows)
+        key = (false_candidate_rate(background, threshold, bands, rows),
+               -candidate_probability(threshold, bands, rows), bands, rows)
         if best is None or key < best:
             best = key
     if best is None:
@@ -101,8 +141,30 @@ def choose_bands_rows(num_perm: int, threshold: float, min_recall: float) -> tup
     return best[2], best[3]
 
 
-def banding_report(num_perm: int, threshold: float, bands: int, rows: int) -> dict[str, Any]:
-    """Numbers describing a banding: P(candidate) at the threshold, FP/FN areas, S-curve points."""
+def num_perm_for(max_rate: float, threshold: float, min_recall: float, background: np.ndarray | None,
+                 limit: int = 2048) -> int | None:
+    """The fewest permutations whose best banding keeps the false-candidate rate at or under ``max_rate``
+    (the advice the stage logs when ``dedup.num_perm`` is too small for the corpus), or ``None`` up to ``limit``."""
+    for rows in range(1, limit):
+        if math.log1p(-min_recall) / math.log1p(-(threshold ** rows)) * rows > limit + rows:
+            return None
+        bands = _smallest_bands(threshold, rows, min_recall)
+        if bands * rows > limit:
+            return None
+        if false_candidate_rate(background, threshold, bands, rows) <= max_rate:
+            return bands * rows
+    return None
+
+
+def banding_report(num_perm: int, threshold: float, bands: int, rows: int,
+                   background: np.ndarray | None = None, n_docs: int = 0) -> dict[str, Any]:
+    """Numbers describing a banding: P(candidate) at the threshold, FP/FN areas, S-curve points, and the
+    expected false candidates on the measured background.
+
+    ``expected_false_candidate_rate`` is per unrelated pair; ``expected_false_candidate_pairs_per_doc``
+    is that rate times ``(n_docs - 1) / 2``, comparable to the measured ``candidate_pairs / docs``.
+    """
+    rate = false_candidate_rate(background, threshold, bands, rows)
     return {
         "num_perm": num_perm,
         "threshold": threshold,
@@ -112,6 +174,8 @@ def banding_report(num_perm: int, threshold: float, bands: int, rows: int) -> di
         "p_candidate_at_threshold": candidate_probability(threshold, bands, rows),
         "false_positive_area": false_positive_area(threshold, bands, rows),
         "false_negative_area": false_negative_area(threshold, bands, rows),
+        "expected_false_candidate_rate": rate,
+        "expected_false_candidate_pairs_per_doc": rate * max(n_docs - 1, 0) / 2.0,
         "s_curve": {f"j{round(j * 100):03d}": candidate_probability(j, bands, rows) for j in S_CURVE_POINTS},
     }
 
@@ -119,186 +183,222 @@ def banding_report(num_perm: int, threshold: float, bands: int, rows: int) -> di
 def datasketch_default_banding(num_perm: int, threshold: float) -> dict[str, Any]:
     """The banding datasketch would pick by default (``MinHashLSH(threshold, num_perm)``:
     equal false-positive/false-negative weights) and its P(candidate) at the threshold."""
+    from datasketch import MinHashLSH
+
     lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
     return {"bands": lsh.b, "rows": lsh.r,
             "p_candidate_at_threshold": candidate_probability(threshold, lsh.b, lsh.r)}
 
 
+def background_summary(background: np.ndarray) -> dict[str, float]:
+    """Quantiles of the measured background Jaccard (``pairs``, ``j_median``, ``j_p99``, ``j_p999``, ``j_max``)."""
+    if len(background) == 0:
+        return {"pairs": 0, "j_median": 0.0, "j_p99": 0.0, "j_p999": 0.0, "j_max": 0.0}
+    q = np.quantile(background, [0.5, 0.99, 0.999])
+    return {"pairs": int(len(background)), "j_median": float(q[0]), "j_p99": float(q[1]),
+            "j_p999": float(q[2]), "j_max": float(background.max())}
+
+
+def sample_pairs(k: int, max_pairs: int, seed: int) -> np.ndarray:
+    """Index pairs ``(i, j)``, ``i < j < k``, for the background sample: all of them when there are at most
+    ``max_pairs``, else ``max_pairs`` drawn with a seeded ``numpy.random.default_rng`` (distinct pairs).
+
+    Returns:
+        ``int64`` array of shape ``(p, 2)``.
+    """
+    total = k * (k - 1) // 2
+    if total <= max_pairs:
+        i, j = np.triu_indices(k, 1)
+        return np.stack([i, j], axis=1).astype(np.int64)
+    rng = np.random.default_rng(seed)
+    picked: set[int] = set()
+    while len(picked) < max_pairs:
+        draw = rng.integers(0, k, size=(max_pairs, 2))
+        draw = draw[draw[:, 0] != draw[:, 1]]
+        for a, b in np.sort(draw, axis=1).tolist():
+            picked.add(a * k + b)
+            if len(picked) == max_pairs:
+                break
+    flat = np.array(sorted(picked), dtype=np.int64)
+    return np.stack([flat // k, flat % k], axis=1)
+
+
 # ------------------------------------------------------------------ signatures
 
-def _identity(x):
-    return x
+def permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """datasketch's ``affine32`` permutation parameters ``(a, b)``, each ``uint32`` of shape ``(num_perm,)``.
 
-
-def minhash_template(num_perm: int, seed: int) -> MinHash:
-    """An empty datasketch ``MinHash`` (``affine32`` scheme) whose inputs are pre-hashed
-    ``uint32`` values (identity ``hashfunc``); ``.copy()`` it per document."""
-    return MinHash(num_perm=num_perm, seed=seed, hashfunc=_identity, scheme=SCHEME)
-
-
-def sign_hashes(template: MinHash, hashes: np.ndarray) -> np.ndarray:
-    """MinHash signature of a set of 32-bit shingle hashes, ``uint32`` of shape ``(num_perm,)``.
-
-    Feeds ``template.copy().update_batch([chunk])`` one chunk of ``UPDATE_CHUNK`` hashes at a
-    time: with the identity ``hashfunc``, ``[chunk]`` hands datasketch the whole array as one
-    already-hashed batch, which its vectorised path (fmix32 pre-mix, ``a*h + b mod 2**32``,
-    column minimum) processes without a Python call per shingle, while the chunk keeps the
-    ``(chunk, num_perm)`` product in cache. Equals ``update_batch`` over the individual
-    integers (tests check this). Repeated hashes do not change a MinHash.
+    Taken from ``datasketch.MinHash(num_perm, seed, scheme="affine32").permutations`` itself (a
+    seeded ``numpy.random.RandomState``), so the signatures here are datasketch's.
     """
-    m = template.copy()
-    for start in range(0, len(hashes), UPDATE_CHUNK):
-        m.update_batch([hashes[start:start + UPDATE_CHUNK]])
-    return m.hashvalues
+    from datasketch import MinHash
+
+    a, b = MinHash(num_perm=num_perm, seed=seed, scheme=SCHEME).permutations
+    return a.astype(np.uint32), b.astype(np.uint32)
 
 
-def shingle_hashes(normalized: str) -> np.ndarray:
-    """Distinct 32-bit hashes of a normalized text's shingles (the MinHash input), sorted ``uint32``.
-
-    :func:`domainlm.korean.hangul.raw_shingle_ids` folded by :func:`domainlm.korean.hangul.to_hash32`, then
-    de-duplicated: a sort of 32-bit values is cheaper than one of the 64-bit ids, and every
-    repeat removed is a row less for the MinHash kernel.
-    """
-    return unique_sorted(to_hash32(raw_shingle_ids(normalized)))
-
-
-def minhash_signature(text: str, num_perm: int = 128, seed: int = 1) -> np.ndarray:
-    """datasketch MinHash signature of ``text``'s shingle set, ``uint32`` ``(num_perm,)``.
-
-    Shingles as in :func:`domainlm.korean.hangul.shingle_ids` (jamo 3-grams ∪ word 5-grams), hashed by
-    :func:`shingle_hashes`, signed by :func:`sign_hashes`. Deterministic: the permutations
-    come from ``seed`` (numpy ``RandomState``), the hashes from fixed constants.
-    """
-    return sign_hashes(minhash_template(num_perm, seed), shingle_hashes(normalize_text(text)))
+def fmix32(h: np.ndarray) -> np.ndarray:
+    """MurmurHash3's 32-bit finalizer (the pre-mix datasketch's ``affine32`` applies to every input hash)."""
+    h = h ^ (h >> np.uint32(16))
+    h = h * np.uint32(0x85EBCA6B)
+    h ^= h >> np.uint32(13)
+    h *= np.uint32(0xC2B2AE35)
+    return h ^ (h >> np.uint32(16))
 
 
-_FORK_TEXTS: Sequence[str] = ()  # normalized texts, shared with forked workers copy-on-write
+def signatures(hashes: np.ndarray, bounds: np.ndarray, perms: tuple[np.ndarray, np.ndarray],
+               out: np.ndarray | None = None) -> np.ndarray:
+    """MinHash signatures of many sets of 32-bit shingle hashes, equal to datasketch's.
 
-
-def _signature_block(args: tuple[int, int, int, int]) -> tuple[int, np.ndarray]:
-    """Signatures of ``_FORK_TEXTS[start:stop]`` (runs in a worker process)."""
-    start, stop, num_perm, seed = args
-    template = minhash_template(num_perm, seed)
-    block = np.empty((stop - start, num_perm), dtype=np.uint32)
-    for k, norm in enumerate(_FORK_TEXTS[start:stop]):
-        block[k] = sign_hashes(template, shingle_hashes(norm))
-    return start, block
-
-
-def compute_signatures(normalized: Sequence[str], num_perm: int, seed: int, workers: int = 1,
-                       chunk_docs: int = 64) -> np.ndarray:
-    """MinHash signatures of normalized texts, computed across ``workers`` forked processes.
-
-    The texts reach the workers through fork (copy-on-write, nothing pickled); each task
-    returns a ``(docs, num_perm)`` block placed by its start row, so the result does not
-    depend on scheduling.
+    For set ``d`` (``hashes[bounds[d]:bounds[d + 1]]``) and permutation ``k``:
+    ``min over h of (a_k · fmix32(h) + b_k) mod 2**32``, which is what
+    ``MinHash(num_perm, seed, hashfunc=identity).update_batch(hashes)`` computes (tests check it);
+    an empty set keeps ``0xFFFFFFFF`` everywhere, as datasketch's initial values. The
+    ``(shingles × num_perm)`` products are never materialised: a numba-compiled loop keeps each
+    document's running minimum (5-6× numpy's broadcast-and-reduce on 256 permutations, measured).
 
     Args:
-        normalized: texts already passed through :func:`domainlm.korean.hangul.normalize_text`.
-        num_perm: MinHash permutations. seed: MinHash seed (datasketch permutations).
-        workers: processes of a fork ``multiprocessing.Pool``; 1 computes in this process.
-        chunk_docs: documents per task.
+        hashes: ``uint32`` shingle hashes laid end to end (repeats allowed: they do not change a minimum).
+        bounds: ``int64`` segment bounds ``(k + 1,)``.
+        perms: ``(a, b)`` from :func:`permutations`.
+        out: ``uint32`` C-contiguous ``(k, num_perm)`` signatures to lower in place (the MinHash of a
+            union is the element-wise minimum: the jamo and the word shingles may be signed in turn).
 
     Returns:
-        ``uint32`` array of shape ``(len(normalized), num_perm)``, row ``i`` equal to
-        :func:`minhash_signature` of text ``i``; identical for any ``workers``.
+        ``uint32`` array of shape ``(k, num_perm)`` (``out`` when given).
     """
-    global _FORK_TEXTS
-    n = len(normalized)
-    tasks = [(s, min(s + chunk_docs, n), num_perm, seed) for s in range(0, n, chunk_docs)]
-    sigs = np.empty((n, num_perm), dtype=np.uint32)
-    _FORK_TEXTS = normalized
-    try:
-        with tqdm(total=n, desc="dedup: shingles + MinHash", unit="doc", leave=False) as bar:
-            if workers > 1 and len(tasks) > 1:
-                gc.freeze()  # keep the parent's objects out of the workers' GC: no copy-on-write of its heap
-                try:
-                    with mp.get_context("fork").Pool(min(workers, len(tasks))) as pool:
-                        for start, block in pool.imap_unordered(_signature_block, tasks):
-                            sigs[start:start + len(block)] = block
-                            bar.update(len(block))
-                finally:
-                    gc.unfreeze()
-            else:
-                for task in tasks:
-                    start, block = _signature_block(task)
-                    sigs[start:start + len(block)] = block
-                    bar.update(len(block))
-    finally:
-        _FORK_TEXTS = ()
-    return sigs
+    from domainlm.dedup.affine32 import min_affine32  # numba: imported where signatures are computed only
+
+    a, b = (np.ascontiguousarray(x, dtype=np.uint32) for x in perms)
+    if out is None:
+        out = np.full((len(bounds) - 1, len(a)), EMPTY_VALUE, dtype=np.uint32)
+    min_affine32(fmix32(np.ascontiguousarray(hashes, dtype=np.uint32)), np.ascontiguousarray(bounds, dtype=np.int64),
+                  a, b, out)
+    return out
 
 
-# ------------------------------------------------------------------ LSH candidates + verification
+def minhash_signature(text: str, num_perm: int = 256, seed: int = 1) -> np.ndarray:
+    """MinHash signature of one text's shingle set, ``uint32`` ``(num_perm,)`` (normalized here first)."""
+    from domainlm.korean.hangul import normalize_text, shingle_hashes_many
 
-def storage_config(backend: str, redis_cfg: dict[str, Any] | None = None) -> dict[str, Any]:
-    """datasketch ``storage_config`` for ``dedup.lsh_backend`` (``memory`` or ``redis``).
+    hashes, bounds = shingle_hashes_many([normalize_text(text)])
+    return signatures(hashes, bounds, permutations(num_perm, seed))[0]
+
+
+def band_keys(sigs: np.ndarray, bands: int, rows: int, docs: np.ndarray) -> np.ndarray:
+    """One 64-bit key per band: a hash of the band's ``rows`` signature values.
+
+    Band ``j`` covers signature columns ``[j·rows, (j+1)·rows)``; its key chains MurmurHash3's 64-bit
+    finalizer over the values, seeded by ``j``, so two documents share a band key exactly when they
+    share the band's values (up to a 2**-64 collision, which only adds a candidate pair that the
+    estimated-Jaccard filter then drops). A document with an empty shingle set (all values
+    ``0xFFFFFFFF``) gets its own key from its index in every band, so empty documents are not
+    bucketed together.
+
+    Args:
+        sigs: ``uint32`` ``(k, num_perm)``. docs: ``int64`` ``(k,)`` global document indices.
+
+    Returns:
+        ``uint64`` array of shape ``(k, bands)``.
+    """
+    from domainlm.korean.hangul import fmix64
+
+    k = len(sigs)
+    keys = np.empty((k, bands), dtype=_U64)
+    for j in range(bands):
+        h = np.full(k, (0x9E3779B97F4A7C15 * (j + 1)) % (1 << 64), dtype=_U64)
+        for col in range(j * rows, (j + 1) * rows):
+            h = fmix64(h ^ sigs[:, col].astype(_U64))
+        keys[:, j] = h
+    empty = (sigs == EMPTY_VALUE).all(axis=1)
+    if empty.any():
+        keys[empty] = fmix64((docs[empty].astype(_U64) << _U64(8)) | _U64(0xE))[:, None]
+    return keys
+
+
+# ------------------------------------------------------------------ candidate pairs
+
+def pack_pairs(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Document-index pairs as ``uint64`` ``(a << 32) | b`` (indices below 2**32), sortable as pairs."""
+    return (a.astype(_U64) << _U64(32)) | b.astype(_U64)
+
+
+def unpack_pairs(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Inverse of :func:`pack_pairs`: two ``int64`` arrays."""
+    return (packed >> _U64(32)).astype(np.int64), (packed & _U64(0xFFFFFFFF)).astype(np.int64)
+
+
+def bucket_pairs(keys: np.ndarray, docs: np.ndarray, max_bucket: int) -> tuple[np.ndarray, list[int]]:
+    """Candidate pairs of one band: documents that share a band key, found by sorting the keys.
+
+    A stable sort groups equal keys into runs (a bucket each) without a Python object per key. A
+    bucket of ``m <= max_bucket`` documents gives all ``m(m-1)/2`` pairs; a larger one (boilerplate
+    shared by thousands of pages) is not expanded into ``m²`` pairs: it gives the ``m - 1`` pairs of
+    its smallest document with every other one (a star: its members still reach one cluster if they
+    are near duplicates of that document) and is reported.
+
+    Args:
+        keys: ``uint64`` band keys ``(k,)``. docs: ``int64`` document indices ``(k,)``, ascending.
+        max_bucket: the largest bucket expanded into all of its pairs (``dedup.max_bucket_size``).
+
+    Returns:
+        ``(pairs, oversized)``: sorted distinct :func:`pack_pairs` values ``a < b``, and the sizes of
+        the buckets that were larger than ``max_bucket``.
+    """
+    if len(keys) < 2:
+        return np.empty(0, dtype=_U64), []
+    order = np.argsort(keys, kind="stable")
+    skeys, sdocs = keys[order], docs[order]
+    starts = np.flatnonzero(np.concatenate(([True], skeys[1:] != skeys[:-1])))
+    sizes = np.diff(np.append(starts, len(skeys)))
+    parts: list[np.ndarray] = []
+    oversized = sizes[sizes > max_bucket].tolist()
+    for m in np.unique(sizes[(sizes >= 2) & (sizes <= max_bucket)]).tolist():
+        first = starts[sizes == m]
+        members = sdocs[first[:, None] + np.arange(m)]  # (buckets, m), ascending within a bucket
+        i, j = np.triu_indices(m, 1)
+        parts.append(pack_pairs(members[:, i].ravel(), members[:, j].ravel()))
+    for first, m in zip(starts[sizes > max_bucket].tolist(), oversized):
+        members = sdocs[first:first + m]
+        parts.append(pack_pairs(np.full(m - 1, members[0]), members[1:]))
+    if not parts:
+        return np.empty(0, dtype=_U64), oversized
+    return np.unique(np.concatenate(parts)), oversized
+
+
+def estimated_jaccard(sig_a: np.ndarray, sig_b: np.ndarray) -> np.ndarray:
+    """Signature-estimated Jaccard of row pairs: the share of equal MinHash values, as ``MinHash.jaccard``.
+
+    Args:
+        sig_a, sig_b: ``uint32`` ``(p, num_perm)``.
+
+    Returns:
+        ``float64`` ``(p,)``.
+    """
+    return np.count_nonzero(sig_a == sig_b, axis=1) / float(sig_a.shape[1])
+
+
+def estimate_floor(threshold: float, num_perm: int, sigmas: float) -> float:
+    """The least estimated Jaccard a candidate pair needs to be verified exactly.
+
+    The estimate is a binomial share over ``num_perm`` values, standard deviation
+    ``σ = sqrt(t(1 - t) / num_perm)`` at ``J = t`` (0.025 at t = 0.8, 256 permutations); a pair
+    right at the threshold falls below ``t - sigmas·σ`` with probability about ``Φ(-sigmas)``
+    (3e-7 at 5σ), so the filter loses nothing measurable.
+    """
+    return threshold - sigmas * math.sqrt(threshold * (1.0 - threshold) / num_perm)
+
+
+# ------------------------------------------------------------------ exact Jaccard, clusters
+
+def exact_key(normalized: str) -> bytes:
+    """Exact-duplicate key: 16-byte BLAKE2b digest of a :func:`domainlm.korean.hangul.normalize_text`
+    result, UTF-8 encoded.
 
     Raises:
-        ValueError: on an unknown backend or a redis config without ``host``/``port``.
+        UnicodeEncodeError: on a lone surrogate (a JSON ``\\ud800`` escape).
     """
-    if backend == "memory":
-        return {"type": "dict"}
-    if backend == "redis":
-        cfg = redis_cfg or {}
-        missing = [k for k in ("host", "port") if k not in cfg]
-        if missing:
-            raise ValueError(f"dedup.redis is missing {missing} (needed for lsh_backend: redis)")
-        basename = str(cfg.get("basename", "dedup")).encode("utf-8")
-        return {"type": "redis", "basename": basename, "redis": {"host": cfg["host"], "port": int(cfg["port"])}}
-    raise ValueError(f"dedup.lsh_backend must be one of {BACKENDS}, got {backend!r}")
-
-
-def _clear_redis_index(config: dict[str, Any]) -> None:
-    """Delete every Redis key of the index named ``config['basename']`` (a stale index would
-    add old documents to this run's buckets)."""
-    client = redis.Redis(**config["redis"])
-    pattern = config["basename"] + b"_*"
-    keys = list(client.scan_iter(match=pattern, count=1000))
-    for i in range(0, len(keys), 1000):
-        client.delete(*keys[i:i + 1000])
-    client.close()
-
-
-def lsh_candidate_pairs(signatures: np.ndarray, bands: int, rows: int, seed: int,
-                        config: dict[str, Any] | None = None) -> list[tuple[int, int]]:
-    """Candidate pairs from a datasketch ``MinHashLSH`` index over ``signatures``.
-
-    Every row is inserted as a ``LeanMinHash`` under key ``b"<row index>"`` with
-    ``params=(bands, rows)``; a candidate pair is two keys that share a bucket in at least
-    one band, read back table by table (``keys()`` + ``getmany``: two round trips per band
-    on Redis instead of one per document and band). A Redis index (basename from
-    ``config``) is cleared before and after use.
-
-    Args:
-        signatures: ``uint32`` array ``(n, num_perm)`` from :func:`compute_signatures`.
-        config: datasketch storage config (:func:`storage_config`); ``None`` = in memory.
-
-    Returns:
-        Sorted list of ``(i, j)`` row-index pairs with ``i < j``.
-    """
-    config = config or {"type": "dict"}
-    n, num_perm = signatures.shape
-    if config["type"] == "redis":
-        _clear_redis_index(config)
-    try:
-        lsh = MinHashLSH(num_perm=num_perm, params=(bands, rows), storage_config=config, prepickle=False)
-        with lsh.insertion_session(buffer_size=50_000) as session:
-            for i in tqdm(range(n), desc="dedup: LSH insert", unit="doc", leave=False):
-                lean = LeanMinHash(seed=seed, hashvalues=signatures[i], scheme=SCHEME)
-                session.insert(b"%d" % i, lean, check_duplication=False)
-        pairs: set[tuple[int, int]] = set()
-        for table in tqdm(lsh.hashtables, desc="dedup: LSH buckets", unit="band", leave=False):
-            bucket_keys = list(table.keys())
-            for members in table.getmany(*bucket_keys) if bucket_keys else ():
-                if len(members) < 2:
-                    continue
-                idx = sorted(int(k) for k in members)
-                pairs.update((a, b) for p, a in enumerate(idx) for b in idx[p + 1:])
-    finally:
-        if config["type"] == "redis":
-            _clear_redis_index(config)
-    return sorted(pairs)
+    return hashlib.blake2b(normalized.encode("utf-8"), digest_size=16).digest()
 
 
 def jaccard(a: np.ndarray, b: np.ndarray) -> float:
@@ -308,63 +408,26 @@ def jaccard(a: np.ndarray, b: np.ndarray) -> float:
     return inter / union if union else 0.0
 
 
-def verify_pairs(pairs: Sequence[tuple[int, int]], shingles: Mapping[int, np.ndarray],
-                 signatures: np.ndarray) -> list[tuple[int, int, float, float]]:
-    """Estimated and exact Jaccard of each candidate pair.
+def exact_keepers(key_hi: np.ndarray, key_lo: np.ndarray, id_order: np.ndarray) -> np.ndarray:
+    """Exact-duplicate groups: for every document, the index of its group's keeper (the smallest id).
 
     Args:
-        pairs: ``(i, j)`` row indices into ``signatures``.
-        shingles: sorted unique ``uint64`` shingle set of every row that occurs in ``pairs``.
-        signatures: ``uint32`` ``(n, num_perm)``.
+        key_hi, key_lo: ``uint64`` halves of each document's :func:`exact_key`, shape ``(n,)``.
+        id_order: ``int64`` rank of each document's id in sorted id order (ids are unique), ``(n,)``.
 
     Returns:
-        ``[(i, j, estimated, exact), ...]`` in the order of ``pairs``; ``estimated`` is the
-        share of equal signature values (as ``MinHash.jaccard``), ``exact`` is :func:`jaccard`.
+        ``int64`` ``keeper_of`` of shape ``(n,)``; ``keeper_of[i] == i`` for keepers.
     """
-    if not pairs:
-        return []
-    idx = np.asarray(pairs, dtype=np.int64)
-    estimated = (signatures[idx[:, 0]] == signatures[idx[:, 1]]).mean(axis=1)
-    return [(i, j, float(estimated[k]), jaccard(shingles[i], shingles[j]))
-            for k, (i, j) in enumerate(tqdm(pairs, desc="dedup: verify", unit="pair", leave=False))]
-
-
-@dataclass
-class NearDuplicates:
-    """Output of :func:`find_near_duplicates`; indices refer to the input texts."""
-
-    signatures: np.ndarray  # uint32 (n, num_perm)
-    shingles: dict[int, np.ndarray]  # exact shingle sets of the texts in candidate pairs
-    checked: list[tuple[int, int, float, float]]  # (i, j, estimated, exact Jaccard), i < j
-    seconds: dict[str, float]
-
-    def verified(self, threshold: float) -> list[tuple[int, int]]:
-        """Candidate pairs whose exact Jaccard is >= ``threshold``."""
-        return [(i, j) for i, j, _, exact in self.checked if exact >= threshold]
-
-
-def find_near_duplicates(normalized: Sequence[str], *, num_perm: int, bands: int, rows: int, seed: int,
-                         workers: int = 1, lsh_config: dict[str, Any] | None = None) -> NearDuplicates:
-    """MinHash signatures → LSH candidate pairs → exact Jaccard of every candidate pair.
-
-    Exact shingle sets (:func:`domainlm.korean.hangul.shingle_ids`) are built only for the texts that
-    appear in a candidate pair: signatures need the hashes alone.
-
-    Args:
-        normalized: texts already passed through :func:`domainlm.korean.hangul.normalize_text`.
-        bands, rows: LSH banding (:func:`choose_bands_rows`).
-        lsh_config: datasketch storage config (:func:`storage_config`), ``None`` = memory.
-    """
-    t0 = time.perf_counter()
-    sigs = compute_signatures(normalized, num_perm, seed, workers=workers)
-    t1 = time.perf_counter()
-    pairs = lsh_candidate_pairs(sigs, bands, rows, seed, lsh_config)
-    t2 = time.perf_counter()
-    in_pairs = sorted({i for pair in pairs for i in pair})
-    shingles = {i: unique_sorted(raw_shingle_ids(normalized[i])) for i in in_pairs}
-    checked = verify_pairs(pairs, shingles, sigs)
-    t3 = time.perf_counter()
-    return NearDuplicates(sigs, shingles, checked, {"signature_s": t1 - t0, "lsh_s": t2 - t1, "verify_s": t3 - t2})
+    n = len(key_hi)
+    order = np.lexsort((id_order, key_lo, key_hi))  # by key, then by id: each group's first is its keeper
+    if n == 0:
+        return np.empty(0, dtype=np.int64)
+    hi, lo = key_hi[order], key_lo[order]
+    new_group = np.concatenate(([True], (hi[1:] != hi[:-1]) | (lo[1:] != lo[:-1])))
+    group_first = order[np.flatnonzero(new_group)]
+    keeper_of = np.empty(n, dtype=np.int64)
+    keeper_of[order] = group_first[np.cumsum(new_group) - 1]
+    return keeper_of
 
 
 class UnionFind:
@@ -393,128 +456,45 @@ class UnionFind:
         self.size[ra] += self.size[rb]
 
 
-# ------------------------------------------------------------------ the whole dedup
+def cluster(links: Iterable[tuple[int, int]]) -> list[list[int]]:
+    """Connected components of the verified near-duplicate links, by :class:`UnionFind`.
 
-@dataclass
-class DedupResult:
-    """What :func:`deduplicate` decided. ``kept`` keeps input order; ids are document ids."""
-
-    kept: list[dict[str, Any]]
-    removed: list[dict[str, Any]]
-    candidates: list[dict[str, Any]]
-    counts: dict[str, dict[str, int]]
-    banding: dict[str, Any]
-    stats: dict[str, Any] = field(default_factory=dict)
-
-
-def exact_key(normalized: str) -> bytes:
-    """Exact-duplicate key: 16-byte BLAKE2b digest of a :func:`domainlm.korean.hangul.normalize_text`
-    result (NFC, whitespace collapsed, stripped), UTF-8 encoded."""
-    return hashlib.blake2b(normalized.encode("utf-8"), digest_size=16).digest()
-
-
-def _check_records(records: Sequence[dict[str, Any]]) -> None:
-    """Raise ``ValueError`` naming the record that is not a dict with str ``id``/``text``/``domain``, or
-    whose id repeats an earlier one."""
-    seen: set[str] = set()
-    for n, r in enumerate(records):
-        if not isinstance(r, dict):
-            raise ValueError(f"record #{n}: expected a dict, got {type(r).__name__}")
-        for key in ("id", "text", "domain"):
-            if not isinstance(r.get(key), str):
-                raise ValueError(f"record #{n} (id {r.get('id')!r}): field {key!r} must be a string, "
-                                 f"got {type(r.get(key)).__name__}")
-        if r["id"] in seen:
-            raise ValueError(f"duplicate document id {r['id']!r}: ids must be unique across all domains")
-        seen.add(r["id"])
-
-
-@dataclass
-class ExactGroups:
-    """Output of :func:`exact_groups`; indices refer to the input records.
-
-    Attributes:
-        normalized: :func:`domainlm.korean.hangul.normalize_text` of every record's text.
-        keeper_of: for every record, the index of its exact group's keeper (the smallest id).
-        survivors: the keepers (records that are their own keeper), in input order: the input of
-            the near-duplicate search, whose *positions* the later steps use.
-    """
-
-    normalized: list[str]
-    keeper_of: list[int]
-    survivors: list[int]
-
-
-def exact_groups(records: Sequence[dict[str, Any]]) -> ExactGroups:
-    """Step 1: group records whose normalized texts are equal (:func:`exact_key`); the smallest id keeps.
+    Only the documents in a link take part (the union-find is over them, relabelled ``0..m-1``),
+    so the cost follows the verified pairs, not the corpus.
 
     Args:
-        records: dicts with a str ``id`` (unique), ``text`` and ``domain`` (see :func:`_check_records`).
-
-    Raises:
-        ValueError: naming the record when its text is empty after normalization or is not valid
-            Unicode (a lone surrogate from a JSON escape).
-    """
-    ids = [r["id"] for r in records]
-    normalized: list[str] = []
-    groups: dict[bytes, list[int]] = {}
-    for i, r in enumerate(records):
-        norm = normalize_text(r["text"])
-        if not norm:
-            raise ValueError(f"record {r['id']!r} ({r['domain']}): text is empty after whitespace normalization")
-        try:
-            key = exact_key(norm)
-        except UnicodeEncodeError as err:  # a lone surrogate from a JSON escape
-            raise ValueError(f"record {r['id']!r} ({r['domain']}): text is not valid Unicode ({err.reason} "
-                             f"at character {err.start})") from err
-        normalized.append(norm)
-        groups.setdefault(key, []).append(i)
-    keeper_of = list(range(len(records)))
-    for members in groups.values():
-        keeper = min(members, key=ids.__getitem__)
-        for i in members:
-            keeper_of[i] = keeper
-    survivors = [i for i in range(len(records)) if keeper_of[i] == i]
-    return ExactGroups(normalized, keeper_of, survivors)
-
-
-def cluster(links: Sequence[tuple[int, int]]) -> list[list[int]]:
-    """Step 3: connected components of the verified near-duplicate links, by :class:`UnionFind`.
-
-    Args:
-        links: ``(i, j)`` pairs of survivor positions whose exact Jaccard passed the threshold.
+        links: ``(i, j)`` document indices whose exact Jaccard passed the threshold.
 
     Returns:
-        The clusters (each of two or more positions, ascending), ordered by their smallest
-        position. Positions in no link belong to no cluster.
+        The clusters (each of two or more indices, ascending), ordered by their smallest index.
     """
+    links = list(links)
     members = sorted({k for pair in links for k in pair})
-    uf = UnionFind(members[-1] + 1 if members else 0)
+    local = {doc: k for k, doc in enumerate(members)}
+    uf = UnionFind(len(members))
     for i, j in links:
-        uf.union(i, j)
+        uf.union(local[i], local[j])
     by_root: dict[int, list[int]] = {}
-    for k in members:
-        by_root.setdefault(uf.find(k), []).append(k)
+    for doc in members:
+        by_root.setdefault(uf.find(local[doc]), []).append(doc)
     return list(by_root.values())
 
 
-def choose_representatives(n: int, clusters: Sequence[Sequence[int]], shingle_counts: Mapping[int, int],
-                           ids: Sequence[str]) -> list[int]:
-    """Step 4: the representative (the one document kept) of each survivor position's cluster.
+def choose_representatives(clusters: Sequence[Sequence[int]], shingle_counts: Mapping[int, int],
+                           ids: Sequence[str]) -> dict[int, int]:
+    """The cluster representative (the one document kept) of every clustered document.
 
     A cluster's representative has the most distinct shingles (the token count used here); ties
-    go to the smallest id. A position in no cluster represents itself.
+    go to the smallest id.
 
     Args:
-        n: number of survivor positions.
-        clusters: from :func:`cluster`.
-        shingle_counts: position -> number of distinct shingles, for every clustered position.
-        ids: document id of every position.
+        clusters: from :func:`cluster`. shingle_counts: document -> number of distinct shingles, for
+            every clustered document. ids: document id by index (anything indexable by int).
 
     Returns:
-        ``representative[k]`` for ``k in range(n)``: a position.
+        ``{document: representative}`` for every clustered document (unclustered ones represent themselves).
     """
-    representative = list(range(n))
+    representative: dict[int, int] = {}
     for members in clusters:
         rep = min(members, key=lambda k: (-shingle_counts[k], ids[k]))
         for k in members:
@@ -522,131 +502,58 @@ def choose_representatives(n: int, clusters: Sequence[Sequence[int]], shingle_co
     return representative
 
 
-def removal_rows(records: Sequence[dict[str, Any]], exact: ExactGroups, representative: Sequence[int],
-                 shingles: Mapping[int, np.ndarray]) -> list[dict[str, Any]]:
-    """Step 5: one row per removed record: every record that is not its cluster's representative.
+def removal_rows(ids: Sequence[str], domains: Sequence[str], keeper_of: np.ndarray,
+                 representative: Mapping[int, int], rep_jaccard: Mapping[int, float]) -> list[dict[str, Any]]:
+    """One row per removed document: every document that is not its cluster's representative.
 
-    A record's cluster is that of its exact keeper; exact groups of one survivor are clusters too.
-    Clusters are numbered ``0, 1, ...`` in the order of their representatives' ids.
+    A document's cluster is that of its exact keeper (an exact group of one keeper is a cluster
+    too). Clusters are numbered ``0, 1, ...`` in the order of their representatives' ids.
 
     Args:
-        records: the input records. exact: from :func:`exact_groups`.
-        representative: from :func:`choose_representatives` (survivor positions).
-        shingles: sorted unique ``uint64`` shingle set of every clustered survivor position.
+        ids, domains: document id and domain by index. keeper_of: from :func:`exact_keepers`.
+        representative: from :func:`choose_representatives` (keepers only; others represent themselves).
+        rep_jaccard: keeper -> exact Jaccard of its shingle set to its representative's, for every
+            clustered keeper that is not a representative.
 
     Returns:
         Rows ``{"id", "domain", "kind" ("exact" | "near"), "cluster_id", "representative_id",
-        "representative_domain", "jaccard"}`` sorted by ``(cluster_id, id)``; ``jaccard`` is the
-        exact Jaccard of the record's shingle set to its representative's (1.0 for an exact copy).
+        "representative_domain", "jaccard"}`` sorted by ``(cluster_id, id)``; ``jaccard`` is 1.0 for
+        an exact copy of the representative.
     """
-    ids = [r["id"] for r in records]
-    survivors, keeper_of = exact.survivors, exact.keeper_of
-    pos = {doc: k for k, doc in enumerate(survivors)}
-    rep_k_of = [representative[pos[keeper_of[i]]] for i in range(len(records))]
-    reps = sorted({rep_k for i, rep_k in enumerate(rep_k_of) if survivors[rep_k] != i},
-                  key=lambda rep_k: ids[survivors[rep_k]])
-    cluster_no = {rep_k: n for n, rep_k in enumerate(reps)}
-    removed: list[dict[str, Any]] = []
-    for i in range(len(records)):
-        rep_k = rep_k_of[i]
-        rep = survivors[rep_k]
-        if i == rep:
-            continue
-        k = pos[keeper_of[i]]
-        removed.append({
-            "id": ids[i], "domain": records[i]["domain"], "kind": "exact" if keeper_of[i] != i else "near",
-            "cluster_id": cluster_no[rep_k], "representative_id": ids[rep],
-            "representative_domain": records[rep]["domain"],
-            "jaccard": 1.0 if k == rep_k else jaccard(shingles[k], shingles[rep_k]),
+    n = len(keeper_of)
+    rep_of_keeper = np.arange(n, dtype=np.int64)
+    if representative:
+        keys = np.fromiter(representative.keys(), dtype=np.int64, count=len(representative))
+        rep_of_keeper[keys] = np.fromiter(representative.values(), dtype=np.int64, count=len(representative))
+    rep = rep_of_keeper[keeper_of]
+    removed = np.flatnonzero(rep != np.arange(n))
+    reps = sorted({int(r) for r in rep[removed]}, key=lambda r: ids[r])
+    cluster_no = {r: c for c, r in enumerate(reps)}
+    rows: list[dict[str, Any]] = []
+    for i in removed.tolist():
+        keeper, r = int(keeper_of[i]), int(rep[i])
+        rows.append({
+            "id": ids[i], "domain": domains[i], "kind": "exact" if keeper != i else "near",
+            "cluster_id": cluster_no[r], "representative_id": ids[r], "representative_domain": domains[r],
+            "jaccard": 1.0 if keeper == r else rep_jaccard[keeper],
         })
-    removed.sort(key=lambda r: (r["cluster_id"], r["id"]))
-    return removed
+    rows.sort(key=lambda row: (row["cluster_id"], row["id"]))
+    return rows
 
 
-def domain_counts(records: Sequence[dict[str, Any]], removed: Sequence[dict[str, Any]]) -> dict[str, dict[str, int]]:
-    """Step 6: per domain (in order of first appearance), ``before``, ``after``, ``exact_removed``,
-    ``near_removed`` documents, with ``before == after + exact_removed + near_removed``."""
-    counts: dict[str, dict[str, int]] = {}
-    for r in records:
-        c = counts.setdefault(r["domain"], {"before": 0, "after": 0, "exact_removed": 0, "near_removed": 0})
-        c["before"] += 1
+def domain_counts(domains: Sequence[str], before: Mapping[str, int],
+                  removed: Sequence[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """Per domain (in ``domains`` order): ``before``, ``after``, ``exact_removed``, ``near_removed``
+    documents, with ``before == after + exact_removed + near_removed``.
+
+    Args:
+        domains: every domain, in output order. before: documents read per domain.
+        removed: from :func:`removal_rows`.
+    """
+    counts = {d: {"before": int(before.get(d, 0)), "after": 0, "exact_removed": 0, "near_removed": 0}
+              for d in domains}
     for row in removed:
         counts[row["domain"]][f"{row['kind']}_removed"] += 1
     for c in counts.values():
         c["after"] = c["before"] - c["exact_removed"] - c["near_removed"]
     return counts
-
-
-def candidate_rows(near: NearDuplicates, ids: Sequence[str], threshold: float) -> list[dict[str, Any]]:
-    """Every checked candidate pair as ``{"a", "b" (ids), "estimated_jaccard", "jaccard", "verified"}``,
-    sorted by ``(a, b)``; ``ids`` are the document ids of the positions ``near`` refers to."""
-    rows = [{"a": ids[i], "b": ids[j], "estimated_jaccard": est, "jaccard": exact, "verified": exact >= threshold}
-            for i, j, est, exact in near.checked]
-    rows.sort(key=lambda c: (c["a"], c["b"]))
-    return rows
-
-
-def deduplicate(records: Sequence[dict[str, Any]], *, num_perm: int = 128, threshold: float = 0.8,
-                min_recall: float = 0.99, seed: int = 1, workers: int = 1,
-                lsh_config: dict[str, Any] | None = None) -> DedupResult:
-    """Exact then near-duplicate removal over ``records`` (all domains together).
-
-    1. Exact (:func:`exact_groups`): records whose :func:`domainlm.korean.hangul.normalize_text`
-       forms are equal (BLAKE2b digest) form a group; its smallest id goes on, the others are
-       ``exact`` removals.
-    2. Near (:func:`find_near_duplicates`): the exact survivors get jamo 3-gram ∪ word 5-gram
-       shingles, datasketch MinHash signatures and LSH banded by :func:`choose_bands_rows`; a
-       candidate pair links two documents only if its exact Jaccard is >= ``threshold``.
-    3. Clusters (:func:`cluster`): union-find over the verified links (exact groups hang off
-       their keeper).
-    4. Representatives (:func:`choose_representatives`): the one document of a cluster that is
-       kept has the most distinct shingles (the token count used here); ties go to the smallest
-       id. Links are transitive, so a removed document's Jaccard to its representative may be
-       below the threshold; ``removed`` reports it.
-    5. Removal rows (:func:`removal_rows`) and 6. per-domain counts (:func:`domain_counts`).
-
-    Args:
-        records: dicts with at least ``id`` (str, unique), ``text`` (str), ``domain`` (str).
-        workers: processes for signatures. lsh_config: datasketch storage config.
-
-    Returns:
-        :class:`DedupResult`. ``removed`` rows: ``id``, ``domain``, ``kind`` (``exact`` |
-        ``near``), ``cluster_id`` (int), ``representative_id``, ``representative_domain``,
-        ``jaccard`` (exact Jaccard of the shingle sets to the representative). ``candidates``
-        rows: ``a``, ``b`` (ids), ``estimated_jaccard``, ``jaccard``, ``verified``.
-        ``counts`` per domain: ``before``, ``after``, ``exact_removed``, ``near_removed``
-        with ``before == after + exact_removed + near_removed``.
-
-    Raises:
-        ValueError: on a record without a str ``id``/``text``/``domain``, a duplicate id,
-            a text that is empty after normalization, or bad parameters.
-    """
-    t0 = time.perf_counter()
-    bands, rows = choose_bands_rows(num_perm, threshold, min_recall)
-    _check_records(records)
-    exact = exact_groups(records)
-    survivor_ids = [records[i]["id"] for i in exact.survivors]
-    t_exact = time.perf_counter()
-
-    near = find_near_duplicates([exact.normalized[i] for i in exact.survivors], num_perm=num_perm, bands=bands,
-                                rows=rows, seed=seed, workers=workers, lsh_config=lsh_config)
-    t_near = time.perf_counter()
-
-    clusters = cluster(near.verified(threshold))
-    representative = choose_representatives(len(exact.survivors), clusters,
-                                            {k: len(near.shingles[k]) for ks in clusters for k in ks}, survivor_ids)
-    removed = removal_rows(records, exact, representative, near.shingles)
-    counts = domain_counts(records, removed)
-    candidates = candidate_rows(near, survivor_ids, threshold)
-    sizes = Counter(row["cluster_id"] for row in removed)  # removed members; + 1 for the representative
-    stats = {
-        "candidate_pairs": len(candidates),
-        "verified_pairs": sum(c["verified"] for c in candidates),
-        "clusters": len(sizes),
-        "largest_cluster": max(sizes.values(), default=-1) + 1,
-        "exact_s": t_exact - t0, **near.seconds,
-        "cluster_s": time.perf_counter() - t_near,
-    }
-    removed_ids = {row["id"] for row in removed}
-    kept = [r for r in records if r["id"] not in removed_ids]
-    return DedupResult(kept, removed, candidates, counts, banding_report(num_perm, threshold, bands, rows), stats)

@@ -1,22 +1,29 @@
 """Stratified train/val/test split of one domain's documents (scikit-learn ``train_test_split(stratify=...)``).
 
 Two seeded hold-out steps (test, then val), each stratified by label with a null label as a stratum of
-its own; rare labels and unstratifiable domains are handled explicitly (see :func:`split_indices`).
+its own; rare labels and unstratifiable domains are handled explicitly (see :func:`split_indices`). The
+split is decided on ids and labels alone; the documents are then streamed into the split files
+(:func:`write_split_files`), so memory does not grow with the texts.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Mapping
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from sklearn.model_selection import train_test_split
 
+from domainlm.common.atomic import atomic_path
 from domainlm.common.paths import SPLITS
 from domainlm.documents.labels import NULL_LABEL_KEY, duplicate_id
+from domainlm.documents.schema import ParquetLayout, iter_doc_batches, open_writer
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +154,10 @@ def label_counts(labels: pa.ChunkedArray | pa.Array) -> dict[str, int]:
 
 def split_domain(table: pa.Table, domain: str, *, seed: int, val_size: float, test_size: float
                  ) -> tuple[dict[str, pa.Table], SplitResult]:
-    """Split one domain's document table into ``{"train", "val", "test"}`` tables (same schema).
+    """Split one domain's table into ``{"train", "val", "test"}`` tables (same columns as ``table``).
+
+    ``table`` needs ``id`` and ``label`` only; the split stage passes just those two columns and streams
+    the documents themselves with :func:`write_split_files`.
 
     Raises:
         ValueError: naming ``domain`` and the id when an id occurs twice (splits could not be disjoint).
@@ -189,3 +199,75 @@ def split_metrics(n_docs: int, parts: dict[str, pa.Table], result: SplitResult, 
             "label_share": {k: round(v / part.num_rows, 4) for k, v in labels.items()},
         }
     return dm
+
+
+def split_codes(result: SplitResult, n: int) -> np.ndarray:
+    """The split of every row as an ``int8`` code, the index of its name in :data:`~domainlm.common.paths.SPLITS`."""
+    codes = np.full(n, -1, dtype=np.int8)
+    for k, name in enumerate(SPLITS):
+        codes[result.indices[name]] = k
+    if (codes < 0).any():
+        raise AssertionError("split indices do not cover every row")  # an internal bug; never expected
+    return codes
+
+
+def write_split_files(src: str | os.PathLike, out_paths: Mapping[str, str | os.PathLike], codes: np.ndarray,
+                      layout: ParquetLayout) -> dict[str, int]:
+    """Stream one domain's document Parquet file into one file per split, in bounded memory.
+
+    Reads ``src`` one row group at a time (:func:`~domainlm.documents.schema.iter_doc_batches`) and routes
+    each row to the writer of its split (``codes``, :func:`split_codes`), keeping the input order within
+    each split. Every output row group holds ``layout.row_group_rows`` rows (the last one fewer), so the
+    files are those :func:`~domainlm.documents.schema.write_docs` writes from ``table.take(indices)``,
+    byte for byte (tests check this), while at most one input row group and one pending row group per
+    split are in memory. Each file is written atomically.
+
+    Args:
+        src: the parquet stage's ``<domain>.parquet``. out_paths: split name -> output path.
+        codes: ``int8`` split code per row of ``src``, shape ``(rows,)``.
+        layout: codecs and row-group size of the outputs (:func:`~domainlm.documents.schema.read_layout`).
+
+    Returns:
+        ``{split: rows written}``.
+
+    Raises:
+        ValueError: when ``codes`` does not have one entry per row of ``src``.
+    """
+    rows_per_group = layout.row_group_rows
+    written = {name: 0 for name in SPLITS}
+    pending: dict[str, list[pa.Table]] = {name: [] for name in SPLITS}
+    with contextlib.ExitStack() as stack:
+        writers = {}
+        for name in SPLITS:
+            tmp = stack.enter_context(atomic_path(out_paths[name]))
+            writers[name] = stack.enter_context(open_writer(tmp, layout))
+
+        def flush(name: str, final: bool) -> None:
+            buf = pa.concat_tables(pending[name]) if pending[name] else None
+            if buf is None:
+                return
+            while buf.num_rows >= rows_per_group or (final and buf.num_rows):
+                take = min(rows_per_group, buf.num_rows)
+                # one contiguous chunk per row group: a chunked one would cut its data pages elsewhere
+                writers[name].write_table(buf.slice(0, take).combine_chunks(), row_group_size=rows_per_group)
+                written[name] += take
+                buf = buf.slice(take)
+            pending[name] = [buf] if buf.num_rows else []
+
+        offset = 0
+        for batch in iter_doc_batches(src, batch_rows=rows_per_group):
+            part = codes[offset:offset + batch.num_rows]
+            if len(part) != batch.num_rows:
+                raise ValueError(f"{src}: more rows than split codes ({len(codes)})")
+            table = pa.Table.from_batches([batch])
+            for k, name in enumerate(SPLITS):
+                rows = np.flatnonzero(part == k)
+                if len(rows):
+                    pending[name].append(table.take(pa.array(rows)))
+                    flush(name, final=False)
+            offset += batch.num_rows
+        if offset != len(codes):
+            raise ValueError(f"{src}: {offset} rows but {len(codes)} split codes")
+        for name in SPLITS:
+            flush(name, final=True)
+    return written

@@ -510,6 +510,48 @@ def soft_vote(probas: dict[str, np.ndarray], weights: dict[str, float]) -> np.nd
     return sum(weights[m] * p for m, p in probas.items())
 
 
+#: How the members' out-of-fold probabilities are combined (``refine.combiner``).
+COMBINERS = ("soft_vote", "stack")
+
+
+def stack(probas: dict[str, np.ndarray], y: np.ndarray, folds: np.ndarray, n_classes: int, *, C: float = 1.0,
+          seed: int = 0, max_iter: int = 1000) -> np.ndarray:
+    """Cross-fitted stacking (Wolpert 1992, "stacked generalization"): a multinomial logistic regression
+    (scikit-learn, L2, lbfgs) on the members' out-of-fold log-probabilities, fitted against ``y``.
+
+    The stacker is itself cross-fitted on the members' folds: the combined probabilities of the rows in fold
+    f come from a stacker fitted on the other folds, so no row's combined probability was fitted on its own
+    (possibly wrong) label, just as no member probability was. Unlike the accuracy-weighted vote it learns
+    per-class trust (a member good at ``law`` but poor at ``draw``) and can down-weight a member whose errors
+    repeat another's.
+
+    Args:
+        probas: member name -> out-of-fold probabilities, float ``(n, n_classes)`` (temperature-scaled).
+        y: int64 ``(n,)`` current labels; folds: int64 ``(n,)`` fold ids (:func:`assign_folds`).
+        C: inverse L2 strength of the stacker; seed: its ``random_state`` (fold f uses ``seed + f``).
+
+    Returns:
+        float64 ``(n, n_classes)``, rows summing to 1 (a class absent from a fold's training rows gets 0).
+
+    Raises:
+        ValueError: ``probas`` is empty or its matrices do not all have shape ``(len(y), n_classes)``.
+    """
+    if not probas:
+        raise ValueError("no ensemble members to stack")
+    bad = [m for m, p in probas.items() if p.shape != (len(y), n_classes)]
+    if bad:
+        raise ValueError(f"members {bad} have probabilities of the wrong shape for ({len(y)}, {n_classes})")
+    x = np.hstack([np.log(np.clip(probas[m], 1e-6, 1.0)) for m in probas])
+    out = np.full((len(y), n_classes), np.nan, dtype=np.float64)
+    for f in range(int(folds.max()) + 1):
+        train_idx, test_idx = np.flatnonzero(folds != f), np.flatnonzero(folds == f)
+        if not len(test_idx):
+            continue
+        model = LogisticRegression(C=C, max_iter=max_iter, random_state=seed + f).fit(x[train_idx], y[train_idx])
+        out[test_idx] = _full_proba(model.predict_proba(x[test_idx]), model.classes_, n_classes)
+    return out
+
+
 @dataclass
 class EnsembleResult:
     """One round of cross-fitted soft voting.
@@ -523,6 +565,7 @@ class EnsembleResult:
         weights: member name -> soft-voting weight (:func:`accuracy_weights`).
         folds: the fold id of every row.
         seconds: member name -> wall time of its cross-fitting.
+        combiner: how ``proba`` was made (:data:`COMBINERS`); with ``stack`` the weights are reported only.
     """
 
     proba: np.ndarray
@@ -533,24 +576,32 @@ class EnsembleResult:
     weights: dict[str, float]
     folds: np.ndarray
     seconds: dict[str, float] = field(default_factory=dict)
+    combiner: str = "soft_vote"
 
 
 def cross_fit_ensemble(members: Iterable[Member], y: np.ndarray, n_classes: int, *, folds: int,
-                       seed: int, calibrate: bool = True) -> EnsembleResult:
+                       seed: int, calibrate: bool = True, combiner: str = "soft_vote",
+                       stack_C: float = 1.0) -> EnsembleResult:
     """Cross-fit every member on the same folds, one after another (memory freed in between),
-    calibrate each by temperature scaling, weight them by out-of-fold accuracy and soft-vote.
+    calibrate each by temperature scaling, and combine them.
 
-    Soft voting: ``p = Σ_m w_m · p_m`` with ``p_m`` member m's temperature-scaled out-of-fold
+    ``combiner="soft_vote"``: ``p = Σ_m w_m · p_m`` with ``p_m`` member m's temperature-scaled out-of-fold
     probabilities (:func:`fit_temperature` against ``y``; ``calibrate=False`` keeps them raw) and
     ``w_m`` from its out-of-fold accuracy against ``y`` (:func:`accuracy_weights`, baseline = share
-    of the most frequent label).
+    of the most frequent label). ``combiner="stack"``: the cross-fitted logistic-regression stacker on
+    the same ``p_m`` (:func:`stack`, inverse L2 strength ``stack_C``, same folds).
 
     Args:
         members: the ensemble members (their features already computed).
         y: int64 ``(n,)`` current labels as class indices.
         n_classes: size of the label space.
         folds: number of folds k; seed: fold assignment and model seeds.
+
+    Raises:
+        ValueError: ``combiner`` is not one of :data:`COMBINERS`.
     """
+    if combiner not in COMBINERS:
+        raise ValueError(f"refine.combiner must be one of {COMBINERS}, got {combiner!r}")
     fold_ids = assign_folds(y, folds, seed)
     oof: dict[str, OutOfFold] = {}
     acc: dict[str, float] = {}
@@ -570,8 +621,11 @@ def cross_fit_ensemble(members: Iterable[Member], y: np.ndarray, n_classes: int,
                  temps[member.name], secs[member.name])
     baseline = float(np.bincount(y, minlength=n_classes).max() / len(y))
     weights = accuracy_weights(acc, baseline)
-    proba = soft_vote(calibrated, weights)
-    return EnsembleResult(proba, oof, calibrated, temps, acc, weights, fold_ids, secs)
+    if combiner == "stack":
+        proba = stack(calibrated, y, fold_ids, n_classes, C=stack_C, seed=seed)
+    else:
+        proba = soft_vote(calibrated, weights)
+    return EnsembleResult(proba, oof, calibrated, temps, acc, weights, fold_ids, secs, combiner)
 
 
 # ------------------------------------------------------------------ the four members, built from params

@@ -128,7 +128,8 @@ class RefineConfig:
     ``seed + t``), ``max_iterations``, ``epsilon`` (stop once the label change rate is below it),
     ``tau0``/``tau_step``/``tau_max`` (:func:`threshold`), ``max_change_fraction`` and
     ``max_self_confidence`` (:func:`select_changes`), ``top_k_features`` (per class, for
-    :func:`feature_change_rate`).
+    :func:`feature_change_rate`), ``combiner`` (``soft_vote`` or ``stack``) and ``stack_C``
+    (:func:`domainlm.refine.ensemble.cross_fit_ensemble`).
 
     The stage around it: ``chunksize`` (rows per sqlite-utils insert batch and per Parquet record
     batch), ``threads`` (compute threads, torch + BLAS; ``None`` = leave as is), ``max_chars``
@@ -147,6 +148,8 @@ class RefineConfig:
     max_change_fraction: float = 0.1
     max_self_confidence: float = 1.0
     top_k_features: int = 20
+    combiner: str = "soft_vote"
+    stack_C: float = 1.0
     chunksize: int = 500
     threads: int | None = None
     max_chars: int = 4000
@@ -257,7 +260,8 @@ def refine(db: sqlite_utils.Database, members: Sequence[ens.Member], lexical: en
         if unknown:
             raise ValueError(f"labels {unknown} are not in the label space {classes}")
         y = np.array([index[c] for c in current], dtype=np.int64)
-        round_ = ens.cross_fit_ensemble(members, y, len(classes), folds=cfg.folds, seed=cfg.seed + t)
+        round_ = ens.cross_fit_ensemble(members, y, len(classes), folds=cfg.folds, seed=cfg.seed + t,
+                                        combiner=cfg.combiner, stack_C=cfg.stack_C)
         tau = threshold(t, cfg.tau0, cfg.tau_step, cfg.tau_max)
         new = select_changes(y, round_.proba, tau, cfg.max_change_fraction, cfg.max_self_confidence)
         conf = round_.proba[np.arange(len(y)), new]

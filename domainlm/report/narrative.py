@@ -90,8 +90,9 @@ def headline(validate: Mapping, dedup: Mapping, split: Mapping, parquet: Mapping
          "metrics/split.json"),
         ("Parquet vs JSONL size", f"{count(pq['parquet_bytes'])} B vs {count(pq['jsonl_bytes'])} B "
                                   f"({pq['jsonl_bytes'] / pq['parquet_bytes']:.2f}× smaller)", "metrics/parquet.json"),
-        ("base model", f"{count(base_model['n_params'])} parameters, trained on "
-                       f"{count(base_model['tokens_seen'])} tokens", "metrics/base_model.json"),
+        ("base model", f"{count(base_model['n_params'])} parameters, "
+                       + (f"trained on {count(base_model['tokens_seen'])} tokens" if "tokens_seen" in base_model
+                          else "a local checkpoint (base_model.source: path)"), "metrics/base_model.json"),
         ("LoRA adapters", f"{len(lora)} × {count(lora[0]['trainable_params'])} trainable parameters "
                           f"({percent(lora[0]['trainable_params'] / lora[0]['total_params'], 2)} of the model)"
          if lora else "none", "metrics/train_lora/"),

@@ -1,0 +1,187 @@
+"""Labelled documents for the classifier: texts from the split files, labels from the split stage's label table.
+
+Which label each split uses (:data:`LABEL_COLUMN`):
+
+- ``train`` and ``val``: ``label``, the label after overrides, i.e. what ``refine_labels promote`` wrote. The
+  classifier learns (and early-stops) on the refined labels.
+- ``test``: ``source_label``, the label the document was ingested with. Overrides never touch it, so the test
+  metrics of two refinement rounds score the same answers and stay comparable.
+
+The classes are the train split's distinct labels over all domains, sorted (:func:`class_list`): the label
+space ``refine_labels`` works in (its ``classes`` are the sorted labels of the same table).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from domainlm.common.paths import SPLITS, split_path
+from domainlm.documents.labels import read_label_table
+
+#: The label-table column each split is read with.
+LABEL_COLUMN = {"train": "label", "val": "label", "test": "source_label"}
+
+
+@dataclass(frozen=True)
+class LabelledSplit:
+    """One split's labelled documents, in document-file order (domains as given, then file rows).
+
+    Attributes:
+        split: ``train``, ``val`` or ``test``.
+        label_column: the label-table column the labels come from (:data:`LABEL_COLUMN`).
+        ids, texts, labels, domains: parallel lists of str, one entry per labelled document.
+        unlabelled: documents of the split left out because their label is null.
+    """
+
+    split: str
+    label_column: str
+    ids: list[str] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+    labels: list[str] = field(default_factory=list)
+    domains: list[str] = field(default_factory=list)
+    unlabelled: int = 0
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def texts_by_domain(self) -> dict[str, list[str]]:
+        """``{domain: texts}`` in document order (every domain with at least one labelled document)."""
+        out: dict[str, list[str]] = {}
+        for d, t in zip(self.domains, self.texts):
+            out.setdefault(d, []).append(t)
+        return out
+
+
+def read_split(split_dir: str | os.PathLike, labels_path: str | os.PathLike, domains: Sequence[str], split: str,
+               *, label_column: str | None = None) -> LabelledSplit:
+    """Join ``<split_dir>/<domain>/<split>.parquet`` (id, text) with the label table on ``id``.
+
+    Args:
+        split_dir: the split stage's document folder.
+        labels_path: the split stage's label table (:data:`domainlm.documents.labels.LABELS_SCHEMA`).
+        domains: the domains to read, in order.
+        split: one of ``train``, ``val``, ``test``.
+        label_column: ``label`` or ``source_label``; default :data:`LABEL_COLUMN` ``[split]``.
+
+    Returns:
+        A :class:`LabelledSplit`; documents with a null label are counted in ``unlabelled`` and left out.
+
+    Raises:
+        FileNotFoundError: a split file or the label table is missing (run the split stage).
+        ValueError: ``split`` or ``label_column`` is unknown, or a document has no row in the label table.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    column = label_column or LABEL_COLUMN[split]
+    if column not in ("label", "source_label"):
+        raise ValueError(f"label_column must be 'label' or 'source_label', got {column!r}")
+    table = read_label_table(labels_path)
+    table = table.filter(pc.equal(table["split"], split))
+    label_of = dict(zip(table["id"].to_pylist(), table[column].to_pylist()))
+    ids: list[str] = []
+    texts: list[str] = []
+    labels: list[str] = []
+    doc_domains: list[str] = []
+    unlabelled = 0
+    for domain in domains:
+        path = split_path(split_dir, domain, split)
+        if not path.exists():
+            raise FileNotFoundError(f"split file {path} not found (run `dvc repro split` first)")
+        docs = pq.read_table(path, columns=["id", "text"])
+        for doc_id, text in zip(docs["id"].to_pylist(), docs["text"].to_pylist()):
+            if doc_id not in label_of:
+                raise ValueError(f"{path}: document {doc_id!r} has no {split!r} row in the label table {labels_path}")
+            label = label_of[doc_id]
+            if label is None:
+                unlabelled += 1
+                continue
+            ids.append(doc_id)
+            texts.append(text)
+            labels.append(label)
+            doc_domains.append(domain)
+    return LabelledSplit(split=split, label_column=column, ids=ids, texts=texts, labels=labels, domains=doc_domains,
+                         unlabelled=unlabelled)
+
+
+def read_splits(split_dir: str | os.PathLike, labels_path: str | os.PathLike,
+                domains: Sequence[str]) -> dict[str, LabelledSplit]:
+    """``{"train", "val", "test"}`` → :func:`read_split` with each split's :data:`LABEL_COLUMN`.
+
+    Raises:
+        ValueError: the train split has no labelled document (besides :func:`read_split`'s errors).
+    """
+    splits = {s: read_split(split_dir, labels_path, domains, s) for s in SPLITS}
+    if not len(splits["train"]):
+        raise ValueError(f"no labelled train document in {labels_path} for domains {list(domains)}")
+    return splits
+
+
+def class_list(train: LabelledSplit) -> list[str]:
+    """The classifier's classes: the train split's distinct labels, sorted (index = class id).
+
+    Raises:
+        ValueError: fewer than two classes (nothing to classify).
+    """
+    classes = sorted(set(train.labels))
+    if len(classes) < 2:
+        raise ValueError(f"the train split has {len(classes)} distinct label(s) {classes}; a classifier needs two")
+    return classes
+
+
+def count_label_overrides(labels_path: str | os.PathLike) -> int:
+    """Documents whose ``label`` differs from their ``source_label`` in the label table (overrides in force)."""
+    table = read_label_table(labels_path)
+    differs = pc.fill_null(pc.not_equal(table["label"], table["source_label"]), True)
+    both_null = pc.and_(pc.is_null(table["label"]), pc.is_null(table["source_label"]))
+    return int(pc.sum(pc.and_(differs, pc.invert(both_null))).as_py() or 0)
+
+
+def files_sha256(files: Iterable[str | os.PathLike]) -> str:
+    """SHA-256 over the files' relative names and bytes, in sorted name order (hex, 64 chars).
+
+    The registry's ``data_sha256`` tag: the split files plus the label table fix the data a classifier saw.
+
+    Raises:
+        FileNotFoundError: a file is missing.
+    """
+    h = hashlib.sha256()
+    for path in sorted(Path(f) for f in files):
+        h.update(path.as_posix().encode("utf-8") + b"\0")
+        with path.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def split_sha256(split: LabelledSplit) -> str:
+    """SHA-256 over the (id, label, text) rows of a split, in order (hex, 64 chars).
+
+    The registry's ``test_sha256`` tag: two classifiers were scored on "the same test set" when theirs match.
+    """
+    h = hashlib.sha256()
+    for doc_id, label, text in zip(split.ids, split.labels, split.texts):
+        h.update(doc_id.encode("utf-8") + b"\0" + label.encode("utf-8") + b"\0" + text.encode("utf-8") + b"\n")
+    return h.hexdigest()
+
+
+def split_texts(split_dir: str | os.PathLike, domains: Sequence[str]) -> dict[str, dict[str, list[str]]]:
+    """``{domain: {split: texts}}`` of every document in the split files, labelled or not (for token statistics).
+
+    Raises:
+        FileNotFoundError: a split file is missing.
+    """
+    out: dict[str, dict[str, list[str]]] = {}
+    for domain in domains:
+        out[domain] = {}
+        for split in SPLITS:
+            path = split_path(split_dir, domain, split)
+            if not path.exists():
+                raise FileNotFoundError(f"split file {path} not found (run `dvc repro split` first)")
+            out[domain][split] = pq.read_table(path, columns=["text"])["text"].to_pylist()
+    return out

@@ -1,0 +1,127 @@
+"""The classifier's quality gate (seed 003): macro-F1 on the test split's source labels must reach
+``classifier.gate.min_f1``; on failure, retrain up to ``classifier.gate.max_retries`` times, each retry with a
+class-weighted loss and the next entry of ``classifier.gate.retry_schedule``.
+
+The loop stops at the first passing attempt, which is kept. When every attempt fails, the attempt with the best
+*validation* macro-F1 is kept (choosing on the test split would overstate its test score) and the stage raises
+an alert (:mod:`domainlm.classify.alerts`); it still completes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+
+@dataclass
+class Attempt:
+    """One training attempt and its scores.
+
+    Attributes:
+        index: 0 for the first training, ``r`` for retry ``r``.
+        settings: the training settings used (:func:`attempt_settings`).
+        val_macro_f1: macro-F1 on val (the training labels), of the kept epoch.
+        test: :func:`domainlm.classify.metrics.score` on the test split's source labels.
+        passed: ``test["macro_f1"] >= min_f1``.
+        info: the training figures (:func:`domainlm.classify.training.train_attempt`).
+        model_dir: where the attempt's classifier was saved (:func:`domainlm.classify.model.save_classifier`).
+        run_id: the attempt's nested MLflow run, or None.
+        test_proba: the attempt's test probabilities (float ``[n_test, n_classes]``), or None.
+    """
+
+    index: int
+    settings: dict[str, Any]
+    val_macro_f1: float
+    test: dict[str, Any]
+    passed: bool
+    info: dict[str, Any] = field(default_factory=dict)
+    model_dir: Path | None = None
+    run_id: str | None = None
+    test_proba: Any = None
+
+    @property
+    def macro_f1(self) -> float:
+        """Test macro-F1 (source labels): the gated figure."""
+        return float(self.test["macro_f1"])
+
+
+@dataclass
+class GateOutcome:
+    """The gate's result: every attempt in order, the kept one, and whether it passed."""
+
+    attempts: list[Attempt]
+    kept: Attempt
+    passed: bool
+    min_f1: float
+    max_retries: int
+
+    @property
+    def retries(self) -> int:
+        """Attempts after the first."""
+        return len(self.attempts) - 1
+
+
+def attempt_settings(train: Mapping[str, Any], schedule: Sequence[Mapping[str, Any]], attempt: int) -> dict[str, Any]:
+    """The training settings of gate attempt ``attempt`` (0 = the first training, ``r`` ≥ 1 = retry ``r``).
+
+    Attempt 0 uses the ``classifier.train`` params as they are, unweighted. Retry ``r`` updates them with
+    ``schedule[r − 1]`` (the last entry again once the schedule runs out; none when it is empty) and sets
+    ``class_weighted: true``.
+
+    Raises:
+        ValueError: ``attempt`` < 0, or a schedule entry names a key that ``classifier.train`` does not have.
+    """
+    if attempt < 0:
+        raise ValueError(f"attempt must be >= 0, got {attempt}")
+    settings = {**dict(train), "class_weighted": bool(train.get("class_weighted", False))}
+    if attempt == 0:
+        return settings
+    if schedule:
+        entry = dict(schedule[min(attempt, len(schedule)) - 1])
+        unknown = sorted(set(entry) - set(train))
+        if unknown:
+            raise ValueError(f"classifier.gate.retry_schedule entry {attempt} sets {unknown}, "
+                             f"which are not keys of classifier.train {sorted(train)}")
+        settings.update(entry)
+    settings["class_weighted"] = True
+    return settings
+
+
+def passes(macro_f1: float, min_f1: float) -> bool:
+    """The gate's rule: ``macro_f1 >= min_f1``."""
+    return float(macro_f1) >= float(min_f1)
+
+
+def run_gate(train_and_score: Callable[[int, dict[str, Any]], Attempt], train: Mapping[str, Any],
+             schedule: Sequence[Mapping[str, Any]], *, min_f1: float, max_retries: int) -> GateOutcome:
+    """Train, score and retry until an attempt passes or ``max_retries`` retries are spent.
+
+    Args:
+        train_and_score: ``(attempt index, settings) -> Attempt``; trains one classifier and scores it (its
+            ``passed`` must follow :func:`passes`).
+        train: the ``classifier.train`` params.
+        schedule: ``classifier.gate.retry_schedule`` (:func:`attempt_settings`).
+        min_f1: the macro-F1 threshold in [0, 1].
+        max_retries: at most this many retries (≥ 0).
+
+    Returns:
+        A :class:`GateOutcome`: the first passing attempt is kept; when none passes, the one with the best
+        validation macro-F1 (the earliest on a tie).
+
+    Raises:
+        ValueError: ``max_retries`` < 0 or ``min_f1`` outside [0, 1]; a bad schedule entry (:func:`attempt_settings`).
+    """
+    if int(max_retries) < 0:
+        raise ValueError(f"classifier.gate.max_retries must be >= 0, got {max_retries}")
+    if not 0.0 <= float(min_f1) <= 1.0:
+        raise ValueError(f"classifier.gate.min_f1 must be in [0, 1], got {min_f1}")
+    for r in range(1, int(max_retries) + 1):  # a bad schedule fails before any training, not after an hour
+        attempt_settings(train, schedule, r)
+    attempts: list[Attempt] = []
+    for index in range(int(max_retries) + 1):
+        attempt = train_and_score(index, attempt_settings(train, schedule, index))
+        attempts.append(attempt)
+        if attempt.passed:
+            return GateOutcome(attempts, attempt, True, float(min_f1), int(max_retries))
+    kept = max(attempts, key=lambda a: (a.val_macro_f1, -a.index))
+    return GateOutcome(attempts, kept, False, float(min_f1), int(max_retries))

@@ -1,0 +1,145 @@
+"""The classifier's MLflow Model Registry entry (``classifier.registry.model_name``, default
+``domain-lm-classifier``): every run registers a new version; the champion never regresses (seed 004).
+
+A version becomes ``champion`` only when it passed the gate *and* its test macro-F1 is at least the current
+champion's on the same test set; otherwise it becomes ``challenger`` (and the champion alias stays where it
+was). "The same test set": when the champion's ``test_sha256`` tag equals this run's (same ids, source labels
+and texts) its ``macro_f1`` tag is compared; when the test split changed (new data arrived) the champion is
+loaded and re-scored on this run's test split. A champion that cannot be loaded blocks promotion (no proof of
+non-regression), with a warning.
+
+Versions carry the tags ``git_commit``, ``data_sha256`` (split files + label table), ``test_sha256``,
+``label_overrides``, ``macro_f1``, ``accuracy``, ``gate`` (passed | failed) and ``classes``.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from domainlm.classify.metrics import macro_f1
+
+log = logging.getLogger(__name__)
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+#: Packages the served model needs, pinned to the versions installed here (no requirement inference).
+SERVING_PACKAGES = ("mlflow", "torch", "transformers", "tokenizers", "safetensors", "numpy", "pandas")
+
+
+def pip_requirements() -> list[str]:
+    """``name==version`` of :data:`SERVING_PACKAGES` as installed (torch without a local ``+cpu`` tag)."""
+    return [f"{p}=={importlib.metadata.version(p).split('+')[0]}" for p in SERVING_PACKAGES]
+
+
+def champion_version(client, model_name: str):
+    """The ``ModelVersion`` the ``champion`` alias points at, or ``None`` (no such model or alias)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(model_name, CHAMPION)
+    except MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+            return None
+        raise
+
+
+def champion_macro_f1(client, model_name: str, *, test_sha256: str, texts: Sequence[str], labels: Sequence[str],
+                      batch_rows: int = 16) -> dict[str, Any]:
+    """The current champion's test macro-F1 on this run's test set.
+
+    Args:
+        test_sha256: this run's :func:`domainlm.classify.data.split_sha256` of the test split.
+        texts, labels: the test split's texts and source labels.
+        batch_rows: rows per ``predict`` call when re-scoring.
+
+    Returns:
+        ``{"version": int | None, "macro_f1": float | None, "how": "none" | "tag" | "rescored" | "unavailable"}``:
+        ``none`` when there is no champion; ``tag`` when its ``test_sha256`` tag matches; ``rescored`` after
+        loading it (``models:/<name>@champion``) and predicting the test texts; ``unavailable`` when that fails
+        (logged at WARNING).
+    """
+    import mlflow.pyfunc
+    import pandas as pd
+
+    current = champion_version(client, model_name)
+    if current is None:
+        return {"version": None, "macro_f1": None, "how": "none"}
+    version = int(current.version)
+    tags = current.tags or {}
+    if tags.get("test_sha256") == test_sha256 and "macro_f1" in tags:
+        return {"version": version, "macro_f1": float(tags["macro_f1"]), "how": "tag"}
+    try:
+        model = mlflow.pyfunc.load_model(f"models:/{model_name}@{CHAMPION}")
+        predicted: list[str] = []
+        for start in range(0, len(texts), batch_rows):
+            out = model.predict(pd.DataFrame({"text": list(texts[start:start + batch_rows])}))
+            predicted.extend(out["label"].tolist())
+        return {"version": version, "macro_f1": macro_f1(labels, predicted), "how": "rescored"}
+    except Exception as exc:  # a champion whose artifacts are gone or whose code no longer loads
+        log.warning("cannot re-score the champion %s v%d on this test set (%s): no promotion this run",
+                    model_name, version, exc)
+        return {"version": version, "macro_f1": None, "how": "unavailable"}
+
+
+def choose_alias(passed: bool, new_macro_f1: float, champion: Mapping[str, Any]) -> str:
+    """``champion`` when the gate passed and the new macro-F1 ≥ the champion's on the same test set (or there is
+    no champion); ``challenger`` otherwise, including when the champion could not be scored."""
+    if not passed:
+        return CHALLENGER
+    if champion.get("how") == "none":
+        return CHAMPION
+    if champion.get("macro_f1") is None:
+        return CHALLENGER
+    return CHAMPION if float(new_macro_f1) >= float(champion["macro_f1"]) else CHALLENGER
+
+
+def log_and_register(mlflow, model_dir: str | Path, *, model_name: str, alias: str, tags: Mapping[str, Any],
+                     serving_config: Mapping[str, Any], code_root: str | Path | None = None) -> dict[str, Any]:
+    """Log ``model_dir`` (a saved classifier ``model/`` folder) as the active run's pyfunc model ``classifier``,
+    register it as a new version of ``model_name``, tag the version and point ``alias`` at it.
+
+    The model is logged from code (:data:`domainlm.classify.serving.SERVED_MODEL_FILE`) with the ``domainlm``
+    package as ``code_paths``, so ``mlflow models serve --env-manager local`` loads it from any folder.
+
+    Args:
+        mlflow: the ``mlflow`` module inside an active run.
+        alias: ``champion`` or ``challenger`` (:func:`choose_alias`).
+        tags: version tags (values stringified).
+        serving_config: the pyfunc's ``model_config`` (``max_batch_rows``, ``max_length``, ``batch_size``, …).
+        code_root: the ``domainlm`` package folder to bundle (default: this installation's).
+
+    Returns:
+        ``{"name", "version", "alias", "model_uri"}``.
+    """
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    import pandas as pd
+
+    from domainlm.classify.serving import ARTIFACT_KEY, INPUT_EXAMPLE_TEXT, SERVED_MODEL_FILE, input_signature
+
+    client = MlflowClient()
+    try:
+        client.get_registered_model(model_name)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        client.create_registered_model(model_name, description=(
+            "Document classifier: LoRA sequence classification on the merged domain LM (stage train_classifier)."))
+    code_root = Path(code_root) if code_root else Path(__file__).resolve().parents[1]
+    with tempfile.TemporaryDirectory(prefix="classifier_code_") as tmp:
+        package = Path(tmp) / "domainlm"
+        shutil.copytree(code_root, package, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        info = mlflow.pyfunc.log_model(
+            name="classifier", python_model=str(SERVED_MODEL_FILE), artifacts={ARTIFACT_KEY: str(model_dir)},
+            code_paths=[str(package)], signature=input_signature(), model_config=dict(serving_config),
+            input_example=pd.DataFrame({"text": [INPUT_EXAMPLE_TEXT]}),
+            pip_requirements=pip_requirements(), registered_model_name=model_name)
+    version = int(info.registered_model_version)
+    for key, value in tags.items():
+        client.set_model_version_tag(model_name, str(version), key, str(value))
+    client.set_registered_model_alias(model_name, alias, str(version))
+    return {"name": model_name, "version": version, "alias": alias, "model_uri": f"models:/{model_name}/{version}"}

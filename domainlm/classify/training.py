@@ -1,0 +1,193 @@
+"""One training attempt of the LoRA classifier, read top to bottom in :func:`train_attempt`: encode the texts,
+load the merged LM with a fresh score head, attach LoRA, train with the Hugging Face ``Trainer``, evaluate on
+val every epoch and stop early when the validation macro-F1 stops improving (``EarlyStoppingCallback``); the
+epoch with the best validation macro-F1 is kept (``load_best_model_at_end``).
+
+A retry of the gate (:mod:`domainlm.classify.gate`) trains with a class-weighted cross-entropy, weights
+``n / (k · n_c)`` (inverse class frequency, scikit-learn's ``compute_class_weight("balanced")``), passed to the
+Trainer as ``compute_loss_func``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from domainlm.classify import model as cls_model
+from domainlm.classify.data import LabelledSplit
+from domainlm.classify.metrics import macro_f1
+
+log = logging.getLogger(__name__)
+
+
+class EncodedDataset(torch.utils.data.Dataset):
+    """Map-style dataset of encoded documents; item ``i`` is ``{"input_ids": list[int], "labels": int}``
+    (unpadded; ``transformers.DataCollatorWithPadding`` pads each batch)."""
+
+    def __init__(self, input_ids: Sequence[Sequence[int]], labels: Sequence[int]):
+        if len(input_ids) != len(labels):
+            raise ValueError(f"{len(input_ids)} inputs but {len(labels)} labels")
+        self.input_ids, self.labels = list(input_ids), [int(y) for y in labels]
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"input_ids": self.input_ids[i], "labels": self.labels[i]}
+
+
+def balanced_class_weights(y: Sequence[int], n_classes: int) -> torch.Tensor:
+    """Inverse-frequency class weights ``n / (k · n_c)`` over the ``k`` classes present in ``y``
+    (scikit-learn ``compute_class_weight("balanced")``); a class absent from ``y`` gets weight 1.
+
+    Returns:
+        float32 tensor ``[n_classes]``.
+    """
+    from sklearn.utils.class_weight import compute_class_weight
+
+    y = np.asarray(y)
+    present = np.unique(y)
+    weights = np.ones(n_classes, dtype=np.float32)
+    weights[present] = compute_class_weight("balanced", classes=present, y=y)
+    return torch.tensor(weights)
+
+
+def weighted_cross_entropy(weights: torch.Tensor | None) -> Callable[..., torch.Tensor]:
+    """A ``Trainer`` ``compute_loss_func``: cross-entropy of the logits, class-weighted when ``weights`` is set
+    (the weighted mean ``Σ w_y·ℓ / Σ w_y``, as ``torch.nn.functional.cross_entropy``)."""
+
+    def loss(outputs, labels, num_items_in_batch=None) -> torch.Tensor:
+        logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs[0]
+        w = weights.to(logits.device) if weights is not None else None
+        return torch.nn.functional.cross_entropy(logits.float(), labels, weight=w)
+
+    return loss
+
+
+def training_arguments(output_dir: str | os.PathLike, settings: Mapping[str, Any], *, seed: int,
+                       use_cpu: bool | None = None):
+    """``transformers.TrainingArguments`` of one attempt: evaluate and checkpoint every epoch, keep the epoch with
+    the best validation ``macro_f1``. ``settings``: epochs, batch_size, eval_batch_size, lr, weight_decay,
+    warmup_steps (< 1: a fraction of the steps), grad_clip, logging_steps."""
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        num_train_epochs=float(settings["epochs"]),
+        per_device_train_batch_size=int(settings["batch_size"]),
+        per_device_eval_batch_size=int(settings["eval_batch_size"]),
+        learning_rate=float(settings["lr"]),
+        weight_decay=float(settings["weight_decay"]),
+        warmup_steps=float(settings["warmup_steps"]),
+        lr_scheduler_type="linear",
+        max_grad_norm=float(settings["grad_clip"]),
+        eval_strategy="epoch", save_strategy="epoch", save_total_limit=1, save_only_model=True,
+        load_best_model_at_end=True, metric_for_best_model="macro_f1", greater_is_better=True,
+        logging_strategy="steps", logging_steps=int(settings["logging_steps"]),
+        train_sampling_strategy="group_by_length",
+        seed=seed, data_seed=seed, dataloader_num_workers=0, report_to="none",
+        use_cpu=(not torch.cuda.is_available()) if use_cpu is None else use_cpu,
+    )
+
+
+def _log_callback(on_log: Callable[[int, dict[str, float]], None]):
+    from transformers import TrainerCallback
+
+    class LogFigures(TrainerCallback):
+        """Pass every numeric figure the Trainer logs (loss, lr, eval_loss, eval_macro_f1, …) to ``on_log``."""
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            figures = {k: float(v) for k, v in (logs or {}).items() if isinstance(v, (int, float))}
+            if figures:
+                on_log(int(state.global_step), figures)
+
+    return LogFigures()
+
+
+def train_attempt(lm_dir: str | os.PathLike, train: LabelledSplit, val: LabelledSplit, classes: Sequence[str],
+                  params: Mapping[str, Any], settings: Mapping[str, Any], *, seed: int,
+                  on_log: Callable[[int, dict[str, float]], None] | None = None):
+    """Train one LoRA classifier on ``train`` and keep its best epoch by macro-F1 on ``val``.
+
+    Args:
+        lm_dir: the merged LM's HF folder (weights + tokenizer).
+        train, val: labelled documents (:func:`domainlm.classify.data.read_splits`); val documents whose label
+            is not in ``classes`` are left out of validation.
+        classes: the class list (index = class id).
+        params: the ``classifier`` params (``max_length``, ``lora``, ``train.early_stopping_patience``).
+        settings: this attempt's training settings (:func:`attempt_settings`).
+        seed: seeds the head, the LoRA matrices, the data order and dropout.
+        on_log: called as ``on_log(step, figures)`` at every Trainer log event (e.g. MLflow ``log_metrics``).
+
+    Returns:
+        ``(peft_model, tokenizer, info)``: the model with its best epoch loaded, in eval mode, and ``info`` with
+        ``val_macro_f1`` (of the kept epoch), ``best_epoch``, ``epochs_run``, ``steps``, ``train_loss``,
+        ``train_s`` (seconds), ``trainable_params``, ``total_params``, ``val_docs_scored``, ``class_weighted``
+        (0/1).
+
+    Raises:
+        ValueError: no val document has a known label (nothing to early-stop on), or a train label is not in
+            ``classes``.
+    """
+    from transformers import DataCollatorWithPadding, EarlyStoppingCallback, Trainer
+
+    label_id = {c: i for i, c in enumerate(classes)}
+    unknown = sorted(set(train.labels) - set(label_id))
+    if unknown:
+        raise ValueError(f"train labels {unknown} are not among the classes {list(classes)}")
+    val_rows = [i for i, lab in enumerate(val.labels) if lab in label_id]
+    if not val_rows:
+        raise ValueError("no val document has a label the classifier knows: nothing to early-stop on")
+    max_length = int(params["max_length"])
+
+    base, tokenizer = cls_model.load_sequence_classifier(lm_dir, classes)
+    y_train = [label_id[lab] for lab in train.labels]
+    train_ds = EncodedDataset(cls_model.encode(tokenizer, train.texts, max_length), y_train)
+    val_ds = EncodedDataset(cls_model.encode(tokenizer, [val.texts[i] for i in val_rows], max_length),
+                            [label_id[val.labels[i]] for i in val_rows])
+    model = cls_model.attach_lora(base, params["lora"], seed=seed)
+    trainable, total = model.get_nb_trainable_parameters()
+    weights = balanced_class_weights(y_train, len(classes)) if settings.get("class_weighted") else None
+    log.info("LoRA classifier: %d classes, %d trainable of %d parameters, %d train / %d val documents of <= %d tokens, "
+             "%s epochs at lr %g%s", len(classes), trainable, total, len(train_ds), len(val_ds), max_length,
+             settings["epochs"], float(settings["lr"]), ", class-weighted loss" if weights is not None else "")
+
+    def compute_metrics(pred) -> dict[str, float]:
+        logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
+        y_true = [classes[i] for i in np.asarray(pred.label_ids)]
+        y_pred = [classes[i] for i in np.asarray(logits).argmax(axis=1)]
+        return {"macro_f1": macro_f1(y_true, y_pred)}
+
+    callbacks = [EarlyStoppingCallback(early_stopping_patience=int(params["train"].get("early_stopping_patience", 2)))]
+    if on_log is not None:
+        callbacks.append(_log_callback(on_log))
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="train_classifier_ckpt_") as ckpt_dir:
+        trainer = Trainer(model=model, args=training_arguments(ckpt_dir, settings, seed=seed),
+                          train_dataset=train_ds, eval_dataset=val_ds,
+                          data_collator=DataCollatorWithPadding(tokenizer, padding="longest"),
+                          compute_metrics=compute_metrics, compute_loss_func=weighted_cross_entropy(weights),
+                          callbacks=callbacks)
+        result = trainer.train()
+        state = trainer.state
+    train_s = time.perf_counter() - t0
+    model = trainer.model.eval()
+    evals = [h for h in state.log_history if "eval_macro_f1" in h]
+    best = max(evals, key=lambda h: h["eval_macro_f1"]) if evals else {"eval_macro_f1": float("nan"), "epoch": 0}
+    return model, tokenizer, {
+        "val_macro_f1": float(best["eval_macro_f1"]),
+        "best_epoch": float(best.get("epoch", 0.0)),
+        "epochs_run": float(state.epoch or 0.0),
+        "steps": int(state.global_step),
+        "train_loss": float(result.training_loss),
+        "train_s": train_s,
+        "trainable_params": int(trainable),
+        "total_params": int(total),
+        "val_docs_scored": len(val_ds),
+        "class_weighted": int(weights is not None),
+    }

@@ -1,0 +1,253 @@
+"""train_classifier: a LoRA sequence classifier on the merged LM (peft ``SEQ_CLS``, Hu et al. 2021) trained on the
+refined labels, scored on the test split's source labels against a char TF-IDF baseline (scikit-learn), gated on
+macro-F1 with bounded retries (seed 003), alerted, and registered in MLflow so that the champion never regresses.
+
+The parts live in :mod:`domainlm.classify`; token statistics of the corpus are measured first.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from domainlm.classify import alerts as cls_alerts
+from domainlm.classify import registry
+from domainlm.classify.baseline import baseline_proba, fit_baseline
+from domainlm.classify.data import (class_list, count_label_overrides, files_sha256, read_splits, split_sha256,
+                                    split_texts)
+from domainlm.classify.gate import Attempt, passes, run_gate
+from domainlm.classify.metrics import prediction_rows, score
+from domainlm.classify.model import MODEL_SUBDIR, appends_eos, predict_proba, save_classifier
+from domainlm.classify.token_stats import token_stats
+from domainlm.classify.training import train_attempt
+from domainlm.common import params as P
+from domainlm.common import paths
+from domainlm.common.atomic import atomic_path, write_json, write_text
+from domainlm.common.metrics import flatten_numbers, rows_to_csv
+from domainlm.common.stage import git_commit, stage_run
+from domainlm.common.threads import limit_threads
+from domainlm.common.tracking import mlflow_run
+
+STAGE = "train_classifier"
+log = logging.getLogger(f"stages.{STAGE}")  # the logger stage_run(STAGE) configures
+CONFUSION_COLUMNS = ["id", "actual", "predicted", "confidence"]
+
+
+def run(domains: Sequence[str], cfg: Mapping[str, Any], mlflow, *, split_dir: str | os.PathLike,
+        labels_path: str | os.PathLike, lm_dir: str | os.PathLike, out_dir: str | os.PathLike,
+        token_stats_json: str | os.PathLike, confusion_csv: str | os.PathLike,
+        baseline_confusion_csv: str | os.PathLike, alerts_json: str | os.PathLike) -> dict[str, Any]:
+    """Train, score, gate, register and alert, on at most ``classifier.threads`` compute threads; return the metrics.
+
+    Steps: read the labelled splits (train/val: ``label``; test: ``source_label``) and the classes (train's
+    labels); write token statistics (``token_stats_json``, also an MLflow artifact); fit and score the TF-IDF
+    baseline; run the gate (:func:`domainlm.classify.gate.run_gate`: attempt ``r`` is a nested MLflow run
+    ``attempt_<r>``, seeded ``seed + r``); write the kept attempt to ``out_dir`` (``model/``, ``adapter/``)
+    atomically; write one CSV row per test document for the LoRA model and the baseline (``dvc plots``
+    confusion matrices); register the model (champion or challenger, :mod:`domainlm.classify.registry`); write
+    ``alerts_json`` and POST its alerts to ``classifier.alert.webhook_url`` when set.
+
+    Args:
+        domains: the domains whose documents are classified, in order.
+        cfg: the ``classifier`` params section.
+        mlflow: the ``mlflow`` module inside the stage's active run.
+        split_dir, labels_path: the split stage's documents and label table.
+        lm_dir: the merged LM (HF folder with tokenizer).
+
+    Returns:
+        Metrics (fractions in [0, 1], durations in seconds): ``classes``, ``docs``, ``label_overrides``,
+        ``lora`` and ``baseline`` (:func:`domainlm.classify.metrics.score` on the test split, plus training
+        figures), ``lora_to_baseline`` (ratios), ``gate``, ``registry``, ``alerts``, ``timing`` (seconds per
+        step; the stage contract adds ``stage.wall_s`` and ``stage.peak_rss_mb``).
+
+    Raises:
+        FileNotFoundError: a split file, the label table or the merged LM is missing.
+        ValueError: fewer than two classes, no usable val document, bad gate params or retry schedule.
+    """
+    with limit_threads(cfg.get("threads")):  # torch + BLAS, for the whole stage (classifier.threads)
+        return _run(domains, cfg, mlflow, split_dir=split_dir, labels_path=labels_path, lm_dir=lm_dir, out_dir=out_dir,
+                    token_stats_json=token_stats_json, confusion_csv=confusion_csv,
+                    baseline_confusion_csv=baseline_confusion_csv, alerts_json=alerts_json)
+
+
+def _run(domains, cfg, mlflow, *, split_dir, labels_path, lm_dir, out_dir, token_stats_json, confusion_csv,
+         baseline_confusion_csv, alerts_json) -> dict[str, Any]:
+    from transformers import AutoConfig, AutoTokenizer
+
+    t_start = time.perf_counter()
+    out_dir = Path(out_dir)
+    seed = int(cfg.get("seed", 0))
+    max_length = int(cfg["max_length"])
+    gate_cfg, alert_cfg = cfg.get("gate") or {}, cfg.get("alert") or {}
+    model_name = (cfg.get("registry") or {}).get("model_name", "domain-lm-classifier")
+    serving_cfg = {"max_length": max_length, **(cfg.get("serving") or {})}
+    min_f1 = float(gate_cfg.get("min_f1", 0.75))
+
+    splits = read_splits(split_dir, labels_path, domains)
+    train, val, test = splits["train"], splits["val"], splits["test"]
+    classes = class_list(train)
+    log.info("%d classes %s; %d train, %d val, %d test documents (test scored on source labels)",
+             len(classes), classes, len(train), len(val), len(test))
+
+    t0 = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(lm_dir, local_files_only=True)
+    context = int(AutoConfig.from_pretrained(lm_dir, local_files_only=True).max_position_embeddings)
+    stats = token_stats(tokenizer, split_texts(split_dir, domains), max_length=max_length, context=context,
+                        appends_eos=appends_eos(tokenizer))
+    write_json(token_stats_json, stats)
+    mlflow.log_artifact(str(token_stats_json))
+    token_stats_s = time.perf_counter() - t0
+    log.info("token stats: train p50 %.0f / p95 %.0f tokens; %.1f%% of train documents cut at max_length %d",
+             stats["all"]["train"]["p50_tokens"], stats["all"]["train"]["p95_tokens"],
+             100 * stats["all"]["train"]["truncated_at_max_length"], max_length)
+
+    t0 = time.perf_counter()
+    base_cfg = cfg.get("baseline") or {}
+    baseline = fit_baseline(train.texts, train.labels, base_cfg, seed=seed)
+    base_proba = baseline_proba(baseline, test.texts, classes, max_chars=base_cfg.get("max_chars"))
+    base_scores = {**score(test.labels, base_proba, classes), "train_s": time.perf_counter() - t0}
+    log.info("TF-IDF baseline: test accuracy %.4f, macro-F1 %.4f", base_scores["accuracy"], base_scores["macro_f1"])
+
+    t0 = time.perf_counter()
+    eval_batch = int(cfg["train"]["eval_batch_size"])
+    with tempfile.TemporaryDirectory(prefix=".attempts.", dir=_parent(out_dir)) as work:
+        def train_and_score(index: int, settings: dict[str, Any]) -> Attempt:
+            with mlflow_run(STAGE, settings, nested=True, run_name=f"attempt_{index}") as child:
+                run_id = child.active_run().info.run_id
+                model, tok, info = train_attempt(lm_dir, train, val, classes, cfg, settings, seed=seed + index,
+                                                 on_log=lambda step, figures: child.log_metrics(figures, step=step))
+                proba = predict_proba(model, tok, test.texts, max_length=max_length, batch_size=eval_batch)
+                scores = score(test.labels, proba, classes)
+                passed = passes(scores["macro_f1"], min_f1)
+                attempt_dir = save_classifier(model, tok, Path(work) / f"attempt_{index}")
+                child.log_metrics({"val_macro_f1": info["val_macro_f1"], "test_macro_f1": scores["macro_f1"],
+                                   "test_accuracy": scores["accuracy"], "train_s": info["train_s"],
+                                   "gate_passed": int(passed)})
+                child.set_tag("gate", "passed" if passed else "failed")
+            log.log(logging.INFO if passed else logging.WARNING,
+                    "attempt %d (%s epochs, lr %g%s): val macro-F1 %.4f, test macro-F1 %.4f, accuracy %.4f: gate %s",
+                    index, settings["epochs"], float(settings["lr"]), ", class-weighted" if settings["class_weighted"] else "",
+                    info["val_macro_f1"], scores["macro_f1"], scores["accuracy"], "PASSED" if passed else "failed")
+            return Attempt(index=index, settings=settings, val_macro_f1=info["val_macro_f1"], test=scores,
+                           passed=passed, info=info, model_dir=attempt_dir, run_id=run_id, test_proba=proba)
+
+        outcome = run_gate(train_and_score, cfg["train"], gate_cfg.get("retry_schedule") or [],
+                           min_f1=min_f1, max_retries=int(gate_cfg.get("max_retries", 3)))
+        kept = outcome.kept
+        with atomic_path(out_dir, is_dir=True) as tmp:
+            shutil.copytree(kept.model_dir, tmp, dirs_exist_ok=True)
+    gate_s = time.perf_counter() - t0
+
+    write_text(confusion_csv, rows_to_csv(prediction_rows(test.ids, test.labels, kept.test_proba, classes), CONFUSION_COLUMNS))
+    write_text(baseline_confusion_csv, rows_to_csv(prediction_rows(test.ids, test.labels, base_proba, classes),
+                                                   CONFUSION_COLUMNS))
+
+    # ---- registry: a new version; champion only when it passed and does not regress on this test set
+    t0 = time.perf_counter()
+    from mlflow import MlflowClient
+
+    test_sha = split_sha256(test)
+    overrides = count_label_overrides(labels_path)
+    champion = registry.champion_macro_f1(MlflowClient(), model_name, test_sha256=test_sha, texts=test.texts,
+                                          labels=test.labels, batch_rows=int(serving_cfg.get("max_batch_rows", 64)))
+    alias = registry.choose_alias(outcome.passed, kept.macro_f1, champion)
+    data_files = [p for d in domains for p in sorted((Path(split_dir) / d).glob("*.parquet"))] + [Path(labels_path)]
+    commit = git_commit()
+    registered = registry.log_and_register(
+        mlflow, out_dir / MODEL_SUBDIR, model_name=model_name, alias=alias, serving_config=serving_cfg,
+        tags={"git_commit": commit, "data_sha256": files_sha256(data_files), "test_sha256": test_sha,
+              "label_overrides": overrides, "macro_f1": f"{kept.macro_f1:.6f}", "accuracy": f"{kept.test['accuracy']:.6f}",
+              "gate": "passed" if outcome.passed else "failed", "classes": ",".join(classes)})
+    register_s = time.perf_counter() - t0
+    log.info("registered %s v%d as %r (champion before: v%s, macro-F1 %s, %s)", model_name, registered["version"],
+             alias, champion["version"], champion["macro_f1"], champion["how"])
+
+    # ---- alerts
+    run_id = mlflow.active_run().info.run_id
+    alerts = []
+    f1s = ", ".join(f"{a.macro_f1:.4f}" for a in outcome.attempts)
+    if not outcome.passed:
+        alerts.append(cls_alerts.alert_record(
+            stage=STAGE, severity="error", metric="macro_f1", value=kept.macro_f1, threshold=min_f1,
+            attempts=len(outcome.attempts), git_commit=commit, mlflow_run_id=run_id,
+            message=(f"classifier gate failed after {len(outcome.attempts)} attempts ({outcome.retries} retries; "
+                     f"test macro-F1 per attempt: {f1s}); kept attempt {kept.index} (best val macro-F1), registered "
+                     f"{model_name} v{registered['version']} as {alias}; champion unchanged")))
+    elif alias != registry.CHAMPION:
+        alerts.append(cls_alerts.alert_record(
+            stage=STAGE, severity="warning", metric="macro_f1", value=kept.macro_f1,
+            threshold=champion["macro_f1"] if champion["macro_f1"] is not None else min_f1,
+            attempts=len(outcome.attempts), git_commit=commit, mlflow_run_id=run_id,
+            message=(f"the classifier passed the gate but was not promoted: champion v{champion['version']} "
+                     f"scores {champion['macro_f1']} on this test set ({champion['how']}); registered "
+                     f"v{registered['version']} as {alias}")))
+    cls_alerts.publish(alerts, alerts_json, stage=STAGE, gate="passed" if outcome.passed else "failed",
+                       webhook_url=alert_cfg.get("webhook_url"), timeout_s=float(alert_cfg.get("timeout_s", 5)))
+
+    lora_scores = {**kept.test, "val_macro_f1": kept.val_macro_f1,
+                   **{k: kept.info[k] for k in ("train_s", "best_epoch", "epochs_run", "steps", "trainable_params",
+                                                "total_params", "class_weighted")}}
+    metrics = {
+        "classes": len(classes),
+        "docs": {"train": len(train), "val": len(val), "test": len(test),
+                 "unlabelled": train.unlabelled + val.unlabelled + test.unlabelled},
+        "label_overrides": overrides,
+        "lora": lora_scores,
+        "baseline": base_scores,
+        "lora_to_baseline": {"macro_f1": _ratio(kept.macro_f1, base_scores["macro_f1"]),
+                             "accuracy": _ratio(kept.test["accuracy"], base_scores["accuracy"])},
+        "gate": {"passed": int(outcome.passed), "min_f1": min_f1, "attempts": len(outcome.attempts),
+                 "retries": outcome.retries, "max_retries": outcome.max_retries, "kept_attempt": kept.index,
+                 "test_macro_f1": {f"attempt_{a.index}": a.macro_f1 for a in outcome.attempts},
+                 "val_macro_f1": {f"attempt_{a.index}": a.val_macro_f1 for a in outcome.attempts}},
+        "registry": {"version": registered["version"], "champion": int(alias == registry.CHAMPION),
+                     "previous_champion_version": champion["version"],
+                     "previous_champion_macro_f1": champion["macro_f1"]},
+        "alerts": len(alerts),
+        "timing": {"token_stats_s": token_stats_s, "baseline_s": base_scores["train_s"], "gate_s": gate_s,
+                   "register_s": register_s, "run_s": time.perf_counter() - t_start},
+    }
+    mlflow.set_tags({"gate": "passed" if outcome.passed else "failed", "registry.alias": alias,
+                     "registry.version": str(registered["version"])})
+    mlflow.log_metrics({k: v for k, v in flatten_numbers({k: metrics[k] for k in metrics if k != "registry"}).items()
+                        if ".confusion." not in k and ".per_class." not in k})
+    for path in (confusion_csv, baseline_confusion_csv, alerts_json):
+        mlflow.log_artifact(str(path))
+    return metrics
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return float(a) / float(b) if b else None
+
+
+def _parent(path: Path) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return str(path.parent)
+
+
+def main() -> None:
+    with stage_run(STAGE) as st:
+        cfg = P.section("classifier")
+        domains = P.domains()
+        if not domains:
+            raise SystemExit(f"{STAGE}: params.yaml lists no domains")
+        with mlflow_run(STAGE, cfg) as mlflow:
+            metrics = run(domains, cfg, mlflow, split_dir=paths.SPLIT_DIR, labels_path=paths.LABELS_PATH,
+                          lm_dir=paths.MERGED_DIR, out_dir=paths.CLASSIFIER_DIR, token_stats_json=paths.TOKEN_STATS_JSON,
+                          confusion_csv=paths.CLASSIFIER_CONFUSION_CSV,
+                          baseline_confusion_csv=paths.BASELINE_CONFUSION_CSV,
+                          alerts_json=paths.CLASSIFIER_ALERTS_JSON)
+            st.write_metrics("classifier", metrics)
+        st.log.info("%s: LoRA macro-F1 %.4f vs TF-IDF %.4f (x%.2f); gate %s after %d attempt(s); v%d is %s",
+                    STAGE, metrics["lora"]["macro_f1"], metrics["baseline"]["macro_f1"],
+                    metrics["lora_to_baseline"]["macro_f1"] or float("nan"),
+                    "passed" if metrics["gate"]["passed"] else "FAILED", metrics["gate"]["attempts"],
+                    metrics["registry"]["version"], "champion" if metrics["registry"]["champion"] else "challenger")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,425 @@
+"""train_classifier (domainlm.classify): which labels each split uses, token statistics, scores, the TF-IDF baseline,
+the LoRA sequence classifier, the gate's retries, alerts to a real webhook, the registry's champion rule, and the
+whole stage's run() against a real MLflow store (sqlite in tmp)."""
+from __future__ import annotations
+
+import http.server
+import json
+import threading
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from classifier_fixtures import (CLASSES, COUNTS, DOMAINS, build_tiny_lm, classifier_params, labelled_docs,
+                                 write_labelled_splits)
+from domainlm.classify import alerts, data, gate, metrics, model as cls_model, registry, serving, token_stats, training
+from domainlm.classify.baseline import baseline_proba, fit_baseline
+from domainlm.common.tracking import mlflow_run
+from stages import train_classifier
+from tiny_lm import one_torch_thread  # noqa: F401  (autouse: tiny models run faster on one thread)
+
+OVERRIDES = {"calc-train-0": "writer", "calc-test-0": "writer", "law-val-1": "faq"}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("classifier")
+    split_dir, labels_path = write_labelled_splits(root, overrides=OVERRIDES)
+    return {"root": root, "split_dir": split_dir, "labels_path": labels_path, "lm_dir": build_tiny_lm(root / "lm")}
+
+
+@pytest.fixture(scope="module")
+def splits(corpus):
+    return data.read_splits(corpus["split_dir"], corpus["labels_path"], DOMAINS)
+
+
+@pytest.fixture(scope="module")
+def trained(corpus, splits):
+    """One LoRA attempt with the tiny params (unweighted): (peft model, tokenizer, info)."""
+    cfg = classifier_params()
+    settings = gate.attempt_settings(cfg["train"], [], 0)
+    return training.train_attempt(corpus["lm_dir"], splits["train"], splits["val"], CLASSES, cfg, settings, seed=0)
+
+
+class Webhook:
+    """A real HTTP server on 127.0.0.1 that records JSON POST bodies; ``/fail`` answers 500."""
+
+    def __init__(self):
+        self.bodies: list[dict] = []
+        hook = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                hook.bodies.append({"path": self.path, "content_type": self.headers["Content-Type"],
+                                    "json": json.loads(body.decode("utf-8"))})
+                self.send_response(500 if self.path == "/fail" else 200)
+                self.end_headers()
+                self.wfile.write(b"ok")
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def webhook():
+    hook = Webhook()
+    yield hook
+    hook.close()
+
+
+@pytest.fixture
+def tracking(tmp_path, monkeypatch):
+    """A real MLflow tracking store and registry: a sqlite file in tmp, artifacts beside it."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)  # the default artifact root (./mlruns) lands in tmp too
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    mlflow.set_tracking_uri(None)
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+def test_training_uses_refined_labels_and_test_uses_source_labels(splits):
+    train, val, test = splits["train"], splits["val"], splits["test"]
+    assert (train.label_column, val.label_column, test.label_column) == ("label", "label", "source_label")
+    lab = dict(zip(train.ids, train.labels))
+    assert lab["calc-train-0"] == "writer" and lab["calc-train-1"] == "calc"  # the override is trained on
+    assert dict(zip(val.ids, val.labels))["law-val-1"] == "faq"
+    assert dict(zip(test.ids, test.labels))["calc-test-0"] == "calc"  # never the override on test
+    assert len(train) == len(CLASSES) * COUNTS["train"] and train.unlabelled == 0
+    assert train.domains[0] == "law" and set(train.domains) == set(DOMAINS)
+
+
+def test_classes_overrides_and_hashes(corpus, splits, tmp_path):
+    assert data.class_list(splits["train"]) == CLASSES
+    assert data.count_label_overrides(corpus["labels_path"]) == len(OVERRIDES)
+    assert len(data.split_sha256(splits["test"])) == 64
+    assert data.split_sha256(splits["test"]) != data.split_sha256(splits["val"])
+    files = sorted(corpus["split_dir"].rglob("*.parquet"))
+    assert data.files_sha256(files) == data.files_sha256(list(reversed(files)))  # order-free
+    _, other = write_labelled_splits(tmp_path, overrides={"faq-test-0": "law"})  # an override on test only
+    assert data.split_sha256(data.read_split(tmp_path / "split", other, DOMAINS, "test")) == data.split_sha256(splits["test"])
+    one_class = data.LabelledSplit("train", "label", ["a"], ["t"], ["law"], ["law"])
+    with pytest.raises(ValueError, match="needs two"):
+        data.class_list(one_class)
+
+
+def test_a_document_missing_from_the_label_table_is_an_error(corpus, tmp_path):
+    table = pq.read_table(corpus["labels_path"])
+    pq.write_table(table.slice(1), tmp_path / "labels.parquet")
+    with pytest.raises(ValueError, match="has no 'train' row in the label table"):
+        data.read_split(corpus["split_dir"], tmp_path / "labels.parquet", DOMAINS, "train")
+    with pytest.raises(FileNotFoundError, match="split"):
+        data.read_split(tmp_path / "nowhere", corpus["labels_path"], DOMAINS, "train")
+
+
+# ------------------------------------------------------------------------------------------------ token stats
+
+def test_token_stats_match_the_tokenizer(corpus):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(corpus["lm_dir"])
+    texts = data.split_texts(corpus["split_dir"], DOMAINS)
+    lengths = [len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts["law"]["train"]]
+    max_length = sorted(lengths)[len(lengths) // 2] + 1  # the median document fits, the longest do not
+    stats = token_stats.token_stats(tok, texts, max_length=max_length, context=32)
+    law = stats["domains"]["law"]["train"]
+    assert law["docs"] == len(lengths) and law["tokens"] == sum(lengths) and law["max_tokens"] == max(lengths)
+    assert law["p50_tokens"] == pytest.approx(float(np.median(lengths)))
+    assert law["p95_tokens"] == pytest.approx(float(np.percentile(lengths, 95)))
+    truncated = np.mean([n > max_length - 1 for n in lengths])  # max_length - 1 text tokens + EOS
+    assert law["truncated_at_max_length"] == pytest.approx(truncated) and 0 < truncated < 1
+    assert law["truncated_at_context"] == pytest.approx(np.mean([n > 32 for n in lengths]))
+    assert stats["all"]["test"]["docs"] == len(CLASSES) * COUNTS["test"]
+    assert stats["settings"] == {"classifier_max_length": max_length, "classifier_max_text_tokens": max_length - 1,
+                                 "lm_context": 32}
+    empty = token_stats.length_summary(np.array([], dtype=np.int64), max_text_tokens=3, context=4)
+    assert empty["docs"] == 0 and empty["truncated_at_context"] == 0.0
+
+
+# ------------------------------------------------------------------------------------------------ scores
+
+def test_score_matches_scikit_learn_and_counts_unknown_labels():
+    from sklearn.metrics import f1_score, roc_auc_score
+
+    classes = ["a", "b", "c"]
+    proba = np.array([[0.8, 0.1, 0.1], [0.2, 0.7, 0.1], [0.1, 0.2, 0.7], [0.6, 0.3, 0.1], [0.3, 0.3, 0.4]])
+    y = ["a", "b", "c", "b", "z"]  # "z" is unknown to the model
+    s = metrics.score(y, proba, classes)
+    pred = ["a", "b", "c", "a", "c"]
+    assert s["accuracy"] == pytest.approx(3 / 5)
+    assert s["macro_f1"] == pytest.approx(f1_score(y, pred, average="macro", zero_division=0))
+    assert s["unknown_label_docs"] == 1 and s["docs"] == 5
+    assert s["confusion"]["b"] == {"a": 1, "b": 1, "c": 0, "z": 0} and s["confusion"]["z"]["c"] == 1
+    assert s["per_class"]["b"]["recall"] == 0.5 and s["per_class"]["b"]["support"] == 2
+    assert s["per_class"]["a"]["roc_auc"] == pytest.approx(roc_auc_score([1, 0, 0, 0, 0], proba[:, 0]))
+    assert "roc_auc" not in s["per_class"]["z"]
+    rows = metrics.prediction_rows(["1", "2", "3", "4", "5"], y, proba, classes)
+    assert rows[3] == {"id": "4", "actual": "b", "predicted": "a", "confidence": 0.6}
+    with pytest.raises(ValueError, match="shape"):
+        metrics.score(y, proba[:, :2], classes)
+
+
+def test_tfidf_baseline_scores_in_the_models_class_order(splits):
+    train, test = splits["train"], splits["test"]
+    pipe = fit_baseline(train.texts, train.labels, classifier_params()["baseline"])
+    proba = baseline_proba(pipe, test.texts, ["zzz"] + CLASSES)  # a class the baseline never saw: probability 0
+    assert proba.shape == (len(test), len(CLASSES) + 1) and np.allclose(proba.sum(axis=1), 1.0) and not proba[:, 0].any()
+    s = metrics.score(test.labels, proba, ["zzz"] + CLASSES)
+    assert s["accuracy"] > 0.8  # the four vocabularies are disjoint: character n-grams separate them
+
+
+# ------------------------------------------------------------------------------------------------ the LoRA classifier
+
+def test_encode_ends_every_input_with_eos_within_max_length(corpus):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(corpus["lm_dir"])
+    ids = cls_model.encode(tok, ["대한민국 국민 " * 20, "셀"], 8)
+    assert len(ids[0]) == 8 and all(x[-1] == tok.eos_token_id for x in ids) and len(ids[1]) < 8
+    with pytest.raises(ValueError, match="max_length"):
+        cls_model.encode(tok, ["셀"], 1)
+
+
+def test_lora_classifier_trains_only_adapter_and_head_and_saves_a_servable_model(corpus, splits, trained, tmp_path):
+    model, tok, info = trained
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert names and all("lora_" in n or "score" in n for n in names)
+    assert any("score" in n for n in names)  # the head is trained through modules_to_save
+    assert info["trainable_params"] < info["total_params"] and info["class_weighted"] == 0
+    assert 0.0 <= info["val_macro_f1"] <= 1.0 and 1 <= info["best_epoch"] <= info["epochs_run"]
+    assert model.config.id2label == dict(enumerate(CLASSES))
+
+    test = splits["test"]
+    proba = cls_model.predict_proba(model, tok, test.texts, max_length=24, batch_size=5)
+    assert proba.shape == (len(test), len(CLASSES)) and np.allclose(proba.sum(axis=1), 1.0)
+    out = cls_model.save_classifier(model, tok, tmp_path / "classifier")
+    reloaded, tok2 = cls_model.load_classifier(out / cls_model.MODEL_SUBDIR)
+    assert cls_model.classes_of(reloaded) == CLASSES
+    assert np.allclose(cls_model.predict_proba(reloaded, tok2, test.texts, max_length=24), proba, atol=1e-5)
+
+    from peft import PeftModel  # the adapter folder loads back onto the merged LM
+    base, _ = cls_model.load_sequence_classifier(corpus["lm_dir"], CLASSES)
+    again = PeftModel.from_pretrained(base, out / cls_model.ADAPTER_SUBDIR).eval()
+    assert np.allclose(cls_model.predict_proba(again, tok, test.texts, max_length=24), proba, atol=1e-5)
+
+
+def test_the_classifier_learns_the_labels(splits, trained):
+    model, tok, info = trained
+    test = splits["test"]
+    proba = cls_model.predict_proba(model, tok, test.texts, max_length=24)
+    s = metrics.score(test.labels, proba, CLASSES)
+    assert info["val_macro_f1"] > 0.4 and s["accuracy"] > 0.4  # chance is 0.25
+
+
+def test_class_weights_are_inverse_frequency_and_weight_the_loss():
+    w = training.balanced_class_weights([0, 0, 0, 1], 3)
+    assert torch.allclose(w, torch.tensor([4 / (2 * 3), 4 / (2 * 1), 1.0]))
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    labels = torch.tensor([1, 0])
+    loss = training.weighted_cross_entropy(w)({"logits": logits}, labels)
+    assert torch.isclose(loss, torch.nn.functional.cross_entropy(logits, labels, weight=w))
+    assert not torch.isclose(loss, training.weighted_cross_entropy(None)({"logits": logits}, labels))
+
+
+# ------------------------------------------------------------------------------------------------ the gate
+
+def test_retry_settings_follow_the_schedule_with_a_class_weighted_loss():
+    train = classifier_params()["train"]
+    schedule = [{"epochs": 9}, {"lr": 1.0e-3}]
+    first = gate.attempt_settings(train, schedule, 0)
+    assert first["class_weighted"] is False and first["epochs"] == train["epochs"]
+    assert gate.attempt_settings(train, schedule, 1)["epochs"] == 9 and gate.attempt_settings(train, schedule, 1)["class_weighted"]
+    third = gate.attempt_settings(train, schedule, 3)  # past the schedule's end: its last entry again
+    assert third["lr"] == 1.0e-3 and third["epochs"] == train["epochs"] and third["class_weighted"]
+    assert gate.attempt_settings(train, [], 2)["class_weighted"]
+    with pytest.raises(ValueError, match="not keys of classifier.train"):
+        gate.attempt_settings(train, [{"epoch": 3}], 1)
+
+
+def _fake_attempts(test_f1s, val_f1s, min_f1):
+    calls = []
+
+    def train_and_score(index, settings):
+        calls.append(settings)
+        return gate.Attempt(index=index, settings=settings, val_macro_f1=val_f1s[index],
+                            test={"macro_f1": test_f1s[index]}, passed=gate.passes(test_f1s[index], min_f1))
+    return train_and_score, calls
+
+
+def test_gate_stops_at_the_first_passing_attempt():
+    fn, calls = _fake_attempts([0.5, 0.8, 0.9], [0.5, 0.6, 0.7], 0.75)
+    out = gate.run_gate(fn, classifier_params()["train"], [{"epochs": 9}], min_f1=0.75, max_retries=3)
+    assert out.passed and out.retries == 1 and out.kept.index == 1 and len(calls) == 2
+    assert calls[1]["class_weighted"] and calls[1]["epochs"] == 9
+
+
+def test_gate_that_never_passes_spends_every_retry_and_keeps_the_best_validation_attempt():
+    fn, calls = _fake_attempts([0.5, 0.7, 0.6, 0.4], [0.6, 0.5, 0.9, 0.3], 0.99)
+    out = gate.run_gate(fn, classifier_params()["train"], [], min_f1=0.99, max_retries=3)
+    assert not out.passed and out.retries == 3 and len(out.attempts) == 4
+    assert out.kept.index == 2  # best validation macro-F1, not best test macro-F1
+    with pytest.raises(ValueError, match="min_f1"):
+        gate.run_gate(fn, classifier_params()["train"], [], min_f1=1.5, max_retries=1)
+    with pytest.raises(ValueError, match="not keys"):  # a bad schedule fails before any training
+        gate.run_gate(fn, classifier_params()["train"], [{"bogus": 1}], min_f1=0.5, max_retries=1)
+
+
+# ------------------------------------------------------------------------------------------------ alerts
+
+def _record(**kw):
+    base = dict(stage="train_classifier", severity="error", metric="macro_f1", value=0.42, threshold=0.75,
+                attempts=4, git_commit="abc123", mlflow_run_id="run1", message="gate failed")
+    return alerts.alert_record(**{**base, **kw})
+
+
+def test_alert_is_posted_as_json_with_a_slack_text_to_a_real_webhook(webhook, tmp_path):
+    doc = alerts.publish([_record()], tmp_path / "alerts.json", stage="train_classifier", gate="failed",
+                         webhook_url=webhook.url + "/hook")
+    assert doc["alerts"][0]["webhook"] == "delivered (HTTP 200)"
+    (got,) = webhook.bodies
+    assert got["path"] == "/hook" and got["content_type"].startswith("application/json")
+    body = got["json"]
+    assert {k: body[k] for k in alerts.ALERT_FIELDS if k != "time"} == {k: _record()[k] for k in alerts.ALERT_FIELDS if k != "time"}
+    assert "[ERROR] train_classifier" in body["text"] and "0.4200" in body["text"] and "4 attempt(s)" in body["text"]
+    written = json.loads((tmp_path / "alerts.json").read_text())
+    assert written["gate"] == "failed" and written["alerts"][0]["metric"] == "macro_f1"
+    assert set(alerts.ALERT_FIELDS) <= set(written["alerts"][0])
+
+
+def test_a_failing_webhook_is_logged_and_never_fails(webhook, tmp_path, caplog):
+    from conftest import free_port
+
+    doc = alerts.publish([_record(), _record(severity="warning")], tmp_path / "a.json", stage="s", gate="failed",
+                         webhook_url=webhook.url + "/fail")
+    assert [a["webhook"] for a in doc["alerts"]] == ["failed: HTTP 500 Internal Server Error"] * 2
+    refused = alerts.post_webhook(f"http://127.0.0.1:{free_port()}/x", _record(), timeout_s=2)
+    assert refused.startswith("failed:")
+    assert "alert webhook" in caplog.text
+    assert alerts.publish([_record()], tmp_path / "b.json", stage="s", gate="failed")["alerts"][0]["webhook"] == "not configured"
+    with pytest.raises(ValueError, match="severity"):
+        _record(severity="fatal")
+
+
+# ------------------------------------------------------------------------------------------------ serving input
+
+def test_serving_input_checks_name_the_problem():
+    import pandas as pd
+
+    ok = serving.texts_from_input(pd.DataFrame({"text": ["셀 수식", "국회"]}), max_batch_rows=2)
+    assert ok == ["셀 수식", "국회"]
+    assert serving.texts_from_input({"text": ["a"]}, max_batch_rows=2) == ["a"]
+    cases = [
+        (pd.DataFrame({"body": ["a"]}), "needs a 'text' column"),
+        (pd.DataFrame({"text": ["a", 3]}), "row 1: 'text' must be a string, got int"),
+        (pd.DataFrame({"text": ["a", None]}), "row 1: 'text' is missing"),
+        (pd.DataFrame({"text": ["a", " \n"]}), "row 1: 'text' is empty"),
+        (pd.DataFrame({"text": ["a"] * 3}), "3 rows, over the limit of 2"),
+        (pd.DataFrame({"text": []}), "no rows"),
+    ]
+    for bad, message in cases:
+        with pytest.raises(MlflowException, match=message) as err:
+            serving.texts_from_input(bad, max_batch_rows=2)
+        assert err.value.error_code == "INVALID_PARAMETER_VALUE" and err.value.get_http_status_code() == 400
+
+
+# ------------------------------------------------------------------------------------------------ registry
+
+def test_choose_alias_never_lets_the_champion_regress():
+    none = {"how": "none", "macro_f1": None}
+    assert registry.choose_alias(True, 0.5, none) == "champion"
+    assert registry.choose_alias(False, 0.9, none) == "challenger"
+    assert registry.choose_alias(True, 0.8, {"how": "tag", "macro_f1": 0.8}) == "champion"  # ties promote
+    assert registry.choose_alias(True, 0.79, {"how": "tag", "macro_f1": 0.8}) == "challenger"
+    assert registry.choose_alias(True, 0.99, {"how": "unavailable", "macro_f1": None}) == "challenger"
+
+
+# ------------------------------------------------------------------------------------------------ the stage
+
+def _run_stage(corpus, cfg, out: Path, labels_path=None) -> dict:
+    with mlflow_run("train_classifier", cfg) as ml:
+        return train_classifier.run(
+            DOMAINS, cfg, ml, split_dir=corpus["split_dir"], labels_path=labels_path or corpus["labels_path"],
+            lm_dir=corpus["lm_dir"], out_dir=out / "models" / "classifier", token_stats_json=out / "metrics" / "token_stats.json",
+            confusion_csv=out / "plots" / "classifier_confusion.csv",
+            baseline_confusion_csv=out / "plots" / "classifier_baseline_confusion.csv",
+            alerts_json=out / "metrics" / "classifier_alerts.json")
+
+
+def test_stage_gates_retries_alerts_and_never_regresses_the_champion(corpus, tracking, webhook, tmp_path):
+    client = MlflowClient()
+    name = "domain-lm-classifier"
+
+    # Round 1: the gate passes, there is no champion yet: version 1 becomes champion, no alert.
+    first = _run_stage(corpus, classifier_params(alert={"webhook_url": webhook.url + "/hook"}), tmp_path)
+    assert first["gate"]["passed"] == 1 and first["gate"]["attempts"] == 1 and first["alerts"] == 0
+    assert first["registry"] == {"version": 1, "champion": 1, "previous_champion_version": None,
+                                 "previous_champion_macro_f1": None}
+    assert int(client.get_model_version_by_alias(name, "champion").version) == 1
+    tags = client.get_model_version(name, "1").tags
+    assert {"git_commit", "data_sha256", "test_sha256", "label_overrides", "macro_f1", "gate"} <= set(tags)
+    assert tags["label_overrides"] == str(len(OVERRIDES)) and float(tags["macro_f1"]) == pytest.approx(first["lora"]["macro_f1"], abs=1e-6)
+    assert json.loads((tmp_path / "metrics" / "classifier_alerts.json").read_text())["alerts"] == []
+    assert not webhook.bodies
+    for key in ("accuracy", "macro_f1", "weighted_f1", "roc_auc_ovr_macro", "per_class", "confusion"):
+        assert key in first["lora"] and key in first["baseline"]
+    assert first["lora_to_baseline"]["macro_f1"] == pytest.approx(first["lora"]["macro_f1"] / first["baseline"]["macro_f1"])
+    assert set(first["lora"]["per_class"]) == set(CLASSES)
+    rows = (tmp_path / "plots" / "classifier_confusion.csv").read_text().splitlines()
+    assert rows[0] == "id,actual,predicted,confidence" and len(rows) == 1 + len(CLASSES) * COUNTS["test"]
+    assert (tmp_path / "models" / "classifier" / "model" / "config.json").exists()
+    assert (tmp_path / "models" / "classifier" / "adapter" / "adapter_config.json").exists()
+    assert json.loads((tmp_path / "metrics" / "token_stats.json").read_text())["all"]["train"]["docs"] == len(CLASSES) * COUNTS["train"]
+
+    # Round 2: an unreachable bar: every retry is spent, the alert goes out, v2 is only a challenger.
+    cfg = classifier_params(gate={"min_f1": 0.99}, alert={"webhook_url": webhook.url + "/hook"})
+    second = _run_stage(corpus, cfg, tmp_path)
+    assert second["gate"]["passed"] == 0 and second["gate"]["attempts"] == 3 and second["gate"]["retries"] == 2
+    assert set(second["gate"]["test_macro_f1"]) == {"attempt_0", "attempt_1", "attempt_2"}
+    assert second["registry"]["version"] == 2 and second["registry"]["champion"] == 0
+    assert int(client.get_model_version_by_alias(name, "champion").version) == 1
+    assert int(client.get_model_version_by_alias(name, "challenger").version) == 2
+    parent = mlflow.search_runs(experiment_names=["domain-lm"], filter_string="tags.`registry.version` = '2'")
+    children = mlflow.search_runs(experiment_names=["domain-lm"],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent['run_id'][0]}'")
+    assert sorted(children["tags.mlflow.runName"]) == ["attempt_0", "attempt_1", "attempt_2"]
+    assert set(children["tags.gate"]) == {"failed"} and children["metrics.test_macro_f1"].notna().all()
+    assert list(children.sort_values("tags.mlflow.runName")["params.class_weighted"]) == ["False", "True", "True"]
+    doc = json.loads((tmp_path / "metrics" / "classifier_alerts.json").read_text())
+    (alert,) = doc["alerts"]
+    assert doc["gate"] == "failed" and alert["severity"] == "error" and alert["attempts"] == 3
+    assert alert["threshold"] == 0.99 and alert["mlflow_run_id"] == parent["run_id"][0]
+    assert alert["webhook"] == "delivered (HTTP 200)"
+    (posted,) = webhook.bodies
+    assert posted["json"]["attempts"] == 3 and "gate failed after 3 attempts" in posted["json"]["text"]
+
+    # A changed test set (new data arrived): the champion is loaded and re-scored on it; the same one: its tag.
+    champion = registry.champion_macro_f1(client, name, test_sha256="another test set",
+                                          texts=[labelled_docs("law", 1, "x")[0], "셀 수식 차트"], labels=["law", "calc"])
+    assert champion["how"] == "rescored" and champion["version"] == 1 and 0.0 <= champion["macro_f1"] <= 1.0
+    same = data.split_sha256(data.read_split(corpus["split_dir"], corpus["labels_path"], DOMAINS, "test"))
+    assert registry.champion_macro_f1(client, name, test_sha256=same, texts=[], labels=[])["how"] == "tag"
+
+
+def test_stage_refuses_a_bad_retry_schedule_before_training(corpus, tracking, tmp_path):
+    cfg = classifier_params(gate={"min_f1": 0.99, "retry_schedule": [{"learning_rate": 1e-3}]})
+    with pytest.raises(ValueError, match="learning_rate"):
+        _run_stage(corpus, cfg, tmp_path)
+    assert not (tmp_path / "models" / "classifier").exists()
