@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from domainlm.classify.metrics import macro_f1
+from domainlm.common.tracking import ensure_registered_model
 
 log = logging.getLogger(__name__)
 
@@ -115,20 +116,14 @@ def log_and_register(mlflow, model_dir: str | Path, *, model_name: str, alias: s
         ``{"name", "version", "alias", "model_uri"}``.
     """
     from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
 
     import pandas as pd
 
     from domainlm.classify.serving import ARTIFACT_KEY, INPUT_EXAMPLE_TEXT, SERVED_MODEL_FILE, input_signature
 
     client = MlflowClient()
-    try:
-        client.get_registered_model(model_name)
-    except MlflowException as exc:
-        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
-            raise
-        client.create_registered_model(model_name, description=(
-            "Document classifier: LoRA sequence classification on the merged domain LM (stage train_classifier)."))
+    ensure_registered_model(client, model_name, "Document classifier: LoRA sequence classification on the merged "
+                                                "domain LM (stage train_classifier).")
     code_root = Path(code_root) if code_root else Path(__file__).resolve().parents[1]
     with tempfile.TemporaryDirectory(prefix="classifier_code_") as tmp:
         package = Path(tmp) / "domainlm"

@@ -39,3 +39,19 @@ def mlflow_run(stage: str, params: dict[str, Any] | None = None, *, nested: bool
         if params:
             mlflow.log_params(flatten(params))
         yield mlflow
+
+
+def ensure_registered_model(client: Any, name: str, description: str) -> None:
+    """Create the MLflow registered model ``name`` unless it exists (``client``: an ``MlflowClient``).
+
+    Raises:
+        mlflow.exceptions.MlflowException: on any registry error other than the model not existing yet.
+    """
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        client.create_registered_model(name, description=description)

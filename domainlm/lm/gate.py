@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from domainlm.common.atomic import write_json
+from domainlm.common.tracking import ensure_registered_model
 
 log = logging.getLogger(__name__)
 
@@ -70,18 +71,12 @@ def register_merged(mlflow, model_dir: str | Path, model_name: str, passed: bool
         ``{"name", "version", "alias", "source"}``.
     """
     from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
 
     run = mlflow.active_run()
     mlflow.log_artifacts(str(model_dir), artifact_path="model")
     source = mlflow.get_artifact_uri("model")
     client = MlflowClient()
-    try:
-        client.get_registered_model(model_name)
-    except MlflowException as exc:
-        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
-            raise
-        client.create_registered_model(model_name, description="Merged domain language model (stages.merge).")
+    ensure_registered_model(client, model_name, "Merged domain language model (stages.merge).")
     version = client.create_model_version(model_name, source=source, run_id=run.info.run_id, tags=dict(tags or {}))
     alias = "champion" if passed else "challenger"
     client.set_registered_model_alias(model_name, alias, version.version)
