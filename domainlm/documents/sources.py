@@ -23,7 +23,7 @@ import sys
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterable, Iterator
 
 KONLPY_REQUIREMENT = "konlpy==0.6.0"
 
@@ -252,28 +252,35 @@ def kobill_documents(wheel: FetchedPackage, domain: str) -> Iterator[Document]:
                            source=f"{wheel.name}=={wheel.version}:{member}")
 
 
+def _html_pages(pkg: FetchedPackage, domain: str, base: Path, paths: Iterable[Path],
+                key: Callable[[Path], tuple[str, str]]) -> Iterator[Document]:
+    """One document per HTML page under ``base`` of an unpacked Debian package.
+
+    ``key(path)`` gives the page's (id suffix, label). Raises :class:`SourceUnavailable` when ``base``
+    is missing from the unpacked package.
+    """
+    if not base.is_dir():
+        raise SourceUnavailable(f"corpus source '{domain}': {base} is missing from the unpacked {pkg.name} package")
+    for path in paths:
+        suffix, label = key(path)
+        text = html_to_text(path.read_text(encoding="utf-8", errors="replace"))
+        yield Document(id=f"{domain}-{suffix}", text=text, domain=domain, label=label,
+                       source=f"{pkg.name}={pkg.version}:{path.relative_to(pkg.root).as_posix()}")
+
+
 def libreoffice_help_documents(pkg: FetchedPackage, domain: str) -> Iterator[Document]:
     """Documents from ``libreoffice-help-ko``: one per HTML page; label = help module from the path."""
     base = pkg.root / "usr/share/libreoffice/help/ko/text"
-    if not base.is_dir():
-        raise SourceUnavailable(f"corpus source '{domain}': {base} is missing from the unpacked {pkg.name} package")
-    for path in sorted(base.rglob("*.html")):
+
+    def key(path: Path) -> tuple[str, str]:
         rel = path.relative_to(base)
-        module = rel.parts[0]
-        label = HELP_MODULE_LABELS.get(module, module)
-        text = html_to_text(path.read_text(encoding="utf-8", errors="replace"))
-        yield Document(id=f"{domain}-{rel.with_suffix('').as_posix()}", text=text, domain=domain, label=label,
-                       source=f"{pkg.name}={pkg.version}:{path.relative_to(pkg.root).as_posix()}")
+        return rel.with_suffix("").as_posix(), HELP_MODULE_LABELS.get(rel.parts[0], rel.parts[0])
+
+    yield from _html_pages(pkg, domain, base, sorted(base.rglob("*.html")), key)
 
 
 def debian_faq_documents(pkg: FetchedPackage, domain: str) -> Iterator[Document]:
     """Documents from ``debian-faq-ko``: one per chapter page; ``index.ko.html`` (the contents) is skipped."""
     base = pkg.root / "usr/share/doc/debian/FAQ/ko"
-    if not base.is_dir():
-        raise SourceUnavailable(f"corpus source '{domain}': {base} is missing from the unpacked {pkg.name} package")
-    for path in sorted(base.glob("*.ko.html")):
-        if path.name == "index.ko.html":
-            continue
-        text = html_to_text(path.read_text(encoding="utf-8", errors="replace"))
-        yield Document(id=f"{domain}-{path.name.removesuffix('.ko.html')}", text=text, domain=domain, label=domain,
-                       source=f"{pkg.name}={pkg.version}:{path.relative_to(pkg.root).as_posix()}")
+    pages = [p for p in sorted(base.glob("*.ko.html")) if p.name != "index.ko.html"]
+    yield from _html_pages(pkg, domain, base, pages, lambda path: (path.name.removesuffix(".ko.html"), domain))
