@@ -36,7 +36,7 @@ def run(domains: Sequence[str], cfg: RefineConfig, *, split_dir: str | Path, lab
     """The whole stage, on at most ``cfg.threads`` compute threads (torch + BLAS).
 
     Loads the ``sentences`` table (texts from the split outputs, labels from the split stage's
-    label table), builds the four ensemble members on the frozen merged LM, runs the refinement
+    label table), builds the five ensemble members on the frozen merged LM, runs the refinement
     loop (:func:`domainlm.refine.loop.refine`) inside an MLflow run (one nested run per
     iteration), and writes the review queue.
 
@@ -58,7 +58,7 @@ def run(domains: Sequence[str], cfg: RefineConfig, *, split_dir: str | Path, lab
         ``iterations``, ``converged`` (0/1), ``labels_changed``, ``label_change_rate`` (fraction),
         ``mean_confidence``, ``review_queue_rows``, ``final_iteration`` (its history row, NaNs left
         out), the last round's member ``weights``, ``temperatures`` and out-of-fold accuracy
-        ``oof_accuracy``, durations in seconds (``load_s``, ``lexical_features_s``, ``tokenize_s``,
+        ``oof_accuracy``, durations in seconds (``load_s``, ``lexical_features_s``, ``tfidf_features_s``, ``tokenize_s``,
         ``embed_s``, ``refine_s``, ``wall_s``) and ``peak_rss_mb`` (MiB).
 
     Raises:
@@ -85,7 +85,8 @@ def run(domains: Sequence[str], cfg: RefineConfig, *, split_dir: str | Path, lab
             texts = [t[: cfg.max_chars] for t in labels.texts]
             tokenizer, lm = ens.load_lm(model_dir)
             members, lexical, feature_secs = ens.build_members(texts, tokenizer, lm, lexical=cfg.lexical,
-                                                               lstm=cfg.lstm, transformer=cfg.transformer)
+                                                               tfidf=cfg.tfidf, lstm=cfg.lstm,
+                                                               transformer=cfg.transformer)
             del lm
             ens.free_memory()
 

@@ -248,6 +248,40 @@ def test_lexical_member_counts_words_and_jamo():
     assert not any(n.startswith("j:") for n in enames) and english_only.shape[0] == 2
 
 
+def test_char_tfidf_member_scores_every_row_with_probabilities_and_is_deterministic():
+    texts = [t for d in DOMAINS for t in korean_docs(d, 10)]
+    y = np.repeat(np.arange(3), 10)
+    x = ens.char_tfidf(texts, ngrams=(1, 3), min_df=1)
+    assert x.shape[0] == 30 and x.shape[1] > 0
+    np.testing.assert_allclose(np.sqrt(x.multiply(x).sum(axis=1)).A.ravel(), 1.0)  # l2-normalised rows
+    member = ens.CharTfidfLR(x, C=3.0)
+    train, test = np.arange(30)[np.arange(30) % 3 != 0], np.arange(30)[np.arange(30) % 3 == 0]
+    proba = member.predict_proba(member.fit(train, y, 4, seed=0), test, 4)  # 4 classes, one never seen
+    assert proba.shape == (len(test), 4) and proba.dtype == np.float64
+    assert np.allclose(proba.sum(axis=1), 1.0) and (proba[:, 3] == 0).all()
+    assert (proba.argmax(1) == y[test]).all()  # disjoint vocabularies: easy
+    again = member.predict_proba(member.fit(train, y, 4, seed=0), test, 4)
+    assert np.array_equal(proba, again)
+    folds = ens.assign_folds(y, 3, seed=0)
+    oof = ens.out_of_fold(member, y, folds, 3, seed=0)
+    assert np.array_equal(oof.proba, ens.out_of_fold(member, y, folds, 3, seed=0).proba)
+    with pytest.raises(ValueError, match="analyzer"):
+        ens.char_tfidf(texts, analyzer="word")
+    with pytest.raises(ValueError, match="at least one text"):
+        ens.char_tfidf([])
+
+
+def test_build_members_has_the_char_tfidf_member(tmp_path):
+    model, tok = build_base(tmp_path / "lm")
+    texts = [t for d in DOMAINS for t in korean_docs(d, 4)]
+    members, lexical, secs = ens.build_members(
+        texts, tok, model, lexical=ens.LexicalConfig(min_df=1), tfidf=ens.TfidfConfig(C=1.0, min_df=1),
+        lstm=ens.LSTMConfig(max_tokens=16, epochs=1), transformer=ens.TransformerConfig(max_tokens=16))
+    assert [m.name for m in members] == ["lexical", "tfidf", "lstm", "bilstm", "transformer"]
+    assert members[0] is lexical and members[1].C == 1.0 and members[1].x.shape[0] == len(texts)
+    assert {"lexical_features_s", "tfidf_features_s", "tokenize_s", "embed_s"} <= set(secs)
+
+
 def test_temperature_scaling_softens_an_overconfident_member():
     rng = np.random.default_rng(0)
     n, c = 2000, 4
@@ -380,7 +414,8 @@ def test_refine_config_reads_every_refine_param():
     cfg = loop.RefineConfig.from_params(p)
     # every key of the refine section is a field (none silently ignored), in params.yaml's types
     assert set(p) <= {f.name for f in dataclasses.fields(loop.RefineConfig)}
-    for name, sub in (("lexical", cfg.lexical), ("lstm", cfg.lstm), ("transformer", cfg.transformer)):
+    for name, sub in (("lexical", cfg.lexical), ("tfidf", cfg.tfidf), ("lstm", cfg.lstm),
+                      ("transformer", cfg.transformer)):
         assert set(p[name]) <= {f.name for f in dataclasses.fields(sub)}
         assert all(getattr(sub, k) == (tuple(v) if isinstance(v, list) else v) for k, v in p[name].items())
     assert all(getattr(cfg, k) == v for k, v in p.items() if not isinstance(v, dict))
@@ -389,6 +424,7 @@ def test_refine_config_reads_every_refine_param():
     partial = loop.RefineConfig.from_params({"folds": "3", "threads": None, "lstm": {"hidden": 4}, "other": 1})
     assert partial.folds == 3 and partial.threads is None and partial.tau0 == loop.RefineConfig().tau0
     assert partial.lstm == ens.LSTMConfig(hidden=4) and partial.lexical == ens.LexicalConfig()
+    assert partial.tfidf == ens.TfidfConfig() and cfg.tfidf.ngrams == tuple(p["tfidf"]["ngrams"])
 
 
 def test_loop_corrects_flipped_labels_and_converges(db, tmp_path):
@@ -566,7 +602,9 @@ def test_stacker_is_cross_fitted_so_no_row_sees_its_own_label():
     flipped[row] = 2  # a wrong label on one row changes every other fold's stacker, never the row's own
     after = ens.stack(probas, flipped, folds, 3)
     assert np.array_equal(after[row], before[row])
-    others = folds != folds[row]
+    same_fold = folds == folds[row]
+    assert np.array_equal(after[same_fold], before[same_fold])  # the row's whole fold used the same stacker
+    others = ~same_fold
     assert not np.allclose(after[others], before[others])
     with pytest.raises(ValueError, match="wrong shape"):
         ens.stack({"a": probas["a"][:, :2]}, y, folds, 3)

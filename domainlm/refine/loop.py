@@ -117,7 +117,8 @@ def feature_change_rate(before: dict[int, frozenset[str]], after: dict[int, froz
 # ------------------------------------------------------------------ the loop
 
 #: Sub-sections of ``refine`` and the member settings they hold.
-_MEMBER_SECTIONS = {"lexical": ens.LexicalConfig, "lstm": ens.LSTMConfig, "transformer": ens.TransformerConfig}
+_MEMBER_SECTIONS = {"lexical": ens.LexicalConfig, "tfidf": ens.TfidfConfig, "lstm": ens.LSTMConfig,
+                    "transformer": ens.TransformerConfig}
 
 
 @dataclass
@@ -134,7 +135,7 @@ class RefineConfig:
     The stage around it: ``chunksize`` (rows per sqlite-utils insert batch and per Parquet record
     batch), ``threads`` (compute threads, torch + BLAS; ``None`` = leave as is), ``max_chars``
     (documents are cut to this many characters for every member), ``review_size`` (rows in the
-    review queue), and the members' settings ``lexical``, ``lstm``, ``transformer``
+    review queue), and the members' settings ``lexical``, ``tfidf``, ``lstm``, ``transformer``
     (:class:`domainlm.refine.ensemble.LexicalConfig` and its siblings).
     """
 
@@ -155,6 +156,7 @@ class RefineConfig:
     max_chars: int = 4000
     review_size: int = 200
     lexical: ens.LexicalConfig = field(default_factory=ens.LexicalConfig)
+    tfidf: ens.TfidfConfig = field(default_factory=ens.TfidfConfig)
     lstm: ens.LSTMConfig = field(default_factory=ens.LSTMConfig)
     transformer: ens.TransformerConfig = field(default_factory=ens.TransformerConfig)
 
