@@ -23,7 +23,7 @@ from stages import report as report_stage
 ROOT = Path(__file__).resolve().parents[1]
 INPUT_DIRS = ("metrics", "plots", "eval")
 
-# metrics/classifier.json has not landed yet: a made-up one in the documented shape (domainlm.report.inputs).
+# A made-up metrics/classifier.json in the documented minimal shape (domainlm.report.inputs): no gate, no registry.
 CLASSIFIER = {
     "lora": {"macro_f1": 0.8731, "confusion_matrix": {"labels": ["law", "bill", "office_help", "faq"],
                                                       "matrix": [[12, 1, 0, 0], [0, 1, 0, 0], [3, 0, 240, 6],
@@ -351,6 +351,29 @@ def test_sections_handle_a_failed_gate_and_thin_results(tmp_path):
             if isinstance(b, sections.FigureBlock):
                 with Image.open(io.BytesIO(figures.png_bytes(b.figure))) as im:
                     assert im.format == "PNG" and np.asarray(im.convert("L")).var() > 0
+
+
+
+@pytest.mark.parametrize("passed", [0, 1])
+def test_the_classifier_section_and_limits_give_the_gate_attempts_and_alias(tmp_path, passed):
+    """The repository's own metrics/classifier.json (train_classifier's output): the section names the gate's
+    outcome, each attempt's test macro-F1 and the registry alias; a failed gate becomes a limit, a passed
+    one does not."""
+    root = _copy_inputs(tmp_path, io_speed=False, classifier=False)
+    real = _load(ROOT, "metrics/classifier.json")
+    real["gate"]["passed"], real["registry"]["champion"] = passed, passed
+    (root / inputs.CLASSIFIER_JSON).write_text(json.dumps(real), encoding="utf-8")
+    md = "\n\n".join(s.markdown() for s in sections.build_all(inputs.load_inputs(root)))
+    gate = real["gate"]
+    per_attempt = ", ".join(f"{gate['test_macro_f1'][f'attempt_{i}']:.3f}" for i in range(gate["attempts"]))
+    outcome = "passed" if passed else "failed"
+    assert (f"Gate (test macro-F1 ≥ {gate['min_f1']}): **{outcome}** after {gate['attempts']} attempt(s) "
+            f"(test macro-F1 per attempt: {per_attempt}; kept attempt {gate['kept_attempt']})") in md
+    alias = "now the `champion`" if passed else "a `challenger` (the champion is unchanged)"
+    assert f"Registered as version {real['registry']['version']}, {alias}." in md
+    assert ("**The classifier fails its gate.**" in md) is (not passed)
+    if not passed:
+        assert f"reaches test macro-F1 {real['lora']['macro_f1']:.3f} < {gate['min_f1']}" in md
 
 
 REPORT_STAGE = """\

@@ -344,13 +344,27 @@ def refine(refine_metrics: Mapping, history) -> str:
 
 # ------------------------------------------------------------------------------------------ classifier
 def classifier(classifier_metrics: Mapping) -> str:
-    """The classifier's macro-F1 against the baseline."""
+    """The classifier's macro-F1 against the baseline, then, when ``metrics/classifier.json`` has them, the
+    gate's outcome with each attempt's test macro-F1 and the model's registry alias."""
     lora_f1 = classifier_metrics["lora"]["macro_f1"]
     base = classifier_metrics["baseline"]
     labels = classifier_metrics["lora"]["confusion_matrix"]["labels"]
     name = f" ({base['name']})" if base.get("name") else ""
-    return (f"Macro-F1 over {len(labels)} labels: LoRA classifier **{ratio(lora_f1)}**, baseline{name} "
+    text = (f"Macro-F1 over {len(labels)} labels: LoRA classifier **{ratio(lora_f1)}**, baseline{name} "
             f"{ratio(base['macro_f1'])} (difference {lora_f1 - base['macro_f1']:+.3f}).")
+    gate = classifier_metrics.get("gate")
+    if isinstance(gate, Mapping) and "passed" in gate:
+        per_attempt = gate.get("test_macro_f1") or {}
+        scores = ", ".join(ratio(per_attempt[k]) for k in sorted(per_attempt, key=lambda k: int(k.rsplit("_", 1)[-1])))
+        text += (f" Gate (test macro-F1 ≥ {gate.get('min_f1')}): **{'passed' if gate['passed'] else 'failed'}** "
+                 f"after {count(gate.get('attempts'))} attempt(s)"
+                 + (f" (test macro-F1 per attempt: {scores}; kept attempt {gate.get('kept_attempt')})" if scores else "")
+                 + ".")
+    registry = classifier_metrics.get("registry")
+    if isinstance(registry, Mapping) and registry.get("version") is not None:
+        text += (f" Registered as version {registry['version']}, "
+                 f"{'now the `champion`' if registry.get('champion') else 'a `challenger` (the champion is unchanged)'}.")
+    return text
 
 
 # ------------------------------------------------------------------------------------------ changes
@@ -456,6 +470,17 @@ def limits(*, small: list[dict[str, Any]], gains: list[dict[str, Any]], lora_row
                        "`make bench` on an idle machine before quoting the speed-ups.")
     else:
         out.append("**No load-speed measurement.** Run `make bench` to compare Parquet and JSONL load speed.")
+    gate = (classifier_metrics or {}).get("gate")
+    if isinstance(gate, Mapping) and gate.get("passed") == 0:
+        lora_f1, base_f1 = classifier_metrics["lora"]["macro_f1"], classifier_metrics["baseline"]["macro_f1"]
+        behind = (f" and trails its char TF-IDF baseline ({ratio(lora_f1)} vs {ratio(base_f1)})"
+                  if lora_f1 < base_f1 else "")
+        out.append(f"**The classifier fails its gate.** Its kept attempt reaches test macro-F1 {ratio(lora_f1)} "
+                   f"< {gate.get('min_f1')} after {count(gate.get('attempts'))} attempt(s){behind}. The LoRA model "
+                   "reads only the first `classifier.max_length` tokens of a document, the baseline all of it: "
+                   "`metrics/token_stats.json` says how many documents are cut. Raise `classifier.max_length`, "
+                   "promote refined labels for another round, or start from a larger base model; the alert is in "
+                   "`metrics/classifier_alerts.json`.")
     if classifier_metrics is None:
         out.append("**No classifier yet.** `metrics/classifier.json` does not exist, so the report cannot say "
                    "whether the LoRA classifier beats its baseline.")

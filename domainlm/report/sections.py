@@ -194,8 +194,8 @@ def refine(inp: ReportInputs) -> Section:
 def classifier(inp: ReportInputs) -> Section:
     """Figure 8: the classifier's confusion matrix and macro-F1 vs baseline; left out when absent."""
     if inp.classifier is None:
-        return _left_out("classifier", f"`{CLASSIFIER_JSON}` does not exist yet (the domain classifier has not "
-                         "landed); its confusion matrix and macro-F1 against the baseline will appear here once it does.")
+        return _left_out("classifier", f"`{CLASSIFIER_JSON}` does not exist yet (`train_classifier` has not "
+                         "run); its confusion matrix and macro-F1 against the baseline will appear here once it does.")
     return _section("classifier",
                     FigureBlock(FIGURE_NAMES[7], "Confusion matrix of the domain classifier, and its macro-F1 against "
                                 "the baseline", figures.classifier(inp.classifier)),
