@@ -248,10 +248,10 @@ class CharTfidfLR:
     """Character TF-IDF member: multinomial logistic regression (scikit-learn, L2, lbfgs) on
     :func:`char_tfidf` features.
 
-    The strongest single member on the bundled corpus: at 20% injected noise its out-of-fold accuracy against
-    the truth is 0.818/0.816/0.798 at 10/20/30% (naive Bayes 0.811/0.804/0.793, the LSTMs and the frozen-LM
-    head 0.56-0.71; ``benchmarks/results/label_noise.csv``). ``C`` = 3 measured best there (C=1 0.78, 10 0.81, 30 0.80):
-    a weaker penalty fits the noisy labels.
+    The strongest single member on the bundled corpus: with 10/20/30% injected label noise its out-of-fold
+    accuracy against the truth is 0.818/0.816/0.798 (naive Bayes 0.811/0.804/0.793, the LSTMs and the frozen-LM
+    head 0.56-0.71; ``benchmarks/results/label_noise.csv``). ``C`` = 3 measured best at 20% noise (C=1 0.78,
+    10 0.81, 30 0.80): a weaker penalty fits the noisy labels.
     """
 
     name = "tfidf"
@@ -623,7 +623,7 @@ def stack(probas: dict[str, np.ndarray], y: np.ndarray, folds: np.ndarray, n_cla
 
 @dataclass
 class EnsembleResult:
-    """One round of cross-fitted soft voting.
+    """One round of the cross-fitted ensemble: the members' out-of-fold probabilities and their combination.
 
     Attributes:
         proba: ensemble probabilities, float64 ``(n, C)``.
@@ -731,7 +731,6 @@ class LexicalConfig(MemberParams):
     doc_tokens: float = 20.0
 
 
-
 @dataclass(frozen=True)
 class TfidfConfig(MemberParams):
     """The character TF-IDF member (``refine.tfidf``): :func:`char_tfidf` ``analyzer`` (``char_wb`` or
@@ -745,7 +744,6 @@ class TfidfConfig(MemberParams):
     C: float = 3.0
     max_iter: int = 1000
     tol: float = 1e-3
-
 
 
 @dataclass(frozen=True)
@@ -763,7 +761,6 @@ class LSTMConfig(MemberParams):
     lr: float = 1e-2
 
 
-
 @dataclass(frozen=True)
 class TransformerConfig(MemberParams):
     """The frozen-LM member (``refine.transformer``): tokens per document and batch size of
@@ -774,7 +771,6 @@ class TransformerConfig(MemberParams):
     batch_size: int = 16
     C: float = 0.1
     max_iter: int = 300
-
 
 
 def build_members(texts: Sequence[str], tokenizer: Any, lm: Any, *, lexical: LexicalConfig = LexicalConfig(),
