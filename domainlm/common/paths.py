@@ -70,3 +70,7 @@ TOKEN_STATS_JSON = METRICS_DIR / "token_stats.json"
 CLASSIFIER_ALERTS_JSON = METRICS_DIR / "classifier_alerts.json"          # evaluate owns alerts.json
 CLASSIFIER_CONFUSION_CSV = PLOTS_DIR / "classifier_confusion.csv"        # test rows: id, actual, predicted (LoRA)
 BASELINE_CONFUSION_CSV = PLOTS_DIR / "classifier_baseline_confusion.csv"  # the same for the TF-IDF baseline
+
+# ---- the deployed classifier (dvc add-ed input; replaced only by the round's promote, never by a stage)
+DEPLOYED_DIR = Path("models/deployed")            # model/, adapter/ (as models/classifier) + deployed.json
+DEPLOYED_MANIFEST = DEPLOYED_DIR / "deployed.json"
