@@ -148,6 +148,8 @@ def training_arguments(output_dir: str | os.PathLike, train_params: Mapping[str,
         include_num_input_tokens_seen="non_padding", label_names=["labels"],
         seed=seed, data_seed=seed, dataloader_num_workers=0,
         report_to="none", bf16=bf16, deepspeed=deepspeed,
+        gradient_checkpointing=bool(train_params.get("gradient_checkpointing", False)),
+        gradient_checkpointing_kwargs={"use_reentrant": False},
         use_cpu=(not torch.cuda.is_available()) if use_cpu is None else use_cpu,
         accelerator_config=accelerator_config,
     )
@@ -195,7 +197,7 @@ def json_lines_log(fh, mlflow=None):
 
 def train_adapter(base_dir: str | os.PathLike, train_texts: Sequence[str], val_texts: Sequence[str],
                   params: Mapping[str, Any], out_dir: str | os.PathLike, log_path: str | os.PathLike,
-                  *, mlflow=None) -> dict[str, Any]:
+                  *, mlflow=None, callbacks: Sequence = ()) -> dict[str, Any]:
     """Train one LoRA adapter on ``train_texts``, keep the best by validation loss, save it to ``out_dir``.
 
     Texts are packed into blocks of the base's context length (``model.config.max_position_embeddings``
@@ -208,6 +210,7 @@ def train_adapter(base_dir: str | os.PathLike, train_texts: Sequence[str], val_t
         base_dir: HF folder of the base causal LM with its tokenizer.
         params: the ``train_lora`` params section (seed, lora, train, deepspeed).
         mlflow: the ``mlflow`` module inside an active run, to log every log event's figures; or None.
+        callbacks: more ``transformers.TrainerCallback`` objects for the Trainer (benchmarks measure with them).
 
     Returns:
         metrics dict: train_loss, val_loss (token-weighted NLL of the kept adapter, nats/token),
@@ -240,8 +243,10 @@ def train_adapter(base_dir: str | os.PathLike, train_texts: Sequence[str], val_t
     ds_on_cpu = ds is not None and not torch.cuda.is_available()
     if ds is not None:
         zero.launch_env()
-    if ds_on_cpu:
-        zero.init_cpu_process_group()
+        if ds_on_cpu:
+            zero.init_cpu_process_group()
+        else:  # the Trainer's accelerate state joins this group (DeepSpeed picks NCCL on CUDA)
+            zero.init_gpu_process_group()
     main = zero.is_main_process()  # rank 0 alone writes the log, the adapter and (in the stage) the metrics
     probe_base = zero.frozen_digest(model) if os.environ.get(zero.PROBE_ENV) else ""
 
@@ -255,7 +260,7 @@ def train_adapter(base_dir: str | os.PathLike, train_texts: Sequence[str], val_t
                                       accelerator_config=zero.accelerator_config() if ds_on_cpu else None)
             trainer = Trainer(model=model, args=args, data_collator=default_data_collator,
                               train_dataset=lm_data.BlockDataset(train_blocks),
-                              eval_dataset=lm_data.BlockDataset(val_blocks), callbacks=[callback])
+                              eval_dataset=lm_data.BlockDataset(val_blocks), callbacks=[callback, *callbacks])
             result = trainer.train()
             best_step = int(trainer.state.best_global_step or 0)
             tokens_seen = int(trainer.state.num_input_tokens_seen)

@@ -202,6 +202,20 @@ def init_cpu_process_group():
     return state
 
 
+def init_gpu_process_group() -> None:
+    """Initialise DeepSpeed's process group on CUDA (backend from its accelerator: NCCL) unless one exists.
+
+    accelerate, when ``TrainingArguments`` sets it up for DeepSpeed, keeps an existing group; having it
+    before the Trainer lets :func:`shared_tempdir` name one checkpoint folder to every rank. Not run
+    here (no GPU): the CPU path is what the tests exercise.
+    """
+    import deepspeed
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        deepspeed.init_distributed(auto_mpi_discovery=False)
+
+
 def accelerator_config() -> dict[str, Any]:
     """``TrainingArguments.accelerator_config`` that makes the Trainer reuse :func:`init_cpu_process_group`'s state."""
     return {"use_configured_state": True}
