@@ -34,6 +34,7 @@ bench: setup-test
 	python benchmarks/io_speed.py
 	python benchmarks/lora_vs_full.py
 	python benchmarks/label_noise.py
+	python benchmarks/real_shape.py
 
 dag: setup
 	dvc dag
