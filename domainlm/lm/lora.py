@@ -3,7 +3,8 @@
 :func:`train_adapter` reads top to bottom: tokenize and pack the texts, attach LoRA, plan the steps,
 train with periodic evaluation, keep the adapter with the best validation loss (Trainer
 ``load_best_model_at_end``), measure it against the base, save it. DeepSpeed ZeRO-2 (Rajbhandari et
-al. 2020) is used only when a GPU is present (:func:`deepspeed_config`).
+al. 2020) is used as ``train_lora.deepspeed.enabled`` says (:func:`deepspeed_config`): by default on a GPU
+only, with ``true`` also on DeepSpeed's CPU accelerator (:mod:`domainlm.lm.zero`); rank 0 alone writes.
 """
 from __future__ import annotations
 
