@@ -10,8 +10,9 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export DVC_NO_ANALYTICS := 1
 PIP := $(BIN)/python -m pip install -q --progress-bar off
-# apt packages: dpkg tools unpack the corpus .debs; redis-server backs the Redis LSH tests.
-APT_PACKAGES := dpkg redis-server
+# apt packages: dpkg tools unpack the corpus .debs; redis-server backs the Redis LSH tests; g++ and
+# python3-dev let DeepSpeed JIT-build its CPU ops (ninja comes from requirements.txt).
+APT_PACKAGES := dpkg redis-server g++ python3-dev
 
 .PHONY: repro test bench setup setup-test apt dag clean-venv
 
@@ -33,6 +34,7 @@ bench: setup-test
 	python benchmarks/io_speed.py
 	python benchmarks/lora_vs_full.py
 	python benchmarks/label_noise.py
+	python benchmarks/real_shape.py
 
 dag: setup
 	dvc dag

@@ -74,7 +74,7 @@ def run(split_dir: str | os.PathLike, domains: Sequence[str], params: Mapping[st
 def main() -> None:
     with stage_run("base_model") as st:
         cfg = P.section("base_model")
-        compute = st.use_compute(resolve(P.section("compute")))
+        compute = st.use_compute(resolve(P.load_params().get("compute")))
         with mlflow_run("base_model", cfg) as mlflow:
             metrics = run(paths.SPLIT_DIR, P.domains(), cfg, paths.BASE_DIR, compute=compute,
                           on_log=lambda step, m: mlflow.log_metrics({"train_loss": m["loss"], "lr": m["lr"]}, step=step))

@@ -119,7 +119,7 @@ def main() -> None:
         domains = P.domains()
         if not domains:
             raise SystemExit("evaluate: params.yaml lists no domains")
-        compute = st.use_compute(resolve(P.section("compute")))
+        compute = st.use_compute(resolve(P.load_params().get("compute")))
         with mlflow_run("evaluate", cfg) as mlflow:
             metrics = run(domains, cfg, mlflow, compute=compute, base_dir=paths.BASE_DIR, merged_dir=paths.MERGED_DIR,
                           diff_dir=paths.DIFF_DIR, split_dir=paths.SPLIT_DIR, log_dir=paths.LOG_DIR,

@@ -160,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     with stage_run("refine_labels") as st:
         cfg = RefineConfig.from_params(P.section("refine"))
-        compute = st.use_compute(resolve(P.section("compute")))
+        compute = st.use_compute(resolve(P.load_params().get("compute")))
         metrics = run(P.domains(), cfg, compute=compute, split_dir=paths.SPLIT_DIR, labels_path=paths.LABELS_PATH,
                       model_dir=paths.MERGED_DIR, db_path=paths.REFINED_DB, snapshot_dir=paths.SNAPSHOT_DIR,
                       review_queue_path=paths.REVIEW_QUEUE, history_path=paths.REFINE_HISTORY_CSV)

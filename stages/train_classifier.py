@@ -289,7 +289,7 @@ def main() -> None:
         domains = P.domains()
         if not domains:
             raise SystemExit(f"{STAGE}: params.yaml lists no domains")
-        compute = st.use_compute(resolve(P.section("compute")))
+        compute = st.use_compute(resolve(P.load_params().get("compute")))
         with mlflow_run(STAGE, cfg) as mlflow:
             metrics = run(domains, cfg, mlflow, compute=compute, deployed_dir=paths.DEPLOYED_DIR, split_dir=paths.SPLIT_DIR, labels_path=paths.LABELS_PATH,
                           lm_dir=paths.MERGED_DIR, out_dir=paths.CLASSIFIER_DIR, token_stats_json=paths.TOKEN_STATS_JSON,

@@ -1,7 +1,9 @@
 """train_lora@<domain>: one domain expert, a LoRA adapter (Hu et al. 2021, via ``peft``) on the frozen base,
 trained with the HF Trainer and kept at its best validation loss (:mod:`domainlm.lm.lora`).
 
-Usage: ``python -m stages.train_lora <domain>``.
+Usage: ``python -m stages.train_lora <domain>``; with ``train_lora.deepspeed.enabled: true``, also under a launcher:
+``torchrun --nproc_per_node 2 --master_addr 127.0.0.1 -m stages.train_lora <domain>`` (README, DeepSpeed).
+Rank 0 alone writes the adapter, the log, the metrics and the MLflow run; the other ranks only train.
 """
 from __future__ import annotations
 
@@ -14,9 +16,10 @@ from domainlm.common import params as P
 from domainlm.common import paths
 from domainlm.common.compute import resolve
 from domainlm.common.metrics import peak_rss_mb
-from domainlm.common.stage import stage_run
+from domainlm.common.stage import configure_logging, stage_run
 from domainlm.common.tracking import mlflow_run
 from domainlm.lm import data as lm_data
+from domainlm.lm import zero
 from domainlm.lm.lora import train_adapter
 
 
@@ -33,7 +36,8 @@ def run(domain: str, base_dir: str | os.PathLike, split_dir: str | os.PathLike, 
         compute: the compute policy (:mod:`domainlm.common.compute`); None = fp32.
 
     Returns:
-        :func:`~domainlm.lm.lora.train_adapter`'s metrics plus ``wall_s`` (seconds) and ``peak_rss_mb`` (MiB).
+        :func:`~domainlm.lm.lora.train_adapter`'s metrics plus ``wall_s`` (seconds) and ``peak_rss_mb`` (MiB);
+        on a DeepSpeed rank other than 0, which writes nothing, ``{}``.
 
     Raises:
         FileNotFoundError: a split file is missing. ValueError: see :func:`~domainlm.lm.lora.train_adapter`.
@@ -45,7 +49,8 @@ def run(domain: str, base_dir: str | os.PathLike, split_dir: str | os.PathLike, 
         lm_data.read_texts(paths.split_path(split_dir, domain, "val")),
         params, out_dir, log_path, mlflow=mlflow, compute=compute,
     )
-    metrics.update({"wall_s": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb()})
+    if metrics:
+        metrics.update({"wall_s": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb()})
     return metrics
 
 
@@ -54,13 +59,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     if len(argv) != 1:
         raise SystemExit("usage: python -m stages.train_lora <domain>")
     domain = argv[0]
+    if not zero.is_main_process():  # a DeepSpeed rank > 0: trains its share of each batch, writes nothing
+        configure_logging()
+        compute = resolve(P.load_params().get("compute"))
+        compute.apply()
+        run(domain, paths.BASE_DIR, paths.SPLIT_DIR, P.section("train_lora"), paths.LORA_DIR / domain,
+            paths.train_log_path(domain), compute=compute)
+        return
     stage = f"train_lora@{domain}"
     with stage_run(stage) as st:
         known = P.domains()
         if domain not in known:
             raise ValueError(f"unknown domain {domain!r}: params.yaml domains are {known}")
         cfg = P.section("train_lora")
-        compute = st.use_compute(resolve(P.section("compute")))
+        compute = st.use_compute(resolve(P.load_params().get("compute")))
         out_dir = paths.LORA_DIR / domain
         with mlflow_run(stage, {"domain": domain, **cfg}) as mlflow:
             metrics = run(domain, paths.BASE_DIR, paths.SPLIT_DIR, cfg, out_dir, paths.train_log_path(domain),

@@ -174,7 +174,7 @@ def test_deepspeed_config_is_accepted_by_transformers_integration(base_dir, tmp_
     from accelerate.state import AcceleratorState
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-    ds = copy.deepcopy(default_params()["deepspeed"])
+    ds = copy.deepcopy(default_params()["deepspeed"]["config"])
     tp = {**default_params()["train"], "batch_size": 4, "gradient_accumulation_steps": 2}
     try:
         args = lora.training_arguments(tmp_path, tp, max_steps=10, seed=0, deepspeed=ds, use_cpu=True)

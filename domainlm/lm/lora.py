@@ -3,15 +3,18 @@
 :func:`train_adapter` reads top to bottom: tokenize and pack the texts, attach LoRA, plan the steps,
 train with periodic evaluation, keep the adapter with the best validation loss (Trainer
 ``load_best_model_at_end``), measure it against the base, save it. DeepSpeed ZeRO-2 (Rajbhandari et
-al. 2020) is used only when a GPU is present (:func:`deepspeed_config`).
+al. 2020) is used as ``train_lora.deepspeed.enabled`` says (:func:`deepspeed_config`): by default on a GPU
+only, with ``true`` also on DeepSpeed's CPU accelerator (:mod:`domainlm.lm.zero`); rank 0 alone writes.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
 import math
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -22,6 +25,7 @@ import torch
 from domainlm.common.atomic import atomic_path
 from domainlm.common.compute import autocast
 from domainlm.lm import data as lm_data
+from domainlm.lm import zero
 
 log = logging.getLogger(__name__)
 
@@ -52,23 +56,57 @@ def attach_lora(base_model, lora_params: Mapping[str, Any], *, seed: int):
 
 
 def deepspeed_config(ds_params: Mapping[str, Any] | None) -> dict | None:
-    """The ZeRO config to pass to the Trainer, or ``None`` when training without DeepSpeed.
+    """The DeepSpeed config to pass to the Trainer, or ``None`` when training without DeepSpeed.
 
-    DeepSpeed is used only when ``ds_params`` is set, ``torch.cuda.is_available()`` and
-    ``deepspeed`` imports; otherwise the reason is logged at WARNING level.
+    ``ds_params`` is the ``train_lora.deepspeed`` section: ``enabled`` (``auto`` | ``true`` | ``false``)
+    and ``config`` (the DeepSpeed config as shipped). ``auto`` uses DeepSpeed when
+    ``torch.cuda.is_available()`` and ``deepspeed`` imports, and otherwise logs the reason at WARNING
+    level. ``true`` always uses it: without CUDA on DeepSpeed's CPU accelerator (``DS_ACCELERATOR=cpu``,
+    gloo), with the config adapted by :func:`domainlm.lm.zero.cpu_config`, each change logged.
+
+    Raises:
+        ValueError: ``enabled`` is not auto/true/false, or ``enabled: true`` with an empty ``config``.
+        ImportError: ``enabled: true`` and deepspeed does not import.
+        RuntimeError: ``enabled: true`` without CUDA and DeepSpeed chose an accelerator other than cpu.
     """
-    if not ds_params:
-        log.warning("train_lora.deepspeed is empty: training without DeepSpeed")
+    ds_params = ds_params or {}
+    enabled = zero.parse_enabled(ds_params.get("enabled", "auto"))
+    config = ds_params.get("config")
+    if enabled is False:
+        log.info("train_lora.deepspeed.enabled is false: training without DeepSpeed")
         return None
-    if not torch.cuda.is_available():
-        log.warning("no CUDA device: training on CPU without DeepSpeed (the ZeRO-2 config is used on GPU only)")
+    if not config:
+        if enabled is True:
+            raise ValueError("train_lora.deepspeed.enabled is true but train_lora.deepspeed.config is empty")
+        log.warning("train_lora.deepspeed.config is empty: training without DeepSpeed")
         return None
-    try:
-        import deepspeed  # noqa: F401
-    except Exception as exc:  # ImportError, or a CUDA/toolchain error raised while importing
-        log.warning("deepspeed does not import (%s): training without DeepSpeed", exc)
-        return None
-    return copy.deepcopy(dict(ds_params))
+    cuda = torch.cuda.is_available()
+    if enabled == "auto":
+        if not cuda:
+            log.warning("no CUDA device: training on CPU without DeepSpeed (deepspeed.enabled: auto uses it on GPU "
+                        "only; set it to true for ZeRO on the CPU accelerator)")
+            return None
+        try:
+            import deepspeed  # noqa: F401
+        except Exception as exc:  # ImportError, or a CUDA/toolchain error raised while importing
+            log.warning("deepspeed does not import (%s): training without DeepSpeed", exc)
+            return None
+        return copy.deepcopy(dict(config))
+    if not cuda:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read once, at deepspeed's first get_accelerator()
+    import deepspeed  # noqa: F401  (enabled: true: an import error is the user's to see)
+    if cuda:
+        return copy.deepcopy(dict(config))
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() != "cpu":
+        raise RuntimeError(f"no CUDA device but DeepSpeed chose the {get_accelerator().device_name()!r} accelerator "
+                           f"(DS_ACCELERATOR={os.environ.get('DS_ACCELERATOR')!r}); unset it or set it to cpu")
+    zero.ensure_build_tools()
+    adapted, changes = zero.cpu_config(config)
+    for ch in changes:
+        log.warning("DeepSpeed on CPU: %s %r -> %r: %s", ch.key, ch.shipped, ch.used, ch.reason)
+    return adapted
 
 
 def planned_steps(n_train_blocks: int, train_params: Mapping[str, Any]) -> int:
@@ -79,13 +117,17 @@ def planned_steps(n_train_blocks: int, train_params: Mapping[str, Any]) -> int:
 
 
 def training_arguments(output_dir: str | os.PathLike, train_params: Mapping[str, Any], *, max_steps: int, seed: int,
-                       deepspeed: dict | None = None, use_cpu: bool | None = None, compute=None):
+                       deepspeed: dict | None = None, use_cpu: bool | None = None,
+                       accelerator_config: dict | None = None, compute=None):
     """``transformers.TrainingArguments`` for one adapter: eval + checkpoint every ``eval_steps``, keep the best by eval loss.
 
     With ``deepspeed`` set, ``bf16`` follows the config's ``bf16.enabled`` so that the
     Trainer and the ZeRO config agree; the config's ``"auto"`` values are filled from these args.
-    ``use_cpu`` defaults to ``not torch.cuda.is_available()``. Without DeepSpeed, ``bf16`` (the Trainer's
-    autocast) follows the compute policy ``compute`` (:mod:`domainlm.common.compute`; None = fp32).
+    Checkpoints then hold DeepSpeed's full state (the Trainer reloads the best one through DeepSpeed,
+    and refuses ``save_only_model`` with ``load_best_model_at_end``); without it, the adapter only.
+    ``use_cpu`` defaults to ``not torch.cuda.is_available()`` (DeepSpeed needs ``False``: ``True`` bypasses it).
+    ``accelerator_config``: see :func:`domainlm.lm.zero.accelerator_config`. Without DeepSpeed, ``bf16`` (the
+    Trainer's autocast) follows the compute policy ``compute`` (:mod:`domainlm.common.compute`; None = fp32).
     """
     from transformers import TrainingArguments
 
@@ -106,13 +148,16 @@ def training_arguments(output_dir: str | os.PathLike, train_params: Mapping[str,
         lr_scheduler_type="cosine",
         max_grad_norm=float(train_params["grad_clip"]),
         eval_strategy="steps", eval_steps=eval_steps, eval_on_start=True,
-        save_strategy="steps", save_steps=eval_steps, save_total_limit=1, save_only_model=True,
+        save_strategy="steps", save_steps=eval_steps, save_total_limit=1, save_only_model=deepspeed is None,
         load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False,
         logging_strategy="steps", logging_steps=int(train_params["logging_steps"]),
         include_num_input_tokens_seen="non_padding", label_names=["labels"],
         seed=seed, data_seed=seed, dataloader_num_workers=0,
         report_to="none", bf16=bf16, deepspeed=deepspeed,
+        gradient_checkpointing=bool(train_params.get("gradient_checkpointing", False)),
+        gradient_checkpointing_kwargs={"use_reentrant": False},
         use_cpu=(not torch.cuda.is_available()) if use_cpu is None else use_cpu,
+        accelerator_config=accelerator_config,
     )
 
 
@@ -158,7 +203,7 @@ def json_lines_log(fh, mlflow=None):
 
 def train_adapter(base_dir: str | os.PathLike, train_texts: Sequence[str], val_texts: Sequence[str],
                   params: Mapping[str, Any], out_dir: str | os.PathLike, log_path: str | os.PathLike,
-                  *, mlflow=None, compute=None) -> dict[str, Any]:
+                  *, mlflow=None, callbacks: Sequence = (), compute=None) -> dict[str, Any]:
     """Train one LoRA adapter on ``train_texts``, keep the best by validation loss, save it to ``out_dir``.
 
     Texts are packed into blocks of the base's context length (``model.config.max_position_embeddings``
@@ -171,6 +216,7 @@ def train_adapter(base_dir: str | os.PathLike, train_texts: Sequence[str], val_t
         base_dir: HF folder of the base causal LM with its tokenizer.
         params: the ``train_lora`` params section (seed, lora, train, deepspeed).
         mlflow: the ``mlflow`` module inside an active run, to log every log event's figures; or None.
+        callbacks: more ``transformers.TrainerCallback`` objects for the Trainer (benchmarks measure with them).
         compute: the compute policy (:mod:`domainlm.common.compute`): training and validation run under its
             bf16 autocast where it says so; None = fp32.
 
@@ -202,27 +248,53 @@ def train_adapter(base_dir: str | os.PathLike, train_texts: Sequence[str], val_t
     ds = deepspeed_config(params.get("deepspeed"))
     log.info("LoRA: %d trainable of %d parameters; %d train blocks of %d tokens; %d steps; DeepSpeed %s",
              trainable, total, train_blocks["input_ids"].shape[0], block_size, steps, "on" if ds else "off")
+    ds_on_cpu = ds is not None and not torch.cuda.is_available()
+    if ds is not None:
+        zero.launch_env()
+        if ds_on_cpu:
+            zero.init_cpu_process_group()
+        else:  # the Trainer's accelerate state joins this group (DeepSpeed picks NCCL on CUDA)
+            zero.init_gpu_process_group()
+    main = zero.is_main_process()  # rank 0 alone writes the log, the adapter and (in the stage) the metrics
+    probe_base = zero.frozen_digest(model) if os.environ.get(zero.PROBE_ENV) else ""
 
-    with tempfile.TemporaryDirectory(prefix="train_lora_ckpt_") as ckpt_dir, \
-            atomic_path(log_path) as tmp_log, tmp_log.open("w", encoding="utf-8") as fh:
-        callback = json_lines_log(fh, mlflow)
-        args = training_arguments(ckpt_dir, train_params, max_steps=steps, seed=seed, deepspeed=ds, compute=compute)
-        trainer = Trainer(model=model, args=args, data_collator=default_data_collator,
-                          train_dataset=lm_data.BlockDataset(train_blocks), eval_dataset=lm_data.BlockDataset(val_blocks),
-                          callbacks=[callback])
-        result = trainer.train()
-        best_step = int(trainer.state.best_global_step or 0)
-        tokens_seen = int(trainer.state.num_input_tokens_seen)
-        step_s = callback.step_s
+    ckpt_dir = zero.shared_tempdir("train_lora_ckpt_") if ds is not None else tempfile.mkdtemp(prefix="train_lora_ckpt_")
+    log_file = atomic_path(log_path) if main else contextlib.nullcontext(Path(os.devnull))
+    try:
+        with log_file as tmp_log, tmp_log.open("w", encoding="utf-8") as fh:
+            callback = json_lines_log(fh, mlflow if main else None)
+            args = training_arguments(ckpt_dir, train_params, max_steps=steps, seed=seed, deepspeed=ds,
+                                      use_cpu=False if ds_on_cpu else None,
+                                      accelerator_config=zero.accelerator_config() if ds_on_cpu else None,
+                                      compute=compute)
+            trainer = Trainer(model=model, args=args, data_collator=default_data_collator,
+                              train_dataset=lm_data.BlockDataset(train_blocks),
+                              eval_dataset=lm_data.BlockDataset(val_blocks), callbacks=[callback, *callbacks])
+            result = trainer.train()
+            best_step = int(trainer.state.best_global_step or 0)
+            tokens_seen = int(trainer.state.num_input_tokens_seen)
+            step_s = callback.step_s
+        if ds is not None:
+            zero.barrier()  # every rank has reloaded the best checkpoint before rank 0 removes the folder
+    finally:
+        if main:
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
 
     model = trainer.model
-    with autocast(compute):
+    if not main:
+        zero.write_probe(trainer, model, probe_base, saved_adapter=False)
+        zero.finish()
+        return {}
+    with autocast(compute if ds is None else None):  # under DeepSpeed, validation in the dtype it trained in
         val_nll, _ = lm_data.mean_nll(model, val_blocks, batch_size=int(train_params["eval_batch_size"]), desc="val adapter")
         with model.disable_adapter():
             base_nll, _ = lm_data.mean_nll(model, val_blocks, batch_size=int(train_params["eval_batch_size"]), desc="val base")
     with atomic_path(out_dir, is_dir=True) as tmp:
         model.save_pretrained(tmp)
         sort_adapter_config(Path(tmp) / "adapter_config.json")
+    zero.write_probe(trainer, model, probe_base, saved_adapter=True)
+    if ds is not None:
+        zero.finish()
     return {
         "train_loss": float(result.training_loss),
         "val_loss": val_nll, "val_perplexity": math.exp(val_nll),
