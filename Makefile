@@ -33,6 +33,7 @@ bench: setup-test
 	python benchmarks/io_speed.py
 	python benchmarks/lora_vs_full.py
 	python benchmarks/label_noise.py
+	python benchmarks/serve_load.py
 
 dag: setup
 	dvc dag

@@ -130,9 +130,11 @@ def log_and_register(mlflow, model_dir: str | Path, *, model_name: str, alias: s
             name="classifier", python_model=str(SERVED_MODEL_FILE), artifacts={ARTIFACT_KEY: str(model_dir)},
             # no signature argument: MLflow infers it from predict's type hint (list[str], see serving.py)
             code_paths=[str(package)], model_config=dict(serving_config), input_example=[INPUT_EXAMPLE_TEXT],
-            pip_requirements=pip_requirements(), registered_model_name=model_name)
-    version = int(info.registered_model_version)
-    for key, value in tags.items():
-        client.set_model_version_tag(model_name, str(version), key, str(value))
+            pip_requirements=pip_requirements())
+    # Register only once every artifact is logged, with the tags in the same registry transaction (the SQL store
+    # writes the version and its tags in one commit), then point the alias: a kill at any moment leaves either no
+    # new version, or a complete, tagged one, and an alias only ever on a scored version.
+    registered = mlflow.register_model(info.model_uri, model_name, tags={k: str(v) for k, v in tags.items()})
+    version = int(registered.version)
     client.set_registered_model_alias(model_name, alias, str(version))
     return {"name": model_name, "version": version, "alias": alias, "model_uri": f"models:/{model_name}/{version}"}
