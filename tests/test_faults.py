@@ -259,32 +259,31 @@ def test_refine_labels_killed_between_iterations_keeps_a_sound_database_and_reru
 
 
 def registry_state(repo: Path) -> tuple[list, int | None]:
-    """Every version of the classifier (number, tags, whether its model loads) and the champion's number."""
-    import mlflow.pyfunc
+    """Every version of the classifier (number, tags, whether its model's files are all there) and the champion's
+    number (None: no champion). Reads the repo's SQLite store; sets no global MLflow state."""
+    from urllib.parse import unquote, urlparse
+
     from mlflow import MlflowClient
 
     uri = f"sqlite:///{repo / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    cwd = os.getcwd()
-    os.chdir(repo)  # artifact locations are relative to the repo (./mlruns)
+    versions = []
+    for v in sorted(client.search_model_versions(f"name='{MODEL}'"), key=lambda v: int(v.version)):
+        location = client.get_model_version_download_uri(MODEL, v.version)
+        path = Path(unquote(urlparse(location).path)) if location.startswith("file:") else Path(location)
+        path = path if path.is_absolute() else repo / path
+        complete = (path / "MLmodel").is_file() and any(path.rglob("model.safetensors"))
+        versions.append((int(v.version), dict(v.tags), complete))
     try:
-        mlflow.set_tracking_uri(uri)
-        versions = []
-        for v in sorted(client.search_model_versions(f"name='{MODEL}'"), key=lambda v: int(v.version)):
-            path = mlflow.artifacts.download_artifacts(f"models:/{MODEL}/{v.version}", dst_path=str(repo / ".check" / v.version))
-            versions.append((int(v.version), dict(v.tags), (Path(path) / "MLmodel").exists()))
-        try:
-            champion = int(client.get_model_version_by_alias(MODEL, "champion").version)
-        except Exception:  # noqa: BLE001 - no champion
-            champion = None
-    finally:
-        os.chdir(cwd)
+        champion = int(client.get_model_version_by_alias(MODEL, "champion").version)
+    except Exception:  # noqa: BLE001 - no champion alias
+        champion = None
     return versions, champion
 
 
 def assert_registry_sound(versions, champion) -> None:
     for number, tags, loadable in versions:
-        assert loadable, f"version {number}: artifacts missing"
+        assert loadable, f"version {number}: its model files are missing"
         assert {"macro_f1", "gate", "test_sha256", "git_commit"} <= set(tags), f"version {number} half-registered: {tags}"
     if champion is not None:
         tags = dict((n, t) for n, t, _ in versions)[champion]
