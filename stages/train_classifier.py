@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -26,7 +25,7 @@ from domainlm.classify.token_stats import token_stats
 from domainlm.classify.training import train_attempt
 from domainlm.common import params as P
 from domainlm.common import paths
-from domainlm.common.atomic import atomic_path, write_json, write_text
+from domainlm.common.atomic import atomic_path, scratch_folder, write_json, write_text
 from domainlm.common.metrics import flatten_numbers, rows_to_csv
 from domainlm.common.stage import git_commit, stage_run
 from domainlm.common.threads import limit_threads
@@ -114,7 +113,7 @@ def _run(domains, cfg, mlflow, *, split_dir, labels_path, lm_dir, out_dir, token
 
     t0 = time.perf_counter()
     eval_batch = int(cfg["train"]["eval_batch_size"])
-    with tempfile.TemporaryDirectory(prefix=".attempts.", dir=_parent(out_dir)) as work:
+    with scratch_folder(out_dir.parent, "attempts") as work:  # a killed run's folder is removed by the next
         def train_and_score(index: int, settings: dict[str, Any]) -> Attempt:
             with mlflow_run(STAGE, settings, nested=True, run_name=f"attempt_{index}") as child:
                 run_id = child.active_run().info.run_id
@@ -222,11 +221,6 @@ def _run(domains, cfg, mlflow, *, split_dir, labels_path, lm_dir, out_dir, token
 
 def _ratio(a: float, b: float) -> float | None:
     return float(a) / float(b) if b else None
-
-
-def _parent(path: Path) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return str(path.parent)
 
 
 def main() -> None:

@@ -321,6 +321,7 @@ def test_train_classifier_killed_mid_gate_registers_nothing_and_keeps_a_scored_c
     models = repo / "models"
     proc = start_dvc(repo, ["repro", "-f", "-s", "train_classifier"], log)
     kill_group_when(proc, lambda: any(models.glob(".attempts.*/attempt_0/model/config.json")), log, timeout=600)
+    assert len(list(models.glob(".attempts.*"))) == 1  # the killed run's scratch folder, hidden
     versions, champion = registry_state(repo)
     assert [v[0] for v in versions] == [v[0] for v in versions_before], "a killed gate registered a version"
     assert champion == champion_before
@@ -329,4 +330,5 @@ def test_train_classifier_killed_mid_gate_registers_nothing_and_keeps_a_scored_c
     versions, champion = registry_state(repo)
     assert len(versions) == len(versions_before) + 1
     assert_registry_sound(versions, champion)
-    assert not (models / "classifier").exists() or (models / "classifier" / "model" / "config.json").exists()
+    assert (models / "classifier" / "model" / "config.json").exists()
+    assert list(models.glob(".attempts*")) == [], "the killed run's attempts folder was left behind"

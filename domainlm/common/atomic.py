@@ -66,6 +66,20 @@ def atomic_path(target: str | os.PathLike, *, is_dir: bool = False) -> Iterator[
         raise
 
 
+@contextlib.contextmanager
+def scratch_folder(parent: str | os.PathLike, name: str) -> Iterator[Path]:
+    """A scratch folder ``<parent>/.<name>.<pid>.<random>.tmp``, removed on exit; one a killed process left behind
+    (same ``parent`` and ``name``, writer gone) is removed on entry (:func:`remove_stale_temporaries`)."""
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(parent / name)
+    folder = Path(tempfile.mkdtemp(prefix=f".{name}.{os.getpid()}.", suffix=".tmp", dir=parent))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def remove_stale_temporaries(target: str | os.PathLike) -> list[Path]:
     """Remove the temporaries of ``target`` (``.<name>.<pid>.*.tmp`` beside it) whose writer process is gone.
 
