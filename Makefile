@@ -34,6 +34,7 @@ bench: setup-test
 	python benchmarks/lora_vs_full.py
 	python benchmarks/label_noise.py
 	python benchmarks/serve_load.py
+	python benchmarks/ray_floor.py
 
 dag: setup
 	dvc dag
