@@ -35,6 +35,8 @@ bench: setup-test
 	python benchmarks/lora_vs_full.py
 	python benchmarks/label_noise.py
 	python benchmarks/real_shape.py
+	python benchmarks/serve_load.py
+	python benchmarks/ray_floor.py
 
 dag: setup
 	dvc dag

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -30,7 +29,7 @@ from domainlm.classify.token_stats import token_stats
 from domainlm.classify.training import train_attempt, windows_params
 from domainlm.common import params as P
 from domainlm.common import paths
-from domainlm.common.atomic import atomic_path, write_json, write_text
+from domainlm.common.atomic import atomic_path, scratch_folder, write_json, write_text
 from domainlm.common.compute import resolve
 from domainlm.common.metrics import flatten_numbers, rows_to_csv
 from domainlm.common.stage import git_commit, stage_run
@@ -128,7 +127,7 @@ def run(domains: Sequence[str], cfg: Mapping[str, Any], mlflow, *, split_dir: st
         return predict_proba(model, tok, texts, max_length=max_length, batch_size=eval_batch,
                              max_windows=n_predict_windows, compute=compute)
 
-    with tempfile.TemporaryDirectory(prefix=".attempts.", dir=_parent(out_dir)) as work:
+    with scratch_folder(out_dir.parent, "attempts") as work:  # a killed run's folder is removed by the next
         def train_and_score(index: int, settings: dict[str, Any], previous: Attempt | None) -> Attempt:
             init = Path(previous.model_dir) / ADAPTER_SUBDIR if previous is not None else None
             with mlflow_run(STAGE, settings, nested=True, run_name=f"attempt_{index}") as child:
@@ -276,11 +275,6 @@ def _score_deployed(deployed_dir, manifest, val, test, classes, predict, min_f1:
 
 def _ratio(a: float, b: float) -> float | None:
     return float(a) / float(b) if b else None
-
-
-def _parent(path: Path) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return str(path.parent)
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -504,6 +505,68 @@ def test_promote_cli(tmp_path):
     subprocess.run([sys.executable, "-m", "stages.refine_labels", "promote"], cwd=tmp_path, env=env, check=True,
                    capture_output=True)
     assert pq.read_table(tmp_path / "data" / "labels" / "overrides.parquet").to_pylist() == [{"id": "law-0", "label": "faq"}]
+
+
+def test_two_promotes_at_once_wait_for_the_lock_and_do_not_interleave(tmp_path):
+    """Two ``promote`` commands while a third party holds the overrides lock: neither touches the file until
+    the lock is released; then they run one after the other and both succeed with the same overrides."""
+    from filelock import FileLock
+
+    (tmp_path / "data" / "refined").mkdir(parents=True)
+    path = store.create_store(tmp_path / "data" / "refined" / "sentences.db", toy_rows(4))
+    db = sqlite_utils.Database(path)
+    store.apply_updates(db, [store.RowUpdate("law-0", 0.99, "faq"), store.RowUpdate("law-1", 0.98, "faq")], iteration=0)
+    db.close()
+    overrides = tmp_path / "data" / "labels" / "overrides.parquet"
+    write_empty_overrides(overrides)
+    before = overrides.read_bytes()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    lock = FileLock(loop.promote_lock_path(overrides))
+    lock.acquire()
+    try:
+        logs = [tmp_path / f"promote_{i}.log" for i in range(2)]
+        procs = [subprocess.Popen([sys.executable, "-m", "stages.refine_labels", "promote"], cwd=tmp_path, env=env,
+                                  stdout=log.open("w"), stderr=subprocess.STDOUT) for log in logs]
+        deadline = time.monotonic() + 120
+        while not all("another promote holds" in log.read_text() for log in logs):  # both reached the lock
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), \
+                [log.read_text()[-2000:] for log in logs]
+            time.sleep(0.2)
+        time.sleep(1.0)
+        assert all(p.poll() is None for p in procs), "a promote did not wait for the lock"
+        assert overrides.read_bytes() == before
+    finally:
+        lock.release()
+    for p in procs:
+        p.wait(timeout=120)
+    outputs = [log.read_text() for log in logs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    assert all("wrote 2 overrides" in out for out in outputs), outputs
+    assert pq.read_table(overrides).to_pylist() == [{"id": "law-0", "label": "faq"}, {"id": "law-1", "label": "faq"}]
+
+
+def test_a_promote_that_cannot_get_the_lock_gives_up_with_a_clear_error(tmp_path):
+    from filelock import FileLock
+
+    path = store.create_store(tmp_path / "sentences.db", toy_rows(4))
+    overrides = tmp_path / "overrides.parquet"
+    with FileLock(loop.promote_lock_path(overrides)):
+        # filelock's locks are per process and re-entrant within one; a thread-local lock object is not
+        import threading
+
+        errors = []
+        t = threading.Thread(target=lambda: _promote_catching(path, overrides, errors))
+        t.start()
+        t.join(timeout=30)
+    assert errors and isinstance(errors[0], TimeoutError) and "another promote has held" in str(errors[0])
+    assert not overrides.exists()
+
+
+def _promote_catching(db_path, overrides, errors):
+    try:
+        loop.promote(db_path, overrides, lock_timeout_s=0.5)
+    except Exception as exc:  # noqa: BLE001 - handed to the test thread
+        errors.append(exc)
 
 
 def test_repository_starts_with_an_empty_overrides_file():

@@ -402,23 +402,29 @@ def test_a_failing_webhook_is_logged_and_never_fails(webhook, tmp_path, caplog):
 
 # ------------------------------------------------------------------------------------------------ serving input
 
-def test_serving_input_checks_name_the_problem():
-    import pandas as pd
-
-    ok = serving.texts_from_input(pd.DataFrame({"text": ["셀 수식", "국회"]}), max_batch_rows=2)
+def test_serving_input_checks_name_the_row_and_the_problem():
+    ok = serving.texts_from_input(["셀 수식", "국회"], max_batch_rows=2)
     assert ok == ["셀 수식", "국회"]
-    assert serving.texts_from_input({"text": ["a"]}, max_batch_rows=2) == ["a"]
+    limits = {"max_batch_rows": 3, "max_text_chars": 5, "max_request_bytes": 24}
+    assert serving.texts_from_input(["가나다라", "마바사아"], **limits) == ["가나다라", "마바사아"]  # 24 bytes: at the limit
     cases = [
-        (pd.DataFrame({"body": ["a"]}), "needs a 'text' column"),
-        (pd.DataFrame({"text": ["a", 3]}), "row 1: 'text' must be a string, got int"),
-        (pd.DataFrame({"text": ["a", None]}), "row 1: 'text' is missing"),
-        (pd.DataFrame({"text": ["a", " \n"]}), "row 1: 'text' is empty"),
-        (pd.DataFrame({"text": ["a"] * 3}), "3 rows, over the limit of 2"),
-        (pd.DataFrame({"text": []}), "no rows"),
+        ({"text": ["a"]}, "must be a list of texts, got dict"),
+        ("a", "must be a list of texts, got str"),
+        (["a", 3], "row 1: the text must be a string, got int 3"),
+        (["a", True], "row 1: the text must be a string, got bool True"),
+        (["a", ["b"]], "row 1: the text must be a string, got list"),
+        (["a", {"b": 1}], "row 1: the text must be a string, got dict"),
+        (["a", None], r"row 1: the text is missing \(null\)"),
+        (["a", float("nan")], r"row 1: the text is missing \(NaN\)"),
+        (["a", " \n\u3000"], "row 1: the text is empty"),
+        (["a"] * 4, "4 rows, over the limit of 3"),
+        ([], "no rows"),
+        (["a", "가나다라마바"], "row 1: the text has 6 characters, over the limit of 5"),
+        (["가나다라", "마바사아", "자"], "row 2: the request's texts pass 24 bytes"),
     ]
     for bad, message in cases:
         with pytest.raises(MlflowException, match=message) as err:
-            serving.texts_from_input(bad, max_batch_rows=2)
+            serving.texts_from_input(bad, **limits)
         assert err.value.error_code == "INVALID_PARAMETER_VALUE" and err.value.get_http_status_code() == 400
 
 

@@ -117,9 +117,7 @@ def log_and_register(mlflow, model_dir: str | Path, *, model_name: str, alias: s
     """
     from mlflow import MlflowClient
 
-    import pandas as pd
-
-    from domainlm.classify.serving import ARTIFACT_KEY, INPUT_EXAMPLE_TEXT, SERVED_MODEL_FILE, input_signature
+    from domainlm.classify.serving import ARTIFACT_KEY, INPUT_EXAMPLE_TEXT, SERVED_MODEL_FILE
 
     client = MlflowClient()
     ensure_registered_model(client, model_name, "Document classifier: LoRA sequence classification on the merged "
@@ -130,11 +128,13 @@ def log_and_register(mlflow, model_dir: str | Path, *, model_name: str, alias: s
         shutil.copytree(code_root, package, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         info = mlflow.pyfunc.log_model(
             name="classifier", python_model=str(SERVED_MODEL_FILE), artifacts={ARTIFACT_KEY: str(model_dir)},
-            code_paths=[str(package)], signature=input_signature(), model_config=dict(serving_config),
-            input_example=pd.DataFrame({"text": [INPUT_EXAMPLE_TEXT]}),
-            pip_requirements=pip_requirements(), registered_model_name=model_name)
-    version = int(info.registered_model_version)
-    for key, value in tags.items():
-        client.set_model_version_tag(model_name, str(version), key, str(value))
+            # no signature argument: MLflow infers it from predict's type hint (list[str], see serving.py)
+            code_paths=[str(package)], model_config=dict(serving_config), input_example=[INPUT_EXAMPLE_TEXT],
+            pip_requirements=pip_requirements())
+    # Register only once every artifact is logged, with the tags in the same registry transaction (the SQL store
+    # writes the version and its tags in one commit), then point the alias: a kill at any moment leaves either no
+    # new version, or a complete, tagged one, and an alias only ever on a scored version.
+    registered = mlflow.register_model(info.model_uri, model_name, tags={k: str(v) for k, v in tags.items()})
+    version = int(registered.version)
     client.set_registered_model_alias(model_name, alias, str(version))
     return {"name": model_name, "version": version, "alias": alias, "model_uri": f"models:/{model_name}/{version}"}

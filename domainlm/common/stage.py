@@ -14,6 +14,7 @@ erases them, and they never change a stage's deps. This is seed 002's run log an
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import subprocess
@@ -127,6 +128,8 @@ def stage_run(name: str, *, logger: str | None = None, run_log: Path = paths.RUN
         yield run
         status = "ok"
     except BaseException as exc:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            log.error("%s: %s", name, disk_full_message(exc))
         if not (isinstance(exc, SystemExit) and exc.code in (0, None)):
             append_line(Path(error_log), f"=== {name} {started_utc} {git_commit()}\n{traceback.format_exc()}")
         else:
@@ -136,6 +139,23 @@ def stage_run(name: str, *, logger: str | None = None, run_log: Path = paths.RUN
         append_line(Path(run_log), "\t".join([name, started_utc, f"{run.wall_s():.3f}", status, git_commit()]))
         log.info("%s %s in %.1f s (peak RSS %.0f MiB)", name, "finished" if status == "ok" else "FAILED",
                  run.wall_s(), peak_rss_mb())
+
+
+def disk_full_message(exc: OSError) -> str:
+    """A one-line explanation of a full disk (``ENOSPC``) or an exceeded quota (``EDQUOT``): the file being written,
+    the space left on its filesystem, and why no half-written output remains (:mod:`domainlm.common.atomic`)."""
+    where = exc.filename or "an output file"
+    free = ""
+    with contextlib.suppress(OSError, TypeError):
+        folder = Path(where).parent
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        st = os.statvfs(folder)
+        free = f" ({st.f_bavail * st.f_frsize / 2**20:.1f} MiB free on that filesystem now)"
+    what = "no space left on the device" if exc.errno == errno.ENOSPC else "the disk quota is exceeded"
+    return (f"{what} while writing {where}{free}. Outputs are written to a temporary beside the target and renamed "
+            "only when complete, so no partial output was left; free space (or move the output's folder to a larger "
+            "disk) and re-run `dvc repro`.")
 
 
 def fail(message: str) -> None:

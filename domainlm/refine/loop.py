@@ -328,7 +328,18 @@ def review_queue(db: sqlite_utils.Database, proba: np.ndarray, classes: Sequence
     return out
 
 
-def promote(db_path: str | Path, overrides_path: str | Path = OVERRIDES_PATH) -> dict[str, int]:
+#: Seconds a promote waits for another one holding the overrides lock before it gives up.
+PROMOTE_LOCK_TIMEOUT_S = 600.0
+
+
+def promote_lock_path(overrides_path: str | Path) -> Path:
+    """The lock file of ``overrides_path``: ``<overrides_path>.lock`` beside it (git-ignored)."""
+    overrides_path = Path(overrides_path)
+    return overrides_path.with_name(overrides_path.name + ".lock")
+
+
+def promote(db_path: str | Path, overrides_path: str | Path = OVERRIDES_PATH, *,
+            lock_timeout_s: float = PROMOTE_LOCK_TIMEOUT_S) -> dict[str, int]:
     """Write the refined labels to the label-override file the split stage applies.
 
     Rows whose ``current_label`` differs from ``original_label`` become ``(id, label)``
@@ -342,12 +353,38 @@ def promote(db_path: str | Path, overrides_path: str | Path = OVERRIDES_PATH) ->
         ``{"new": refined labels from this database, "kept": older overrides kept,
         "rows": rows written}``.
 
+    The read-merge-write holds an exclusive lock on :func:`promote_lock_path` (``filelock.FileLock``, an
+    ``fcntl.flock`` that the kernel releases when the holder dies, even by SIGKILL), so two promotes at once
+    run one after the other: the second reads what the first wrote and never interleaves with it.
+
     Raises:
         FileNotFoundError: when ``db_path`` does not exist.
+        TimeoutError: another promote held the lock for more than ``lock_timeout_s`` seconds.
     """
+    from filelock import FileLock, Timeout
+
     db_path = Path(db_path)
     if not db_path.exists():
         raise FileNotFoundError(f"{db_path} not found: run `dvc repro refine_labels` first")
+    lock_path = promote_lock_path(overrides_path)
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(lock_path)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.info("another promote holds %s; waiting up to %.0f s", lock_path, lock_timeout_s)
+        try:
+            lock.acquire(timeout=lock_timeout_s)
+        except Timeout:
+            raise TimeoutError(f"another promote has held {lock_path} for over {lock_timeout_s:.0f} s; "
+                               "check that no promote is running and try again") from None
+    try:
+        return _promote_locked(db_path, Path(overrides_path))
+    finally:
+        lock.release()
+
+
+def _promote_locked(db_path: Path, overrides_path: Path) -> dict[str, int]:
     db = sqlite_utils.Database(db_path)
     try:
         new = store.changed_labels(db)
