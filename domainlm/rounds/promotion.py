@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 #: The bootstrap manifest's exact bytes: "nothing deployed yet".
 BOOTSTRAP_BYTES = b'{"version": null}\n'
 PROMOTE, KEEP, NOTHING, GATE_FAILED = "promote", "keep", "nothing_new", "gate_failed"
+#: The stage that reads ``models/deployed`` (a dep in dvc.yaml).
+CLASSIFIER_STAGE = "train_classifier"
 
 
 def write_bootstrap(deployed_dir: str | os.PathLike) -> Path:
@@ -172,7 +174,8 @@ def promote(*, metrics: Mapping[str, Any], client, model_name: str, test_sha256:
             deployed_dir: str | os.PathLike, merged_dir: str | os.PathLike, classes, repo: str | os.PathLike = ".",
             dvc: str = "dvc") -> dict[str, Any]:
     """Promote this run's classifier: ``champion`` alias → its registry version, ``models/deployed`` replaced,
-    ``dvc add`` (updates ``models/deployed.dvc``). Returns the new manifest.
+    ``dvc add`` (updates ``models/deployed.dvc``), ``dvc commit train_classifier`` (records the new folder as that
+    stage's dep in ``dvc.lock``). Returns the new manifest.
 
     Raises:
         subprocess.CalledProcessError: ``dvc add`` failed.
@@ -186,6 +189,10 @@ def promote(*, metrics: Mapping[str, Any], client, model_name: str, test_sha256:
     replace_deployed(classifier_dir, deployed_dir, manifest)
     set_champion(client, model_name, version)
     subprocess.run([dvc, "add", "-q", str(deployed_dir)], cwd=repo, check=True)
+    # train_classifier reads models/deployed: record the promoted folder as its dep in dvc.lock (`dvc commit`), or
+    # the next `dvc repro` would re-run it only because the promote replaced its input (and re-score the model it
+    # just produced). Its outputs stand: models/classifier holds the very model now deployed.
+    subprocess.run([dvc, "commit", "-f", "-q", CLASSIFIER_STAGE], cwd=repo, check=True)
     log.info("promoted %s v%d (test macro-F1 %.4f) into %s; champion -> v%d", model_name, version,
              manifest["test_macro_f1"], deployed_dir, version)
     return manifest
