@@ -36,8 +36,10 @@ EXIT_OK, EXIT_ERROR, EXIT_GATE_FAILED = 0, 1, 2
 LOCK_FILE = Path(".cache/round.lock")
 CLASSIFIER_METRICS = paths.METRICS_DIR / "classifier.json"
 #: What a round commits (those that exist): DVC's lock and pointers, metrics, plots, the report, the eval table.
-COMMITTED = ("dvc.lock", "models/deployed.dvc", "models/.gitignore", "data/labels/overrides.parquet.dvc",
-             "metrics", "plots", "reports", "eval")
+COMMITTED = ("dvc.lock", "models/deployed.dvc", "data/labels/overrides.parquet.dvc", "metrics", "plots", "reports",
+             "eval")
+#: ...and every ``.gitignore`` DVC writes beside an output (git pathspec).
+GITIGNORES = ":(glob)**/.gitignore"
 
 
 class RoundBusy(RuntimeError):
@@ -136,7 +138,7 @@ def _lines(proc: subprocess.Popen) -> Iterator[str]:
 
 def pending_changes(cwd: str | os.PathLike = ".") -> list[str]:
     """``git status --porcelain`` lines of :data:`COMMITTED` paths: what a round would commit."""
-    existing = [p for p in COMMITTED if (Path(cwd) / p).exists()]
+    existing = [p for p in COMMITTED if (Path(cwd) / p).exists()] + [GITIGNORES]
     out = sh(["git", "status", "--porcelain", "--", *existing], cwd=cwd).stdout
     return [line for line in out.splitlines() if line.strip()]
 
@@ -222,7 +224,7 @@ def run_round(*, deploy: bool = True, push: bool = True, host: str = "127.0.0.1"
         decision = decide_and_promote(dvc=dvc)
         if push:
             sh([dvc, "push", "-q"])
-        existing = [p for p in COMMITTED if Path(p).exists()]
+        existing = [p for p in COMMITTED if Path(p).exists()] + [GITIGNORES]
         sh(["git", "add", "-A", "--", *existing])
         commit = tag = None
         if sh(["git", "diff", "--cached", "--quiet", "--", *existing], check=False).returncode != 0:
