@@ -10,6 +10,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from domainlm.common import params as P
 from domainlm.common import paths
+from domainlm.common.compute import resolve
 from domainlm.common.metrics import peak_rss_mb
 from domainlm.common.stage import stage_run
 from domainlm.common.tracking import mlflow_run
@@ -18,7 +19,7 @@ from domainlm.lm.pretrain import build, copy_checkpoint, save_hf_folder, val_per
 
 
 def run(split_dir: str | os.PathLike, domains: Sequence[str], params: Mapping[str, Any], out_dir: str | os.PathLike,
-        *, on_log: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
+        *, on_log: Callable[[int, dict[str, float]], None] | None = None, compute=None) -> dict[str, Any]:
     """Build (or copy) the base model into ``out_dir`` and measure it.
 
     Args:
@@ -27,6 +28,8 @@ def run(split_dir: str | os.PathLike, domains: Sequence[str], params: Mapping[st
         params: the ``base_model`` params section (source, path, seed, tokenizer, model, train).
         out_dir: the HF folder written (config.json, model.safetensors, tokenizer files), atomically.
         on_log: called as ``on_log(step, {"loss", "lr"})`` every ``train.log_every`` pretraining steps.
+        compute: the compute policy (:mod:`domainlm.common.compute`): pretraining and the perplexity passes run
+            under its autocast; None = fp32.
 
     Returns:
         metrics: ``n_params``, ``val_perplexity`` ({domain: perplexity}), and for ``source: build`` also
@@ -44,7 +47,7 @@ def run(split_dir: str | os.PathLike, domains: Sequence[str], params: Mapping[st
     source = params.get("source", "build")
     if source == "build":
         train_texts = lm_data.read_domain_texts(split_dir, domains, "train")
-        model, tokenizer, stats = build(train_texts, params, on_log=on_log)
+        model, tokenizer, stats = build(train_texts, params, on_log=on_log, compute=compute)
         save_hf_folder(model, tokenizer, out_dir)
     elif source == "path":
         if not params.get("path"):
@@ -58,7 +61,7 @@ def run(split_dir: str | os.PathLike, domains: Sequence[str], params: Mapping[st
     tokenizer = AutoTokenizer.from_pretrained(out_dir, local_files_only=True)
     block_size = min(int(params["model"]["context_length"]), int(model.config.max_position_embeddings))
     val_ppl = val_perplexities(model, tokenizer, lm_data.read_domain_texts(split_dir, domains, "val"),
-                               block_size, int(params["train"]["eval_batch_size"]))
+                               block_size, int(params["train"]["eval_batch_size"]), compute=compute)
     metrics: dict[str, Any] = {"n_params": int(model.num_parameters()), "val_perplexity": val_ppl}
     if stats is not None:
         metrics.update({"train_loss": stats["final_loss"], "tokens_seen": stats["tokens_seen"],
@@ -71,8 +74,9 @@ def run(split_dir: str | os.PathLike, domains: Sequence[str], params: Mapping[st
 def main() -> None:
     with stage_run("base_model") as st:
         cfg = P.section("base_model")
+        compute = st.use_compute(resolve(P.section("compute")))
         with mlflow_run("base_model", cfg) as mlflow:
-            metrics = run(paths.SPLIT_DIR, P.domains(), cfg, paths.BASE_DIR,
+            metrics = run(paths.SPLIT_DIR, P.domains(), cfg, paths.BASE_DIR, compute=compute,
                           on_log=lambda step, m: mlflow.log_metrics({"train_loss": m["loss"], "lr": m["lr"]}, step=step))
             st.write_metrics("base_model", metrics)
             mlflow.log_metrics({k: v for k, v in metrics.items() if not isinstance(v, dict)})

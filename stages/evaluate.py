@@ -15,9 +15,9 @@ from typing import Any, Mapping, Sequence
 from domainlm.common import params as P
 from domainlm.common import paths
 from domainlm.common.atomic import write_text
+from domainlm.common.compute import autocast, resolve
 from domainlm.common.metrics import flatten_numbers, peak_rss_mb, rows_to_csv
 from domainlm.common.stage import stage_run
-from domainlm.common.threads import limit_threads
 from domainlm.common.tracking import mlflow_run
 from domainlm.lm.evaluation import (PerplexityProbe, comparison_markdown, continuation_scores, expert_states,
                                     read_test_split, read_train_log, retained_gains)
@@ -28,7 +28,7 @@ from domainlm.lm.merging import load_causal_lm, load_task_vectors
 def run(domains: Sequence[str], cfg: Mapping[str, Any], mlflow, *, base_dir: str | os.PathLike,
         merged_dir: str | os.PathLike, diff_dir: str | os.PathLike, split_dir: str | os.PathLike,
         log_dir: str | os.PathLike, perplexity_csv: str | os.PathLike, train_loss_csv: str | os.PathLike,
-        comparison_md: str | os.PathLike, alerts_json: str | os.PathLike) -> dict[str, Any]:
+        comparison_md: str | os.PathLike, alerts_json: str | os.PathLike, compute=None) -> dict[str, Any]:
     """Measure the base, the experts and the merged model, apply the gate and register the merged model.
 
     Reads ``base_dir`` (HF folder with tokenizer), ``merged_dir``, ``<diff_dir>/<domain>.safetensors``,
@@ -38,9 +38,11 @@ def run(domains: Sequence[str], cfg: Mapping[str, Any], mlflow, *, base_dir: str
     metrics and the registered model to the active MLflow run.
 
     Args:
-        cfg: the ``evaluate`` params section (seed, max_length, stride, batch_size, torch_threads,
+        cfg: the ``evaluate`` params section (seed, max_length, stride, batch_size,
             max_tokens_per_domain, bleu_tokenize, continuation, gate, registry).
         mlflow: the ``mlflow`` module inside an active run.
+        compute: the compute policy (:mod:`domainlm.common.compute`): the perplexity passes run under its autocast
+            (None = fp32). Greedy decoding stays fp32 on one thread (:func:`~domainlm.lm.evaluation.greedy_continuations`).
 
     Returns:
         metrics: ``perplexity`` ({model: {domain: ppl}}), ``retained_gain``, ``mean_retained_gain``,
@@ -64,7 +66,7 @@ def run(domains: Sequence[str], cfg: Mapping[str, Any], mlflow, *, base_dir: str
 
     # Perplexity of every model on every domain's test stream; the experts reuse the base model's weights.
     t0 = time.perf_counter()
-    with limit_threads(cfg.get("torch_threads"), blas=False):
+    with autocast(compute):
         ppl: dict[str, dict[str, float]] = {"base": probe.run(model, "base"), "merged": probe.run(merged, "merged")}
         for domain, state in expert_states(base_state, task_vectors):
             model.load_state_dict(state, strict=True)
@@ -117,8 +119,9 @@ def main() -> None:
         domains = P.domains()
         if not domains:
             raise SystemExit("evaluate: params.yaml lists no domains")
+        compute = st.use_compute(resolve(P.section("compute")))
         with mlflow_run("evaluate", cfg) as mlflow:
-            metrics = run(domains, cfg, mlflow, base_dir=paths.BASE_DIR, merged_dir=paths.MERGED_DIR,
+            metrics = run(domains, cfg, mlflow, compute=compute, base_dir=paths.BASE_DIR, merged_dir=paths.MERGED_DIR,
                           diff_dir=paths.DIFF_DIR, split_dir=paths.SPLIT_DIR, log_dir=paths.LOG_DIR,
                           perplexity_csv=paths.PERPLEXITY_CSV, train_loss_csv=paths.TRAIN_LOSS_CSV,
                           comparison_md=paths.COMPARISON_MD, alerts_json=paths.ALERTS_JSON)

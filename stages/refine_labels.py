@@ -20,6 +20,7 @@ import numpy as np
 import sqlite_utils
 
 from domainlm.common import params as P, paths
+from domainlm.common.compute import resolve
 from domainlm.common.metrics import peak_rss_mb
 from domainlm.common.stage import configure_logging, stage_run
 from domainlm.common.threads import limit_threads
@@ -32,7 +33,7 @@ from domainlm.refine.loop import RefineConfig, promote, refine, review_queue
 
 def run(domains: Sequence[str], cfg: RefineConfig, *, split_dir: str | Path, labels_path: str | Path | None,
         model_dir: str | Path, db_path: str | Path, snapshot_dir: str | Path, review_queue_path: str | Path,
-        history_path: str | Path) -> dict[str, Any]:
+        history_path: str | Path, compute=None) -> dict[str, Any]:
     """The whole stage, on at most ``cfg.threads`` compute threads (torch + BLAS).
 
     Loads the ``sentences`` table (texts from the split outputs, labels from the split stage's
@@ -52,6 +53,8 @@ def run(domains: Sequence[str], cfg: RefineConfig, *, split_dir: str | Path, lab
             an older, longer run do not linger.
         review_queue_path: JSONL of the ``cfg.review_size`` least confident rows.
         history_path: CSV with one row per iteration (:func:`domainlm.refine.loop.history_fields`).
+        compute: the compute policy (:mod:`domainlm.common.compute`): the frozen LM's embedding pass runs under
+            its autocast (None = fp32); the other members are not torch matmul work and stay fp32.
 
     Returns:
         The metrics: row counts (``rows``, ``unlabelled_rows``, ``rows_per_split``), ``classes``,
@@ -86,7 +89,7 @@ def run(domains: Sequence[str], cfg: RefineConfig, *, split_dir: str | Path, lab
             tokenizer, lm = ens.load_lm(model_dir)
             members, lexical, feature_secs = ens.build_members(texts, tokenizer, lm, lexical=cfg.lexical,
                                                                tfidf=cfg.tfidf, lstm=cfg.lstm,
-                                                               transformer=cfg.transformer)
+                                                               transformer=cfg.transformer, compute=compute)
             del lm
             ens.free_memory()
 
@@ -157,7 +160,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     with stage_run("refine_labels") as st:
         cfg = RefineConfig.from_params(P.section("refine"))
-        metrics = run(P.domains(), cfg, split_dir=paths.SPLIT_DIR, labels_path=paths.LABELS_PATH,
+        compute = st.use_compute(resolve(P.section("compute")))
+        metrics = run(P.domains(), cfg, compute=compute, split_dir=paths.SPLIT_DIR, labels_path=paths.LABELS_PATH,
                       model_dir=paths.MERGED_DIR, db_path=paths.REFINED_DB, snapshot_dir=paths.SNAPSHOT_DIR,
                       review_queue_path=paths.REVIEW_QUEUE, history_path=paths.REFINE_HISTORY_CSV)
         st.write_metrics("refine", metrics)

@@ -1,6 +1,8 @@
 """train_classifier: a LoRA sequence classifier on the merged LM (peft ``SEQ_CLS``, Hu et al. 2021) trained on the
 refined labels, scored on the test split's source labels against a char TF-IDF baseline (scikit-learn), gated on
-macro-F1 with bounded retries (seed 003), alerted, and registered in MLflow so that the champion never regresses.
+macro-F1 with bounded retries that continue the previous model (seed 003), alerted, and registered in MLflow so that
+the champion never regresses. When a compatible model is deployed (``models/deployed``), it is scored first and kept
+when it passes; otherwise the retries fine-tune it further.
 
 The parts live in :mod:`domainlm.classify`; token statistics of the corpus are measured first.
 """
@@ -15,21 +17,23 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from domainlm.classify import alerts as cls_alerts
+from domainlm.classify import deployed as dep
 from domainlm.classify import registry
 from domainlm.classify.baseline import baseline_proba, fit_baseline
 from domainlm.classify.data import (class_list, count_label_overrides, files_sha256, read_splits, split_sha256,
                                     split_texts)
 from domainlm.classify.gate import Attempt, passes, run_gate
 from domainlm.classify.metrics import prediction_rows, score
-from domainlm.classify.model import MODEL_SUBDIR, appends_eos, predict_proba, save_classifier
+from domainlm.classify.model import (ADAPTER_SUBDIR, MODEL_SUBDIR, appends_eos, load_classifier, predict_proba,
+                                     save_classifier)
 from domainlm.classify.token_stats import token_stats
-from domainlm.classify.training import train_attempt
+from domainlm.classify.training import train_attempt, windows_params
 from domainlm.common import params as P
 from domainlm.common import paths
 from domainlm.common.atomic import atomic_path, write_json, write_text
+from domainlm.common.compute import resolve
 from domainlm.common.metrics import flatten_numbers, rows_to_csv
 from domainlm.common.stage import git_commit, stage_run
-from domainlm.common.threads import limit_threads
 from domainlm.common.tracking import mlflow_run
 
 STAGE = "train_classifier"
@@ -40,13 +44,16 @@ CONFUSION_COLUMNS = ["id", "actual", "predicted", "confidence"]
 def run(domains: Sequence[str], cfg: Mapping[str, Any], mlflow, *, split_dir: str | os.PathLike,
         labels_path: str | os.PathLike, lm_dir: str | os.PathLike, out_dir: str | os.PathLike,
         token_stats_json: str | os.PathLike, confusion_csv: str | os.PathLike,
-        baseline_confusion_csv: str | os.PathLike, alerts_json: str | os.PathLike) -> dict[str, Any]:
-    """Train, score, gate, register and alert, on at most ``classifier.threads`` compute threads; return the metrics.
+        baseline_confusion_csv: str | os.PathLike, alerts_json: str | os.PathLike, deployed_dir: str | os.PathLike | None = None,
+        compute=None) -> dict[str, Any]:
+    """Score the deployed model or train, then gate, register and alert; return the metrics.
 
     Steps: read the labelled splits (train/val: ``label``; test: ``source_label``) and the classes (train's
     labels); write token statistics (``token_stats_json``, also an MLflow artifact); fit and score the TF-IDF
-    baseline; run the gate (:func:`domainlm.classify.gate.run_gate`: attempt ``r`` is a nested MLflow run
-    ``attempt_<r>``, seeded ``seed + r``); write the kept attempt to ``out_dir`` (``model/``, ``adapter/``)
+    baseline; score the deployed model when :func:`domainlm.classify.deployed.compatible` (same classes, same merged
+    LM) as attempt 0; run the gate (:func:`domainlm.classify.gate.run_gate`: attempt ``r`` is a nested MLflow run
+    ``attempt_<r>``, seeded ``seed + r``; a retry continues the previous attempt); write the kept attempt to
+    ``out_dir`` (``model/``, ``adapter/``)
     atomically; write one CSV row per test document for the LoRA model and the baseline (``dvc plots``
     confusion matrices); register the model (champion or challenger, :mod:`domainlm.classify.registry`); write
     ``alerts_json`` and POST its alerts to ``classifier.alert.webhook_url`` when set.
@@ -57,25 +64,20 @@ def run(domains: Sequence[str], cfg: Mapping[str, Any], mlflow, *, split_dir: st
         mlflow: the ``mlflow`` module inside the stage's active run.
         split_dir, labels_path: the split stage's documents and label table.
         lm_dir: the merged LM (HF folder with tokenizer).
+        deployed_dir: the deployed classifier (``models/deployed``; :mod:`domainlm.classify.deployed`), or None.
+        compute: the compute policy (:mod:`domainlm.common.compute`) of training and prediction; None = fp32.
 
     Returns:
         Metrics (fractions in [0, 1], durations in seconds): ``classes``, ``docs``, ``label_overrides``,
         ``lora`` and ``baseline`` (:func:`domainlm.classify.metrics.score` on the test split, plus training
-        figures), ``lora_to_baseline`` (ratios), ``gate``, ``registry``, ``alerts``, ``timing`` (seconds per
-        step; the stage contract adds ``stage.wall_s`` and ``stage.peak_rss_mb``).
+        figures), ``lora_to_baseline`` (ratios), ``start`` (``case``: ``fresh`` | ``deployed_kept`` |
+        ``deployed_retrained``, ``reason``, ``deployed_version``), ``gate``, ``registry``, ``alerts``, ``timing``
+        (seconds per step; the stage contract adds ``stage.wall_s``, ``stage.peak_rss_mb`` and ``compute``).
 
     Raises:
         FileNotFoundError: a split file, the label table or the merged LM is missing.
         ValueError: fewer than two classes, no usable val document, bad gate params or retry schedule.
     """
-    with limit_threads(cfg.get("threads")):  # torch + BLAS, for the whole stage (classifier.threads)
-        return _run(domains, cfg, mlflow, split_dir=split_dir, labels_path=labels_path, lm_dir=lm_dir, out_dir=out_dir,
-                    token_stats_json=token_stats_json, confusion_csv=confusion_csv,
-                    baseline_confusion_csv=baseline_confusion_csv, alerts_json=alerts_json)
-
-
-def _run(domains, cfg, mlflow, *, split_dir, labels_path, lm_dir, out_dir, token_stats_json, confusion_csv,
-         baseline_confusion_csv, alerts_json) -> dict[str, Any]:
     from transformers import AutoConfig, AutoTokenizer
 
     t_start = time.perf_counter()
@@ -84,7 +86,9 @@ def _run(domains, cfg, mlflow, *, split_dir, labels_path, lm_dir, out_dir, token
     max_length = int(cfg["max_length"])
     gate_cfg, alert_cfg = cfg.get("gate") or {}, cfg.get("alert") or {}
     model_name = (cfg.get("registry") or {}).get("model_name", "domain-lm-classifier")
-    serving_cfg = {"max_length": max_length, **(cfg.get("serving") or {})}
+    n_train_windows, n_predict_windows = windows_params(cfg)
+    serving_cfg = {"max_length": max_length, "max_windows": n_predict_windows, **(cfg.get("serving") or {}),
+                   "dtype": compute.dtype if compute is not None else "fp32"}
     min_f1 = float(gate_cfg.get("min_f1", 0.75))
 
     splits = read_splits(split_dir, labels_path, domains)
@@ -112,15 +116,27 @@ def _run(domains, cfg, mlflow, *, split_dir, labels_path, lm_dir, out_dir, token
     base_scores = {**score(test.labels, base_proba, classes), "train_s": time.perf_counter() - t0}
     log.info("TF-IDF baseline: test accuracy %.4f, macro-F1 %.4f", base_scores["accuracy"], base_scores["macro_f1"])
 
+    # ---- the deployed model first (seed 003, step 2), when it fits this label space and this merged LM
+    manifest = dep.read_manifest(deployed_dir) if deployed_dir is not None else None
+    ok, reason = dep.compatible(manifest, classes=classes, merged_lm_sha256=dep.tree_sha256(lm_dir))
+    log.info("deployed model: %s%s", reason, f" (v{manifest['version']})" if manifest else "")
+
     t0 = time.perf_counter()
     eval_batch = int(cfg["train"]["eval_batch_size"])
+
+    def predict(model, tok, texts):
+        return predict_proba(model, tok, texts, max_length=max_length, batch_size=eval_batch,
+                             max_windows=n_predict_windows, compute=compute)
+
     with tempfile.TemporaryDirectory(prefix=".attempts.", dir=_parent(out_dir)) as work:
-        def train_and_score(index: int, settings: dict[str, Any]) -> Attempt:
+        def train_and_score(index: int, settings: dict[str, Any], previous: Attempt | None) -> Attempt:
+            init = Path(previous.model_dir) / ADAPTER_SUBDIR if previous is not None else None
             with mlflow_run(STAGE, settings, nested=True, run_name=f"attempt_{index}") as child:
                 run_id = child.active_run().info.run_id
                 model, tok, info = train_attempt(lm_dir, train, val, classes, cfg, settings, seed=seed + index,
-                                                 on_log=lambda step, figures: child.log_metrics(figures, step=step))
-                proba = predict_proba(model, tok, test.texts, max_length=max_length, batch_size=eval_batch)
+                                                 on_log=lambda step, figures: child.log_metrics(figures, step=step),
+                                                 init_adapter=init, compute=compute)
+                proba = predict(model, tok, test.texts)
                 scores = score(test.labels, proba, classes)
                 passed = passes(scores["macro_f1"], min_f1)
                 attempt_dir = save_classifier(model, tok, Path(work) / f"attempt_{index}")
@@ -129,17 +145,21 @@ def _run(domains, cfg, mlflow, *, split_dir, labels_path, lm_dir, out_dir, token
                                    "gate_passed": int(passed)})
                 child.set_tag("gate", "passed" if passed else "failed")
             log.log(logging.INFO if passed else logging.WARNING,
-                    "attempt %d (%s epochs, lr %g%s): val macro-F1 %.4f, test macro-F1 %.4f, accuracy %.4f: gate %s",
-                    index, settings["epochs"], float(settings["lr"]), ", class-weighted" if settings["class_weighted"] else "",
+                    "attempt %d (%s, %s epochs, lr %g%s): val macro-F1 %.4f, test macro-F1 %.4f, accuracy %.4f: gate %s",
+                    index, f"continued from attempt {previous.index}" if previous is not None else "from the merged LM",
+                    settings["epochs"], float(settings["lr"]), ", class-weighted" if settings["class_weighted"] else "",
                     info["val_macro_f1"], scores["macro_f1"], scores["accuracy"], "PASSED" if passed else "failed")
             return Attempt(index=index, settings=settings, val_macro_f1=info["val_macro_f1"], test=scores,
-                           passed=passed, info=info, model_dir=attempt_dir, run_id=run_id, test_proba=proba)
+                           passed=passed, info=info, model_dir=attempt_dir, run_id=run_id, test_proba=proba,
+                           source="continued" if previous is not None else "trained")
 
-        outcome = run_gate(train_and_score, cfg["train"], gate_cfg.get("retry_schedule") or [],
-                           min_f1=min_f1, max_retries=int(gate_cfg.get("max_retries", 3)))
+        initial = _score_deployed(deployed_dir, manifest, val, test, classes, predict, min_f1) if ok else None
+        outcome = run_gate(train_and_score, cfg["train"], gate_cfg, min_f1=min_f1,
+                           max_retries=int(gate_cfg.get("max_retries", 3)), initial=initial)
         kept = outcome.kept
         with atomic_path(out_dir, is_dir=True) as tmp:
-            shutil.copytree(kept.model_dir, tmp, dirs_exist_ok=True)
+            for sub in (MODEL_SUBDIR, ADAPTER_SUBDIR):
+                shutil.copytree(Path(kept.model_dir) / sub, Path(tmp) / sub)
     gate_s = time.perf_counter() - t0
 
     write_text(confusion_csv, rows_to_csv(prediction_rows(test.ids, test.labels, kept.test_proba, classes), CONFUSION_COLUMNS))
@@ -154,17 +174,23 @@ def _run(domains, cfg, mlflow, *, split_dir, labels_path, lm_dir, out_dir, token
     overrides = count_label_overrides(labels_path)
     champion = registry.champion_macro_f1(MlflowClient(), model_name, test_sha256=test_sha, texts=test.texts,
                                           labels=test.labels, batch_rows=int(serving_cfg.get("max_batch_rows", 64)))
-    alias = registry.choose_alias(outcome.passed, kept.macro_f1, champion)
     data_files = [p for d in domains for p in sorted((Path(split_dir) / d).glob("*.parquet"))] + [Path(labels_path)]
     commit = git_commit()
-    registered = registry.log_and_register(
-        mlflow, out_dir / MODEL_SUBDIR, model_name=model_name, alias=alias, serving_config=serving_cfg,
-        tags={"git_commit": commit, "data_sha256": files_sha256(data_files), "test_sha256": test_sha,
-              "label_overrides": overrides, "macro_f1": f"{kept.macro_f1:.6f}", "accuracy": f"{kept.test['accuracy']:.6f}",
-              "gate": "passed" if outcome.passed else "failed", "classes": ",".join(classes)})
+    if kept.source == "deployed":  # kept as deployed: nothing new to register, the deployed version stays champion
+        alias, registered = registry.CHAMPION, {"version": int(manifest["version"])}
+        log.info("kept the deployed %s v%d (test macro-F1 %.4f); nothing registered", model_name,
+                 registered["version"], kept.macro_f1)
+    else:
+        alias = registry.choose_alias(outcome.passed, kept.macro_f1, champion)
+        registered = registry.log_and_register(
+            mlflow, out_dir / MODEL_SUBDIR, model_name=model_name, alias=alias, serving_config=serving_cfg,
+            tags={"git_commit": commit, "data_sha256": files_sha256(data_files), "test_sha256": test_sha,
+                  "label_overrides": overrides, "macro_f1": f"{kept.macro_f1:.6f}",
+                  "accuracy": f"{kept.test['accuracy']:.6f}", "gate": "passed" if outcome.passed else "failed",
+                  "classes": ",".join(classes), "started_from": kept.source})
+        log.info("registered %s v%d as %r (champion before: v%s, macro-F1 %s, %s)", model_name, registered["version"],
+                 alias, champion["version"], champion["macro_f1"], champion["how"])
     register_s = time.perf_counter() - t0
-    log.info("registered %s v%d as %r (champion before: v%s, macro-F1 %s, %s)", model_name, registered["version"],
-             alias, champion["version"], champion["macro_f1"], champion["how"])
 
     # ---- alerts
     run_id = mlflow.active_run().info.run_id
@@ -189,8 +215,9 @@ def _run(domains, cfg, mlflow, *, split_dir, labels_path, lm_dir, out_dir, token
                        webhook_url=alert_cfg.get("webhook_url"), timeout_s=float(alert_cfg.get("timeout_s", 5)))
 
     lora_scores = {**kept.test, "val_macro_f1": kept.val_macro_f1,
-                   **{k: kept.info[k] for k in ("train_s", "best_epoch", "epochs_run", "steps", "trainable_params",
-                                                "total_params", "class_weighted")}}
+                   **{k: kept.info.get(k, 0) for k in ("train_s", "best_epoch", "epochs_run", "steps", "trainable_params",
+                                                       "total_params", "class_weighted")}}
+    case = "fresh" if initial is None else ("deployed_kept" if kept.source == "deployed" else "deployed_retrained")
     metrics = {
         "classes": len(classes),
         "docs": {"train": len(train), "val": len(val), "test": len(test),
@@ -200,8 +227,14 @@ def _run(domains, cfg, mlflow, *, split_dir, labels_path, lm_dir, out_dir, token
         "baseline": base_scores,
         "lora_to_baseline": {"macro_f1": _ratio(kept.macro_f1, base_scores["macro_f1"]),
                              "accuracy": _ratio(kept.test["accuracy"], base_scores["accuracy"])},
+        "start": {"case": case, "reason": reason, "from_deployed": int(initial is not None),
+                  "deployed_kept": int(case == "deployed_kept"),
+                  "deployed_version": int(manifest["version"]) if manifest else None,
+                  "deployed_test_macro_f1": initial.macro_f1 if initial is not None else None},
+        "windows": {"max_length": max_length, "train": n_train_windows, "predict": n_predict_windows},
         "gate": {"passed": int(outcome.passed), "min_f1": min_f1, "attempts": len(outcome.attempts),
                  "retries": outcome.retries, "max_retries": outcome.max_retries, "kept_attempt": kept.index,
+                 "trained_epochs": sum(float(a.info.get("epochs_run", 0)) for a in outcome.attempts),
                  "test_macro_f1": {f"attempt_{a.index}": a.macro_f1 for a in outcome.attempts},
                  "val_macro_f1": {f"attempt_{a.index}": a.val_macro_f1 for a in outcome.attempts}},
         "registry": {"version": registered["version"], "champion": int(alias == registry.CHAMPION),
@@ -220,6 +253,27 @@ def _run(domains, cfg, mlflow, *, split_dir, labels_path, lm_dir, out_dir, token
     return metrics
 
 
+def _score_deployed(deployed_dir, manifest, val, test, classes, predict, min_f1: float) -> Attempt:
+    """The deployed model scored as attempt 0 (nothing trained): validation macro-F1 on the labels it would be
+    retrained on, test scores on the source labels, and the gate's verdict."""
+    from domainlm.classify.metrics import macro_f1
+
+    t0 = time.perf_counter()
+    model, tok = load_classifier(Path(deployed_dir) / MODEL_SUBDIR)
+    known = [i for i, lab in enumerate(val.labels) if lab in set(classes)]
+    val_proba = predict(model, tok, [val.texts[i] for i in known])
+    val_f1 = macro_f1([val.labels[i] for i in known], [classes[j] for j in val_proba.argmax(axis=1)])
+    proba = predict(model, tok, test.texts)
+    scores = score(test.labels, proba, classes)
+    passed = passes(scores["macro_f1"], min_f1)
+    log.log(logging.INFO if passed else logging.WARNING,
+            "attempt 0 (deployed v%s, not trained): val macro-F1 %.4f, test macro-F1 %.4f, accuracy %.4f: gate %s",
+            manifest["version"], val_f1, scores["macro_f1"], scores["accuracy"], "PASSED" if passed else "failed")
+    return Attempt(index=0, settings={"epochs": 0}, val_macro_f1=val_f1, test=scores, passed=passed,
+                   info={"train_s": 0.0, "epochs_run": 0.0, "steps": 0, "score_s": time.perf_counter() - t0},
+                   model_dir=Path(deployed_dir), test_proba=proba, source="deployed")
+
+
 def _ratio(a: float, b: float) -> float | None:
     return float(a) / float(b) if b else None
 
@@ -235,8 +289,9 @@ def main() -> None:
         domains = P.domains()
         if not domains:
             raise SystemExit(f"{STAGE}: params.yaml lists no domains")
+        compute = st.use_compute(resolve(P.section("compute")))
         with mlflow_run(STAGE, cfg) as mlflow:
-            metrics = run(domains, cfg, mlflow, split_dir=paths.SPLIT_DIR, labels_path=paths.LABELS_PATH,
+            metrics = run(domains, cfg, mlflow, compute=compute, deployed_dir=paths.DEPLOYED_DIR, split_dir=paths.SPLIT_DIR, labels_path=paths.LABELS_PATH,
                           lm_dir=paths.MERGED_DIR, out_dir=paths.CLASSIFIER_DIR, token_stats_json=paths.TOKEN_STATS_JSON,
                           confusion_csv=paths.CLASSIFIER_CONFUSION_CSV,
                           baseline_confusion_csv=paths.BASELINE_CONFUSION_CSV,

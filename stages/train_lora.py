@@ -12,6 +12,7 @@ from typing import Any, Mapping, Sequence
 
 from domainlm.common import params as P
 from domainlm.common import paths
+from domainlm.common.compute import resolve
 from domainlm.common.metrics import peak_rss_mb
 from domainlm.common.stage import stage_run
 from domainlm.common.tracking import mlflow_run
@@ -20,7 +21,7 @@ from domainlm.lm.lora import train_adapter
 
 
 def run(domain: str, base_dir: str | os.PathLike, split_dir: str | os.PathLike, params: Mapping[str, Any],
-        out_dir: str | os.PathLike, log_path: str | os.PathLike, *, mlflow=None) -> dict[str, Any]:
+        out_dir: str | os.PathLike, log_path: str | os.PathLike, *, mlflow=None, compute=None) -> dict[str, Any]:
     """Train ``domain``'s adapter on ``<split_dir>/<domain>/train.parquet``, validating on its ``val.parquet``.
 
     Args:
@@ -29,6 +30,7 @@ def run(domain: str, base_dir: str | os.PathLike, split_dir: str | os.PathLike, 
         out_dir: the adapter folder written (peft ``save_pretrained``), atomically.
         log_path: the Trainer log written, one JSON line per log event.
         mlflow: the ``mlflow`` module inside an active run, or None.
+        compute: the compute policy (:mod:`domainlm.common.compute`); None = fp32.
 
     Returns:
         :func:`~domainlm.lm.lora.train_adapter`'s metrics plus ``wall_s`` (seconds) and ``peak_rss_mb`` (MiB).
@@ -41,7 +43,7 @@ def run(domain: str, base_dir: str | os.PathLike, split_dir: str | os.PathLike, 
         base_dir,
         lm_data.read_texts(paths.split_path(split_dir, domain, "train")),
         lm_data.read_texts(paths.split_path(split_dir, domain, "val")),
-        params, out_dir, log_path, mlflow=mlflow,
+        params, out_dir, log_path, mlflow=mlflow, compute=compute,
     )
     metrics.update({"wall_s": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb()})
     return metrics
@@ -58,10 +60,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         if domain not in known:
             raise ValueError(f"unknown domain {domain!r}: params.yaml domains are {known}")
         cfg = P.section("train_lora")
+        compute = st.use_compute(resolve(P.section("compute")))
         out_dir = paths.LORA_DIR / domain
         with mlflow_run(stage, {"domain": domain, **cfg}) as mlflow:
             metrics = run(domain, paths.BASE_DIR, paths.SPLIT_DIR, cfg, out_dir, paths.train_log_path(domain),
-                          mlflow=mlflow)
+                          mlflow=mlflow, compute=compute)
             st.write_metrics(f"train_lora/{domain}", metrics)
             mlflow.log_metrics({f"final_{k}": float(v) for k, v in metrics.items()})
         st.log.info("%s: adapter written to %s: %s", stage, out_dir, metrics)

@@ -29,12 +29,12 @@ COUNTS = {"train": 16, "val": 4, "test": 4}  # documents per label and split
 #: ``classifier`` params for the tiny model: seconds per attempt on one thread.
 CLASSIFIER_TINY = {
     "seed": 0,
-    "threads": 1,
     "max_length": 24,
+    "windows": {"train": 2, "predict": 3},
     "lora": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
     "train": {"epochs": 6, "batch_size": 8, "eval_batch_size": 32, "lr": 2.0e-2, "weight_decay": 0.0,
               "warmup_steps": 0.1, "grad_clip": 1.0, "logging_steps": 4, "early_stopping_patience": 3},
-    "gate": {"min_f1": 0.0, "max_retries": 2, "retry_schedule": [{"epochs": 8}, {"epochs": 8, "lr": 1.0e-2}]},
+    "gate": {"min_f1": 0.0, "max_retries": 2, "retry_epochs": 3, "retry_lr": 1.0e-2},
     "baseline": {"ngram_range": [1, 3], "min_df": 1, "max_features": None, "C": 10.0, "max_iter": 1000, "max_chars": None},
     "registry": {"model_name": "domain-lm-classifier"},
     "serving": {"max_batch_rows": 8, "batch_size": 8, "torch_threads": 1},

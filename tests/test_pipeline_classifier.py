@@ -35,11 +35,10 @@ FIRST_FAQ_DOCS = 10  # the faq source starts with this many chapters; the rest a
 
 
 def params(base_dir: Path, incoming: Path) -> dict:
-    cfg = classifier_params(gate={"min_f1": 0.0, "max_retries": 3,
-                                  "retry_schedule": [{"epochs": 4}, {"lr": 1.0e-2}, {"epochs": 8, "lr": 1.0e-2}]},
+    cfg = classifier_params(gate={"min_f1": 0.0, "max_retries": 3, "retry_epochs": 2, "retry_lr": 1.0e-2},
                             train={"epochs": 3})
-    cfg["threads"] = 1
     return {
+        "compute": {"dtype": "auto", "threads": 1},
         "corpus": {"max_docs_per_domain": 36,
                    "sources": {"faq": {"type": "jsonl", "uri": str(incoming / "*.jsonl")}}},
         "base_model": {"source": "path", "path": str(base_dir), "model": {"context_length": 32},
@@ -144,6 +143,7 @@ def test_exp_run_with_an_unreachable_gate_retries_alerts_and_keeps_the_champion(
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert sorted(r.data.tags["mlflow.runName"] for r in children) == [f"attempt_{i}" for i in range(4)]
     assert all("test_macro_f1" in r.data.metrics for r in children)
+    assert m["gate"]["trained_epochs"] <= 3 + 3 * 2  # retries continue for retry_epochs; they are not fresh, longer runs
 
     diff = json.loads(run(["dvc", "metrics", "diff", "--json"], repo).stdout)["metrics/classifier.json"]
     assert diff["gate.attempts"]["old"] == 1 and diff["gate.attempts"]["new"] == 4

@@ -43,7 +43,7 @@ def splits(corpus):
 def trained(corpus, splits):
     """One LoRA attempt with the tiny params (unweighted): (peft model, tokenizer, info)."""
     cfg = classifier_params()
-    settings = gate.attempt_settings(cfg["train"], [], 0)
+    settings = gate.attempt_settings(cfg["train"], cfg["gate"], 0)
     return training.train_attempt(corpus["lm_dir"], splits["train"], splits["val"], CLASSES, cfg, settings, seed=0)
 
 
@@ -198,6 +198,71 @@ def test_encode_ends_every_input_with_eos_within_max_length(corpus):
         cls_model.encode(tok, ["셀"], 1)
 
 
+def test_window_spans_are_evenly_spaced_and_cover_the_document():
+    assert cls_model.window_spans(5, 8, 4) == [(0, 5)]  # fits in one window
+    assert cls_model.window_spans(100, 10, 1) == [(0, 10)]  # one window: the document's start
+    spans = cls_model.window_spans(100, 10, 4)
+    assert spans[0] == (0, 10) and spans[-1] == (90, 100) and len(spans) == 4
+    assert all(b - a == 10 for a, b in spans) and [a for a, _ in spans] == sorted(a for a, _ in spans)
+    full = cls_model.window_spans(95, 10, 50)  # enough windows: ceil(95 / 10) = 10, every token covered
+    assert len(full) == 10 and set().union(*(range(a, b) for a, b in full)) == set(range(95))
+    with pytest.raises(ValueError):
+        cls_model.window_spans(10, 0, 1)
+
+
+def test_encode_windows_reads_past_the_first_window_and_ends_each_with_eos(corpus):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(corpus["lm_dir"])
+    long_text = " ".join(f"대한민국 국민 셀 수식 {i}" for i in range(40))
+    all_ids = tok(long_text, add_special_tokens=False)["input_ids"]
+    (windows, short), = [cls_model.encode_windows(tok, [long_text, "셀"], 8, 3)]
+    assert len(windows) == 3 and all(len(w) == 8 and w[-1] == tok.eos_token_id for w in windows)
+    assert windows[0][:-1] == all_ids[:7] and windows[-1][:-1] == all_ids[-7:]  # first and last tokens are read
+    assert len(short) == 1 and cls_model.encode_windows(tok, [long_text], 8, 1)[0] == [cls_model.encode(tok, [long_text], 8)[0]]
+    with pytest.raises(ValueError, match="max_windows"):
+        cls_model.encode_windows(tok, ["셀"], 8, 0)
+
+
+def test_window_logits_are_pooled_by_their_mean_per_document():
+    logits = np.array([[1.0, 0.0], [3.0, 2.0], [0.0, 4.0]])
+    pooled = cls_model.pool_window_logits(logits, [0, 0, 1], 2)
+    assert np.allclose(pooled, [[2.0, 1.0], [0.0, 4.0]])
+    with pytest.raises(ValueError, match="no window"):
+        cls_model.pool_window_logits(logits, [0, 0, 0], 2)
+
+
+def test_window_sampled_dataset_draws_a_seeded_window_per_epoch():
+    ds = training.WindowSampledDataset([[[1], [2], [3], [4]], [[9]]], [0, 1], seed=0)
+    seen = set()
+    for epoch in range(12):
+        ds.epoch = epoch
+        seen.add(ds[0]["input_ids"][0])
+        assert ds[1] == {"input_ids": [9], "labels": 1}
+    assert len(seen) > 1  # different windows over the epochs
+    ds.epoch = 5
+    again = training.WindowSampledDataset([[[1], [2], [3], [4]], [[9]]], [0, 1], seed=0)
+    again.epoch = 5
+    assert ds[0] == again[0]  # the draw is a function of (seed, epoch, document)
+
+
+def test_a_retry_continues_from_the_saved_adapter(corpus, splits, trained, tmp_path):
+    model, tok, _ = trained
+    saved = cls_model.save_classifier(model, tok, tmp_path / "attempt_0")
+    test = splits["test"]
+    before = cls_model.predict_proba(model, tok, test.texts, max_length=24, max_windows=3)
+    cfg = classifier_params()
+    loaded, tok2 = cls_model.load_adapter(corpus["lm_dir"], CLASSES, saved / cls_model.ADAPTER_SUBDIR)
+    assert np.allclose(cls_model.predict_proba(loaded, tok2, test.texts, max_length=24, max_windows=3), before, atol=1e-5)
+    settings = {**gate.attempt_settings(cfg["train"], {"retry_epochs": 1, "retry_lr": 1e-6}, 1)}
+    cont, _, info = training.train_attempt(corpus["lm_dir"], splits["train"], splits["val"], CLASSES, cfg, settings, seed=1,
+                                           init_adapter=saved / cls_model.ADAPTER_SUBDIR)
+    assert info["continued"] == 1 and info["class_weighted"] == 1 and info["epochs_run"] == 1
+    after = cls_model.predict_proba(cont, tok, test.texts, max_length=24, max_windows=3)
+    # a tiny learning rate barely moves the continued model: it starts where the saved one ended, not afresh
+    assert np.abs(after - before).max() < 0.05
+
+
 def test_lora_classifier_trains_only_adapter_and_head_and_saves_a_servable_model(corpus, splits, trained, tmp_path):
     model, tok, info = trained
     names = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -241,45 +306,62 @@ def test_class_weights_are_inverse_frequency_and_weight_the_loss():
 
 # ------------------------------------------------------------------------------------------------ the gate
 
-def test_retry_settings_follow_the_schedule_with_a_class_weighted_loss():
+def test_a_retry_continues_for_retry_epochs_at_retry_lr_with_a_class_weighted_loss():
     train = classifier_params()["train"]
-    schedule = [{"epochs": 9}, {"lr": 1.0e-3}]
-    first = gate.attempt_settings(train, schedule, 0)
-    assert first["class_weighted"] is False and first["epochs"] == train["epochs"]
-    assert gate.attempt_settings(train, schedule, 1)["epochs"] == 9 and gate.attempt_settings(train, schedule, 1)["class_weighted"]
-    third = gate.attempt_settings(train, schedule, 3)  # past the schedule's end: its last entry again
-    assert third["lr"] == 1.0e-3 and third["epochs"] == train["epochs"] and third["class_weighted"]
-    assert gate.attempt_settings(train, [], 2)["class_weighted"]
-    with pytest.raises(ValueError, match="not keys of classifier.train"):
-        gate.attempt_settings(train, [{"epoch": 3}], 1)
+    g = {"retry_epochs": 3, "retry_lr": 1.0e-3}
+    first = gate.attempt_settings(train, g, 0)
+    assert first["class_weighted"] is False and first["epochs"] == train["epochs"] and first["lr"] == train["lr"]
+    for r in (1, 2, 3):  # every retry is the same short continuation, not a longer fresh run
+        retry = gate.attempt_settings(train, g, r)
+        assert retry["epochs"] == 3 and retry["lr"] == 1.0e-3 and retry["class_weighted"] and retry["warmup_steps"] == 0
+    assert gate.attempt_settings(train, {}, 1)["lr"] == train["lr"] and gate.attempt_settings(train, {}, 1)["epochs"] == 3
+    with pytest.raises(ValueError, match="retry_epochs"):
+        gate.attempt_settings(train, {"retry_epochs": 0}, 1)
 
 
 def _fake_attempts(test_f1s, val_f1s, min_f1):
     calls = []
 
-    def train_and_score(index, settings):
-        calls.append(settings)
+    def train_and_score(index, settings, previous):
+        calls.append((settings, previous))
         return gate.Attempt(index=index, settings=settings, val_macro_f1=val_f1s[index],
                             test={"macro_f1": test_f1s[index]}, passed=gate.passes(test_f1s[index], min_f1))
     return train_and_score, calls
 
 
-def test_gate_stops_at_the_first_passing_attempt():
-    fn, calls = _fake_attempts([0.5, 0.8, 0.9], [0.5, 0.6, 0.7], 0.75)
-    out = gate.run_gate(fn, classifier_params()["train"], [{"epochs": 9}], min_f1=0.75, max_retries=3)
-    assert out.passed and out.retries == 1 and out.kept.index == 1 and len(calls) == 2
-    assert calls[1]["class_weighted"] and calls[1]["epochs"] == 9
+def test_gate_stops_at_the_first_passing_attempt_and_each_retry_continues_the_previous_attempt():
+    fn, calls = _fake_attempts([0.5, 0.6, 0.9], [0.5, 0.6, 0.7], 0.75)
+    out = gate.run_gate(fn, classifier_params()["train"], {"retry_epochs": 3}, min_f1=0.75, max_retries=3)
+    assert out.passed and out.retries == 2 and out.kept.index == 2 and len(calls) == 3
+    assert calls[0][1] is None  # attempt 0 trains from the merged LM
+    assert calls[1][1].index == 0 and calls[2][1].index == 1  # retry r continues attempt r - 1
+    assert calls[1][0]["class_weighted"] and calls[1][0]["epochs"] == 3
 
 
 def test_gate_that_never_passes_spends_every_retry_and_keeps_the_best_validation_attempt():
     fn, calls = _fake_attempts([0.5, 0.7, 0.6, 0.4], [0.6, 0.5, 0.9, 0.3], 0.99)
-    out = gate.run_gate(fn, classifier_params()["train"], [], min_f1=0.99, max_retries=3)
+    out = gate.run_gate(fn, classifier_params()["train"], {}, min_f1=0.99, max_retries=3)
     assert not out.passed and out.retries == 3 and len(out.attempts) == 4
     assert out.kept.index == 2  # best validation macro-F1, not best test macro-F1
     with pytest.raises(ValueError, match="min_f1"):
-        gate.run_gate(fn, classifier_params()["train"], [], min_f1=1.5, max_retries=1)
-    with pytest.raises(ValueError, match="not keys"):  # a bad schedule fails before any training
-        gate.run_gate(fn, classifier_params()["train"], [{"bogus": 1}], min_f1=0.5, max_retries=1)
+        gate.run_gate(fn, classifier_params()["train"], {}, min_f1=1.5, max_retries=1)
+    with pytest.raises(ValueError, match="retry_lr"):  # bad retry settings fail before any training
+        gate.run_gate(fn, classifier_params()["train"], {"retry_lr": -1.0}, min_f1=0.5, max_retries=1)
+
+
+def test_a_passing_deployed_model_is_kept_and_nothing_is_trained():
+    fn, calls = _fake_attempts([None, 0.9], [None, 0.7], 0.75)
+    deployed = gate.Attempt(index=0, settings={}, val_macro_f1=0.8, test={"macro_f1": 0.8}, passed=True, source="deployed")
+    out = gate.run_gate(fn, classifier_params()["train"], {}, min_f1=0.75, max_retries=3, initial=deployed)
+    assert out.passed and out.kept is deployed and calls == []
+
+
+def test_a_failing_deployed_model_is_fine_tuned_by_the_retries():
+    fn, calls = _fake_attempts([None, 0.6, 0.8], [None, 0.6, 0.7], 0.75)
+    deployed = gate.Attempt(index=0, settings={}, val_macro_f1=0.5, test={"macro_f1": 0.5}, passed=False, source="deployed")
+    out = gate.run_gate(fn, classifier_params()["train"], {}, min_f1=0.75, max_retries=3, initial=deployed)
+    assert out.passed and out.kept.index == 2 and len(calls) == 2
+    assert calls[0][1] is deployed and calls[0][0]["class_weighted"]  # retry 1 continues the deployed model
 
 
 # ------------------------------------------------------------------------------------------------ alerts
@@ -418,8 +500,8 @@ def test_stage_gates_retries_alerts_and_never_regresses_the_champion(corpus, tra
     assert registry.champion_macro_f1(client, name, test_sha256=same, texts=[], labels=[])["how"] == "tag"
 
 
-def test_stage_refuses_a_bad_retry_schedule_before_training(corpus, tracking, tmp_path):
-    cfg = classifier_params(gate={"min_f1": 0.99, "retry_schedule": [{"learning_rate": 1e-3}]})
-    with pytest.raises(ValueError, match="learning_rate"):
+def test_stage_refuses_bad_retry_settings_before_training(corpus, tracking, tmp_path):
+    cfg = classifier_params(gate={"min_f1": 0.99, "retry_epochs": -1})
+    with pytest.raises(ValueError, match="retry_epochs"):
         _run_stage(corpus, cfg, tmp_path)
     assert not (tmp_path / "models" / "classifier").exists()

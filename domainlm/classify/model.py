@@ -2,8 +2,11 @@
 of the last non-pad token → a linear ``score`` head) with a peft LoRA adapter (Hu et al. 2021) of task type
 ``SEQ_CLS``; the score head is trained in full through ``modules_to_save``.
 
-Inputs are the document's tokens, cut to ``max_length − 1``, then EOS (:func:`encode`): the pooled last token
-is the same end-of-document token for every input, truncated or not.
+Inputs are token windows of the document, each ``max_length − 1`` tokens then EOS (:func:`encode_windows`): the
+pooled last token is the same end-of-window token for every input. A document longer than one window is read
+as up to ``max_windows`` evenly spaced windows (the first starts at the document's first token, the last ends
+at its last); its logits are the mean of its windows' logits (:func:`predict_proba`), in training (validation),
+in the stage's predictions and in the served model alike. ``max_windows: 1`` is the document's first window only.
 
 ``models/classifier`` (:func:`save_classifier`) holds ``adapter/`` (the peft adapter, which loads back onto
 ``models/merged``) and ``model/`` (the adapter merged into the weights, with the tokenizer and ``id2label``
@@ -11,6 +14,7 @@ in ``config.json``): the folder :mod:`domainlm.classify.serving` serves, with no
 """
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -26,6 +30,61 @@ def appends_eos(tokenizer) -> bool:
     """Whether :func:`encode` appends EOS: the tokenizer has an EOS distinct from its pad token (a pad-equal
     EOS would be skipped by the last-non-pad-token pooling)."""
     return tokenizer.eos_token_id is not None and tokenizer.eos_token_id != tokenizer.pad_token_id
+
+
+def window_spans(n_tokens: int, width: int, max_windows: int) -> list[tuple[int, int]]:
+    """Token spans ``[start, stop)`` of up to ``max_windows`` evenly spaced windows of ``width`` tokens over a
+    document of ``n_tokens`` tokens: one span ``(0, n_tokens)`` when it fits; else
+    ``k = min(max_windows, ceil(n_tokens / width))`` windows whose starts are spaced evenly from 0 to
+    ``n_tokens − width`` (rounded), so with enough windows they cover every token.
+
+    Raises:
+        ValueError: ``width`` or ``max_windows`` below 1.
+    """
+    if width < 1 or max_windows < 1:
+        raise ValueError(f"width and max_windows must be >= 1, got {width} and {max_windows}")
+    if n_tokens <= width:
+        return [(0, n_tokens)]
+    k = min(int(max_windows), math.ceil(n_tokens / width))
+    if k == 1:
+        return [(0, width)]
+    last = n_tokens - width
+    return [(s, s + width) for s in (round(i * last / (k - 1)) for i in range(k))]
+
+
+def encode_windows(tokenizer, texts: Sequence[str], max_length: int, max_windows: int = 1) -> list[list[list[int]]]:
+    """Token-id windows of each text for the classifier (:func:`window_spans`), each at most ``max_length`` ids with
+    EOS last.
+
+    Args:
+        tokenizer: a transformers tokenizer with a pad token.
+        texts: documents (str).
+        max_length: window length in tokens, EOS included (≥ 2).
+        max_windows: at most this many windows per document (≥ 1).
+
+    Returns:
+        ``windows[i]``: text ``i``'s windows, each a list of int ids (no padding); an empty text gives one window
+        holding EOS alone (or nothing, for a tokenizer without a distinct EOS).
+
+    Raises:
+        ValueError: ``max_length`` < 2, ``max_windows`` < 1, or the tokenizer has no pad token (the classifier
+            pools the last non-pad token, so padding must be recognisable).
+    """
+    if max_length < 2:
+        raise ValueError(f"max_length must be >= 2, got {max_length}")
+    if int(max_windows) < 1:
+        raise ValueError(f"max_windows must be >= 1, got {max_windows}")
+    if tokenizer.pad_token_id is None:
+        raise ValueError("the tokenizer has no pad token; the sequence classifier needs one")
+    eos = appends_eos(tokenizer)
+    width = max_length - int(eos)
+    if int(max_windows) == 1:  # the first window only: let the tokenizer truncate
+        ids = tokenizer(list(texts), add_special_tokens=False, truncation=True, max_length=width,
+                        verbose=False)["input_ids"]
+    else:
+        ids = tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
+    tail = [tokenizer.eos_token_id] if eos else []
+    return [[list(x[a:b]) + tail for a, b in window_spans(len(x), width, int(max_windows))] for x in ids]
 
 
 def encode(tokenizer, texts: Sequence[str], max_length: int) -> list[list[int]]:
@@ -51,6 +110,22 @@ def encode(tokenizer, texts: Sequence[str], max_length: int) -> list[list[int]]:
     ids = tokenizer(list(texts), add_special_tokens=False, truncation=True,
                     max_length=max_length - int(eos), verbose=False)["input_ids"]
     return [x + [tokenizer.eos_token_id] for x in ids] if eos else [list(x) for x in ids]
+
+
+def load_adapter(lm_dir: str | os.PathLike, classes: Sequence[str], adapter_dir: str | os.PathLike, *,
+                 trainable: bool = True):
+    """A saved classifier's adapter (``<dir>/adapter``: LoRA matrices and the score head) back on the merged LM in
+    ``lm_dir``, ready to be fine-tuned further (``trainable``) or scored: ``(peft_model, tokenizer)``.
+
+    Raises:
+        OSError / ValueError: (from transformers / peft) a folder is not loadable, or the adapter's head does not
+            fit ``len(classes)`` classes.
+    """
+    from peft import PeftModel
+
+    base, tokenizer = load_sequence_classifier(lm_dir, classes)
+    model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=trainable)
+    return model, tokenizer
 
 
 def load_sequence_classifier(lm_dir: str | os.PathLike, classes: Sequence[str], *, dtype=torch.float32):
@@ -99,31 +174,70 @@ def attach_lora(model, lora_params: Mapping[str, Any], *, seed: int):
     return get_peft_model(model, config)
 
 
-@torch.no_grad()
-def predict_proba(model, tokenizer, texts: Sequence[str], *, max_length: int, batch_size: int = 32) -> np.ndarray:
-    """Class probabilities (softmax of the logits) of each text.
+def pool_window_logits(window_logits: np.ndarray, doc_of_window: Sequence[int], n_docs: int) -> np.ndarray:
+    """Mean of each document's window logits.
 
-    Texts are encoded with :func:`encode`, sorted by length and batched with right padding, so batches
-    hold similar lengths; rows come back in input order.
+    Args:
+        window_logits: float array ``[n_windows, n_classes]``.
+        doc_of_window: the document index (in ``[0, n_docs)``) of each window.
+
+    Returns:
+        float64 array ``[n_docs, n_classes]``.
+
+    Raises:
+        ValueError: a document has no window, or the lengths disagree.
+    """
+    window_logits = np.asarray(window_logits, dtype=np.float64)
+    doc = np.asarray(doc_of_window, dtype=np.int64)
+    if len(doc) != len(window_logits):
+        raise ValueError(f"{len(window_logits)} window logits but {len(doc)} document indices")
+    counts = np.bincount(doc, minlength=n_docs)
+    if (counts[:n_docs] == 0).any():
+        raise ValueError(f"document {int(np.argmin(counts[:n_docs]))} has no window")
+    sums = np.zeros((n_docs, window_logits.shape[1]))
+    np.add.at(sums, doc, window_logits)
+    return sums / counts[:n_docs, None]
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax of float logits ``[n, k]`` (float64, rows summing to 1)."""
+    z = np.asarray(logits, dtype=np.float64)
+    z = np.exp(z - z.max(axis=1, keepdims=True))
+    return z / z.sum(axis=1, keepdims=True)
+
+
+@torch.no_grad()
+def predict_proba(model, tokenizer, texts: Sequence[str], *, max_length: int, batch_size: int = 32,
+                  max_windows: int = 1, compute=None) -> np.ndarray:
+    """Class probabilities of each text: the softmax of the mean of its windows' logits (:func:`encode_windows`).
+
+    Windows are sorted by length and batched with right padding, so batches hold similar lengths; rows come
+    back in input order. The forward passes run under ``compute``'s autocast (:mod:`domainlm.common.compute`;
+    None = fp32); logits are pooled in float64.
 
     Returns:
         float64 array ``[len(texts), num_labels]``, rows summing to 1 (empty ``[0, num_labels]`` for no texts).
     """
+    from domainlm.common.compute import autocast
+
     n_classes = int(model.config.num_labels)
     if not texts:
         return np.zeros((0, n_classes))
-    ids = encode(tokenizer, texts, max_length)
+    windows = encode_windows(tokenizer, texts, max_length, max_windows)
+    ids = [w for doc in windows for w in doc]
+    doc_of = [i for i, doc in enumerate(windows) for _ in doc]
     order = np.argsort([len(x) for x in ids], kind="stable")
-    out = np.zeros((len(ids), n_classes))
+    logits_out = np.zeros((len(ids), n_classes))
     was_training = model.training
     model.eval()
-    for start in range(0, len(order), batch_size):
-        rows = order[start:start + batch_size]
-        batch = tokenizer.pad({"input_ids": [ids[i] for i in rows]}, return_tensors="pt", padding_side="right")
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        out[rows] = torch.softmax(logits.double(), dim=-1).numpy()
+    with autocast(compute):
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            batch = tokenizer.pad({"input_ids": [ids[i] for i in rows]}, return_tensors="pt", padding_side="right")
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits_out[rows] = logits.double().cpu().numpy()
     model.train(was_training)
-    return out
+    return softmax(pool_window_logits(logits_out, doc_of, len(texts)))
 
 
 def save_classifier(peft_model, tokenizer, out_dir: str | os.PathLike) -> Path:

@@ -24,7 +24,8 @@ ARTIFACT_KEY = "classifier"
 #: The input example logged with the model (``serving_input_example.json`` beside it shows a request's form).
 INPUT_EXAMPLE_TEXT = "셀에 수식을 입력하려면 먼저 등호(=)를 입력하십시오."
 #: Serving defaults; the logged ``model_config`` (``classifier.serving`` params) overrides them.
-DEFAULT_CONFIG = {"max_batch_rows": 64, "max_length": 256, "batch_size": 16, "torch_threads": None}
+DEFAULT_CONFIG = {"max_batch_rows": 64, "max_length": 256, "max_windows": 1, "batch_size": 16, "torch_threads": None,
+                  "dtype": "fp32"}
 
 
 def invalid_input(message: str):
@@ -85,14 +86,15 @@ class TextClassifier(mlflow.pyfunc.PythonModel):
     folder) and predicts each text's label and class probabilities."""
 
     def load_context(self, context) -> None:
-        """Load the model, its tokenizer and the serving limits (``context.model_config``)."""
+        """Load the model, its tokenizer, the serving limits (``context.model_config``) and the compute policy
+        (:mod:`domainlm.common.compute`: ``dtype`` as trained, ``auto`` resolved on this machine; ``torch_threads``,
+        null = all cores)."""
         from domainlm.classify.model import classes_of, load_classifier
+        from domainlm.common.compute import resolve
 
         self.config = {**DEFAULT_CONFIG, **(getattr(context, "model_config", None) or {})}
-        if self.config.get("torch_threads"):
-            import torch
-
-            torch.set_num_threads(int(self.config["torch_threads"]))
+        self.compute = resolve({"dtype": self.config.get("dtype") or "fp32", "threads": self.config.get("torch_threads")})
+        self.compute.apply()
         self.model, self.tokenizer = load_classifier(context.artifacts[ARTIFACT_KEY])
         self.classes = classes_of(self.model)
 
@@ -112,7 +114,8 @@ class TextClassifier(mlflow.pyfunc.PythonModel):
 
         texts = texts_from_input(model_input, max_batch_rows=int(self.config["max_batch_rows"]))
         proba = predict_proba(self.model, self.tokenizer, texts, max_length=int(self.config["max_length"]),
-                              batch_size=int(self.config["batch_size"]))
+                              batch_size=int(self.config["batch_size"]), max_windows=int(self.config["max_windows"]),
+                              compute=self.compute)
         best = proba.argmax(axis=1)
         return pd.DataFrame({
             "label": [self.classes[j] for j in best],

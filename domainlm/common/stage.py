@@ -66,6 +66,16 @@ class StageRun:
     started: float
     metrics_root: Path = paths.METRICS_DIR
     written: list[Path] = field(default_factory=list)
+    compute: Any = None
+
+    def use_compute(self, policy):
+        """Apply a resolved compute policy (:func:`domainlm.common.compute.resolve` of the ``compute`` params) to
+        this process, log it, and record it: every later :meth:`write_metrics` adds a ``compute`` section
+        (dtype, bf16, threads, device). Returns the policy."""
+        self.compute = policy
+        self.compute.apply()
+        self.log.info("compute: %s", self.compute.describe())
+        return self.compute
 
     def wall_s(self) -> float:
         """Seconds since the stage started."""
@@ -73,8 +83,11 @@ class StageRun:
 
     def write_metrics(self, metrics_name: str, values: dict[str, Any]) -> Path:
         """Write ``<metrics_root>/<metrics_name>.json`` atomically, with ``stage.wall_s`` and
-        ``stage.peak_rss_mb`` (this process, MiB) added. ``metrics_name`` may contain ``/``."""
+        ``stage.peak_rss_mb`` (this process, MiB) added, and ``compute`` after :meth:`use_compute`.
+        ``metrics_name`` may contain ``/``."""
         values = dict(values)
+        if self.compute is not None:
+            values["compute"] = self.compute.metrics()
         values["stage"] = {"wall_s": round(self.wall_s(), 3), "peak_rss_mb": round(peak_rss_mb(), 1)}
         path = write_metrics(metrics_name, values, root=self.metrics_root)
         self.written.append(path)

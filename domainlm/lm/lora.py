@@ -20,6 +20,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from domainlm.common.atomic import atomic_path
+from domainlm.common.compute import autocast
 from domainlm.lm import data as lm_data
 
 log = logging.getLogger(__name__)
@@ -78,17 +79,21 @@ def planned_steps(n_train_blocks: int, train_params: Mapping[str, Any]) -> int:
 
 
 def training_arguments(output_dir: str | os.PathLike, train_params: Mapping[str, Any], *, max_steps: int, seed: int,
-                       deepspeed: dict | None = None, use_cpu: bool | None = None):
+                       deepspeed: dict | None = None, use_cpu: bool | None = None, compute=None):
     """``transformers.TrainingArguments`` for one adapter: eval + checkpoint every ``eval_steps``, keep the best by eval loss.
 
     With ``deepspeed`` set, ``bf16`` follows the config's ``bf16.enabled`` so that the
     Trainer and the ZeRO config agree; the config's ``"auto"`` values are filled from these args.
-    ``use_cpu`` defaults to ``not torch.cuda.is_available()``.
+    ``use_cpu`` defaults to ``not torch.cuda.is_available()``. Without DeepSpeed, ``bf16`` (the Trainer's
+    autocast) follows the compute policy ``compute`` (:mod:`domainlm.common.compute`; None = fp32).
     """
     from transformers import TrainingArguments
 
     eval_steps = max(1, min(int(train_params["eval_steps"]), max_steps))
-    bf16 = bool(deepspeed and deepspeed.get("bf16", {}).get("enabled", False))
+    if deepspeed:
+        bf16 = bool(deepspeed.get("bf16", {}).get("enabled", False))
+    else:
+        bf16 = bool(compute is not None and compute.bf16)
     return TrainingArguments(
         output_dir=str(output_dir),
         max_steps=max_steps,
@@ -153,7 +158,7 @@ def json_lines_log(fh, mlflow=None):
 
 def train_adapter(base_dir: str | os.PathLike, train_texts: Sequence[str], val_texts: Sequence[str],
                   params: Mapping[str, Any], out_dir: str | os.PathLike, log_path: str | os.PathLike,
-                  *, mlflow=None) -> dict[str, Any]:
+                  *, mlflow=None, compute=None) -> dict[str, Any]:
     """Train one LoRA adapter on ``train_texts``, keep the best by validation loss, save it to ``out_dir``.
 
     Texts are packed into blocks of the base's context length (``model.config.max_position_embeddings``
@@ -166,6 +171,8 @@ def train_adapter(base_dir: str | os.PathLike, train_texts: Sequence[str], val_t
         base_dir: HF folder of the base causal LM with its tokenizer.
         params: the ``train_lora`` params section (seed, lora, train, deepspeed).
         mlflow: the ``mlflow`` module inside an active run, to log every log event's figures; or None.
+        compute: the compute policy (:mod:`domainlm.common.compute`): training and validation run under its
+            bf16 autocast where it says so; None = fp32.
 
     Returns:
         metrics dict: train_loss, val_loss (token-weighted NLL of the kept adapter, nats/token),
@@ -199,7 +206,7 @@ def train_adapter(base_dir: str | os.PathLike, train_texts: Sequence[str], val_t
     with tempfile.TemporaryDirectory(prefix="train_lora_ckpt_") as ckpt_dir, \
             atomic_path(log_path) as tmp_log, tmp_log.open("w", encoding="utf-8") as fh:
         callback = json_lines_log(fh, mlflow)
-        args = training_arguments(ckpt_dir, train_params, max_steps=steps, seed=seed, deepspeed=ds)
+        args = training_arguments(ckpt_dir, train_params, max_steps=steps, seed=seed, deepspeed=ds, compute=compute)
         trainer = Trainer(model=model, args=args, data_collator=default_data_collator,
                           train_dataset=lm_data.BlockDataset(train_blocks), eval_dataset=lm_data.BlockDataset(val_blocks),
                           callbacks=[callback])
@@ -209,9 +216,10 @@ def train_adapter(base_dir: str | os.PathLike, train_texts: Sequence[str], val_t
         step_s = callback.step_s
 
     model = trainer.model
-    val_nll, _ = lm_data.mean_nll(model, val_blocks, batch_size=int(train_params["eval_batch_size"]), desc="val adapter")
-    with model.disable_adapter():
-        base_nll, _ = lm_data.mean_nll(model, val_blocks, batch_size=int(train_params["eval_batch_size"]), desc="val base")
+    with autocast(compute):
+        val_nll, _ = lm_data.mean_nll(model, val_blocks, batch_size=int(train_params["eval_batch_size"]), desc="val adapter")
+        with model.disable_adapter():
+            base_nll, _ = lm_data.mean_nll(model, val_blocks, batch_size=int(train_params["eval_batch_size"]), desc="val base")
     with atomic_path(out_dir, is_dir=True) as tmp:
         model.save_pretrained(tmp)
         sort_adapter_config(Path(tmp) / "adapter_config.json")

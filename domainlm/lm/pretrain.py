@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from domainlm.common.atomic import atomic_path
+from domainlm.common.compute import autocast
 from domainlm.lm import data as lm_data
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,7 @@ def batches(n_blocks: int, batch_size: int, seed: int):
 
 
 def pretrain(model, blocks: Mapping[str, torch.Tensor], train_params: Mapping[str, Any], *, seed: int,
-             on_log=None) -> dict[str, float]:
+             on_log=None, compute=None) -> dict[str, float]:
     """Pretrain ``model`` in place on packed blocks for ``train_params['steps']`` optimizer steps.
 
     AdamW (weight decay on matrices only, as in nanoGPT), ``get_cosine_schedule_with_warmup``
@@ -90,6 +91,8 @@ def pretrain(model, blocks: Mapping[str, torch.Tensor], train_params: Mapping[st
     Args:
         blocks: :func:`domainlm.lm.data.pack_blocks` output (int64 [n_blocks, block_size] tensors).
         train_params: steps, batch_size, lr, weight_decay, warmup_steps, grad_clip, betas, log_every.
+        compute: a :class:`domainlm.common.compute.ComputePolicy`: the forward pass runs under its autocast
+            (bf16 matmuls; weights, gradients and AdamW states stay fp32); None = fp32.
 
     Returns:
         ``{"final_loss"`` (mean train loss over the last ``log_every`` steps, nats/token),
@@ -123,7 +126,8 @@ def pretrain(model, blocks: Mapping[str, torch.Tensor], train_params: Mapping[st
     for step in bar:
         idx = next(stream)
         batch = {k: v[idx] for k, v in blocks.items()}
-        loss = model(**batch).loss
+        with autocast(compute):
+            loss = model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), float(train_params["grad_clip"]))
         optimizer.step()
@@ -145,22 +149,25 @@ def pretrain(model, blocks: Mapping[str, torch.Tensor], train_params: Mapping[st
 
 
 def val_perplexities(model, tokenizer, val_texts: Mapping[str, Sequence[str]], block_size: int,
-                     batch_size: int) -> dict[str, float]:
-    """Perplexity ``exp(token-weighted mean NLL)`` of ``model`` on each domain's texts, packed into blocks."""
+                     batch_size: int, *, compute=None) -> dict[str, float]:
+    """Perplexity ``exp(token-weighted mean NLL)`` of ``model`` on each domain's texts, packed into blocks
+    (forward passes under ``compute``'s autocast; the NLL itself is summed in fp32)."""
     out = {}
     for domain, texts in val_texts.items():
         blocks = lm_data.pack_blocks(tokenizer, texts, block_size, desc=f"tokenize {domain}")
-        nll, _ = lm_data.mean_nll(model, blocks, batch_size=batch_size, desc=f"val {domain}")
+        with autocast(compute):
+            nll, _ = lm_data.mean_nll(model, blocks, batch_size=batch_size, desc=f"val {domain}")
         out[domain] = math.exp(nll)
     return out
 
 
-def build(train_texts: Mapping[str, Sequence[str]], params: Mapping[str, Any], *, on_log=None):
+def build(train_texts: Mapping[str, Sequence[str]], params: Mapping[str, Any], *, on_log=None, compute=None):
     """Train the tokenizer and pretrain a Qwen2ForCausalLM from scratch on the pooled train texts.
 
     Args:
         train_texts: ``{domain: [text, ...]}``; all domains are pooled (blocks never straddle domains).
         params: the ``base_model`` params section (seed, tokenizer, model, train).
+        compute: the compute policy of :func:`pretrain` (None = fp32).
 
     Returns:
         ``(model, tokenizer, stats)``; ``stats`` is :func:`pretrain`'s dict plus ``n_blocks``.
@@ -179,7 +186,7 @@ def build(train_texts: Mapping[str, Sequence[str]], params: Mapping[str, Any], *
                                     for d, texts in train_texts.items()])
     set_seed(seed)
     model = Qwen2ForCausalLM(qwen2_config(tokenizer, params["model"]))
-    stats = pretrain(model, blocks, params["train"], seed=seed, on_log=on_log)
+    stats = pretrain(model, blocks, params["train"], seed=seed, on_log=on_log, compute=compute)
     stats["n_blocks"] = int(blocks["input_ids"].shape[0])
     return model, tokenizer, stats
 

@@ -26,6 +26,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from tqdm.auto import tqdm
 
+from domainlm.common.compute import autocast
 from domainlm.korean.hangul import decompose
 
 log = logging.getLogger(__name__)
@@ -775,7 +776,7 @@ class TransformerConfig(MemberParams):
 
 def build_members(texts: Sequence[str], tokenizer: Any, lm: Any, *, lexical: LexicalConfig = LexicalConfig(),
                   tfidf: TfidfConfig = TfidfConfig(), lstm: LSTMConfig = LSTMConfig(),
-                  transformer: TransformerConfig = TransformerConfig()
+                  transformer: TransformerConfig = TransformerConfig(), compute=None,
                   ) -> tuple[list[Member], LexicalNB, dict[str, float]]:
     """Compute every member's features once (texts never change during refinement) and build
     the five members: lexical NB, char TF-IDF logistic regression, LSTM, BiLSTM, and the frozen-LM head.
@@ -788,6 +789,8 @@ def build_members(texts: Sequence[str], tokenizer: Any, lm: Any, *, lexical: Lex
         texts: documents in load order, already cut to ``refine.max_chars``.
         tokenizer, lm: the merged model's tokenizer and causal LM (frozen; :func:`load_lm`).
         lexical, tfidf, lstm, transformer: the members' settings.
+        compute: the compute policy (:mod:`domainlm.common.compute`) of the frozen LM's embedding pass (its bf16
+            autocast); None = fp32.
 
     Returns:
         ``(members, lexical_member, seconds)``: the members in the order lexical, tfidf, lstm, bilstm,
@@ -818,8 +821,9 @@ def build_members(texts: Sequence[str], tokenizer: Any, lm: Any, *, lexical: Lex
                    lr=lstm.lr)
 
     t0 = time.perf_counter()
-    emb, _ = embed_mean_pooled(lm, tokenizer, texts, max_tokens=transformer.max_tokens,
-                               batch_size=transformer.batch_size)
+    with autocast(compute):
+        emb, _ = embed_mean_pooled(lm, tokenizer, texts, max_tokens=transformer.max_tokens,
+                                   batch_size=transformer.batch_size)
     secs["embed_s"] = time.perf_counter() - t0
     members: list[Member] = [
         lexical_member,

@@ -1,0 +1,122 @@
+"""What the project promises about reproducing a run, and the check of that promise.
+
+- **Same machine, same settings** (CPU model, ``compute`` policy, thread count): ``dvc repro -f`` gives the same
+  ``dvc.lock``, output hash for output hash. Everything is seeded, and the same kernels run the same sums in the
+  same order. :func:`compare_locks` checks it.
+- **Another machine**: the models are not bit-identical. Matrix kernels (oneDNN, MKL, cuBLAS) choose their
+  blocking and instructions by processor, so float sums round differently and training drifts apart; with
+  ``compute.dtype: auto`` a CPU without bf16 even trains in fp32. What is promised instead is that every quality
+  figure lands within a stated tolerance of the committed one (:data:`TOLERANCES`); :func:`compare_metrics` checks it.
+
+``python -m domainlm.common.reproducibility OTHER_CHECKOUT`` compares this checkout's ``dvc.lock`` and ``metrics/``
+with another's (a second clone after its own ``make repro``) and exits 1 when the promise is broken.
+"""
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import yaml
+
+#: (metrics file glob, flattened key glob, kind, tolerance): ``rel`` = |a − b| / |a|, ``abs`` = |a − b|. Quality
+#: figures only: timings, memory and counts of work done are not promised across machines.
+TOLERANCES: tuple[tuple[str, str, str, float], ...] = (
+    ("base_model.json", "val_perplexity.*", "rel", 0.05),
+    ("base_model.json", "train_loss", "rel", 0.02),
+    ("train_lora/*.json", "val_loss", "rel", 0.02),
+    ("evaluate.json", "perplexity.*", "rel", 0.05),
+    ("evaluate.json", "mean_retained_gain", "abs", 0.10),
+    ("evaluate.json", "gate.passed", "abs", 0.0),
+    ("classifier.json", "lora.macro_f1", "abs", 0.05),
+    ("classifier.json", "lora.accuracy", "abs", 0.05),
+    ("classifier.json", "baseline.macro_f1", "abs", 0.0),
+    ("refine.json", "label_change_rate", "abs", 0.02),
+    ("dedup.json", "totals.*", "abs", 0.0),
+    ("split.json", "total.*", "abs", 0.0),
+)
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    out: dict[str, float] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, key + "."))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[key] = float(v)
+    return out
+
+
+def lock_outputs(lock_path: str | Path) -> dict[str, str]:
+    """``{"<stage>:<out path>": md5}`` of every output in a ``dvc.lock``.
+
+    Raises:
+        FileNotFoundError: no such lock file.
+    """
+    lock = yaml.safe_load(Path(lock_path).read_text(encoding="utf-8")) or {}
+    return {f"{stage}:{out['path']}": str(out.get("md5"))
+            for stage, entry in (lock.get("stages") or {}).items() for out in entry.get("outs", [])}
+
+
+def compare_locks(lock_a: str | Path, lock_b: str | Path, *, ignore: Iterable[str] = ()) -> list[str]:
+    """The outputs whose hashes differ between two ``dvc.lock`` files (or exist in one only), as
+    ``"<stage>:<path>"``; outputs matching a glob in ``ignore`` are left out."""
+    a, b = lock_outputs(lock_a), lock_outputs(lock_b)
+    keys = sorted(set(a) | set(b))
+    return [k for k in keys if a.get(k) != b.get(k) and not any(fnmatch.fnmatch(k, g) for g in ignore)]
+
+
+def compare_metrics(dir_a: str | Path, dir_b: str | Path,
+                    tolerances: Iterable[tuple[str, str, str, float]] = TOLERANCES) -> list[dict[str, Any]]:
+    """Every promised figure of two ``metrics/`` folders, with its difference and whether it is within tolerance.
+
+    Returns:
+        One row per compared figure: ``file``, ``key``, ``a``, ``b``, ``diff`` (relative or absolute, per
+        ``kind``), ``tolerance``, ``ok`` (bool). A figure present on one side only is a row with ``ok`` False.
+    """
+    dir_a, dir_b = Path(dir_a), Path(dir_b)
+    rows = []
+    for file_glob, key_glob, kind, tol in tolerances:
+        for path in sorted(dir_a.glob(file_glob)):
+            rel = path.relative_to(dir_a)
+            fa = _flatten(json.loads(path.read_text(encoding="utf-8")))
+            other = dir_b / rel
+            fb = _flatten(json.loads(other.read_text(encoding="utf-8"))) if other.exists() else {}
+            for key in sorted(k for k in fa if fnmatch.fnmatch(k, key_glob)):
+                va, vb = fa[key], fb.get(key)
+                if vb is None:
+                    rows.append({"file": str(rel), "key": key, "a": va, "b": None, "diff": math.inf,
+                                 "tolerance": tol, "ok": False})
+                    continue
+                diff = abs(va - vb) / abs(va) if kind == "rel" and va else abs(va - vb)
+                rows.append({"file": str(rel), "key": key, "a": va, "b": vb, "diff": diff, "tolerance": tol,
+                             "ok": diff <= tol + 1e-12})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m domainlm.common.reproducibility", description=__doc__.splitlines()[0])
+    ap.add_argument("other", help="another checkout (after its own dvc repro) to compare with this one")
+    ap.add_argument("--here", default=".", help="this checkout (default: the current folder)")
+    ap.add_argument("--same-machine", action="store_true",
+                    help="also require identical dvc.lock output hashes (the same-machine promise)")
+    args = ap.parse_args(argv)
+    here, other = Path(args.here), Path(args.other)
+    rows = compare_metrics(here / "metrics", other / "metrics")
+    bad = [r for r in rows if not r["ok"]]
+    for r in rows:
+        print(f"{'ok ' if r['ok'] else 'OFF'} {r['file']:24s} {r['key']:40s} {r['a']!s:>12.10} {r['b']!s:>12.10} "
+              f"diff {r['diff']:.4g} (tol {r['tolerance']})")
+    differing = compare_locks(here / "dvc.lock", other / "dvc.lock")
+    print(f"{len(rows) - len(bad)} of {len(rows)} figures within tolerance; "
+          f"{len(differing)} dvc.lock outputs differ{': ' + ', '.join(differing) if differing else ''}")
+    return int(bool(bad) or (args.same_machine and bool(differing)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
