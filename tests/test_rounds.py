@@ -59,6 +59,10 @@ def test_decide_keeps_promotes_and_fails_by_the_rules():
     # retrained from the deployed model: attempt 0 is the deployed model on this test split
     d = decide(metrics(f1=0.8, case="deployed_retrained", attempt0=0.6), MANIFEST, test_sha256="new", rescore=never)
     assert d.action == PROMOTE and d.deployed_macro_f1 == 0.6
+    retrained = metrics(f1=0.7, case="deployed_retrained")
+    retrained["start"]["deployed_test_macro_f1"] = 0.72
+    d = decide(retrained, MANIFEST, test_sha256="new", rescore=never)
+    assert d.action == KEEP and d.deployed_macro_f1 == 0.72
     # a fresh model after the LM changed: the deployed one is re-scored on the new test split
     calls = []
     d = decide(metrics(f1=0.8), MANIFEST, test_sha256="new", rescore=lambda: calls.append(1) or 0.85)

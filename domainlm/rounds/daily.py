@@ -188,8 +188,10 @@ def decide_and_promote(*, dvc: str = "dvc", promote: bool = True) -> Decision:
 
     decision = promotion.decide(metrics, manifest, test_sha256=test_sha, rescore=rescore)
     log.info("decision: %s: %s", decision.action, decision.reason)
+    client = MlflowClient(tracking_uri=tracking_uri(), registry_uri=tracking_uri())
+    if decision.action != PROMOTE and manifest is not None and promote:
+        promotion.set_champion(client, model_name, int(manifest["version"]))  # the deployed model stays champion
     if decision.action == PROMOTE and promote:
-        client = MlflowClient(tracking_uri=tracking_uri(), registry_uri=tracking_uri())
         config = json.loads((paths.CLASSIFIER_DIR / "model" / "config.json").read_text(encoding="utf-8"))
         classes = [config["id2label"][str(i)] for i in range(len(config["id2label"]))]
         promotion.promote(metrics=metrics, client=client, model_name=model_name, test_sha256=test_sha,

@@ -84,7 +84,7 @@ def decide(metrics: Mapping[str, Any], manifest: Mapping[str, Any] | None, *, te
 
     Args:
         metrics: ``train_classifier``'s metrics (``gate.passed``, ``lora.macro_f1``, ``registry.version``,
-            ``start.case``, ``gate.test_macro_f1.attempt_0``).
+            ``start.case``, ``start.deployed_test_macro_f1`` or ``gate.test_macro_f1.attempt_0``).
         manifest: :func:`domainlm.classify.deployed.read_manifest` of ``models/deployed`` (``None``: nothing
             deployed).
         test_sha256: :func:`domainlm.classify.data.split_sha256` of the current test split.
@@ -108,6 +108,8 @@ def decide(metrics: Mapping[str, Any], manifest: Mapping[str, Any] | None, *, te
         return Decision(PROMOTE, "the gate passed and nothing is deployed yet", new_f1, None, version)
     if manifest.get("test_sha256") == test_sha256:
         deployed_f1, how = float(manifest["test_macro_f1"]), "its manifest, same test split"
+    elif case == "deployed_retrained" and (metrics.get("start") or {}).get("deployed_test_macro_f1") is not None:
+        deployed_f1, how = float(metrics["start"]["deployed_test_macro_f1"]), "attempt 0 of this run"
     elif case == "deployed_retrained" and "attempt_0" in (metrics["gate"].get("test_macro_f1") or {}):
         deployed_f1, how = float(metrics["gate"]["test_macro_f1"]["attempt_0"]), "attempt 0 of this run"
     else:
