@@ -201,9 +201,15 @@ def decide_and_promote(*, dvc: str = "dvc", promote: bool = True) -> Decision:
 
 
 def serving_config() -> dict[str, Any]:
-    """The served pyfunc's ``model_config``: ``classifier.serving`` params plus ``classifier.max_length``."""
+    """The served pyfunc's ``model_config``, as ``train_classifier`` logs it to the registry: ``classifier.max_length``,
+    the prediction windows, ``classifier.serving`` and ``compute.dtype`` (``auto`` is resolved by the server)."""
+    from domainlm.classify.training import windows_params
+
     cfg = P.section("classifier")
-    return {"max_length": int(cfg["max_length"]), **(cfg.get("serving") or {})}
+    _, n_predict_windows = windows_params(cfg)
+    dtype = (P.load_params().get("compute") or {}).get("dtype") or "fp32"
+    return {"max_length": int(cfg["max_length"]), "max_windows": n_predict_windows, **(cfg.get("serving") or {}),
+            "dtype": dtype}
 
 
 def run_round(*, deploy: bool = True, push: bool = True, host: str = "127.0.0.1", ports: Sequence[int] = (5077, 5078),
