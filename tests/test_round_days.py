@@ -8,7 +8,7 @@
 - Day 3: nothing new: the round runs no stage, commits nothing, creates no tag and exits 0.
 - Then ``git checkout round-<day 1> && dvc pull`` (empty cache) restores day 1's deployed model byte for byte.
 
-The domain experts are nearly frozen (``train_lora.train.lr: 1e-16``): new faq documents re-run train_lora@faq, diff,
+The domain experts are nearly frozen (``train_lora.train.lr: 1e-20``): new faq documents re-run train_lora@faq, diff,
 merge and the stages after them, but the merged LM comes out byte-identical (each weight's change is below float32's
 spacing), so the deployed classifier stays compatible
 (:func:`domainlm.classify.deployed.compatible`) and is evaluated first. With trained experts, new data changes the
@@ -74,9 +74,9 @@ def days(tmp_path_factory, faq_records):
     (incoming / "part-000.jsonl").write_text("".join(dumps(r) + "\n" for r in faq_records[:FIRST_FAQ_DOCS]),
                                              encoding="utf-8")
     cfg = params(base_dir, incoming)
-    # near-frozen experts: LoRA B moves by ~1e-16 (diff needs non-zero task vectors), far below float32's spacing
+    # near-frozen experts: LoRA B moves by ~1e-19 (diff needs non-zero task vectors), far below float32's spacing
     # of the base weights, so the merged LM comes out byte-identical when new data re-trains an expert
-    cfg["train_lora"]["train"]["lr"] = 1.0e-16
+    cfg["train_lora"]["train"]["lr"] = 1.0e-20
     repo = make_pipeline_repo(root / "repo", cfg)
     dvc_yaml = yaml.safe_load((repo / "dvc.yaml").read_text(encoding="utf-8"))
     dvc_yaml["stages"]["corpus"]["deps"].append(str(incoming))
@@ -140,7 +140,7 @@ def test_day2_new_faq_lines_rerun_only_their_stages_and_score_the_deployed_model
     case = metrics["start"]["case"]
     assert case in ("deployed_kept", "deployed_retrained"), metrics["start"]
     manifest = read_manifest(repo / "models" / "deployed")
-    assert len(tags(repo)) == 2 and summary["tag"].endswith("-2")  # new data: a round to record
+    assert len(tags(repo)) == 2 and summary["tag"] in tags(repo)  # new data: a round to record
     if case == "deployed_kept":  # it passed the gate on the new test split: nothing trained, nothing promoted
         assert summary["decision"]["action"] == "keep" and summary["served"] is None
         assert tree_sha256(repo / "models" / "deployed") == day1["day1"]["deployed"]
