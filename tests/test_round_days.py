@@ -28,11 +28,11 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from conftest import ROOT, free_port, make_pipeline_repo, run
+from conftest import free_port, make_pipeline_repo, run
 from domainlm.classify.deployed import read_manifest, tree_sha256
 from domainlm.documents.jsonl import dumps
 from lm_fixtures import TINY, TRAIN_TEXTS
-from test_pipeline_classifier import DOMAINS, FIRST_FAQ_DOCS, MODEL, faq_records, params  # noqa: F401 (fixture)
+from test_pipeline_classifier import FIRST_FAQ_DOCS, MODEL, faq_records, params  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.slow
 
