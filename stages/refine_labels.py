@@ -34,7 +34,7 @@ from domainlm.refine.loop import RefineConfig, promote, refine, review_queue
 def run(domains: Sequence[str], cfg: RefineConfig, *, split_dir: str | Path, labels_path: str | Path | None,
         model_dir: str | Path, db_path: str | Path, snapshot_dir: str | Path, review_queue_path: str | Path,
         history_path: str | Path, compute=None) -> dict[str, Any]:
-    """The whole stage, on at most ``cfg.threads`` compute threads (torch + BLAS).
+    """The whole stage, on at most ``cfg.threads`` compute threads (torch + BLAS); the LM embedding pass on ``compute``'s.
 
     Loads the ``sentences`` table (texts from the split outputs, labels from the split stage's
     label table), builds the five ensemble members on the frozen merged LM, runs the refinement

@@ -103,6 +103,10 @@ def test_first_run_registers_a_champion_with_metrics_plots_and_token_stats(class
     assert m["registry"]["champion"] == 1 and m["registry"]["version"] == 1
     assert 0.0 <= m["lora"]["macro_f1"] <= 1.0 and 0.0 <= m["baseline"]["macro_f1"] <= 1.0
     assert m["stage"]["wall_s"] > 0
+    from domainlm.common.compute import resolve
+    expected = resolve({"dtype": "auto", "threads": 1})  # the test repo's compute params
+    assert m["compute"] == expected.metrics()  # the policy the stage used, in its metrics
+    assert m["start"]["case"] == "fresh" and m["windows"] == {"max_length": 24, "train": 2, "predict": 3}
     stats = json.loads((repo / "metrics" / "token_stats.json").read_text())
     assert set(stats["domains"]) == set(DOMAINS) and stats["settings"]["lm_context"] == 32
     assert int(registry(repo).get_model_version_by_alias(MODEL, "champion").version) == 1

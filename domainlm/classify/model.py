@@ -155,7 +155,8 @@ def attach_lora(model, lora_params: Mapping[str, Any], *, seed: int):
     (``modules_to_save``), everything else but the LoRA matrices is frozen.
 
     Args:
-        lora_params: ``r``, ``lora_alpha``, ``lora_dropout``, ``target_modules`` (the ``classifier.lora`` params).
+        lora_params: ``r``, ``lora_alpha``, ``lora_dropout``, ``target_modules``, ``top_layers`` (optional; the
+            ``classifier.lora`` params; :func:`adapted_layers`).
         seed: ``transformers.set_seed`` before the score head (normal, std ``initializer_range``) and the LoRA A
             matrices are drawn (B starts at zero).
 
@@ -170,8 +171,26 @@ def attach_lora(model, lora_params: Mapping[str, Any], *, seed: int):
     torch.nn.init.normal_(model.score.weight, std=float(getattr(model.config, "initializer_range", 0.02)))
     config = LoraConfig(task_type=TaskType.SEQ_CLS, r=int(lora_params["r"]), lora_alpha=float(lora_params["lora_alpha"]),
                         lora_dropout=float(lora_params["lora_dropout"]),
-                        target_modules=list(lora_params["target_modules"]), modules_to_save=["score"], bias="none")
+                        target_modules=list(lora_params["target_modules"]), modules_to_save=["score"], bias="none",
+                        layers_to_transform=adapted_layers(int(model.config.num_hidden_layers), lora_params.get("top_layers")))
     return get_peft_model(model, config)
+
+
+def adapted_layers(num_layers: int, top_layers: int | None) -> list[int] | None:
+    """The decoder layers that get LoRA matrices: the top ``top_layers`` of ``num_layers`` (None = every layer).
+
+    The layers below stay frozen and carry no adapter, so autograd records nothing there: the forward pass through
+    them keeps no activations and the backward pass stops at the lowest adapted layer (the cost of a step falls
+    roughly with the share of layers adapted).
+
+    Raises:
+        ValueError: ``top_layers`` < 1.
+    """
+    if top_layers is None or int(top_layers) >= num_layers:
+        return None
+    if int(top_layers) < 1:
+        raise ValueError(f"classifier.lora.top_layers must be >= 1 or null, got {top_layers}")
+    return list(range(num_layers - int(top_layers), num_layers))
 
 
 def pool_window_logits(window_logits: np.ndarray, doc_of_window: Sequence[int], n_docs: int) -> np.ndarray:

@@ -170,6 +170,21 @@ def windows_params(params: Mapping[str, Any]) -> tuple[int, int]:
     return n_train, n_predict
 
 
+def _in_order_trainer():
+    """``transformers.Trainer`` whose evaluation reads the eval dataset in its own order.
+
+    With ``train_sampling_strategy="group_by_length"`` the Trainer also length-groups (shuffles) the *eval* set;
+    validation pools window logits per document by position, so it needs the windows in dataset order.
+    """
+    from transformers import Trainer
+
+    class InOrderEvalTrainer(Trainer):
+        def _get_eval_sampler(self, eval_dataset):
+            return torch.utils.data.SequentialSampler(eval_dataset) if eval_dataset is not None else None
+
+    return InOrderEvalTrainer
+
+
 def train_attempt(lm_dir: str | os.PathLike, train: LabelledSplit, val: LabelledSplit, classes: Sequence[str],
                   params: Mapping[str, Any], settings: Mapping[str, Any], *, seed: int,
                   on_log: Callable[[int, dict[str, float]], None] | None = None,
@@ -199,7 +214,7 @@ def train_attempt(lm_dir: str | os.PathLike, train: LabelledSplit, val: Labelled
         ValueError: no val document has a known label (nothing to early-stop on), or a train label is not in
             ``classes``.
     """
-    from transformers import DataCollatorWithPadding, EarlyStoppingCallback, Trainer
+    from transformers import DataCollatorWithPadding, EarlyStoppingCallback
 
     label_id = {c: i for i, c in enumerate(classes)}
     unknown = sorted(set(train.labels) - set(label_id))
@@ -247,7 +262,7 @@ def train_attempt(lm_dir: str | os.PathLike, train: LabelledSplit, val: Labelled
         callbacks.append(_log_callback(on_log))
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="train_classifier_ckpt_") as ckpt_dir:
-        trainer = Trainer(model=model, args=training_arguments(ckpt_dir, settings, seed=seed, compute=compute),
+        trainer = _in_order_trainer()(model=model, args=training_arguments(ckpt_dir, settings, seed=seed, compute=compute),
                           train_dataset=train_ds, eval_dataset=val_ds,
                           data_collator=DataCollatorWithPadding(tokenizer, padding="longest"),
                           compute_metrics=compute_metrics, compute_loss_func=weighted_cross_entropy(weights),

@@ -7,6 +7,7 @@ Wolpert's stacked generalization (Neural Networks, 1992).
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import re
@@ -790,7 +791,7 @@ def build_members(texts: Sequence[str], tokenizer: Any, lm: Any, *, lexical: Lex
         tokenizer, lm: the merged model's tokenizer and causal LM (frozen; :func:`load_lm`).
         lexical, tfidf, lstm, transformer: the members' settings.
         compute: the compute policy (:mod:`domainlm.common.compute`) of the frozen LM's embedding pass (its bf16
-            autocast); None = fp32.
+            autocast and its threads, for that pass only); None = fp32 on the threads in force.
 
     Returns:
         ``(members, lexical_member, seconds)``: the members in the order lexical, tfidf, lstm, bilstm,
@@ -821,7 +822,7 @@ def build_members(texts: Sequence[str], tokenizer: Any, lm: Any, *, lexical: Lex
                    lr=lstm.lr)
 
     t0 = time.perf_counter()
-    with autocast(compute):
+    with autocast(compute), (compute.applied() if compute is not None else contextlib.nullcontext()):
         emb, _ = embed_mean_pooled(lm, tokenizer, texts, max_tokens=transformer.max_tokens,
                                    batch_size=transformer.batch_size)
     secs["embed_s"] = time.perf_counter() - t0
