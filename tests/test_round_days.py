@@ -118,7 +118,7 @@ def test_day1_trains_promotes_pushes_commits_tags_and_serves(day1):
     # the commit names the deployed folder, and the remote has it: nothing left to commit, push or reproduce
     assert run(["git", "status", "--porcelain", "dvc.lock", "models", "metrics"], repo).stdout == ""
     assert "up to date" in run(["dvc", "status"], repo).stdout.lower()
-    assert "up to date" in run(["dvc", "status", "--cloud", "models/deployed.dvc"], repo).stdout.lower()
+    assert "in sync" in run(["dvc", "status", "--cloud", "models/deployed.dvc"], repo).stdout.lower()
     served = summary["served"]
     assert served["version"] == 1 and served["port"] in day1["ports"]
     (pred,) = predict(served["url"], ["데비안 패키지를 설치하려면 apt 명령을 사용합니다."])
