@@ -52,7 +52,7 @@ def tags(repo: Path) -> list[str]:
 
 
 def predict(url: str, texts: list[str]) -> list[dict]:
-    body = json.dumps({"dataframe_records": [{"text": t} for t in texts]}).encode()
+    body = json.dumps({"inputs": list(texts)}).encode()
     req = urllib.request.Request(f"{url}/invocations", data=body, headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=60) as r:
         return json.loads(r.read())["predictions"]

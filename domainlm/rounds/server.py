@@ -46,10 +46,9 @@ def build_pyfunc(deployed_dir: str | os.PathLike, out_root: str | os.PathLike, s
         ValueError: nothing is deployed (bootstrap manifest) or the manifest is malformed.
     """
     import mlflow.pyfunc
-    import pandas as pd
 
     from domainlm.classify.registry import pip_requirements
-    from domainlm.classify.serving import ARTIFACT_KEY, INPUT_EXAMPLE_TEXT, SERVED_MODEL_FILE, input_signature
+    from domainlm.classify.serving import ARTIFACT_KEY, INPUT_EXAMPLE_TEXT, SERVED_MODEL_FILE
 
     manifest = read_manifest(deployed_dir)
     if manifest is None:
@@ -66,8 +65,8 @@ def build_pyfunc(deployed_dir: str | os.PathLike, out_root: str | os.PathLike, s
         mlflow.pyfunc.save_model(
             path=str(out), python_model=str(SERVED_MODEL_FILE),
             artifacts={ARTIFACT_KEY: str(Path(deployed_dir) / "model")}, code_paths=[str(package)],
-            signature=input_signature(), model_config=dict(serving_config),
-            input_example=pd.DataFrame({"text": [INPUT_EXAMPLE_TEXT]}), pip_requirements=pip_requirements(),
+            # no signature argument: MLflow infers it from predict's type hint (list[str], domainlm.classify.serving)
+            model_config=dict(serving_config), input_example=[INPUT_EXAMPLE_TEXT], pip_requirements=pip_requirements(),
             metadata={"deployed": {k: manifest[k] for k in ("registry_name", "version", "run_id", "test_macro_f1")}})
     return target
 
