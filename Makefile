@@ -14,10 +14,22 @@ PIP := $(BIN)/python -m pip install -q --progress-bar off
 # python3-dev let DeepSpeed JIT-build its CPU ops (ninja comes from requirements.txt).
 APT_PACKAGES := dpkg redis-server g++ python3-dev
 
-.PHONY: repro test bench setup setup-test apt dag clean-venv
+.PHONY: repro test bench setup setup-test apt dag clean-venv round serve serve-stop
 
-repro: setup data/labels/overrides.parquet
+repro: setup data/labels/overrides.parquet models/deployed/deployed.json
 	dvc repro
+
+# The daily round (README "A day in production"): lock, dvc repro, decide, promote, dvc push, commit, tag, deploy.
+# make exits 2 on any failure; schedulers call `python -m domainlm.rounds round` for its own codes (0 / 1 / 2).
+round: setup data/labels/overrides.parquet models/deployed/deployed.json
+	python -m domainlm.rounds round
+
+# Serve models/deployed with `mlflow models serve` (blue/green ports 5077/5078, see .cache/serve/server.json).
+serve: setup models/deployed/deployed.json
+	python -m domainlm.rounds serve
+
+serve-stop: setup
+	python -m domainlm.rounds stop
 
 # The label overrides are a `dvc add`-ed file that starts empty. A fresh clone has only its .dvc
 # pointer: pull it from the remote, or, where the remote does not have it yet, write the empty
@@ -25,7 +37,12 @@ repro: setup data/labels/overrides.parquet
 data/labels/overrides.parquet:
 	dvc pull -q $@.dvc 2>/dev/null || python -c "from domainlm.documents.labels import write_empty_overrides; write_empty_overrides()"
 
-test: setup-test data/labels/overrides.parquet
+# The deployed classifier is a `dvc add`-ed folder too (models/deployed.dvc). A fresh clone whose remote does not
+# have it gets the bootstrap folder: only deployed.json = {"version": null}, byte-identical to the committed one.
+models/deployed/deployed.json:
+	dvc pull -q models/deployed.dvc 2>/dev/null || python -m domainlm.rounds bootstrap
+
+test: setup-test data/labels/overrides.parquet models/deployed/deployed.json
 	python -m pytest tests -ra --durations=15
 
 bench: setup-test

@@ -160,6 +160,12 @@ def make_pipeline_repo(path: Path, param_updates: dict | None = None) -> Path:
 
         write_empty_overrides(overrides)
     run(["dvc", "add", "-q", "data/labels/overrides.parquet"], path)  # into this repo's cache
+    deployed = path / "models" / "deployed"
+    if not deployed.exists():  # likewise the deployed classifier: a fresh clone starts with nothing deployed
+        from domainlm.rounds.promotion import write_bootstrap
+
+        write_bootstrap(deployed)
+    run(["dvc", "add", "-q", "models/deployed"], path)
     run(["git", "add", "-A"], path)
     run(["git", "commit", "-q", "-m", "pipeline"], path)
     return path
