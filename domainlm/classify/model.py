@@ -263,13 +263,18 @@ def save_classifier(peft_model, tokenizer, out_dir: str | os.PathLike) -> Path:
     """Write ``<out_dir>/adapter`` (peft ``save_pretrained``: LoRA matrices + the score head) and
     ``<out_dir>/model`` (the adapter merged into a copy of the weights, ``save_pretrained`` + tokenizer).
 
-    ``peft_model`` is left as it was (the merge runs on a deep copy). Not atomic on its own: the stage
-    writes into :func:`domainlm.common.atomic.atomic_path`.
+    ``peft_model`` is left as it was (the merge runs on a deep copy). ``adapter_config.json`` is written with its
+    set-valued lists sorted (:func:`domainlm.lm.lora.sort_adapter_config`): peft writes them in set order, which follows
+    the per-process hash seed, so the same classifier got a different file hash on every run. Not atomic on its own:
+    the stage writes into :func:`domainlm.common.atomic.atomic_path`.
     """
     import copy
 
+    from domainlm.lm.lora import sort_adapter_config
+
     out_dir = Path(out_dir)
     peft_model.save_pretrained(out_dir / ADAPTER_SUBDIR)
+    sort_adapter_config(out_dir / ADAPTER_SUBDIR / "adapter_config.json")
     merged = copy.deepcopy(peft_model).merge_and_unload()
     merged.save_pretrained(out_dir / MODEL_SUBDIR)
     tokenizer.save_pretrained(out_dir / MODEL_SUBDIR)
