@@ -42,8 +42,10 @@ TOLERANCES: tuple[tuple[str, str, str, float], ...] = (
 )
 
 
-#: Outputs that record how long and how much memory a run took, so their hashes change with every run.
-TIMED_OUTPUTS = ("*:metrics/*", "*:logs/*", "*:reports/*")
+#: Outputs that record when, how long or with how much memory a run ran, so their hashes change with every run:
+#: metrics, Trainer logs, the report, and ``data/refined`` (``sentences.db`` stores load and update timestamps; its
+#: labels and snapshots are what to compare).
+TIMED_OUTPUTS = ("*:metrics/*", "*:logs/*", "*:reports/*", "refine_labels:data/refined")
 
 
 def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
