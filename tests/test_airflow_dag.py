@@ -49,6 +49,21 @@ def up_to_date_repo(tmp_path) -> Path:
     return repo
 
 
+def json_list(text: str) -> list:
+    """The last non-empty JSON list in ``text``: Airflow's CLI may print other lines around its ``-o json`` output."""
+    decoder, found = json.JSONDecoder(), []
+    for i, ch in enumerate(text):
+        if ch == "[":
+            try:
+                value, _ = decoder.raw_decode(text[i:])
+            except ValueError:
+                continue
+            if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+                found.append(value)
+    assert found, f"no JSON list of runs in: {text[-2000:]}"
+    return found[-1]
+
+
 def test_airflow_dags_test_runs_the_round_in_the_projects_python(airflow_bin, up_to_date_repo, tmp_path):
     home = tmp_path / "airflow"
     env = {**os.environ,
@@ -69,8 +84,8 @@ def test_airflow_dags_test_runs_the_round_in_the_projects_python(airflow_bin, up
     out = test.stdout + test.stderr + "".join(p.read_text(errors="replace") for p in (home / "logs").rglob("*")
                                               if p.is_file()) if (home / "logs").exists() else test.stdout + test.stderr
     assert test.returncode == 0, out[-6000:]
-    runs = json.loads(subprocess.run([airflow, "dags", "list-runs", DAG_ID, "-o", "json"], env=env, check=True,
-                                     capture_output=True, text=True, timeout=300).stdout)
+    runs = json_list(subprocess.run([airflow, "dags", "list-runs", DAG_ID, "-o", "json"], env=env, check=True,
+                                    capture_output=True, text=True, timeout=300).stdout)
     assert [r["state"] for r in runs] == ["success"], runs
     # the round itself ran in the repository: it took its lock and ran dvc repro, which found nothing to do
     assert (up_to_date_repo / ".cache" / "round.lock").is_file()
