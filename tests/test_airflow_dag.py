@@ -73,6 +73,7 @@ def test_airflow_dags_test_runs_the_round_in_the_projects_python(airflow_bin, up
            "DOMAINLM_ROUND_ARGS": "--no-deploy --no-push", "PYTHONPATH": str(ROOT),
            "PATH": f"{airflow_bin}{os.pathsep}{os.environ['PATH']}"}
     env.pop("VIRTUAL_ENV", None)
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{up_to_date_repo / 'mlflow.db'}"  # the repository's own store
     airflow = str(airflow_bin / "airflow")
     subprocess.run([airflow, "db", "migrate"], env=env, check=True, capture_output=True, timeout=600)
     # Airflow 3 lists DAGs from its database: parse dags/ into it first (the DAG imports in Airflow's own venv)

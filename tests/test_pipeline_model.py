@@ -51,14 +51,24 @@ def model_repo(tmp_path_factory):
     return repo
 
 
+def _runs_frame(client, experiment_id):
+    """The experiment's runs as a dict of columns ``tags.<name>`` (what the assertions below read)."""
+    runs = client.search_runs([experiment_id], max_results=1000)
+    names = {k for r in runs for k in r.data.tags}
+    return {f"tags.{k}": [r.data.tags.get(k) for r in runs] for k in names}
+
+
 def test_repro_end_to_end_writes_models_metrics_and_mlflow_runs(model_repo, tmp_path):
     assert (model_repo / "models" / "merged" / "config.json").exists()
     ev = json.loads((model_repo / "metrics" / "evaluate.json").read_text())
     for d in DOMAINS:
         assert ev["perplexity"]["base"][d] > 1.0 and ev["perplexity"]["merged"][d] > 1.0
     assert "up to date" in run(["dvc", "status"], model_repo).stdout.lower()
-    mlflow.set_tracking_uri(f"sqlite:///{model_repo / 'mlflow.db'}")
-    runs = mlflow.search_runs(experiment_names=["domain-lm"])
+    # an MlflowClient on the repo's store: mlflow.set_tracking_uri would also export MLFLOW_TRACKING_URI to every later
+    # test's subprocesses
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{model_repo / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("domain-lm")
+    runs = _runs_frame(client, experiment.experiment_id)
     stages = set(runs["tags.dvc.stage"])
     assert {"base_model", "train_lora@law", "merge", "evaluate"} <= stages
     assert set(runs["tags.git.commit"]) - {"unknown"}

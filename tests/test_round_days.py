@@ -41,7 +41,9 @@ def round_(repo: Path, ports: tuple[int, int]) -> tuple[int, dict, str]:
     """Run one round; return its exit code, its JSON summary (last stdout line) and its whole output."""
     proc = subprocess.run([sys.executable, "-m", "domainlm.rounds", "round", "--ports", f"{ports[0]},{ports[1]}"],
                           cwd=repo, capture_output=True, text=True,
-                          env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"})
+                          # the repository's own MLflow store, whatever an earlier test left in the environment
+                          env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+                               "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}"})
     lines = proc.stdout.strip().splitlines()
     summary = json.loads(lines[-1]) if lines and lines[-1].startswith('{"decision"') else {}
     return proc.returncode, summary, proc.stdout + proc.stderr
