@@ -24,6 +24,8 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
+from domainlm.common.metrics import flatten_numbers
+
 #: (metrics file glob, flattened key glob, kind, tolerance): ``rel`` = |a − b| / |a|, ``abs`` = |a − b|. Quality
 #: figures only: timings, memory and counts of work done are not promised across machines.
 TOLERANCES: tuple[tuple[str, str, str, float], ...] = (
@@ -46,17 +48,6 @@ TOLERANCES: tuple[tuple[str, str, str, float], ...] = (
 #: metrics, Trainer logs, the report, and ``data/refined`` (``sentences.db`` stores load and update timestamps; its
 #: labels and snapshots are what to compare).
 TIMED_OUTPUTS = ("*:metrics/*", "*:logs/*", "*:reports/*", "refine_labels:data/refined")
-
-
-def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
-    out: dict[str, float] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, key + "."))
-        elif isinstance(v, (int, float)) and not isinstance(v, bool):
-            out[key] = float(v)
-    return out
 
 
 def lock_outputs(lock_path: str | Path) -> dict[str, str]:
@@ -91,9 +82,9 @@ def compare_metrics(dir_a: str | Path, dir_b: str | Path,
     for file_glob, key_glob, kind, tol in tolerances:
         for path in sorted(dir_a.glob(file_glob)):
             rel = path.relative_to(dir_a)
-            fa = _flatten(json.loads(path.read_text(encoding="utf-8")))
+            fa = flatten_numbers(json.loads(path.read_text(encoding="utf-8")))
             other = dir_b / rel
-            fb = _flatten(json.loads(other.read_text(encoding="utf-8"))) if other.exists() else {}
+            fb = flatten_numbers(json.loads(other.read_text(encoding="utf-8"))) if other.exists() else {}
             for key in sorted(k for k in fa if fnmatch.fnmatch(k, key_glob)):
                 va, vb = fa[key], fb.get(key)
                 if vb is None:
