@@ -1,12 +1,14 @@
-"""evaluate: perplexity of the base, every expert (base + its task vector) and the merged model on every
-domain's test split, greedy continuations scored with BLEU/chrF/ROUGE-L, and the quality gate that
-registers ``models/merged`` in the MLflow Model Registry as ``champion`` or ``challenger``.
+"""evaluate: perplexity of the merged model on every domain's test split, set against the base's and every
+expert's (base + its task vector) from ``evaluate_experts``; greedy continuations scored with BLEU/chrF/ROUGE-L;
+and the quality gate that registers ``models/merged`` in the MLflow Model Registry as ``champion`` or
+``challenger``. Only the merged model is scored here, so an experiment on the merge re-runs one perplexity pass.
 
 Perplexity follows the Hugging Face sliding-window recipe (:mod:`domainlm.lm.evaluation`); retained gain is
 (ppl_base − ppl_merged) / (ppl_base − ppl_expert) on the expert's own domain (:mod:`domainlm.lm.gate`).
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -19,20 +21,21 @@ from domainlm.common.compute import autocast, resolve
 from domainlm.common.metrics import flatten_numbers, peak_rss_mb, rows_to_csv
 from domainlm.common.stage import stage_run
 from domainlm.common.tracking import mlflow_run
-from domainlm.lm.evaluation import (PerplexityProbe, comparison_markdown, continuation_scores, expert_states,
+from domainlm.lm.evaluation import (PerplexityProbe, check_reference, comparison_markdown, continuation_scores,
                                     read_test_split, read_train_log, retained_gains)
 from domainlm.lm.gate import check_gate, record_verdict
-from domainlm.lm.merging import load_causal_lm, load_task_vectors
+from domainlm.lm.merging import load_causal_lm
 
 
 def run(domains: Sequence[str], cfg: Mapping[str, Any], mlflow, *, base_dir: str | os.PathLike,
-        merged_dir: str | os.PathLike, diff_dir: str | os.PathLike, split_dir: str | os.PathLike,
+        merged_dir: str | os.PathLike, reference_json: str | os.PathLike, split_dir: str | os.PathLike,
         log_dir: str | os.PathLike, perplexity_csv: str | os.PathLike, train_loss_csv: str | os.PathLike,
         comparison_md: str | os.PathLike, alerts_json: str | os.PathLike, compute=None) -> dict[str, Any]:
-    """Measure the base, the experts and the merged model, apply the gate and register the merged model.
+    """Measure the merged model against the reference perplexities, apply the gate and register the merged model.
 
-    Reads ``base_dir`` (HF folder with tokenizer), ``merged_dir``, ``<diff_dir>/<domain>.safetensors``,
-    ``<split_dir>/<domain>/test.parquet`` and ``<log_dir>/train_<domain>.log``. Writes ``perplexity_csv``
+    Reads ``base_dir`` (HF folder with tokenizer; the base's continuations), ``merged_dir``, ``reference_json``
+    (``evaluate_experts``: the base's and the experts' perplexities), ``<split_dir>/<domain>/test.parquet`` and
+    ``<log_dir>/train_<domain>.log``. Writes ``perplexity_csv``
     (model, domain, perplexity), ``train_loss_csv`` (domain, step, loss, eval_loss), ``comparison_md``
     (base vs merged continuations) and ``alerts_json`` (the gate's verdict), and logs them, the flat
     metrics and the registered model to the active MLflow run.
@@ -50,28 +53,27 @@ def run(domains: Sequence[str], cfg: Mapping[str, Any], mlflow, *, base_dir: str
         tokens/s), ``settings``, ``gate`` ({passed: 0|1, n_failures}), ``wall_s``, ``peak_rss_mb`` (MiB).
 
     Raises:
-        FileNotFoundError: a model, task vector, split file or training log is missing.
-        ValueError: an empty test split, or no test document long enough for a continuation.
+        FileNotFoundError: a model, the reference perplexities, a split file or a training log is missing.
+        ValueError: an empty test split, no test document long enough for a continuation, or reference
+            perplexities measured on other token streams or windows (:func:`~domainlm.lm.evaluation.check_reference`).
     """
     from transformers import AutoTokenizer
 
     start = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(base_dir, local_files_only=True)
     model = load_causal_lm(base_dir)
-    base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     merged = load_causal_lm(merged_dir)
-    task_vectors = load_task_vectors(diff_dir, list(domains))
     texts = {d: read_test_split(split_dir, d, int(cfg.get("seed", 0))) for d in domains}
     probe = PerplexityProbe.from_params(cfg, tokenizer, texts, model.config.max_position_embeddings)
+    with open(reference_json, encoding="utf-8") as fh:
+        reference = check_reference(json.load(fh), probe, list(domains))
 
-    # Perplexity of every model on every domain's test stream; the experts reuse the base model's weights.
+    # The merged model's perplexity on every domain's test stream (the base's and the experts' are the reference).
     t0 = time.perf_counter()
     with autocast(compute):
-        ppl: dict[str, dict[str, float]] = {"base": probe.run(model, "base"), "merged": probe.run(merged, "merged")}
-        for domain, state in expert_states(base_state, task_vectors):
-            model.load_state_dict(state, strict=True)
-            ppl[f"expert_{domain}"] = probe.run(model, f"expert_{domain}")
-    model.load_state_dict(base_state, strict=True)
+        merged_ppl = probe.run(merged, "merged")
+    ppl: dict[str, dict[str, float]] = {"base": reference["base"], "merged": merged_ppl,
+                                        **{f"expert_{d}": reference[f"expert_{d}"] for d in domains}}
     perplexity_s = time.perf_counter() - t0
 
     # Greedy continuations of the base and the merged model, scored against the documents' next tokens.
@@ -90,7 +92,7 @@ def run(domains: Sequence[str], cfg: Mapping[str, Any], mlflow, *, base_dir: str
         "tokens": {"perplexity_stream": {d: int(ids.numel()) for d, ids in probe.streams.items()},
                    "continuation_pairs": cont["pairs"], "continuation_docs_too_short": cont["too_short"]},
         "timing": {"perplexity_s": perplexity_s, "continuation_s": continuation_s,
-                   "scored_tokens_per_s": sum(ids.numel() - 1 for ids in probe.streams.values()) * len(ppl) / perplexity_s},
+                   "scored_tokens_per_s": sum(ids.numel() - 1 for ids in probe.streams.values()) / perplexity_s},
         "settings": {"max_length": probe.max_length, "stride": probe.stride,
                      "prompt_tokens": int(cont_cfg.get("prompt_tokens", 32)), "new_tokens": int(cont_cfg.get("new_tokens", 32))},
         "gate": {"passed": int(not failures), "n_failures": len(failures)},
@@ -122,7 +124,7 @@ def main() -> None:
         compute = st.use_compute(resolve(P.load_params().get("compute")))
         with mlflow_run("evaluate", cfg) as mlflow:
             metrics = run(domains, cfg, mlflow, compute=compute, base_dir=paths.BASE_DIR, merged_dir=paths.MERGED_DIR,
-                          diff_dir=paths.DIFF_DIR, split_dir=paths.SPLIT_DIR, log_dir=paths.LOG_DIR,
+                          reference_json=paths.REFERENCE_PERPLEXITY_JSON, split_dir=paths.SPLIT_DIR, log_dir=paths.LOG_DIR,
                           perplexity_csv=paths.PERPLEXITY_CSV, train_loss_csv=paths.TRAIN_LOSS_CSV,
                           comparison_md=paths.COMPARISON_MD, alerts_json=paths.ALERTS_JSON)
             st.write_metrics("evaluate", metrics)

@@ -1,5 +1,6 @@
 """Tests for domainlm.lm.evaluation (sliding-window perplexity, continuations, Korean-safe ROUGE-L), domainlm.lm.gate
-and the evaluate stage (expert x domain perplexities, gate, MLflow Model Registry aliases)."""
+and the evaluate_experts + evaluate stages (expert x domain reference perplexities, the merged model against them,
+gate, MLflow Model Registry aliases)."""
 from __future__ import annotations
 
 import csv
@@ -18,6 +19,7 @@ from domainlm.lm import gate
 from domainlm.lm.merging import linear, load_causal_lm
 from domainlm.lm.task_vectors import task_vector
 from stages import evaluate as ev
+from stages import evaluate_experts as ev_ref
 from tiny_lm import DOMAIN_TEXTS, build_base, one_torch_thread, train_lora, write_split  # noqa: F401 (autouse fixture)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -262,11 +264,18 @@ def test_main_pass_then_fail(stage_repo, monkeypatch):
     monkeypatch.chdir(stage_repo)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{stage_repo / 'mlflow.db'}")
     _params(stage_repo, {"min_mean_retained_gain": -100.0, "max_perplexity": None, "merged_below_base": False})
+    with pytest.raises(FileNotFoundError):  # evaluate needs evaluate_experts' reference perplexities
+        ev.main()
+    ev_ref.main()
     ev.main()
 
     m = json.loads((stage_repo / "metrics" / "evaluate.json").read_text())
+    ref = json.loads((stage_repo / "metrics" / "evaluate_experts.json").read_text())
     domains = list(DOMAIN_TEXTS)
     assert set(m["perplexity"]) == {"base", "merged", *(f"expert_{d}" for d in domains)}
+    assert set(ref["perplexity"]) == {"base", *(f"expert_{d}" for d in domains)}
+    for name, per in ref["perplexity"].items():  # evaluate reports the reference as evaluate_experts measured it
+        assert m["perplexity"][name] == per
     for d in domains:  # trained experts beat the base on their own domain
         assert m["perplexity"][f"expert_{d}"][d] < m["perplexity"]["base"][d]
         assert set(m["perplexity"][f"expert_{d}"]) == set(domains)
@@ -300,3 +309,24 @@ def test_main_pass_then_fail(stage_repo, monkeypatch):
     run = client.get_run(challenger.run_id)
     assert run.data.tags["gate"] == "failed" and "mean_retained_gain" in run.data.tags["gate.alert"]
     assert run.data.metrics["gate.passed"] == 0
+
+
+def test_evaluate_refuses_a_reference_measured_on_other_tokens(stage_repo, monkeypatch):
+    """A reference perplexity file from other streams or windows (here: another stride) is stale: evaluate stops
+    with an error naming evaluate_experts instead of mixing perplexities measured two ways."""
+    monkeypatch.chdir(stage_repo)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{stage_repo / 'mlflow.db'}")
+    _params(stage_repo, {"min_mean_retained_gain": -100.0, "max_perplexity": None, "merged_below_base": False})
+    ev_ref.main()
+    reference = json.loads((stage_repo / "eval" / "reference_perplexity.json").read_text())
+    assert reference["probe"]["stride"] == 32 and set(reference["probe"]["streams"]) == set(DOMAIN_TEXTS)
+    params = json.loads((stage_repo / "params.yaml").read_text())
+    params["evaluate"]["stride"] = 16
+    (stage_repo / "params.yaml").write_text(json.dumps(params))
+    with pytest.raises(ValueError, match="evaluate_experts"):
+        ev.main()
+    reference["perplexity"].pop("expert_law")
+    (stage_repo / "eval" / "reference_perplexity.json").write_text(json.dumps(reference))
+    _params(stage_repo, {"min_mean_retained_gain": -100.0, "max_perplexity": None, "merged_below_base": False})
+    with pytest.raises(ValueError, match="expert_law"):
+        ev.main()

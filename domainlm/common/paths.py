@@ -44,6 +44,7 @@ TRAIN_LOSS_CSV = PLOTS_DIR / "train_loss.csv"
 REFINE_HISTORY_CSV = PLOTS_DIR / "refine_history.csv"
 EVAL_DIR = Path("eval")
 COMPARISON_MD = EVAL_DIR / "eval_prompt_comparison.md"
+REFERENCE_PERPLEXITY_JSON = EVAL_DIR / "reference_perplexity.json"  # evaluate_experts: base + experts
 LOG_DIR = Path("logs")                            # train_<domain>.log (DVC outs) + the two logs below
 RUN_LOG = LOG_DIR / "pipeline_run.log"            # one line per stage run (git-ignored, .dvcignore-d)
 ERROR_LOG = LOG_DIR / "pipeline_errors.log"       # stack trace of each failed stage run (likewise)

@@ -10,6 +10,8 @@ fixes that for every script.
 """
 from __future__ import annotations
 
+import hashlib
+
 import json
 import math
 import random
@@ -344,6 +346,44 @@ class PerplexityProbe:
         """``{domain: perplexity}`` of ``model`` on every stream."""
         return {d: perplexity(model, ids, self.max_length, self.stride, self.batch_size, desc=f"ppl {name}/{d}")["perplexity"]
                 for d, ids in self.streams.items()}
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What a perplexity depends on besides the model: ``max_length``, ``stride`` and, per domain, the stream's
+        token count and the SHA-256 of its int64 token ids. Two probes with equal fingerprints score the same
+        tokens the same way (:func:`check_reference`)."""
+        return {"max_length": self.max_length, "stride": self.stride,
+                "streams": {d: {"tokens": int(ids.numel()),
+                                "sha256": hashlib.sha256(ids.to(torch.int64).numpy().tobytes()).hexdigest()}
+                            for d, ids in sorted(self.streams.items())}}
+
+
+def reference_record(probe: PerplexityProbe, ppl: Mapping[str, Mapping[str, float]]) -> dict[str, Any]:
+    """The ``evaluate_experts`` output: the reference perplexities (``{"base" | "expert_<d>": {domain: ppl}}``)
+    with the probe's :meth:`~PerplexityProbe.fingerprint` they were measured under."""
+    return {"probe": probe.fingerprint(), "perplexity": {m: dict(per) for m, per in ppl.items()}}
+
+
+def check_reference(reference: Mapping[str, Any], probe: PerplexityProbe, domains: Sequence[str]) -> dict[str, dict[str, float]]:
+    """The reference perplexities of ``reference`` (:func:`reference_record`) after checking they were measured on
+    ``probe``'s token streams and windows, with the base and an expert for every domain.
+
+    Returns:
+        ``{"base" | "expert_<d>": {domain: perplexity}}``.
+
+    Raises:
+        ValueError: the probe settings or streams differ (the reference is stale: re-run ``evaluate_experts``), or
+            a domain's base or expert perplexity is missing.
+    """
+    mine, theirs = probe.fingerprint(), reference.get("probe") or {}
+    if mine != theirs:
+        differ = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        raise ValueError(f"the reference perplexities were measured on other token streams or windows ({differ} "
+                         "differ): re-run evaluate_experts (dvc repro evaluate_experts)")
+    ppl = reference.get("perplexity") or {}
+    missing = [m for m in ["base", *(f"expert_{d}" for d in domains)] if set(ppl.get(m) or {}) != set(domains)]
+    if missing:
+        raise ValueError(f"the reference perplexities lack {missing} on domains {list(domains)}")
+    return {m: dict(per) for m, per in ppl.items()}
 
 
 def continuation_scores(tokenizer, texts: Mapping[str, list[str]], models: Mapping[str, Any], cont: Mapping[str, Any],

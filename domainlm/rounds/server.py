@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from domainlm.classify.deployed import MANIFEST, read_manifest, tree_sha256
-from domainlm.common.atomic import atomic_path, write_json
+from domainlm.common.atomic import alive, atomic_path, write_json
 
 log = logging.getLogger(__name__)
 
@@ -79,17 +79,6 @@ def read_state(state_file: str | os.PathLike = STATE_FILE) -> dict[str, Any] | N
         return None
     state = json.loads(path.read_text(encoding="utf-8"))
     return state if alive(int(state["pid"])) else None
-
-
-def alive(pid: int) -> bool:
-    """Whether process ``pid`` exists (signal 0)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def start_server(model_path: str | os.PathLike, *, host: str, port: int, log_path: str | os.PathLike,
