@@ -1,0 +1,88 @@
+"""Where the LoRA classifier's test macro-F1 levels off: train_classifier's gate attempts under other settings.
+
+Runs the stage's own code (``domainlm.classify.training.train_attempt``, ``gate.attempt_settings``,
+``model.predict_proba``) on this checkout's ``data/split``, ``data/labels/split_labels.parquet`` and
+``models/merged`` (run ``dvc repro refine_labels`` first), with ``classifier`` params overridden per run, and appends
+one row per attempt to ``benchmarks/results/classifier_ceiling.jsonl``: val and test macro-F1 (test on source
+labels, as the gate scores it), epochs, seconds.
+
+    python benchmarks/classifier_ceiling.py NAME '{"windows": {"train": 8, "predict": 8}}' [MAX_RETRIES]
+
+``{"cap": N}`` in the overrides trains each epoch on at most N documents per class (a class-balanced draw per epoch).
+Measured on an idle 2-core AVX512-BF16 box, bf16 on 2 threads: see the README's classifier section.
+"""
+import copy
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.chdir(ROOT)
+logging.basicConfig(level=logging.WARNING)
+from domainlm.common import params as P  # noqa: E402
+from domainlm.common.compute import resolve  # noqa: E402
+from domainlm.classify.data import read_splits, class_list  # noqa: E402
+from domainlm.classify.training import train_attempt, windows_params  # noqa: E402
+from domainlm.classify.model import predict_proba, save_classifier, ADAPTER_SUBDIR  # noqa: E402
+from domainlm.classify.gate import attempt_settings  # noqa: E402
+from domainlm.classify.metrics import score  # noqa: E402
+import tempfile  # noqa: E402
+OUT = ROOT / "benchmarks" / "results" / "classifier_ceiling.jsonl"
+WORK = Path(tempfile.mkdtemp(prefix="classifier_ceiling_"))
+name, over = sys.argv[1], json.loads(sys.argv[2])
+CAP = over.pop("cap", None)
+if CAP:
+    import numpy as np
+    import domainlm.classify.training as T
+    Base = T.WindowSampledDataset
+    class Capped(Base):
+        def __init__(self, windows, labels, *, seed):
+            super().__init__(windows, labels, seed=seed)
+            by = {}
+            for i, y in enumerate(self.labels): by.setdefault(y, []).append(i)
+            self.by = by; self.n = sum(min(len(v), CAP) for v in by.values())
+        def __len__(self): return self.n
+        def _map(self):
+            if getattr(self, "_e", None) != self.epoch:
+                rng = np.random.default_rng([self.seed, self.epoch, 7]); m = []
+                for y in sorted(self.by):
+                    v = self.by[y]; m += [v[j] for j in rng.permutation(len(v))[:CAP]]
+                self._m, self._e = m, self.epoch
+            return self._m
+        def __getitem__(self, i):
+            d = self._map()[i]
+            return {"input_ids": self.windows[d][self.window_index(d)], "labels": self.labels[d]}
+    T.WindowSampledDataset = Capped
+retries = int(sys.argv[3]) if len(sys.argv) > 3 else 3
+prm = P.load_params(); cfg = copy.deepcopy(prm["classifier"])
+def deep(d, o):
+    for k, v in o.items():
+        if isinstance(v, dict): deep(d.setdefault(k, {}), v)
+        else: d[k] = v
+deep(cfg, over)
+compute = resolve(prm.get("compute"))
+compute.apply()
+splits = read_splits("data/split", "data/labels/split_labels.parquet", prm["domains"])
+train, val, test = splits["train"], splits["val"], splits["test"]
+classes = class_list(train)
+_, npw = windows_params(cfg)
+rows = []; prev = None; t0 = time.perf_counter()
+for a in range(retries + 1):
+    s = attempt_settings(cfg["train"], cfg["gate"], a)
+    ta = time.perf_counter()
+    model, tok, info = train_attempt("models/merged", train, val, classes, cfg, s, seed=cfg.get("seed", 0) + a,
+                                     init_adapter=(prev + "/" + ADAPTER_SUBDIR) if prev else None, compute=compute)
+    tp = time.perf_counter()
+    proba = predict_proba(model, tok, test.texts, max_length=int(cfg["max_length"]), batch_size=int(cfg["train"]["eval_batch_size"]), max_windows=npw, compute=compute)
+    sc = score(test.labels, proba, classes)
+    prev = str(save_classifier(model, tok, WORK / f"{name}_a{a}"))
+    r = dict(name=name, attempt=a, val=round(info["val_macro_f1"], 4), test=round(sc["macro_f1"], 4), epochs_run=info["epochs_run"],
+             best_epoch=info["best_epoch"], train_s=round(info["train_s"], 1), predict_s=round(time.perf_counter() - tp, 1),
+             attempt_s=round(time.perf_counter() - ta, 1), cum_s=round(time.perf_counter() - t0, 1))
+    print(json.dumps(r), flush=True); rows.append(r)
+    with open(OUT, "a") as f:
+        f.write(json.dumps({**r, "over": {**over, **({"cap": CAP} if CAP else {})}}) + "\n")
