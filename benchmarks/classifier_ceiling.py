@@ -35,42 +35,58 @@ OUT = ROOT / "benchmarks" / "results" / "classifier_ceiling.jsonl"
 WORK = Path(tempfile.mkdtemp(prefix="classifier_ceiling_"))
 name, over = sys.argv[1], json.loads(sys.argv[2])
 CAP = over.pop("cap", None)
-if CAP:
+if CAP:  # a class-balanced draw: each epoch trains on at most CAP documents per class
     import numpy as np
+
     import domainlm.classify.training as T
-    Base = T.WindowSampledDataset
-    class Capped(Base):
+
+    class CappedWindowDataset(T.WindowSampledDataset):
         def __init__(self, windows, labels, *, seed):
             super().__init__(windows, labels, seed=seed)
-            by = {}
-            for i, y in enumerate(self.labels): by.setdefault(y, []).append(i)
-            self.by = by; self.n = sum(min(len(v), CAP) for v in by.values())
-        def __len__(self): return self.n
-        def _map(self):
-            if getattr(self, "_e", None) != self.epoch:
-                rng = np.random.default_rng([self.seed, self.epoch, 7]); m = []
-                for y in sorted(self.by):
-                    v = self.by[y]; m += [v[j] for j in rng.permutation(len(v))[:CAP]]
-                self._m, self._e = m, self.epoch
-            return self._m
+            self.by_class = {}
+            for i, y in enumerate(self.labels):
+                self.by_class.setdefault(y, []).append(i)
+            self.n = sum(min(len(v), CAP) for v in self.by_class.values())
+            self._drawn_epoch, self._docs = None, []
+
+        def __len__(self):
+            return self.n
+
+        def _epoch_docs(self):
+            if self._drawn_epoch != self.epoch:
+                rng = np.random.default_rng([self.seed, self.epoch, 7])
+                self._docs = [docs[j] for y in sorted(self.by_class)
+                              for docs in [self.by_class[y]] for j in rng.permutation(len(docs))[:CAP]]
+                self._drawn_epoch = self.epoch
+            return self._docs
+
         def __getitem__(self, i):
-            d = self._map()[i]
+            d = self._epoch_docs()[i]
             return {"input_ids": self.windows[d][self.window_index(d)], "labels": self.labels[d]}
-    T.WindowSampledDataset = Capped
+
+    T.WindowSampledDataset = CappedWindowDataset  # train_attempt builds its train dataset from this name
 retries = int(sys.argv[3]) if len(sys.argv) > 3 else 3
-prm = P.load_params(); cfg = copy.deepcopy(prm["classifier"])
-def deep(d, o):
+prm = P.load_params()
+cfg = copy.deepcopy(prm["classifier"])
+
+
+def deep_update(d, o):
     for k, v in o.items():
-        if isinstance(v, dict): deep(d.setdefault(k, {}), v)
-        else: d[k] = v
-deep(cfg, over)
+        if isinstance(v, dict):
+            deep_update(d.setdefault(k, {}), v)
+        else:
+            d[k] = v
+
+
+deep_update(cfg, over)
 compute = resolve(prm.get("compute"))
 compute.apply()
 splits = read_splits("data/split", "data/labels/split_labels.parquet", prm["domains"])
 train, val, test = splits["train"], splits["val"], splits["test"]
 classes = class_list(train)
 _, npw = windows_params(cfg)
-rows = []; prev = None; t0 = time.perf_counter()
+prev = None
+t0 = time.perf_counter()
 for a in range(retries + 1):
     s = attempt_settings(cfg["train"], cfg["gate"], a)
     ta = time.perf_counter()
@@ -83,6 +99,6 @@ for a in range(retries + 1):
     r = dict(name=name, attempt=a, val=round(info["val_macro_f1"], 4), test=round(sc["macro_f1"], 4), epochs_run=info["epochs_run"],
              best_epoch=info["best_epoch"], train_s=round(info["train_s"], 1), predict_s=round(time.perf_counter() - tp, 1),
              attempt_s=round(time.perf_counter() - ta, 1), cum_s=round(time.perf_counter() - t0, 1))
-    print(json.dumps(r), flush=True); rows.append(r)
+    print(json.dumps(r), flush=True)
     with open(OUT, "a") as f:
         f.write(json.dumps({**r, "over": {**over, **({"cap": CAP} if CAP else {})}}) + "\n")

@@ -11,7 +11,6 @@ fixes that for every script.
 from __future__ import annotations
 
 import hashlib
-
 import json
 import math
 import random
