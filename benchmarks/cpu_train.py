@@ -1,4 +1,5 @@
-"""Training-step speed of the three torch workloads on this CPU: fp32 vs bf16 autocast, 1 vs 2 threads.
+"""Training-step speed of the three torch workloads on this CPU: fp32 vs bf16 autocast, 1 vs 2 threads, and the
+attention kernel (``attn``: transformers' ``sdpa``, PyTorch's fused attention, vs ``eager``, matmuls and a softmax).
 
 Workloads (the default shapes of ``params.yaml``):
 
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 import math
 import statistics
@@ -76,8 +78,9 @@ def _linear_params(model, *, include_head: bool) -> int:
     return n
 
 
-def build(workload: str, params):
-    """``(model, batch, tokens_per_step, flop_per_step, n_trainable)`` for one workload (random weights and ids)."""
+def build(workload: str, params, attn: str = "sdpa"):
+    """``(model, batch, tokens_per_step, flop_per_step, n_trainable)`` for one workload (random weights and ids),
+    its attention computed by ``attn`` (a transformers ``attn_implementation``)."""
     import torch
     from peft import LoraConfig, TaskType, get_peft_model
     from transformers import Qwen2ForCausalLM, Qwen2ForSequenceClassification
@@ -90,6 +93,7 @@ def build(workload: str, params):
         B, T = int(c["train"]["batch_size"]), int(c["max_length"])
         cfg.num_labels = 12
         model = Qwen2ForSequenceClassification(cfg)
+        model.set_attn_implementation(attn)
         lcfg = c["lora"]
         model = get_peft_model(model, LoraConfig(task_type=TaskType.SEQ_CLS, r=lcfg["r"], lora_alpha=lcfg["lora_alpha"],
                                                  lora_dropout=lcfg["lora_dropout"], target_modules=list(lcfg["target_modules"]),
@@ -100,6 +104,7 @@ def build(workload: str, params):
         T = int(params["base_model"]["model"]["context_length"])
         B = int(params["base_model"]["train"]["batch_size"] if workload == "pretrain" else params["train_lora"]["train"]["batch_size"])
         model = Qwen2ForCausalLM(cfg)
+        model.set_attn_implementation(attn)
         n = _linear_params(model, include_head=True)
         if workload == "lora":
             lcfg = params["train_lora"]["lora"]
@@ -115,15 +120,15 @@ def build(workload: str, params):
     return model, batch, tokens, flop_per_token * tokens, trainable
 
 
-def cell(workload: str, dtype: str, threads: int, steps: int, warmup: int) -> dict:
-    """Time one (workload, dtype, threads) cell in this process."""
+def cell(workload: str, dtype: str, threads: int, steps: int, warmup: int, attn: str = "sdpa") -> dict:
+    """Time one (workload, dtype, threads, attn) cell in this process."""
     import torch
 
     from domainlm.common.compute import resolve
 
     policy = resolve({"dtype": dtype, "threads": threads}, device="cpu")
     policy.apply()
-    model, batch, tokens, flop, trainable = build(workload, _params())
+    model, batch, tokens, flop, trainable = build(workload, _params(), attn)
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     times = []
@@ -137,7 +142,7 @@ def cell(workload: str, dtype: str, threads: int, steps: int, warmup: int) -> di
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     step_s = statistics.median(times)
-    return {"workload": workload, "dtype": dtype, "threads": threads, "step_ms": round(1000 * step_s, 1),
+    return {"workload": workload, "dtype": dtype, "threads": threads, "attn": attn, "step_ms": round(1000 * step_s, 1),
             "tokens_per_step": tokens, "tokens_per_s": round(tokens / step_s, 1), "gflop_per_step": round(flop / 1e9, 3),
             "achieved_gflop_s": round(flop / step_s / 1e9, 2), "trainable_params": trainable,
             "loss_finite": int(math.isfinite(float(loss)))}
@@ -210,28 +215,30 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--workloads", nargs="+", default=list(WORKLOADS))
+    ap.add_argument("--attn", nargs="+", default=["sdpa", "eager"], help="attention implementations to time")
     ap.add_argument("--quality", action="store_true", help="also compare fp32 and bf16 losses (needs models/base, data/split)")
-    ap.add_argument("--cell", help=argparse.SUPPRESS)  # internal: workload,dtype,threads
+    ap.add_argument("--cell", help=argparse.SUPPRESS)  # internal: workload,dtype,threads,attn
     args = ap.parse_args()
     if args.cell:
-        w, dt, th = args.cell.split(",")
-        print(json.dumps(cell(w, dt, int(th), args.steps, args.warmup)))
+        w, dt, th, at = args.cell.split(",")
+        print(json.dumps(cell(w, dt, int(th), args.steps, args.warmup, at)))
         return
     rows = []
     for workload in args.workloads:
-        for threads in args.threads:
-            for dtype in ("fp32", "bf16"):
-                out = subprocess.run([sys.executable, __file__, "--cell", f"{workload},{dtype},{threads}",
-                                      "--steps", str(args.steps), "--warmup", str(args.warmup)],
-                                     capture_output=True, text=True, check=True, cwd=ROOT)
-                row = json.loads(out.stdout.strip().splitlines()[-1])
-                peak, rule = peak_gflop_s(dtype, threads)
-                row.update({"peak_gflop_s": round(peak, 1), "utilisation": round(row["achieved_gflop_s"] / peak, 4),
-                            "peak_rule": rule})
-                rows.append(row)
-                print(f"{workload:10s} {dtype} {threads} thr: {row['step_ms']:8.1f} ms/step, {row['tokens_per_s']:8.0f} tok/s, "
-                      f"{row['achieved_gflop_s']:7.1f} GFLOP/s ({100 * row['utilisation']:.1f}% of {rule})", flush=True)
-    base = {(r["workload"]): r["step_ms"] for r in rows if r["dtype"] == "fp32" and r["threads"] == 1}
+        for attn, threads, dtype in itertools.product(args.attn, args.threads, ("fp32", "bf16")):
+            out = subprocess.run([sys.executable, __file__, "--cell", f"{workload},{dtype},{threads},{attn}",
+                                  "--steps", str(args.steps), "--warmup", str(args.warmup)],
+                                 capture_output=True, text=True, check=True, cwd=ROOT)
+            row = json.loads(out.stdout.strip().splitlines()[-1])
+            peak, rule = peak_gflop_s(dtype, threads)
+            row.update({"peak_gflop_s": round(peak, 1), "utilisation": round(row["achieved_gflop_s"] / peak, 4),
+                        "peak_rule": rule})
+            rows.append(row)
+            print(f"{workload:10s} {attn:5s} {dtype} {threads} thr: {row['step_ms']:8.1f} ms/step, {row['tokens_per_s']:8.0f} tok/s, "
+                  f"{row['achieved_gflop_s']:7.1f} GFLOP/s ({100 * row['utilisation']:.1f}% of {rule})", flush=True)
+    # the baseline of each workload: fp32 on 1 thread with the first --attn (sdpa, transformers' default)
+    base = {r["workload"]: r["step_ms"] for r in rows[::-1] if r["dtype"] == "fp32" and r["threads"] == 1
+            and r["attn"] == args.attn[0]}
     for r in rows:
         r["speedup_vs_fp32_1thread"] = round(base[r["workload"]] / r["step_ms"], 3) if r["workload"] in base else None
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

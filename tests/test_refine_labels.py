@@ -283,6 +283,26 @@ def test_build_members_has_the_char_tfidf_member(tmp_path):
     assert {"lexical_features_s", "tfidf_features_s", "tokenize_s", "embed_s"} <= set(secs)
 
 
+def test_cross_fitting_in_two_worker_processes_gives_the_same_probabilities(tmp_path):
+    """Every member (naive Bayes, TF-IDF, LSTM, BiLSTM, the LM head), its folds fitted in two joblib worker
+    processes of one thread each, gives exactly what one process fitting them one after another gives."""
+    model, tok = build_base(tmp_path / "lm")
+    texts = [t for d in DOMAINS for t in korean_docs(d, 8)]
+    y = np.repeat(np.arange(len(DOMAINS)), 8)
+    members, _, _ = ens.build_members(
+        texts, tok, model, lexical=ens.LexicalConfig(min_df=1), tfidf=ens.TfidfConfig(C=1.0, min_df=1),
+        lstm=ens.LSTMConfig(max_tokens=16, epochs=2), transformer=ens.TransformerConfig(max_tokens=16))
+    serial = ens.cross_fit_ensemble(members, y, len(DOMAINS), folds=3, seed=5, workers=1, threads=1)
+    parallel = ens.cross_fit_ensemble(members, y, len(DOMAINS), folds=3, seed=5, workers=2, threads=1)
+    for m in members:
+        assert np.array_equal(serial.members[m.name].proba, parallel.members[m.name].proba), m.name
+        assert (parallel.members[m.name].scored_by == parallel.folds).all()
+        assert parallel.seconds[m.name] > 0
+    assert np.array_equal(serial.proba, parallel.proba)
+    with pytest.raises(ValueError, match="workers"):
+        ens.cross_fit(members, y, serial.folds, len(DOMAINS), workers=0)
+
+
 def test_temperature_scaling_softens_an_overconfident_member():
     rng = np.random.default_rng(0)
     n, c = 2000, 4

@@ -286,6 +286,28 @@ def test_lora_classifier_trains_only_adapter_and_head_and_saves_a_servable_model
     assert np.allclose(cls_model.predict_proba(again, tok, test.texts, max_length=24), proba, atol=1e-5)
 
 
+def test_attention_defaults_to_sdpa_and_the_setting_is_checked(trained):
+    model, _, info = trained
+    assert cls_model.attention_implementation(None) == "sdpa" and cls_model.attention_implementation("eager") == "eager"
+    with pytest.raises(ValueError, match="attn_implementation"):
+        cls_model.attention_implementation("flash")
+    assert info["attn_implementation"] == "sdpa" and model.config._attn_implementation == "sdpa"
+
+
+def test_eager_and_sdpa_attention_give_the_same_probabilities(corpus, splits, trained, tmp_path):
+    """The classifier trains with eager attention on a CPU; served or reloaded under sdpa it scores the same."""
+    model, tok, _ = trained
+    saved = cls_model.save_classifier(model, tok, tmp_path / "c")
+    texts = splits["test"].texts
+    proba = {}
+    for impl in ("eager", "sdpa"):
+        m, t = cls_model.load_adapter(corpus["lm_dir"], CLASSES, saved / cls_model.ADAPTER_SUBDIR, trainable=False,
+                                      attn_implementation=impl)
+        assert m.config._attn_implementation == impl
+        proba[impl] = cls_model.predict_proba(m.eval(), t, texts, max_length=24, max_windows=3, batch_size=4)
+    assert np.allclose(proba["eager"], proba["sdpa"], atol=1e-5)  # padded batches included (batch_size 4)
+
+
 def test_the_classifier_learns_the_labels(splits, trained):
     model, tok, info = trained
     test = splits["test"]

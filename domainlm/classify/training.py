@@ -196,7 +196,8 @@ def train_attempt(lm_dir: str | os.PathLike, train: LabelledSplit, val: Labelled
         train, val: labelled documents (:func:`domainlm.classify.data.read_splits`); val documents whose label
             is not in ``classes`` are left out of validation.
         classes: the class list (index = class id).
-        params: the ``classifier`` params (``max_length``, ``windows``, ``lora``, ``train.early_stopping_patience``).
+        params: the ``classifier`` params (``max_length``, ``windows``, ``lora``, ``train.early_stopping_patience``,
+            ``attn_implementation``).
         settings: this attempt's training settings (:func:`domainlm.classify.gate.attempt_settings`).
         seed: seeds the head, the LoRA matrices, the data order, the windows drawn and dropout.
         on_log: called as ``on_log(step, figures)`` at every Trainer log event (e.g. MLflow ``log_metrics``).
@@ -208,7 +209,7 @@ def train_attempt(lm_dir: str | os.PathLike, train: LabelledSplit, val: Labelled
         ``(peft_model, tokenizer, info)``: the model with its best epoch loaded, in eval mode, and ``info`` with
         ``val_macro_f1`` (of the kept epoch), ``best_epoch``, ``epochs_run``, ``steps``, ``train_loss``,
         ``train_s`` (seconds), ``trainable_params``, ``total_params``, ``val_docs_scored``, ``class_weighted``
-        (0/1).
+        (0/1), ``attn_implementation`` (:func:`domainlm.classify.model.attention_implementation`).
 
     Raises:
         ValueError: no val document has a known label (nothing to early-stop on), or a train label is not in
@@ -226,13 +227,14 @@ def train_attempt(lm_dir: str | os.PathLike, train: LabelledSplit, val: Labelled
     max_length = int(params["max_length"])
     n_train_windows, n_predict_windows = windows_params(params)
 
+    attn = cls_model.attention_implementation(params.get("attn_implementation"))
     if init_adapter is not None:
         from transformers import set_seed
 
         set_seed(seed)
-        model, tokenizer = cls_model.load_adapter(lm_dir, classes, init_adapter, trainable=True)
+        model, tokenizer = cls_model.load_adapter(lm_dir, classes, init_adapter, trainable=True, attn_implementation=attn)
     else:
-        base, tokenizer = cls_model.load_sequence_classifier(lm_dir, classes)
+        base, tokenizer = cls_model.load_sequence_classifier(lm_dir, classes, attn_implementation=attn)
         model = cls_model.attach_lora(base, params["lora"], seed=seed)
     y_train = [label_id[lab] for lab in train.labels]
     train_ds = WindowSampledDataset(cls_model.encode_windows(tokenizer, train.texts, max_length, n_train_windows),
@@ -285,4 +287,5 @@ def train_attempt(lm_dir: str | os.PathLike, train: LabelledSplit, val: Labelled
         "val_docs_scored": len(val_rows),
         "continued": int(init_adapter is not None),
         "class_weighted": int(weights is not None),
+        "attn_implementation": attn,
     }

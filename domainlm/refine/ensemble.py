@@ -481,36 +481,85 @@ class OutOfFold:
     trained_on: list[np.ndarray]
 
 
-def out_of_fold(member: Member, y: np.ndarray, folds: np.ndarray, n_classes: int, *, seed: int = 0) -> OutOfFold:
-    """Cross-fit ``member``: for each fold f, fit on the rows outside f and score the rows in f.
+def _fit_and_score(member: Member, y: np.ndarray, train_idx: np.ndarray, test_idx: np.ndarray, n_classes: int,
+                   seed: int, threads: int | None) -> tuple[np.ndarray, float]:
+    """One fold of one member: fit on ``train_idx``, score ``test_idx``; ``(proba, seconds)``. Runs in this
+    process or in a joblib worker, on at most ``threads`` compute threads."""
+    from domainlm.common.threads import limit_threads
+
+    t0 = time.perf_counter()
+    with limit_threads(threads):
+        model = member.fit(train_idx, y, n_classes, seed)
+        proba = member.predict_proba(model, test_idx, n_classes)
+    del model
+    free_memory()
+    return proba, time.perf_counter() - t0
+
+
+def cross_fit(members: Sequence[Member], y: np.ndarray, folds: np.ndarray, n_classes: int, *, seed: int = 0,
+              workers: int = 1, threads: int | None = None) -> tuple[dict[str, OutOfFold], dict[str, float]]:
+    """Cross-fit every member: for each member and fold f, fit on the rows outside f and score the rows in f.
 
     No row is ever scored by a model that was trained on it, so the probabilities estimate how
     the member would label the row had it never seen the row's (possibly wrong) label
     (confident learning, Northcutt et al. 2021, section 2).
 
+    The (member, fold) fits are independent: with ``workers`` > 1 they run in that many joblib worker processes
+    (the ``loky`` backend; numpy arrays of the members are memory-mapped, not copied), each on ``threads``
+    compute threads. Fold f of every member is seeded ``seed + f`` wherever it runs, so the probabilities are
+    the same as with ``workers=1`` (a member's fit must depend only on its arguments; :class:`LSTMMember` seeds
+    torch itself).
+
     Args:
         y: int64 ``(n,)`` class indices (the current labels).
         folds: int64 ``(n,)`` fold ids from :func:`assign_folds`.
+        workers: processes (1 = this process, one fit after another).
+        threads: compute threads per fit (torch + BLAS; None = leave as is).
+
+    Returns:
+        ``(oof, seconds)``: member name -> :class:`OutOfFold`, and member name -> the summed seconds of its fits.
+
+    Raises:
+        ValueError: ``workers`` < 1.
+        RuntimeError: a member left rows without out-of-fold probabilities.
+    """
+    if int(workers) < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    k = int(folds.max()) + 1
+    splits = [(np.flatnonzero(folds != f), np.flatnonzero(folds == f)) for f in range(k)]
+    jobs = [(m, f) for m in range(len(members)) for f in range(k)]
+    if int(workers) == 1:
+        results = [_fit_and_score(members[m], y, *splits[f], n_classes, seed + f, threads)
+                   for m, f in tqdm(jobs, desc="cross-fitting (member x fold)", leave=False)]
+    else:
+        from joblib import Parallel, delayed
+
+        done = Parallel(n_jobs=int(workers), backend="loky", return_as="generator")(
+            delayed(_fit_and_score)(members[m], y, *splits[f], n_classes, seed + f, threads) for m, f in jobs)
+        results = list(tqdm(done, total=len(jobs), desc="cross-fitting (member x fold)", leave=False))
+    oof: dict[str, OutOfFold] = {}
+    seconds: dict[str, float] = {}
+    for m, member in enumerate(members):
+        proba = np.full((len(y), n_classes), np.nan, dtype=np.float64)
+        scored_by = np.full(len(y), -1, dtype=np.int64)
+        for f, (train_idx, test_idx) in enumerate(splits):
+            fold_proba, secs = results[m * k + f]
+            proba[test_idx] = fold_proba
+            scored_by[test_idx] = f
+            seconds[member.name] = seconds.get(member.name, 0.0) + secs
+        if np.isnan(proba).any():
+            raise RuntimeError(f"member {member.name!r} left rows without out-of-fold probabilities")
+        oof[member.name] = OutOfFold(proba, scored_by, [train_idx for train_idx, _ in splits])
+    return oof, seconds
+
+
+def out_of_fold(member: Member, y: np.ndarray, folds: np.ndarray, n_classes: int, *, seed: int = 0) -> OutOfFold:
+    """Cross-fit one ``member`` in this process (:func:`cross_fit` with one member).
 
     Returns:
         :class:`OutOfFold` with the probabilities and the record of which model scored which row.
     """
-    k = int(folds.max()) + 1
-    proba = np.full((len(y), n_classes), np.nan, dtype=np.float64)
-    scored_by = np.full(len(y), -1, dtype=np.int64)
-    trained_on: list[np.ndarray] = []
-    for f in tqdm(range(k), desc=f"{member.name} folds", leave=False):
-        train_idx = np.flatnonzero(folds != f)
-        test_idx = np.flatnonzero(folds == f)
-        model = member.fit(train_idx, y, n_classes, seed + f)
-        proba[test_idx] = member.predict_proba(model, test_idx, n_classes)
-        scored_by[test_idx] = f
-        trained_on.append(train_idx)
-        del model
-        free_memory()
-    if np.isnan(proba).any():
-        raise RuntimeError(f"member {member.name!r} left rows without out-of-fold probabilities")
-    return OutOfFold(proba, scored_by, trained_on)
+    return cross_fit([member], y, folds, n_classes, seed=seed)[0][member.name]
 
 
 def apply_temperature(proba: np.ndarray, temperature: float) -> np.ndarray:
@@ -635,7 +684,7 @@ class EnsembleResult:
         accuracy: member name -> out-of-fold accuracy against the labels it was given.
         weights: member name -> soft-voting weight (:func:`accuracy_weights`).
         folds: the fold id of every row.
-        seconds: member name -> wall time of its cross-fitting.
+        seconds: member name -> the summed seconds of its fold fits (with several workers, more than the wall time).
         combiner: how ``proba`` was made (:data:`COMBINERS`); with ``stack`` the weights are reported only.
     """
 
@@ -652,9 +701,9 @@ class EnsembleResult:
 
 def cross_fit_ensemble(members: Iterable[Member], y: np.ndarray, n_classes: int, *, folds: int,
                        seed: int, calibrate: bool = True, combiner: str = "soft_vote",
-                       stack_C: float = 1.0) -> EnsembleResult:
-    """Cross-fit every member on the same folds, one after another (memory freed in between),
-    calibrate each by temperature scaling, and combine them.
+                       stack_C: float = 1.0, workers: int = 1, threads: int | None = None) -> EnsembleResult:
+    """Cross-fit every member on the same folds (:func:`cross_fit`: ``workers`` processes of ``threads``
+    threads; the same probabilities for any ``workers``), calibrate each by temperature scaling, and combine them.
 
     ``combiner="soft_vote"``: ``p = Σ_m w_m · p_m`` with ``p_m`` member m's temperature-scaled out-of-fold
     probabilities (:func:`fit_temperature` against ``y``; ``calibrate=False`` keeps them raw) and
@@ -667,22 +716,20 @@ def cross_fit_ensemble(members: Iterable[Member], y: np.ndarray, n_classes: int,
         y: int64 ``(n,)`` current labels as class indices.
         n_classes: size of the label space.
         folds: number of folds k; seed: fold assignment and model seeds.
+        workers, threads: processes and compute threads per fit (:func:`cross_fit`).
 
     Raises:
-        ValueError: ``combiner`` is not one of :data:`COMBINERS`.
+        ValueError: ``combiner`` is not one of :data:`COMBINERS`, or ``workers`` < 1.
     """
     if combiner not in COMBINERS:
         raise ValueError(f"refine.combiner must be one of {COMBINERS}, got {combiner!r}")
     fold_ids = assign_folds(y, folds, seed)
-    oof: dict[str, OutOfFold] = {}
     acc: dict[str, float] = {}
-    secs: dict[str, float] = {}
     calibrated: dict[str, np.ndarray] = {}
     temps: dict[str, float] = {}
+    members = list(members)
+    oof, secs = cross_fit(members, y, fold_ids, n_classes, seed=seed, workers=workers, threads=threads)
     for member in members:
-        t0 = time.perf_counter()
-        oof[member.name] = out_of_fold(member, y, fold_ids, n_classes, seed=seed)
-        secs[member.name] = time.perf_counter() - t0
         raw = oof[member.name].proba
         acc[member.name] = float((raw.argmax(1) == y).mean())
         temps[member.name] = fit_temperature(raw, y) if calibrate else 1.0

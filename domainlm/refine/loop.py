@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 import sqlite_utils
 
 from domainlm.common.atomic import atomic_path, write_text
+from domainlm.common.compute import available_cores
 from domainlm.common.paths import OVERRIDES_PATH
 from domainlm.documents.labels import OVERRIDES_SCHEMA, read_overrides
 from domainlm.refine import ensemble as ens
@@ -133,7 +134,8 @@ class RefineConfig:
     (:func:`domainlm.refine.ensemble.cross_fit_ensemble`).
 
     The stage around it: ``chunksize`` (rows per sqlite-utils insert batch and per Parquet record
-    batch), ``threads`` (compute threads, torch + BLAS; ``None`` = leave as is), ``max_chars``
+    batch), ``threads`` (compute threads, torch + BLAS; ``None`` = leave as is), ``workers`` (processes that
+    cross-fit the members' folds side by side, each on ``threads`` threads; ``None`` = every core), ``max_chars``
     (documents are cut to this many characters for every member), ``review_size`` (rows in the
     review queue), and the members' settings ``lexical``, ``tfidf``, ``lstm``, ``transformer``
     (:class:`domainlm.refine.ensemble.LexicalConfig` and its siblings).
@@ -153,6 +155,7 @@ class RefineConfig:
     stack_C: float = 1.0
     chunksize: int = 500
     threads: int | None = None
+    workers: int | None = 1
     max_chars: int = 4000
     review_size: int = 200
     lexical: ens.LexicalConfig = field(default_factory=ens.LexicalConfig)
@@ -163,7 +166,7 @@ class RefineConfig:
     @classmethod
     def from_params(cls, p: dict[str, Any]) -> "RefineConfig":
         """Pick this dataclass's fields out of the ``refine`` params: each present key cast to its
-        default's type (``threads`` may be null), sub-sections through their own ``from_params``;
+        default's type (``threads`` and ``workers`` may be null), sub-sections through their own ``from_params``;
         missing keys keep their default, other keys are ignored."""
         kw: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
@@ -172,7 +175,7 @@ class RefineConfig:
             value = p[f.name]
             if f.name in _MEMBER_SECTIONS:
                 kw[f.name] = _MEMBER_SECTIONS[f.name].from_params(value)
-            elif f.name == "threads":
+            elif f.name in ("threads", "workers"):
                 kw[f.name] = None if value is None else int(value)
             else:
                 kw[f.name] = type(f.default)(value)
@@ -255,6 +258,7 @@ def refine(db: sqlite_utils.Database, members: Sequence[ens.Member], lexical: en
     rows: list[dict[str, float]] = []
     val = np.asarray(splits) == "val"
     snapshot_dir = Path(snapshot_dir)
+    workers = cfg.workers if cfg.workers is not None else available_cores()
     for t in range(cfg.max_iterations):
         t0 = time.perf_counter()
         ids, current = store.read_current(db)
@@ -263,7 +267,7 @@ def refine(db: sqlite_utils.Database, members: Sequence[ens.Member], lexical: en
             raise ValueError(f"labels {unknown} are not in the label space {classes}")
         y = np.array([index[c] for c in current], dtype=np.int64)
         round_ = ens.cross_fit_ensemble(members, y, len(classes), folds=cfg.folds, seed=cfg.seed + t,
-                                        combiner=cfg.combiner, stack_C=cfg.stack_C)
+                                        combiner=cfg.combiner, stack_C=cfg.stack_C, workers=workers, threads=cfg.threads)
         tau = threshold(t, cfg.tau0, cfg.tau_step, cfg.tau_max)
         new = select_changes(y, round_.proba, tau, cfg.max_change_fraction, cfg.max_self_confidence)
         conf = round_.proba[np.arange(len(y)), new]
