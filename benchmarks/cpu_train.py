@@ -7,7 +7,9 @@ Workloads (the default shapes of ``params.yaml``):
   ``base_model.train.batch_size`` × ``context_length`` tokens.
 - ``lora``: the same model frozen with a LoRA adapter (``train_lora.lora``), batch ``train_lora.train.batch_size``.
 - ``classifier``: ``Qwen2ForSequenceClassification`` with LoRA on every linear layer (``classifier.lora``) and a
-  trained score head, batch ``classifier.train.batch_size`` × ``classifier.max_length``.
+  trained score head, batch ``classifier.train.batch_size`` × ``classifier.max_length`` with an attention mask, a
+  quarter of the rows right-padded to half length (as the stage's collator pads; with a padding mask the sdpa
+  kernel cannot take its causal fast path).
 
 Each cell runs in a fresh subprocess (its own thread pools) with the policy of :mod:`domainlm.common.compute`
 (``torch.autocast("cpu", dtype=torch.bfloat16)`` for bf16; weights, gradients and AdamW states fp32), times
@@ -31,7 +33,9 @@ validation perplexity under fp32 and under bf16 autocast, and the final validati
 pretraining runs from the same seed, fp32 vs bf16 (the bar: within 1%).
 
 Writes benchmarks/results/cpu_train.csv (and cpu_train_quality.csv). Run it on an idle machine:
-``python benchmarks/cpu_train.py [--steps 6] [--warmup 2] [--quality]``.
+``python benchmarks/cpu_train.py [--steps 6] [--warmup 2] [--quality]``. The attention kernels of the classifier:
+``python benchmarks/cpu_train.py --workloads classifier --threads 2 --attn sdpa eager --steps 10
+--out benchmarks/results/cpu_train_attention.csv``.
 """
 from __future__ import annotations
 
@@ -99,7 +103,11 @@ def build(workload: str, params, attn: str = "sdpa"):
                                                  lora_dropout=lcfg["lora_dropout"], target_modules=list(lcfg["target_modules"]),
                                                  modules_to_save=["score"]))
         n = _linear_params(model, include_head=False)
-        batch = {"input_ids": torch.randint(1, cfg.vocab_size, (B, T)), "labels": torch.randint(0, 12, (B,))}
+        # as train_classifier's collator pads: an attention mask, and a quarter of the rows right-padded to half length
+        mask = torch.ones(B, T, dtype=torch.long)
+        mask[: B // 4, T // 2:] = 0
+        ids = torch.randint(1, cfg.vocab_size, (B, T)).masked_fill(mask == 0, 0)
+        batch = {"input_ids": ids, "attention_mask": mask, "labels": torch.randint(0, 12, (B,))}
     else:
         T = int(params["base_model"]["model"]["context_length"])
         B = int(params["base_model"]["train"]["batch_size"] if workload == "pretrain" else params["train_lora"]["train"]["batch_size"])
@@ -215,7 +223,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--workloads", nargs="+", default=list(WORKLOADS))
-    ap.add_argument("--attn", nargs="+", default=["sdpa", "eager"], help="attention implementations to time")
+    ap.add_argument("--attn", nargs="+", default=["sdpa"],
+                    help="attention implementations to time (the first is the baseline), e.g. --attn sdpa eager")
+    ap.add_argument("--out", type=Path, default=RESULTS, help="the CSV to write")
     ap.add_argument("--quality", action="store_true", help="also compare fp32 and bf16 losses (needs models/base, data/split)")
     ap.add_argument("--cell", help=argparse.SUPPRESS)  # internal: workload,dtype,threads,attn
     args = ap.parse_args()
@@ -241,12 +251,12 @@ def main() -> None:
             and r["attn"] == args.attn[0]}
     for r in rows:
         r["speedup_vs_fp32_1thread"] = round(base[r["workload"]] / r["step_ms"], 3) if r["workload"] in base else None
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    with RESULTS.open("w", newline="") as fh:
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with args.out.open("w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    print(f"wrote {RESULTS}")
+    print(f"wrote {args.out}")
     if args.quality:
         q = quality()
         with QUALITY.open("w", newline="") as fh:

@@ -122,9 +122,10 @@ def attention_implementation(setting: str | None) -> str:
     ``sdpa`` is PyTorch's fused ``scaled_dot_product_attention``; ``eager`` computes the same function as two
     batched matmuls and a softmax, so only rounding differs. On a CPU eager trains faster for windows this short:
     the backward pass of the CPU flash-attention kernel (``_scaled_dot_product_flash_attention_for_cpu_backward``)
-    took 12 ms per layer of a 16×128-token step, four times its forward. Measured in train_classifier's Trainer on
-    the idle 2-core AVX512-BF16 box (bf16, 2 threads): an epoch's steps 23.9 / 22.6 s with sdpa, 19.6 / 17.3 s with
-    eager (1.23×); ``benchmarks/cpu_train.py`` has the step grid. Quality is another matter: rounding alone moved
+    took 12 ms per layer of a 16×128-token step, four times its forward. Whole epochs of train_classifier's Trainer
+    (steps + validation) on the 2-core AVX512-BF16 box, bf16 on 2 threads, the kernels alternating
+    (``benchmarks/classifier_attention.py``): 30.2 / 27.5 s with sdpa, 26.4 / 23.8 s with eager (1.15×; the steps
+    alone 1.23×). Quality is another matter: rounding alone moved
     the bundled corpus's gated test macro-F1 from 0.754 (sdpa) to 0.741 (eager) at the same validation macro-F1
     (0.778 / 0.776), across the gate's 0.75, so sdpa stays the default.
 

@@ -1,0 +1,76 @@
+"""Attention kernel of the LoRA classifier, sdpa vs eager, timed where it matters: whole training epochs of
+train_classifier's own ``train_attempt`` (the Hugging Face Trainer, padded and length-grouped batches, validation
+after the epoch), on this checkout's ``data/split``, label table and ``models/merged`` (run ``dvc repro
+train_classifier`` first).
+
+The two kernels alternate, one epoch each, for ``--rounds`` rounds, so a slow spell of the machine hits both. Each
+row records the seconds of ``trainer.train()`` (steps + validation), the epoch's validation macro-F1, and the CPU
+time the hypervisor stole meanwhile (``steal`` of ``/proc/stat``, in seconds summed over cores): a row with a large
+steal was not timed on an idle machine. Writes ``benchmarks/results/classifier_attention.csv``.
+
+    python benchmarks/classifier_attention.py [--rounds 2]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import logging
+import os
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+OUT = ROOT / "benchmarks" / "results" / "classifier_attention.csv"
+
+
+def steal_s() -> float:
+    """CPU seconds stolen by the hypervisor so far, summed over cores (``/proc/stat``, USER_HZ = 100)."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()
+    return int(fields[8]) / 100.0 if len(fields) > 8 else 0.0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=2)
+    args = ap.parse_args()
+    os.chdir(ROOT)
+    logging.basicConfig(level=logging.WARNING)
+    from domainlm.classify.data import class_list, read_splits
+    from domainlm.classify.gate import attempt_settings
+    from domainlm.classify.training import train_attempt
+    from domainlm.common import params as P
+    from domainlm.common.compute import resolve
+
+    prm = P.load_params()
+    compute = resolve(prm.get("compute"))
+    compute.apply()
+    splits = read_splits("data/split", "data/labels/split_labels.parquet", prm["domains"])
+    classes = class_list(splits["train"])
+    rows = []
+    for r in range(args.rounds):
+        for impl in ("sdpa", "eager"):
+            cfg = copy.deepcopy(prm["classifier"])
+            cfg["attn_implementation"] = impl
+            settings = {**attempt_settings(cfg["train"], cfg["gate"], 0), "epochs": 1.0}
+            s0 = steal_s()
+            _, _, info = train_attempt("models/merged", splits["train"], splits["val"], classes, cfg, settings,
+                                       seed=int(cfg.get("seed", 0)), compute=compute)
+            rows.append({"round": r, "attn": impl, "epoch_s": round(info["train_s"], 2), "steps": info["steps"],
+                         "val_macro_f1": round(info["val_macro_f1"], 4), "steal_s": round(steal_s() - s0, 2),
+                         "dtype": compute.dtype, "threads": compute.threads})
+            print(rows[-1], flush=True)
+    for impl in ("sdpa", "eager"):
+        print(impl, "median epoch s", statistics.median(r["epoch_s"] for r in rows if r["attn"] == impl))
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    with OUT.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    print(f"wrote {OUT}")
+
+
+if __name__ == "__main__":
+    main()
