@@ -1,0 +1,71 @@
+"""refine_labels with its (member, fold) fits in one process vs in ``refine.workers`` processes, alternating.
+
+Runs the stage's own ``run`` (``stages/refine_labels.py``) on this checkout's ``data/split``, label table and
+``models/merged`` with ``refine`` params as in ``params.yaml`` but ``workers`` set to 1 and to 2 in turn (outputs
+and MLflow runs go to a temporary folder; set ``MLFLOW_TRACKING_URI`` to keep them out of ``mlflow.db``). Each row:
+the refinement loop's seconds (``refine_s``), the stage's (``wall_s``), the labels it changed (the same for every
+worker count: each fold is seeded alike wherever it runs) and the CPU seconds the hypervisor stole meanwhile.
+Writes ``benchmarks/results/refine_workers.csv``.
+
+    MLFLOW_TRACKING_URI=sqlite:////tmp/bench_mlflow.db python benchmarks/refine_workers.py [--rounds 2]
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+OUT = ROOT / "benchmarks" / "results" / "refine_workers.csv"
+
+
+def steal_s() -> float:
+    """CPU seconds stolen by the hypervisor so far, summed over cores (``/proc/stat``, USER_HZ = 100)."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()
+    return int(fields[8]) / 100.0 if len(fields) > 8 else 0.0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=2)
+    args = ap.parse_args()
+    os.chdir(ROOT)
+    logging.basicConfig(level=logging.WARNING)
+    from domainlm.common import params as P
+    from domainlm.common.compute import resolve
+    from domainlm.refine.loop import RefineConfig
+    from stages.refine_labels import run
+
+    prm = P.load_params()
+    compute = resolve(prm.get("compute"))
+    compute.apply()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="refine_workers_") as tmp:
+        for r in range(args.rounds):
+            for workers in (1, 2):
+                cfg = dataclasses.replace(RefineConfig.from_params(prm["refine"]), workers=workers)
+                d = Path(tmp) / f"r{r}_w{workers}"
+                s0 = steal_s()
+                m = run(prm["domains"], cfg, split_dir="data/split", labels_path="data/labels/split_labels.parquet",
+                        model_dir="models/merged", db_path=f"{d}.db", snapshot_dir=f"{d}_snapshots",
+                        review_queue_path=f"{d}_queue.jsonl", history_path=f"{d}_history.csv", compute=compute)
+                rows.append({"round": r, "workers": workers, "threads": cfg.threads, "refine_s": round(m["refine_s"], 2),
+                             "wall_s": round(m["wall_s"], 2), "labels_changed": m["labels_changed"],
+                             "steal_s": round(steal_s() - s0, 2)})
+                print(rows[-1], flush=True)
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    with OUT.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    print(f"wrote {OUT}")
+
+
+if __name__ == "__main__":
+    main()
