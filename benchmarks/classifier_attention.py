@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import logging
 import os
 import statistics
@@ -23,13 +22,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from measure import steal_s, write_csv  # noqa: E402
+
 OUT = ROOT / "benchmarks" / "results" / "classifier_attention.csv"
-
-
-def steal_s() -> float:
-    """CPU seconds stolen by the hypervisor so far, summed over cores (``/proc/stat``, USER_HZ = 100)."""
-    fields = Path("/proc/stat").read_text().splitlines()[0].split()
-    return int(fields[8]) / 100.0 if len(fields) > 8 else 0.0
 
 
 def main() -> None:
@@ -64,11 +59,7 @@ def main() -> None:
             print(rows[-1], flush=True)
     for impl in ("sdpa", "eager"):
         print(impl, "median epoch s", statistics.median(r["epoch_s"] for r in rows if r["attn"] == impl))
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    with OUT.open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(OUT, rows)
     print(f"wrote {OUT}")
 
 

@@ -40,7 +40,6 @@ Writes benchmarks/results/cpu_train.csv (and cpu_train_quality.csv). Run it on a
 from __future__ import annotations
 
 import argparse
-import csv
 import itertools
 import json
 import math
@@ -52,6 +51,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from measure import write_csv  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results" / "cpu_train.csv"
 QUALITY = ROOT / "benchmarks" / "results" / "cpu_train_quality.csv"
 WORKLOADS = ("pretrain", "lora", "classifier")
@@ -251,18 +252,11 @@ def main() -> None:
             and r["attn"] == args.attn[0]}
     for r in rows:
         r["speedup_vs_fp32_1thread"] = round(base[r["workload"]] / r["step_ms"], 3) if r["workload"] in base else None
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with args.out.open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(args.out, rows)
     print(f"wrote {args.out}")
     if args.quality:
         q = quality()
-        with QUALITY.open("w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=list(q[0]))
-            w.writeheader()
-            w.writerows(q)
+        write_csv(QUALITY, q)
         for r in q:
             print(r)
         print(f"wrote {QUALITY}")

@@ -12,7 +12,6 @@ Writes ``benchmarks/results/refine_workers.csv``.
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import logging
 import os
@@ -22,13 +21,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from measure import steal_s, write_csv  # noqa: E402
+
 OUT = ROOT / "benchmarks" / "results" / "refine_workers.csv"
-
-
-def steal_s() -> float:
-    """CPU seconds stolen by the hypervisor so far, summed over cores (``/proc/stat``, USER_HZ = 100)."""
-    fields = Path("/proc/stat").read_text().splitlines()[0].split()
-    return int(fields[8]) / 100.0 if len(fields) > 8 else 0.0
 
 
 def main() -> None:
@@ -59,11 +54,7 @@ def main() -> None:
                              "wall_s": round(m["wall_s"], 2), "labels_changed": m["labels_changed"],
                              "steal_s": round(steal_s() - s0, 2)})
                 print(rows[-1], flush=True)
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    with OUT.open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(OUT, rows)
     print(f"wrote {OUT}")
 
 

@@ -295,7 +295,8 @@ def test_attention_defaults_to_sdpa_and_the_setting_is_checked(trained):
 
 
 def test_eager_and_sdpa_attention_give_the_same_probabilities(corpus, splits, trained, tmp_path):
-    """The classifier trains with eager attention on a CPU; served or reloaded under sdpa it scores the same."""
+    """Trained with one attention kernel (sdpa by default), the classifier scores the same under the other: eager and
+    sdpa compute the same function, so switching ``classifier.attn_implementation`` changes only rounding."""
     model, tok, _ = trained
     saved = cls_model.save_classifier(model, tok, tmp_path / "c")
     texts = splits["test"].texts
