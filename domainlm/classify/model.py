@@ -125,9 +125,9 @@ def attention_implementation(setting: str | None) -> str:
     took 12 ms per layer of a 16×128-token step, four times its forward. Whole epochs of train_classifier's Trainer
     (steps + validation) on the 2-core AVX512-BF16 box, bf16 on 2 threads, the kernels alternating
     (``benchmarks/classifier_attention.py``): 30.2 / 27.5 s with sdpa, 26.4 / 23.8 s with eager (1.15×; the steps
-    alone 1.23×). Quality is another matter: rounding alone moved
-    the bundled corpus's gated test macro-F1 from 0.754 (sdpa) to 0.741 (eager) at the same validation macro-F1
-    (0.778 / 0.776), across the gate's 0.75, so sdpa stays the default.
+    alone 1.23×). Quality is another matter: rounding alone moved the bundled corpus's gated test macro-F1 from
+    0.754 (sdpa) to 0.741 (eager) at the same validation macro-F1 (0.778 / 0.776), across the gate's 0.75, so sdpa
+    stays the default.
 
     Raises:
         ValueError: ``setting`` is not one of :data:`ATTENTION_CHOICES`.
