@@ -56,6 +56,7 @@ from domainlm.common.params import section  # noqa: E402
 from domainlm.common.threads import limit_threads  # noqa: E402
 from domainlm.refine import ensemble as ens  # noqa: E402
 from domainlm.refine import loop  # noqa: E402
+from domainlm.refine import members as mem  # noqa: E402
 from domainlm.refine import store  # noqa: E402
 
 log = logging.getLogger("benchmarks.label_noise")
@@ -189,8 +190,8 @@ def _main(argv: list[str] | None, cfg: loop.RefineConfig) -> int:
     texts = [r["text"][: cfg.max_chars] for r in base_rows]
 
     t0 = time.perf_counter()
-    tokenizer, lm = ens.load_lm(args.model)
-    members, lexical, feature_secs = ens.build_members(texts, tokenizer, lm, lexical=cfg.lexical, tfidf=cfg.tfidf,
+    tokenizer, lm = mem.load_lm(args.model)
+    members, lexical, feature_secs = mem.build_members(texts, tokenizer, lm, lexical=cfg.lexical, tfidf=cfg.tfidf,
                                                        lstm=cfg.lstm, transformer=cfg.transformer)
     del lm
     log.info("features for %d rows, %d classes in %.1fs: %s", len(texts), len(classes), time.perf_counter() - t0,

@@ -76,7 +76,7 @@ def main() -> None:
         cfg = P.section("base_model")
         compute = st.use_compute(resolve(P.load_params().get("compute")))
         with mlflow_run("base_model", cfg) as mlflow:
-            metrics = run(paths.SPLIT_DIR, P.domains(), cfg, paths.BASE_DIR, compute=compute,
+            metrics = run(paths.SPLIT_DIR, P.required_domains("base_model"), cfg, paths.BASE_DIR, compute=compute,
                           on_log=lambda step, m: mlflow.log_metrics({"train_loss": m["loss"], "lr": m["lr"]}, step=step))
             st.write_metrics("base_model", metrics)
             mlflow.log_metrics({k: v for k, v in metrics.items() if not isinstance(v, dict)})

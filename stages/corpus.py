@@ -36,7 +36,7 @@ def main() -> None:
         specs = cfg.get("sources") or {}
         try:
             require_declared("corpus", external_inputs(specs))
-            manifest = run(specs, P.domains(), paths.RAW_DIR, cfg.get("cache_dir") or ".cache/corpus",
+            manifest = run(specs, P.required_domains("corpus"), paths.RAW_DIR, cfg.get("cache_dir") or ".cache/corpus",
                            cfg.get("max_docs_per_domain"))
         except (sources.SourceUnavailable, UndeclaredInputError, ValueError) as exc:
             fail(f"corpus: {exc}")

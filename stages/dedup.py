@@ -72,7 +72,7 @@ def main() -> None:
                 raise KeyError(f"params.yaml dedup section has no '{key}'")
         optional = {k: cfg[k] for k in ("estimate_sigmas", "max_bucket_size", "background_docs", "background_pairs",
                                         "max_false_candidates_per_doc") if k in cfg}
-        metrics = run(P.domains(), paths.VALIDATED_DIR, paths.DEDUP_DIR, num_perm=cfg["num_perm"],
+        metrics = run(P.required_domains("dedup"), paths.VALIDATED_DIR, paths.DEDUP_DIR, num_perm=cfg["num_perm"],
                       threshold=cfg["threshold"], min_recall=cfg["min_recall_at_threshold"], seed=cfg["seed"],
                       workers=cfg.get("workers"), lsh_backend=cfg["lsh_backend"], redis=cfg.get("redis"),
                       engine=cfg.get("engine", "local"), ray=cfg.get("ray"), work_dir=cfg.get("work_dir"), **optional)

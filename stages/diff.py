@@ -64,9 +64,7 @@ def run(base_dir: str | os.PathLike, lora_dir: str | os.PathLike, domains: Seque
 def main() -> None:
     with stage_run("diff") as st:
         cfg = P.section("diff")
-        domains = P.domains()
-        if not domains:
-            raise SystemExit("diff: params.yaml lists no domains")
+        domains = P.required_domains("diff")
         result = run(paths.BASE_DIR, paths.LORA_DIR, domains, diff_dir=paths.DIFF_DIR,
                      train_metrics_dir=paths.TRAIN_METRICS_DIR, cosine_csv=paths.COSINE_CSV,
                      summary_csv=paths.SUMMARY_CSV, top_k=int(cfg.get("top_k", 5)))

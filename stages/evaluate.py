@@ -118,9 +118,7 @@ def run(domains: Sequence[str], cfg: Mapping[str, Any], mlflow, *, base_dir: str
 def main() -> None:
     with stage_run("evaluate") as st:
         cfg = P.section("evaluate")
-        domains = P.domains()
-        if not domains:
-            raise SystemExit("evaluate: params.yaml lists no domains")
+        domains = P.required_domains("evaluate")
         compute = st.use_compute(resolve(P.load_params().get("compute")))
         with mlflow_run("evaluate", cfg) as mlflow:
             metrics = run(domains, cfg, mlflow, compute=compute, base_dir=paths.BASE_DIR, merged_dir=paths.MERGED_DIR,

@@ -70,9 +70,7 @@ def run(domains: Sequence[str], cfg: Mapping[str, Any], *, base_dir: str | os.Pa
 def main() -> None:
     with stage_run("evaluate_experts") as st:
         cfg = P.section("evaluate")
-        domains = P.domains()
-        if not domains:
-            raise SystemExit("evaluate_experts: params.yaml lists no domains")
+        domains = P.required_domains("evaluate_experts")
         compute = st.use_compute(resolve(P.load_params().get("compute")))
         metrics = run(domains, cfg, compute=compute, base_dir=paths.BASE_DIR, diff_dir=paths.DIFF_DIR,
                       split_dir=paths.SPLIT_DIR, reference_json=paths.REFERENCE_PERPLEXITY_JSON)

@@ -54,7 +54,7 @@ def run(base_dir: str | os.PathLike, diff_dir: str | os.PathLike, out_dir: str |
 def main() -> None:
     with stage_run("merge") as st:
         cfg = P.section("merge")
-        domains = P.domains()
+        domains = P.required_domains("merge")
         method, options = method_options(cfg)
         weights = resolve_weights(cfg.get("weights"), domains)
         metrics = run(paths.BASE_DIR, paths.DIFF_DIR, paths.MERGED_DIR, method, options, weights)

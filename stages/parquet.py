@@ -86,7 +86,7 @@ def main() -> None:
     """DVC entry point: params ``domains`` + ``parquet`` -> data/parquet/, metrics/parquet.json."""
     with stage_run("parquet") as st:
         cfg = P.section("parquet")
-        metrics = run(paths.DEDUP_DIR, paths.PARQUET_DIR, P.domains(), text_codec=cfg["text_codec"],
+        metrics = run(paths.DEDUP_DIR, paths.PARQUET_DIR, P.required_domains("parquet"), text_codec=cfg["text_codec"],
                       default_codec=cfg["default_codec"], batch_rows=cfg["batch_rows"])
         st.write_metrics("parquet", metrics)
         st.log.info("parquet: %d documents in %d domains, %d -> %d bytes (%.2fx)", metrics["total"]["rows"],

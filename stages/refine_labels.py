@@ -26,7 +26,8 @@ from domainlm.common.stage import configure_logging, stage_run
 from domainlm.common.threads import limit_threads
 from domainlm.common.tracking import mlflow_run
 from domainlm.documents.jsonl import write_records
-from domainlm.refine import ensemble as ens
+from domainlm.refine import features as feat
+from domainlm.refine import members as mem
 from domainlm.refine import store
 from domainlm.refine.loop import RefineConfig, promote, refine, review_queue
 
@@ -86,12 +87,12 @@ def run(domains: Sequence[str], cfg: RefineConfig, *, split_dir: str | Path, lab
             labels = store.read_labels(db)
             classes = sorted(set(labels.original))
             texts = [t[: cfg.max_chars] for t in labels.texts]
-            tokenizer, lm = ens.load_lm(model_dir)
-            members, lexical, feature_secs = ens.build_members(texts, tokenizer, lm, lexical=cfg.lexical,
+            tokenizer, lm = mem.load_lm(model_dir)
+            members, lexical, feature_secs = mem.build_members(texts, tokenizer, lm, lexical=cfg.lexical,
                                                                tfidf=cfg.tfidf, lstm=cfg.lstm,
                                                                transformer=cfg.transformer, compute=compute)
             del lm
-            ens.free_memory()
+            feat.free_memory()
 
             with mlflow_run("refine_labels", dataclasses.asdict(cfg)) as mlflow:
                 def log_iteration(t: int, row: dict[str, float]) -> None:
@@ -161,8 +162,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     with stage_run("refine_labels") as st:
         cfg = RefineConfig.from_params(P.section("refine"))
         compute = st.use_compute(resolve(P.load_params().get("compute")))
-        metrics = run(P.domains(), cfg, compute=compute, split_dir=paths.SPLIT_DIR, labels_path=paths.LABELS_PATH,
-                      model_dir=paths.MERGED_DIR, db_path=paths.REFINED_DB, snapshot_dir=paths.SNAPSHOT_DIR,
+        metrics = run(P.required_domains("refine_labels"), cfg, compute=compute, split_dir=paths.SPLIT_DIR,
+                      labels_path=paths.LABELS_PATH, model_dir=paths.MERGED_DIR, db_path=paths.REFINED_DB, snapshot_dir=paths.SNAPSHOT_DIR,
                       review_queue_path=paths.REVIEW_QUEUE, history_path=paths.REFINE_HISTORY_CSV)
         st.write_metrics("refine", metrics)
         st.log.info("refine_labels: %d of %d labels changed in %d iterations, %.1fs", metrics["labels_changed"],

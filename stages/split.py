@@ -121,7 +121,7 @@ def main() -> None:
     metrics/split.json."""
     with stage_run("split") as st:
         cfg = P.section("split")
-        metrics = run(paths.PARQUET_DIR, paths.SPLIT_DIR, P.domains(), seed=int(cfg["seed"]),
+        metrics = run(paths.PARQUET_DIR, paths.SPLIT_DIR, P.required_domains("split"), seed=int(cfg["seed"]),
                       val_size=float(cfg["val_size"]), test_size=float(cfg["test_size"]),
                       overrides_path=paths.OVERRIDES_PATH, labels_path=paths.LABELS_PATH)
         st.write_metrics("split", metrics)

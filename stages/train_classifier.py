@@ -184,9 +184,10 @@ def run(domains: Sequence[str], cfg: Mapping[str, Any], mlflow, *, split_dir: st
         registered = registry.log_and_register(
             mlflow, out_dir / MODEL_SUBDIR, model_name=model_name, alias=alias, serving_config=serving_cfg,
             tags={"git_commit": commit, "data_sha256": files_sha256(data_files), "test_sha256": test_sha,
-                  "label_overrides": overrides, "macro_f1": f"{kept.macro_f1:.6f}",
-                  "accuracy": f"{kept.test['accuracy']:.6f}", "gate": "passed" if outcome.passed else "failed",
-                  "classes": ",".join(classes), "started_from": kept.source})
+                  "label_overrides": overrides, "macro_f1": registry.score_tag(kept.macro_f1),
+                  "accuracy": registry.score_tag(kept.test["accuracy"]),
+                  "gate": "passed" if outcome.passed else "failed", "classes": ",".join(classes),
+                  "started_from": kept.source})
         log.info("registered %s v%d as %r (champion before: v%s, macro-F1 %s, %s)", model_name, registered["version"],
                  alias, champion["version"], champion["macro_f1"], champion["how"])
     register_s = time.perf_counter() - t0
@@ -281,9 +282,7 @@ def _ratio(a: float, b: float) -> float | None:
 def main() -> None:
     with stage_run(STAGE) as st:
         cfg = P.section("classifier")
-        domains = P.domains()
-        if not domains:
-            raise SystemExit(f"{STAGE}: params.yaml lists no domains")
+        domains = P.required_domains(STAGE)
         compute = st.use_compute(resolve(P.load_params().get("compute")))
         with mlflow_run(STAGE, cfg) as mlflow:
             metrics = run(domains, cfg, mlflow, compute=compute, deployed_dir=paths.DEPLOYED_DIR, split_dir=paths.SPLIT_DIR, labels_path=paths.LABELS_PATH,

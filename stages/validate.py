@@ -51,7 +51,7 @@ def main() -> None:
         except UndeclaredInputError as exc:
             fail(f"validate: {exc}")
         metrics = run(inputs, paths.VALIDATED_DIR,
-                      domains=P.domains(), min_chars=cfg.get("min_chars", 30),
+                      domains=P.required_domains("validate"), min_chars=cfg.get("min_chars", 30),
                       max_chars=cfg.get("max_chars", 200_000), preview_per_domain=cfg.get("preview_per_domain", 5))
         st.write_metrics("validate", metrics)
         t = metrics["totals"]

@@ -23,7 +23,9 @@ from domainlm.common.params import section
 from domainlm.common.threads import limit_threads
 from domainlm.documents.labels import OVERRIDES_SCHEMA, apply_overrides, read_overrides, write_empty_overrides
 from domainlm.refine import ensemble as ens
+from domainlm.refine import features as feat
 from domainlm.refine import loop
+from domainlm.refine import members as mem
 from domainlm.refine import store
 from lm_fixtures import korean_docs, write_label_table_fixture, write_split_fixture
 from stages import refine_labels as rl
@@ -241,21 +243,21 @@ def test_folds_are_stratified_and_cover_every_row():
 
 def test_lexical_member_counts_words_and_jamo():
     texts = korean_docs("law", 4) + ["Only English words here, no Hangul at all."] * 2
-    x, names = ens.lexical_counts(texts, min_df=1)
+    x, names = feat.lexical_counts(texts, min_df=1)
     assert x.shape == (6, len(names))
     assert any(n.startswith("j:") for n in names) and any(n.startswith("w:") for n in names)
     assert "j:대" in set(names)  # a jamo bigram of 대한민국
-    english_only, enames = ens.lexical_counts(["plain english text", "more english text"], min_df=1)
+    english_only, enames = feat.lexical_counts(["plain english text", "more english text"], min_df=1)
     assert not any(n.startswith("j:") for n in enames) and english_only.shape[0] == 2
 
 
 def test_char_tfidf_member_scores_every_row_with_probabilities_and_is_deterministic():
     texts = [t for d in DOMAINS for t in korean_docs(d, 10)]
     y = np.repeat(np.arange(3), 10)
-    x = ens.char_tfidf(texts, ngrams=(1, 3), min_df=1)
+    x = feat.char_tfidf(texts, ngrams=(1, 3), min_df=1)
     assert x.shape[0] == 30 and x.shape[1] > 0
     np.testing.assert_allclose(np.sqrt(x.multiply(x).sum(axis=1)).A.ravel(), 1.0)  # l2-normalised rows
-    member = ens.CharTfidfLR(x, C=3.0)
+    member = mem.CharTfidfLR(x, C=3.0)
     train, test = np.arange(30)[np.arange(30) % 3 != 0], np.arange(30)[np.arange(30) % 3 == 0]
     proba = member.predict_proba(member.fit(train, y, 4, seed=0), test, 4)  # 4 classes, one never seen
     assert proba.shape == (len(test), 4) and proba.dtype == np.float64
@@ -267,17 +269,17 @@ def test_char_tfidf_member_scores_every_row_with_probabilities_and_is_determinis
     oof = ens.out_of_fold(member, y, folds, 3, seed=0)
     assert np.array_equal(oof.proba, ens.out_of_fold(member, y, folds, 3, seed=0).proba)
     with pytest.raises(ValueError, match="analyzer"):
-        ens.char_tfidf(texts, analyzer="word")
+        feat.char_tfidf(texts, analyzer="word")
     with pytest.raises(ValueError, match="at least one text"):
-        ens.char_tfidf([])
+        feat.char_tfidf([])
 
 
 def test_build_members_has_the_char_tfidf_member(tmp_path):
     model, tok = build_base(tmp_path / "lm")
     texts = [t for d in DOMAINS for t in korean_docs(d, 4)]
-    members, lexical, secs = ens.build_members(
-        texts, tok, model, lexical=ens.LexicalConfig(min_df=1), tfidf=ens.TfidfConfig(C=1.0, min_df=1),
-        lstm=ens.LSTMConfig(max_tokens=16, epochs=1), transformer=ens.TransformerConfig(max_tokens=16))
+    members, lexical, secs = mem.build_members(
+        texts, tok, model, lexical=mem.LexicalConfig(min_df=1), tfidf=mem.TfidfConfig(C=1.0, min_df=1),
+        lstm=mem.LSTMConfig(max_tokens=16, epochs=1), transformer=mem.TransformerConfig(max_tokens=16))
     assert [m.name for m in members] == ["lexical", "tfidf", "lstm", "bilstm", "transformer"]
     assert members[0] is lexical and members[1].C == 1.0 and members[1].x.shape[0] == len(texts)
     assert {"lexical_features_s", "tfidf_features_s", "tokenize_s", "embed_s"} <= set(secs)
@@ -289,9 +291,9 @@ def test_cross_fitting_in_two_worker_processes_gives_the_same_probabilities(tmp_
     model, tok = build_base(tmp_path / "lm")
     texts = [t for d in DOMAINS for t in korean_docs(d, 8)]
     y = np.repeat(np.arange(len(DOMAINS)), 8)
-    members, _, _ = ens.build_members(
-        texts, tok, model, lexical=ens.LexicalConfig(min_df=1), tfidf=ens.TfidfConfig(C=1.0, min_df=1),
-        lstm=ens.LSTMConfig(max_tokens=16, epochs=2), transformer=ens.TransformerConfig(max_tokens=16))
+    members, _, _ = mem.build_members(
+        texts, tok, model, lexical=mem.LexicalConfig(min_df=1), tfidf=mem.TfidfConfig(C=1.0, min_df=1),
+        lstm=mem.LSTMConfig(max_tokens=16, epochs=2), transformer=mem.TransformerConfig(max_tokens=16))
     serial = ens.cross_fit_ensemble(members, y, len(DOMAINS), folds=3, seed=5, workers=1, threads=1)
     parallel = ens.cross_fit_ensemble(members, y, len(DOMAINS), folds=3, seed=5, workers=2, threads=1)
     for m in members:
@@ -352,26 +354,26 @@ def test_run_in_batches_halves_on_oom_and_processes_every_item_once():
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         seen.extend(range(start, stop))
 
-    assert ens.run_in_batches(step, 20, 16) == 2
+    assert feat.run_in_batches(step, 20, 16) == 2
     assert seen == list(range(20))
 
     def cpu_oom(start, stop):
         if stop - start > 5:
             raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
 
-    assert ens.run_in_batches(cpu_oom, 11, 8) == 4
+    assert feat.run_in_batches(cpu_oom, 11, 8) == 4
 
     def other_error(start, stop):
         raise RuntimeError("shape mismatch")
 
     with pytest.raises(RuntimeError, match="shape mismatch"):
-        ens.run_in_batches(other_error, 4, 4)
+        feat.run_in_batches(other_error, 4, 4)
 
     def always_oom(start, stop):
         raise RuntimeError("CUDA error: out of memory")
 
     with pytest.raises(RuntimeError, match="out of memory"):
-        ens.run_in_batches(always_oom, 4, 4)
+        feat.run_in_batches(always_oom, 4, 4)
 
 
 def _oom_above(limit: int):
@@ -381,7 +383,7 @@ def _oom_above(limit: int):
     return hook
 
 
-class OOMLSTM(ens.LSTMMember):
+class OOMLSTM(mem.LSTMMember):
     """An LSTM member whose network 'runs out of memory' on batches above 5 rows."""
 
     def build_model(self, n_classes):
@@ -394,7 +396,7 @@ def test_lstm_member_survives_injected_oom():
     texts = [t for d in DOMAINS for t in korean_docs(d, 8)]
     y = np.repeat(np.arange(3), 8)
     tokens = [[ord(ch) for ch in t] for t in texts]  # code points as token ids
-    ids, lengths, vocab = ens.token_matrix(tokens, max_len=24)
+    ids, lengths, vocab = feat.token_matrix(tokens, max_len=24)
     member = OOMLSTM(ids, lengths, vocab, bidirectional=True, embed_dim=8, hidden=8, epochs=1, batch_size=16)
     model = member.fit(np.arange(24), y, 3, seed=0)
     proba = member.predict_proba(model, np.arange(24), 3)
@@ -405,13 +407,13 @@ def test_lstm_member_survives_injected_oom():
 def test_embedding_survives_injected_oom(tmp_path):
     model, tok = build_base(tmp_path / "lm")
     texts = [t for d in DOMAINS for t in korean_docs(d, 3)]
-    reference, bs = ens.embed_mean_pooled(model, tok, texts, max_tokens=16, batch_size=8, desc=None)
+    reference, bs = feat.embed_mean_pooled(model, tok, texts, max_tokens=16, batch_size=8, desc=None)
     assert bs == 8
     # Qwen2Model.forward is called with keyword arguments, so the hook reads input_ids from kwargs
     handle = model.base_model.register_forward_pre_hook(
         lambda m, args, kwargs: _oom_above(2)(m, (kwargs["input_ids"],)), with_kwargs=True)
     try:
-        emb, bs = ens.embed_mean_pooled(model, tok, texts, max_tokens=16, batch_size=8, desc=None)
+        emb, bs = feat.embed_mean_pooled(model, tok, texts, max_tokens=16, batch_size=8, desc=None)
     finally:
         handle.remove()
     assert bs == 2
@@ -422,11 +424,11 @@ def test_embedding_survives_injected_oom(tmp_path):
 # ------------------------------------------------------------------ the loop
 
 def small_members(texts):
-    x, names = ens.lexical_counts(texts, min_df=1)
-    lexical = ens.LexicalNB(x, names)
+    x, names = feat.lexical_counts(texts, min_df=1)
+    lexical = mem.LexicalNB(x, names)
     tokens = [[ord(ch) for ch in t] for t in texts]
-    ids, lengths, vocab = ens.token_matrix(tokens, max_len=32)
-    lstm = ens.LSTMMember(ids, lengths, vocab, bidirectional=False, embed_dim=8, hidden=8, epochs=2, lr=0.02)
+    ids, lengths, vocab = feat.token_matrix(tokens, max_len=32)
+    lstm = mem.LSTMMember(ids, lengths, vocab, bidirectional=False, embed_dim=8, hidden=8, epochs=2, lr=0.02)
     return [lexical, lstm], lexical
 
 
@@ -444,8 +446,8 @@ def test_refine_config_reads_every_refine_param():
     # missing keys keep their defaults, other keys are ignored, threads may be null
     partial = loop.RefineConfig.from_params({"folds": "3", "threads": None, "lstm": {"hidden": 4}, "other": 1})
     assert partial.folds == 3 and partial.threads is None and partial.tau0 == loop.RefineConfig().tau0
-    assert partial.lstm == ens.LSTMConfig(hidden=4) and partial.lexical == ens.LexicalConfig()
-    assert partial.tfidf == ens.TfidfConfig() and cfg.tfidf.ngrams == tuple(p["tfidf"]["ngrams"])
+    assert partial.lstm == mem.LSTMConfig(hidden=4) and partial.lexical == mem.LexicalConfig()
+    assert partial.tfidf == mem.TfidfConfig() and cfg.tfidf.ngrams == tuple(p["tfidf"]["ngrams"])
 
 
 def test_loop_corrects_flipped_labels_and_converges(db, tmp_path):

@@ -83,3 +83,17 @@ def test_pipeline_logs_are_git_ignored_and_dvc_ignored():
     dvcignore = (ROOT / ".dvcignore").read_text().splitlines()
     for log in (paths.RUN_LOG, paths.ERROR_LOG):
         assert f"/{log.as_posix()}" in gitignore and log.as_posix() in dvcignore
+
+
+def test_a_stage_that_needs_domains_stops_with_a_clear_error_when_params_list_none(tmp_path):
+    from domainlm.common import params as P
+
+    empty, listed = tmp_path / "empty.yaml", tmp_path / "listed.yaml"
+    empty.write_text("domains: []\nmerge: {method: linear}\n")
+    listed.write_text("domains: [law, faq]\n")
+    with pytest.raises(SystemExit, match="^merge: empty.yaml lists no domains$"):
+        P.required_domains("merge", empty)
+    (tmp_path / "none.yaml").write_text("merge: {method: linear}\n")
+    with pytest.raises(SystemExit, match="lists no domains"):
+        P.required_domains("merge", tmp_path / "none.yaml")
+    assert P.required_domains("merge", listed) == ["law", "faq"]

@@ -460,6 +460,14 @@ def test_choose_alias_never_lets_the_champion_regress():
     assert registry.choose_alias(True, 0.8, {"how": "tag", "macro_f1": 0.8}) == "champion"  # ties promote
     assert registry.choose_alias(True, 0.79, {"how": "tag", "macro_f1": 0.8}) == "challenger"
     assert registry.choose_alias(True, 0.99, {"how": "unavailable", "macro_f1": None}) == "challenger"
+    # A re-run that reproduces the champion's predictions ties with it, whether the champion's tag was written
+    # rounded to 6 decimals (as before full-precision tags) or in full.
+    reproduced = 0.7543107963518088
+    assert registry.choose_alias(True, reproduced, {"how": "tag", "macro_f1": 0.754311}) == "champion"
+    tag = registry.score_tag(reproduced)
+    assert float(tag) == reproduced
+    assert registry.choose_alias(True, reproduced, {"how": "tag", "macro_f1": float(tag)}) == "champion"
+    assert registry.choose_alias(True, reproduced - 1e-5, {"how": "tag", "macro_f1": float(tag)}) == "challenger"
 
 
 # ------------------------------------------------------------------------------------------------ the stage
@@ -486,7 +494,7 @@ def test_stage_gates_retries_alerts_and_never_regresses_the_champion(corpus, tra
     assert int(client.get_model_version_by_alias(name, "champion").version) == 1
     tags = client.get_model_version(name, "1").tags
     assert {"git_commit", "data_sha256", "test_sha256", "label_overrides", "macro_f1", "gate"} <= set(tags)
-    assert tags["label_overrides"] == str(len(OVERRIDES)) and float(tags["macro_f1"]) == pytest.approx(first["lora"]["macro_f1"], abs=1e-6)
+    assert tags["label_overrides"] == str(len(OVERRIDES)) and float(tags["macro_f1"]) == first["lora"]["macro_f1"]
     assert json.loads((tmp_path / "metrics" / "classifier_alerts.json").read_text())["alerts"] == []
     assert not webhook.bodies
     for key in ("accuracy", "macro_f1", "weighted_f1", "roc_auc_ovr_macro", "per_class", "confusion"):

@@ -232,7 +232,7 @@ def test_adapter_config_lists_are_sorted_whatever_the_hash_seed(tmp_path):
     """peft writes target_modules in set order (PYTHONHASHSEED); sort_adapter_config makes the file stable."""
     import json
 
-    from domainlm.lm.lora import sort_adapter_config
+    from domainlm.common.peft_files import sort_adapter_config
 
     path = tmp_path / "adapter_config.json"
     path.write_text(json.dumps({"target_modules": ["v_proj", "q_proj", "o_proj", "k_proj"], "r": 8,

@@ -294,13 +294,13 @@ def save_classifier(peft_model, tokenizer, out_dir: str | os.PathLike) -> Path:
     ``<out_dir>/model`` (the adapter merged into a copy of the weights, ``save_pretrained`` + tokenizer).
 
     ``peft_model`` is left as it was (the merge runs on a deep copy). ``adapter_config.json`` is written with its
-    set-valued lists sorted (:func:`domainlm.lm.lora.sort_adapter_config`): peft writes them in set order, which follows
-    the per-process hash seed, so the same classifier got a different file hash on every run. Not atomic on its own:
-    the stage writes into :func:`domainlm.common.atomic.atomic_path`.
+    set-valued lists sorted (:func:`domainlm.common.peft_files.sort_adapter_config`): peft writes them in set order,
+    which follows the per-process hash seed, so the same classifier got a different file hash on every run. Not
+    atomic on its own: the stage writes into :func:`domainlm.common.atomic.atomic_path`.
     """
     import copy
 
-    from domainlm.lm.lora import sort_adapter_config
+    from domainlm.common.peft_files import sort_adapter_config
 
     out_dir = Path(out_dir)
     peft_model.save_pretrained(out_dir / ADAPTER_SUBDIR)

@@ -85,16 +85,31 @@ def champion_macro_f1(client, model_name: str, *, test_sha256: str, texts: Seque
         return {"version": version, "macro_f1": None, "how": "unavailable"}
 
 
+#: Decimal places at which :func:`choose_alias` compares macro-F1 (the ``macro_f1`` tag of versions registered
+#: before full-precision tags was written with 6).
+COMPARE_DECIMALS = 6
+
+
+def score_tag(value: float) -> str:
+    """A score as a version tag: ``repr`` of the float, which ``float()`` reads back exactly (a rounded tag made
+    an identical re-run look worse than the champion it equals, and left it ``challenger``)."""
+    return repr(float(value))
+
+
 def choose_alias(passed: bool, new_macro_f1: float, champion: Mapping[str, Any]) -> str:
     """``champion`` when the gate passed and the new macro-F1 ≥ the champion's on the same test set (or there is
-    no champion); ``challenger`` otherwise, including when the champion could not be scored."""
+    no champion); ``challenger`` otherwise, including when the champion could not be scored.
+
+    Both scores are compared rounded to :data:`COMPARE_DECIMALS` places, so a re-run that reproduces the champion's
+    predictions ties with it (and is promoted) whether the champion's tag is full precision or 6 decimals."""
     if not passed:
         return CHALLENGER
     if champion.get("how") == "none":
         return CHAMPION
     if champion.get("macro_f1") is None:
         return CHALLENGER
-    return CHAMPION if float(new_macro_f1) >= float(champion["macro_f1"]) else CHALLENGER
+    new, old = (round(float(x), COMPARE_DECIMALS) for x in (new_macro_f1, champion["macro_f1"]))
+    return CHAMPION if new >= old else CHALLENGER
 
 
 def log_and_register(mlflow, model_dir: str | Path, *, model_name: str, alias: str, tags: Mapping[str, Any],

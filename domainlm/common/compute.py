@@ -11,8 +11,8 @@ may run on). :func:`resolve` turns it into a :class:`ComputePolicy`:
 - Weights, gradients and optimizer states stay fp32 in every case; autocast only runs eligible ops (matmuls,
   linear layers) in bf16 (PyTorch AMP, Micikevicius et al. 2018), so no gradient scaler is needed for bf16.
 
-Every torch stage (base_model, train_lora, evaluate, train_classifier, refine_labels' LM member) calls
-:meth:`domainlm.common.stage.StageRun.use_compute`, which applies the threads, logs the policy and writes
+Every torch stage (base_model, train_lora, evaluate_experts, evaluate, train_classifier, refine_labels' LM member)
+calls :meth:`domainlm.common.stage.StageRun.use_compute`, which applies the threads, logs the policy and writes
 :meth:`ComputePolicy.metrics` into the stage's metrics; the served classifier applies the policy logged with it.
 
 Threads: OpenMP threads spin while they wait, so a 2-thread torch job on a 2-core machine whose other core is busy

@@ -38,3 +38,15 @@ def section(name: str, path: str | os.PathLike = PARAMS_FILE) -> dict[str, Any]:
 def domains(path: str | os.PathLike = PARAMS_FILE) -> list[str]:
     """Return the top-level ``domains`` list: the domains the pipeline builds experts for."""
     return list(load_params(path).get("domains", []))
+
+
+def required_domains(stage: str, path: str | os.PathLike = PARAMS_FILE) -> list[str]:
+    """:func:`domains`, for a stage that needs at least one.
+
+    Raises:
+        SystemExit: ``<stage>: params.yaml lists no domains`` when the list is missing or empty.
+    """
+    names = domains(path)
+    if not names:
+        raise SystemExit(f"{stage}: {Path(path).name} lists no domains")
+    return names

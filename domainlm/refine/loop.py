@@ -29,6 +29,7 @@ from domainlm.common.compute import available_cores
 from domainlm.common.paths import OVERRIDES_PATH
 from domainlm.documents.labels import OVERRIDES_SCHEMA, read_overrides
 from domainlm.refine import ensemble as ens
+from domainlm.refine import members as mem
 from domainlm.refine import store
 
 log = logging.getLogger(__name__)
@@ -118,8 +119,8 @@ def feature_change_rate(before: dict[int, frozenset[str]], after: dict[int, froz
 # ------------------------------------------------------------------ the loop
 
 #: Sub-sections of ``refine`` and the member settings they hold.
-_MEMBER_SECTIONS = {"lexical": ens.LexicalConfig, "tfidf": ens.TfidfConfig, "lstm": ens.LSTMConfig,
-                    "transformer": ens.TransformerConfig}
+_MEMBER_SECTIONS = {"lexical": mem.LexicalConfig, "tfidf": mem.TfidfConfig, "lstm": mem.LSTMConfig,
+                    "transformer": mem.TransformerConfig}
 
 
 @dataclass
@@ -138,7 +139,7 @@ class RefineConfig:
     cross-fit the members' folds side by side, each on ``threads`` threads; ``None`` = every core), ``max_chars``
     (documents are cut to this many characters for every member), ``review_size`` (rows in the
     review queue), and the members' settings ``lexical``, ``tfidf``, ``lstm``, ``transformer``
-    (:class:`domainlm.refine.ensemble.LexicalConfig` and its siblings).
+    (:class:`domainlm.refine.members.LexicalConfig` and its siblings).
     """
 
     folds: int = 4
@@ -158,10 +159,10 @@ class RefineConfig:
     workers: int | None = 1
     max_chars: int = 4000
     review_size: int = 200
-    lexical: ens.LexicalConfig = field(default_factory=ens.LexicalConfig)
-    tfidf: ens.TfidfConfig = field(default_factory=ens.TfidfConfig)
-    lstm: ens.LSTMConfig = field(default_factory=ens.LSTMConfig)
-    transformer: ens.TransformerConfig = field(default_factory=ens.TransformerConfig)
+    lexical: mem.LexicalConfig = field(default_factory=mem.LexicalConfig)
+    tfidf: mem.TfidfConfig = field(default_factory=mem.TfidfConfig)
+    lstm: mem.LSTMConfig = field(default_factory=mem.LSTMConfig)
+    transformer: mem.TransformerConfig = field(default_factory=mem.TransformerConfig)
 
     @classmethod
     def from_params(cls, p: dict[str, Any]) -> "RefineConfig":
@@ -220,7 +221,7 @@ def write_history(path: str | Path, rows: list[dict[str, float]], fields: list[s
     write_text(path, buf.getvalue())
 
 
-def refine(db: sqlite_utils.Database, members: Sequence[ens.Member], lexical: ens.LexicalNB | None,
+def refine(db: sqlite_utils.Database, members: Sequence[mem.Member], lexical: mem.LexicalNB | None,
            cfg: RefineConfig, *, splits: np.ndarray, classes: Sequence[str], snapshot_dir: str | Path,
            history_path: str | Path,
            on_iteration: Callable[[int, dict[str, float]], None] | None = None) -> RefineResult:
