@@ -22,7 +22,7 @@ from domainlm.classify.baseline import baseline_proba, fit_baseline
 from domainlm.classify.data import (class_list, count_label_overrides, files_sha256, read_splits, split_sha256,
                                     split_texts)
 from domainlm.classify.gate import Attempt, passes, run_gate
-from domainlm.classify.metrics import prediction_rows, score
+from domainlm.classify.metrics import macro_f1_intervals, predicted_labels, prediction_rows, score
 from domainlm.classify.model import (ADAPTER_SUBDIR, MODEL_SUBDIR, appends_eos, load_classifier, predict_proba,
                                      save_classifier)
 from domainlm.classify.token_stats import token_stats
@@ -54,7 +54,8 @@ def run(domains: Sequence[str], cfg: Mapping[str, Any], mlflow, *, split_dir: st
     ``attempt_<r>``, seeded ``seed + r``; a retry continues the previous attempt); write the kept attempt to
     ``out_dir`` (``model/``, ``adapter/``)
     atomically; write one CSV row per test document for the LoRA model and the baseline (``dvc plots``
-    confusion matrices); register the model (champion or challenger, :mod:`domainlm.classify.registry`); write
+    confusion matrices); bootstrap both test macro-F1s and their difference
+    (:func:`domainlm.classify.metrics.macro_f1_intervals`, ``classifier.bootstrap``); register the model (champion or challenger, :mod:`domainlm.classify.registry`); write
     ``alerts_json`` and POST its alerts to ``classifier.alert.webhook_url`` when set.
 
     Args:
@@ -69,7 +70,9 @@ def run(domains: Sequence[str], cfg: Mapping[str, Any], mlflow, *, split_dir: st
     Returns:
         Metrics (fractions in [0, 1], durations in seconds): ``classes``, ``docs``, ``label_overrides``,
         ``lora`` and ``baseline`` (:func:`domainlm.classify.metrics.score` on the test split, plus training
-        figures), ``lora_to_baseline`` (ratios), ``start`` (``case``: ``fresh`` | ``deployed_kept`` |
+        figures and ``macro_f1_low``/``macro_f1_high``, the bootstrap interval), ``lora_to_baseline`` (ratios, and
+        ``macro_f1_difference`` LoRA - baseline with its interval), ``bootstrap`` (confidence, resamples,
+        method), ``start`` (``case``: ``fresh`` | ``deployed_kept`` |
         ``deployed_retrained``, ``reason``, ``deployed_version``), ``gate``, ``registry``, ``alerts``, ``timing``
         (seconds per step; the stage contract adds ``stage.wall_s``, ``stage.peak_rss_mb`` and ``compute``).
 
@@ -214,7 +217,22 @@ def run(domains: Sequence[str], cfg: Mapping[str, Any], mlflow, *, split_dir: st
     cls_alerts.publish(alerts, alerts_json, stage=STAGE, gate="passed" if outcome.passed else "failed",
                        webhook_url=alert_cfg.get("webhook_url"), timeout_s=float(alert_cfg.get("timeout_s", 5)))
 
-    lora_scores = {**kept.test, "val_macro_f1": kept.val_macro_f1,
+    # ---- how far apart two test figures must be: paired bootstrap intervals of macro-F1 and of LoRA - baseline
+    t0 = time.perf_counter()
+    boot_cfg = cfg.get("bootstrap") or {}
+    boot = macro_f1_intervals(test.labels, {"lora": predicted_labels(kept.test_proba, classes),
+                                            "baseline": predicted_labels(base_proba, classes)},
+                              confidence=float(boot_cfg.get("confidence", 0.95)),
+                              n_resamples=int(boot_cfg.get("resamples", 1000)), seed=seed)
+    bootstrap_s = time.perf_counter() - t0
+    lo, ba, diff = boot["macro_f1"]["lora"], boot["macro_f1"]["baseline"], boot["difference"]["lora-baseline"]
+    log.info("test macro-F1, %.0f%% %s bootstrap intervals (%d resamples, %d documents): LoRA %.4f [%.3f, %.3f], "
+             "TF-IDF %.4f [%.3f, %.3f], LoRA - TF-IDF %+.4f [%+.3f, %+.3f]", 100 * boot["confidence"], boot["method"],
+             boot["n_resamples"], len(test), lo["value"], lo["low"], lo["high"], ba["value"], ba["low"], ba["high"],
+             diff["value"], diff["low"], diff["high"])
+
+    lora_scores = {**kept.test, "macro_f1_low": lo["low"], "macro_f1_high": lo["high"],
+                   "val_macro_f1": kept.val_macro_f1,
                    **{k: kept.info.get(k, 0) for k in ("train_s", "best_epoch", "epochs_run", "steps", "trainable_params",
                                                        "total_params", "class_weighted")}}
     case = "fresh" if initial is None else ("deployed_kept" if kept.source == "deployed" else "deployed_retrained")
@@ -224,9 +242,12 @@ def run(domains: Sequence[str], cfg: Mapping[str, Any], mlflow, *, split_dir: st
                  "unlabelled": train.unlabelled + val.unlabelled + test.unlabelled},
         "label_overrides": overrides,
         "lora": lora_scores,
-        "baseline": base_scores,
+        "baseline": {**base_scores, "macro_f1_low": ba["low"], "macro_f1_high": ba["high"]},
         "lora_to_baseline": {"macro_f1": _ratio(kept.macro_f1, base_scores["macro_f1"]),
-                             "accuracy": _ratio(kept.test["accuracy"], base_scores["accuracy"])},
+                             "accuracy": _ratio(kept.test["accuracy"], base_scores["accuracy"]),
+                             "macro_f1_difference": diff["value"], "macro_f1_difference_low": diff["low"],
+                             "macro_f1_difference_high": diff["high"]},
+        "bootstrap": {"confidence": boot["confidence"], "resamples": boot["n_resamples"], "method": boot["method"]},
         "start": {"case": case, "reason": reason, "from_deployed": int(initial is not None),
                   "deployed_kept": int(case == "deployed_kept"),
                   "deployed_version": int(manifest["version"]) if manifest else None,
@@ -243,7 +264,7 @@ def run(domains: Sequence[str], cfg: Mapping[str, Any], mlflow, *, split_dir: st
                      "previous_champion_macro_f1": champion["macro_f1"]},
         "alerts": len(alerts),
         "timing": {"token_stats_s": token_stats_s, "baseline_s": base_scores["train_s"], "gate_s": gate_s,
-                   "register_s": register_s, "run_s": time.perf_counter() - t_start},
+                   "register_s": register_s, "bootstrap_s": bootstrap_s, "run_s": time.perf_counter() - t_start},
     }
     mlflow.set_tags({"gate": "passed" if outcome.passed else "failed", "registry.alias": alias,
                      "registry.version": str(registered["version"])})

@@ -369,6 +369,11 @@ def test_the_classifier_section_and_limits_give_the_gate_attempts_and_alias(tmp_
     outcome = "passed" if passed else "failed"
     assert (f"Gate (test macro-F1 ≥ {gate['min_f1']}): **{outcome}** after {gate['attempts']} attempt(s) "
             f"(test macro-F1 per attempt: {per_attempt}; kept attempt {gate['kept_attempt']})") in md
+    lora, base, lead = real["lora"], real["baseline"], real["lora_to_baseline"]
+    assert (f"Paired bootstrap (95%, {real['bootstrap']['resamples']} resamples of the test documents): LoRA "
+            f"[{lora['macro_f1_low']:.3f}, {lora['macro_f1_high']:.3f}], baseline [{base['macro_f1_low']:.3f}, "
+            f"{base['macro_f1_high']:.3f}], difference [{lead['macro_f1_difference_low']:+.3f}, "
+            f"{lead['macro_f1_difference_high']:+.3f}]") in md
     alias = "now the `champion`" if passed else "a `challenger` (the champion is unchanged)"
     assert f"Registered as version {real['registry']['version']}, {alias}." in md
     assert ("**The classifier fails its gate.**" in md) is (not passed)

@@ -177,6 +177,35 @@ def test_score_matches_scikit_learn_and_counts_unknown_labels():
         metrics.score(y, proba[:, :2], classes)
 
 
+def test_bootstrap_intervals_bracket_the_figures_and_separate_only_a_real_gap():
+    rng = np.random.default_rng(0)
+    truth = [str(c) for c in rng.integers(0, 4, 400)]
+    good = [t if rng.random() < 0.95 else "0" for t in truth]       # ~95% right
+    poor = [t if rng.random() < 0.55 else "1" for t in truth]       # ~55% right
+    close = [t if rng.random() < 0.94 else "2" for t in truth]      # as good as `good`, other errors
+    out = metrics.macro_f1_intervals(truth, {"good": good, "poor": poor, "close": close}, n_resamples=500, seed=3)
+    assert out["method"] == "BCa" and out["confidence"] == 0.95 and out["n_resamples"] == 500
+    for name, pred in (("good", good), ("poor", poor), ("close", close)):
+        f = out["macro_f1"][name]
+        assert f["value"] == metrics.macro_f1(truth, pred) and f["low"] < f["value"] < f["high"]
+        assert f["high"] - f["low"] < 0.2
+    gap, tie = out["difference"]["good-poor"], out["difference"]["good-close"]
+    assert gap["value"] == pytest.approx(out["macro_f1"]["good"]["value"] - out["macro_f1"]["poor"]["value"])
+    assert gap["low"] > 0.2                                           # a real gap: the interval excludes 0
+    assert tie["low"] < 0 < tie["high"]                               # within noise: it does not
+    assert metrics.macro_f1_intervals(truth, {"good": good, "poor": poor}, n_resamples=500, seed=3)["difference"] \
+        == {"good-poor": gap}                                         # deterministic per seed, paired resamples
+    # no spread at all (every prediction right): BCa is undefined, the percentile interval is the point
+    perfect = metrics.macro_f1_intervals(truth[:50], {"a": truth[:50], "b": truth[:50]}, n_resamples=50)
+    assert perfect["method"] == "percentile" and perfect["macro_f1"]["a"] == {"value": 1.0, "low": 1.0, "high": 1.0}
+    assert perfect["difference"]["a-b"] == {"value": 0.0, "low": 0.0, "high": 0.0}
+    for bad in ({}, {"a": truth[:3]}):
+        with pytest.raises(ValueError):
+            metrics.macro_f1_intervals(truth, bad)
+    with pytest.raises(ValueError, match="confidence"):
+        metrics.macro_f1_intervals(truth, {"a": good}, confidence=1.0)
+
+
 def test_tfidf_baseline_scores_in_the_models_class_order(splits):
     train, test = splits["train"], splits["test"]
     pipe = fit_baseline(train.texts, train.labels, classifier_params()["baseline"])
@@ -500,6 +529,12 @@ def test_stage_gates_retries_alerts_and_never_regresses_the_champion(corpus, tra
     for key in ("accuracy", "macro_f1", "weighted_f1", "roc_auc_ovr_macro", "per_class", "confusion"):
         assert key in first["lora"] and key in first["baseline"]
     assert first["lora_to_baseline"]["macro_f1"] == pytest.approx(first["lora"]["macro_f1"] / first["baseline"]["macro_f1"])
+    for side in ("lora", "baseline"):
+        assert first[side]["macro_f1_low"] <= first[side]["macro_f1_high"]
+    lead = first["lora_to_baseline"]
+    assert lead["macro_f1_difference"] == pytest.approx(first["lora"]["macro_f1"] - first["baseline"]["macro_f1"])
+    assert lead["macro_f1_difference_low"] <= lead["macro_f1_difference_high"]
+    assert first["bootstrap"]["resamples"] == 1000 and first["bootstrap"]["method"] in ("BCa", "percentile")
     assert set(first["lora"]["per_class"]) == set(CLASSES)
     rows = (tmp_path / "plots" / "classifier_confusion.csv").read_text().splitlines()
     assert rows[0] == "id,actual,predicted,confidence" and len(rows) == 1 + len(CLASSES) * COUNTS["test"]

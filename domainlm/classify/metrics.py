@@ -1,12 +1,13 @@
 """Scores of a classifier on labelled documents, with scikit-learn: accuracy, macro/weighted F1, per-class
-precision/recall/F1, one-vs-rest ROC-AUC and the confusion matrix.
+precision/recall/F1, one-vs-rest ROC-AUC and the confusion matrix; and, with SciPy, bootstrap confidence
+intervals of test macro-F1 and of the difference between two models (:func:`macro_f1_intervals`).
 
 Every figure is a fraction in [0, 1] except ``support`` and the confusion counts (documents). Both the LoRA
 classifier and the TF-IDF baseline are scored by :func:`score`, so their figures compare one to one.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -29,6 +30,76 @@ def macro_f1(y_true: Sequence[str], y_pred: Sequence[str]) -> float:
     if not len(y_true) or len(y_true) != len(y_pred):
         raise ValueError(f"macro_f1 needs equal, non-zero lengths, got {len(y_true)} and {len(y_pred)}")
     return float(f1_score(list(y_true), list(y_pred), average="macro", zero_division=0))
+
+
+def macro_f1_intervals(y_true: Sequence[str], predicted: Mapping[str, Sequence[str]], *, confidence: float = 0.95,
+                       n_resamples: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """Bootstrap confidence intervals of each model's test macro-F1, and of the first model's lead over each other
+    one, from one set of resampled documents: a paired bootstrap, so every model is scored on the same resample
+    and a difference's interval accounts for the models erring on the same documents.
+
+    ``scipy.stats.bootstrap`` resamples the documents with replacement ``n_resamples`` times and recomputes
+    :func:`macro_f1` on each resample (Efron & Tibshirani 1993). The interval is BCa (bias-corrected and
+    accelerated, DiCiccio & Efron 1996), or the percentile interval where BCa is undefined (a bootstrap
+    distribution with no spread, e.g. every prediction right). On a test split with few documents in some classes
+    the intervals are wide: they say how far apart two test figures must be before they differ.
+
+    Args:
+        y_true: true labels (str, ``n`` documents).
+        predicted: model name -> its predicted labels (str, ``n`` each). The first model is compared with each
+            of the others.
+        confidence: the intervals' confidence level, in (0, 1).
+        n_resamples: bootstrap resamples (each costs one :func:`macro_f1` per model: about 1 ms at 265 documents).
+        seed: the resampling seed; the intervals are a deterministic function of the inputs and the seed.
+
+    Returns:
+        ``{"confidence", "n_resamples", "method": "BCa" | "percentile", "macro_f1": {name: {"value", "low",
+        "high"}}, "difference": {"<first>-<other>": {"value", "low", "high"}}}``: macro-F1 points in [0, 1],
+        differences in [-1, 1].
+
+    Raises:
+        ValueError: no model, fewer than two documents, a model with another number of predictions, or
+            ``confidence`` outside (0, 1) or ``n_resamples`` < 1.
+    """
+    import warnings
+
+    from scipy import stats
+
+    names = list(predicted)
+    n = len(y_true)
+    if not names:
+        raise ValueError("macro_f1_intervals needs at least one model's predictions")
+    if n < 2:
+        raise ValueError(f"macro_f1_intervals needs at least 2 documents, got {n}")
+    for name in names:
+        if len(predicted[name]) != n:
+            raise ValueError(f"{name}: {len(predicted[name])} predictions for {n} documents")
+    if not 0.0 < float(confidence) < 1.0 or int(n_resamples) < 1:
+        raise ValueError(f"confidence must be in (0, 1) and n_resamples >= 1, got {confidence} and {n_resamples}")
+    columns = [np.asarray(y_true, dtype=object)] + [np.asarray(predicted[k], dtype=object) for k in names]
+
+    def statistic(truth, *preds) -> np.ndarray:
+        f1s = [macro_f1(truth, p) for p in preds]
+        return np.array(f1s + [f1s[0] - f for f in f1s[1:]])
+
+    point = statistic(*columns)
+    for method in ("BCa", "percentile"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", stats.DegenerateDataWarning)  # BCa undefined: the percentile pass
+            warnings.simplefilter("ignore", RuntimeWarning)  # BCa's acceleration of a constant jackknife: 0 / 0
+            result = stats.bootstrap(columns, statistic, paired=True, vectorized=False, n_resamples=int(n_resamples),
+                                     confidence_level=float(confidence), method=method,
+                                     rng=np.random.default_rng(seed))
+        low, high = np.atleast_1d(result.confidence_interval.low), np.atleast_1d(result.confidence_interval.high)
+        if np.isfinite(low).all() and np.isfinite(high).all():
+            break
+
+    def entry(j: int) -> dict[str, float]:
+        return {"value": float(point[j]), "low": float(low[j]), "high": float(high[j])}
+
+    return {"confidence": float(confidence), "n_resamples": int(n_resamples), "method": method,
+            "macro_f1": {name: entry(j) for j, name in enumerate(names)},
+            "difference": {f"{names[0]}-{other}": entry(len(names) + j) for j, other in enumerate(names[1:])}}
 
 
 def score(y_true: Sequence[str], proba: np.ndarray, classes: Sequence[str]) -> dict[str, Any]:

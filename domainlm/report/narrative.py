@@ -352,6 +352,16 @@ def classifier(classifier_metrics: Mapping) -> str:
     name = f" ({base['name']})" if base.get("name") else ""
     text = (f"Macro-F1 over {len(labels)} labels: LoRA classifier **{ratio(lora_f1)}**, baseline{name} "
             f"{ratio(base['macro_f1'])} (difference {lora_f1 - base['macro_f1']:+.3f}).")
+    lead, boot = classifier_metrics.get("lora_to_baseline") or {}, classifier_metrics.get("bootstrap") or {}
+    if "macro_f1_difference_low" in lead and "macro_f1_low" in classifier_metrics["lora"]:
+        lora = classifier_metrics["lora"]
+        within = lead["macro_f1_difference_low"] <= 0.0 <= lead["macro_f1_difference_high"]
+        text += (f" Paired bootstrap ({float(boot.get('confidence', 0.95)):.0%}, {boot.get('resamples', '?')} "
+                 f"resamples of the test documents): LoRA [{ratio(lora['macro_f1_low'])}, "
+                 f"{ratio(lora['macro_f1_high'])}], baseline [{ratio(base.get('macro_f1_low'))}, "
+                 f"{ratio(base.get('macro_f1_high'))}], difference [{lead['macro_f1_difference_low']:+.3f}, "
+                 f"{lead['macro_f1_difference_high']:+.3f}]"
+                 + (": the two are not told apart on this test split." if within else "."))
     gate = classifier_metrics.get("gate")
     if isinstance(gate, Mapping) and "passed" in gate:
         per_attempt = gate.get("test_macro_f1") or {}
@@ -477,10 +487,10 @@ def limits(*, small: list[dict[str, Any]], gains: list[dict[str, Any]], lora_row
                   if lora_f1 < base_f1 else "")
         out.append(f"**The classifier fails its gate.** Its kept attempt reaches test macro-F1 {ratio(lora_f1)} "
                    f"< {gate.get('min_f1')} after {count(gate.get('attempts'))} attempt(s){behind}. The LoRA model "
-                   "reads only the first `classifier.max_length` tokens of a document, the baseline all of it: "
-                   "`metrics/token_stats.json` says how many documents are cut. Raise `classifier.max_length`, "
-                   "promote refined labels for another round, or start from a larger base model; the alert is in "
-                   "`metrics/classifier_alerts.json`.")
+                   "reads at most `classifier.windows.predict` windows of `classifier.max_length` tokens of a "
+                   "document, the baseline all of it: `metrics/token_stats.json` says how many documents are longer "
+                   "than one window. Raise the window count, promote refined labels for another round, or start "
+                   "from a larger base model; the alert is in `metrics/classifier_alerts.json`.")
     if classifier_metrics is None:
         out.append("**No classifier yet.** `metrics/classifier.json` does not exist, so the report cannot say "
                    "whether the LoRA classifier beats its baseline.")
