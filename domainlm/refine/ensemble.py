@@ -18,7 +18,7 @@ from sklearn.model_selection import StratifiedKFold
 from tqdm.auto import tqdm
 
 from domainlm.refine.features import free_memory
-from domainlm.refine.members import Member, _full_proba
+from domainlm.refine.members import Member, full_proba
 
 log = logging.getLogger(__name__)
 
@@ -250,7 +250,7 @@ def stack(probas: dict[str, np.ndarray], y: np.ndarray, folds: np.ndarray, n_cla
         if not len(test_idx):
             continue
         model = LogisticRegression(C=C, max_iter=max_iter, random_state=seed + f).fit(x[train_idx], y[train_idx])
-        out[test_idx] = _full_proba(model.predict_proba(x[test_idx]), model.classes_, n_classes)
+        out[test_idx] = full_proba(model.predict_proba(x[test_idx]), model.classes_, n_classes)
     return out
 
 

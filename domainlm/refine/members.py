@@ -41,9 +41,10 @@ class Member(Protocol):
         """Class probabilities of rows ``idx``: float64, shape ``(len(idx), n_classes)``, rows sum to 1."""
 
 
-def _full_proba(proba: np.ndarray, seen: np.ndarray, n_classes: int) -> np.ndarray:
-    """Spread a model's ``proba`` over the classes it saw (``seen``) into all ``n_classes``
-    columns; a class absent from the training fold gets probability 0."""
+def full_proba(proba: np.ndarray, seen: np.ndarray, n_classes: int) -> np.ndarray:
+    """Spread a model's ``proba`` (float ``(n, len(seen))``, columns in the order of ``seen``, the int class indices
+    its training fold held, e.g. scikit-learn's ``classes_``) into float64 ``(n, n_classes)``: a class absent from
+    the training fold gets probability 0."""
     out = np.zeros((proba.shape[0], n_classes), dtype=np.float64)
     out[:, seen] = proba
     return out
@@ -79,7 +80,7 @@ class LexicalNB:
         return MultinomialNB(alpha=self.alpha).fit(self.x[train_idx], y[train_idx])
 
     def predict_proba(self, model, idx, n_classes):
-        return _full_proba(model.predict_proba(self.x[idx]), model.classes_, n_classes)
+        return full_proba(model.predict_proba(self.x[idx]), model.classes_, n_classes)
 
     def top_features(self, y: np.ndarray, n_classes: int, k: int) -> dict[int, frozenset[str]]:
         """The ``k`` most class-indicative features of each class, naive Bayes fitted on all rows.
@@ -127,7 +128,7 @@ class CharTfidfLR:
         return clf.fit(self.x[train_idx], y[train_idx])
 
     def predict_proba(self, model, idx, n_classes):
-        return _full_proba(model.predict_proba(self.x[idx]), model.classes_, n_classes)
+        return full_proba(model.predict_proba(self.x[idx]), model.classes_, n_classes)
 
 
 class RecurrentClassifier(torch.nn.Module):
@@ -224,7 +225,7 @@ class EmbeddingHead:
         return clf.fit(self.x[train_idx], y[train_idx])
 
     def predict_proba(self, model, idx, n_classes):
-        return _full_proba(model.predict_proba(self.x[idx]), model.classes_, n_classes)
+        return full_proba(model.predict_proba(self.x[idx]), model.classes_, n_classes)
 
 
 # ------------------------------------------------------------------ the members, built from params
