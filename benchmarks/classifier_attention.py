@@ -12,36 +12,24 @@ steal was not timed on an idle machine. Writes ``benchmarks/results/classifier_a
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import logging
-import os
 import statistics
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from measure import steal_s, write_csv  # noqa: E402
+from measure import alternating_run, steal_s, write_csv  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "classifier_attention.csv"
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=2)
-    args = ap.parse_args()
-    os.chdir(ROOT)
-    logging.basicConfig(level=logging.WARNING)
+    args, prm, compute = alternating_run(__doc__)
     from domainlm.classify.data import class_list, read_splits
     from domainlm.classify.gate import attempt_settings
     from domainlm.classify.training import train_attempt
-    from domainlm.common import params as P
-    from domainlm.common.compute import resolve
 
-    prm = P.load_params()
-    compute = resolve(prm.get("compute"))
-    compute.apply()
     splits = read_splits("data/split", "data/labels/split_labels.parquet", prm["domains"])
     classes = class_list(splits["train"])
     rows = []

@@ -11,35 +11,23 @@ Writes ``benchmarks/results/refine_workers.csv``.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import logging
-import os
 import sys
 import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from measure import steal_s, write_csv  # noqa: E402
+from measure import alternating_run, steal_s, write_csv  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "refine_workers.csv"
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=2)
-    args = ap.parse_args()
-    os.chdir(ROOT)
-    logging.basicConfig(level=logging.WARNING)
-    from domainlm.common import params as P
-    from domainlm.common.compute import resolve
+    args, prm, compute = alternating_run(__doc__)
     from domainlm.refine.loop import RefineConfig
     from stages.refine_labels import run
 
-    prm = P.load_params()
-    compute = resolve(prm.get("compute"))
-    compute.apply()
     rows = []
     with tempfile.TemporaryDirectory(prefix="refine_workers_") as tmp:
         for r in range(args.rounds):
