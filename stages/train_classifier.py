@@ -254,6 +254,7 @@ def run(domains: Sequence[str], cfg: Mapping[str, Any], mlflow, *, split_dir: st
                   "deployed_test_macro_f1": initial.macro_f1 if initial is not None else None},
         "windows": {"max_length": max_length, "train": n_train_windows, "predict": n_predict_windows},
         "attn_implementation": kept.info.get("attn_implementation", "deployed model as saved"),
+        "compiled_layers": int(kept.info.get("compiled_layers", 0)),
         "gate": {"passed": int(outcome.passed), "min_f1": min_f1, "attempts": len(outcome.attempts),
                  "retries": outcome.retries, "max_retries": outcome.max_retries, "kept_attempt": kept.index,
                  "trained_epochs": sum(float(a.info.get("epochs_run", 0)) for a in outcome.attempts),

@@ -30,6 +30,7 @@ COUNTS = {"train": 16, "val": 4, "test": 4}  # documents per label and split
 CLASSIFIER_TINY = {
     "seed": 0,
     "max_length": 24,
+    "compile": False,  # unit tests train eagerly; test_pipeline_classifier and test_train_classifier compile
     "windows": {"train": 2, "predict": 3},
     "lora": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
     "train": {"epochs": 6, "batch_size": 8, "eval_batch_size": 32, "lr": 2.0e-2, "weight_decay": 0.0,

@@ -36,7 +36,7 @@ FIRST_FAQ_DOCS = 10  # the faq source starts with this many chapters; the rest a
 
 def params(base_dir: Path, incoming: Path) -> dict:
     cfg = classifier_params(gate={"min_f1": 0.0, "max_retries": 3, "retry_epochs": 2, "retry_lr": 1.0e-2},
-                            train={"epochs": 3})
+                            train={"epochs": 3}, compile=True)  # as params.yaml: compiled decoder layers
     return {
         "compute": {"dtype": "auto", "threads": 1},
         "corpus": {"max_docs_per_domain": 36,
@@ -107,6 +107,7 @@ def test_first_run_registers_a_champion_with_metrics_plots_and_token_stats(class
     expected = resolve({"dtype": "auto", "threads": 1})  # the test repo's compute params
     assert m["compute"] == expected.metrics()  # the policy the stage used, in its metrics
     assert m["start"]["case"] == "fresh" and m["windows"] == {"max_length": 24, "train": 2, "predict": 3}
+    assert m["compiled_layers"] == 2  # the base model's 2 decoder layers trained compiled (classifier.compile)
     stats = json.loads((repo / "metrics" / "token_stats.json").read_text())
     assert set(stats["domains"]) == set(DOMAINS) and stats["settings"]["lm_context"] == 32
     assert int(registry(repo).get_model_version_by_alias(MODEL, "champion").version) == 1

@@ -321,6 +321,7 @@ def test_attention_defaults_to_sdpa_and_the_setting_is_checked(trained):
     with pytest.raises(ValueError, match="attn_implementation"):
         cls_model.attention_implementation("flash")
     assert info["attn_implementation"] == "sdpa" and model.config._attn_implementation == "sdpa"
+    assert info["compiled_layers"] == 0  # compile is off unless classifier.compile says so
 
 
 def test_eager_and_sdpa_attention_give_the_same_probabilities(corpus, splits, trained, tmp_path):
@@ -336,6 +337,66 @@ def test_eager_and_sdpa_attention_give_the_same_probabilities(corpus, splits, tr
         assert m.config._attn_implementation == impl
         proba[impl] = cls_model.predict_proba(m.eval(), t, texts, max_length=24, max_windows=3, batch_size=4)
     assert np.allclose(proba["eager"], proba["sdpa"], atol=1e-5)  # padded batches included (batch_size 4)
+
+
+def _lora_steps(corpus, tok_texts, *, compiled: bool, steps: int = 3):
+    """``steps`` SGD steps of a fresh tiny LoRA classifier (seed 0, fp32) on one padded batch: the losses, the
+    trained parameters, and how many layers ran compiled during the steps."""
+    base, tok = cls_model.load_sequence_classifier(corpus["lm_dir"], CLASSES, attn_implementation="eager")
+    model = cls_model.attach_lora(base, classifier_params()["lora"], seed=0).train()
+    batch = tok.pad({"input_ids": cls_model.encode(tok, tok_texts, 24)}, return_tensors="pt", padding_side="right")
+    assert int((batch["attention_mask"] == 0).sum()) > 0  # padded rows: the masked path is exercised
+    labels = torch.arange(len(tok_texts)) % len(CLASSES)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    losses = []
+    with cls_model.compiled_layers(model, enabled=compiled) as n_compiled:
+        layers = cls_model.decoder_layers(model)
+        running = sum(layer._compiled_call_impl is not None for layer in layers)
+        for _ in range(steps):
+            loss = torch.nn.functional.cross_entropy(model(**batch).logits, labels)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(float(loss))
+    assert all(layer._compiled_call_impl is None for layer in cls_model.decoder_layers(model))  # eager again after
+    return losses, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}, n_compiled, running
+
+
+def test_compiled_decoder_layers_train_as_the_eager_ones_do(corpus, splits):
+    """``classifier.compile``: Inductor-compiled decoder layers compute the same loss and updates as eager ones
+    (fp32; only rounding may differ), every layer runs compiled inside the block, and none after it."""
+    texts = splits["train"].texts[:5] + ["헌법 국민"]  # one short text: its row is padded
+    eager_losses, eager_params, n0, running0 = _lora_steps(corpus, texts, compiled=False)
+    losses, params, n, running = _lora_steps(corpus, texts, compiled=True)
+    layers = len(cls_model.decoder_layers(cls_model.load_sequence_classifier(corpus["lm_dir"], CLASSES)[0]))
+    assert (n0, running0) == (0, 0) and n == running == layers >= 2
+    assert eager_losses[0] > eager_losses[-1]  # the steps train
+    assert np.allclose(losses, eager_losses, rtol=1e-4, atol=1e-5)
+    assert eager_params.keys() == params.keys() and len(params) > 2
+    for name, value in params.items():
+        assert torch.allclose(value, eager_params[name], rtol=1e-3, atol=1e-5), name
+
+
+def test_compiled_layers_need_a_cxx_compiler_and_decoder_layers(corpus, monkeypatch):
+    model, _ = cls_model.load_sequence_classifier(corpus["lm_dir"], CLASSES)
+    monkeypatch.setenv("CXX", "no-such-compiler-xyz")
+    with pytest.raises(RuntimeError, match="C\\+\\+ compiler.*classifier.compile: false"):
+        with cls_model.compiled_layers(model):
+            pass
+    with cls_model.compiled_layers(model, enabled=False) as n:  # off: no compiler needed, nothing compiled
+        assert n == 0
+    with pytest.raises(ValueError, match="no decoder layers"):
+        cls_model.decoder_layers(torch.nn.Linear(2, 2))
+
+
+def test_an_attempt_with_compile_on_trains_compiled_and_reports_it(corpus, splits):
+    cfg = classifier_params(compile=True, attn_implementation="eager", train={"epochs": 2})
+    settings = gate.attempt_settings(cfg["train"], cfg["gate"], 0)
+    model, tok, info = training.train_attempt(corpus["lm_dir"], splits["train"], splits["val"], CLASSES, cfg, settings,
+                                              seed=0)
+    assert info["compiled_layers"] == len(cls_model.decoder_layers(model)) and info["epochs_run"] == 2.0
+    assert info["attn_implementation"] == "eager" and 0.0 <= info["val_macro_f1"] <= 1.0
+    assert all(layer._compiled_call_impl is None for layer in cls_model.decoder_layers(model))
 
 
 def test_the_classifier_learns_the_labels(splits, trained):

@@ -14,10 +14,11 @@ in ``config.json``): the folder :mod:`domainlm.classify.serving` serves, with no
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -122,12 +123,10 @@ def attention_implementation(setting: str | None) -> str:
     ``sdpa`` is PyTorch's fused ``scaled_dot_product_attention``; ``eager`` computes the same function as two
     batched matmuls and a softmax, so only rounding differs. On a CPU eager trains faster for windows this short:
     the backward pass of the CPU flash-attention kernel (``_scaled_dot_product_flash_attention_for_cpu_backward``)
-    took 12 ms per layer of a 16×128-token step, four times its forward. Whole epochs of train_classifier's Trainer
-    (steps + validation) on the 2-core AVX512-BF16 box, bf16 on 2 threads, the kernels alternating
-    (``benchmarks/classifier_attention.py``): 30.2 / 27.5 s with sdpa, 26.4 / 23.8 s with eager (1.15×; the steps
-    alone 1.23×). Quality is another matter: rounding alone moved the bundled corpus's gated test macro-F1 from
-    0.754 (sdpa) to 0.741 (eager) at the same validation macro-F1 (0.778 / 0.776), across the gate's 0.75, so sdpa
-    stays the default.
+    took ~11 ms per layer of a 16×128-token step, four times its forward, and stays one opaque kernel under
+    :func:`compiled_layers`, where eager attention's softmax is fused. Training steps of train_classifier's Trainer
+    on the 2-core AVX512-BF16 box (bf16, 2 threads, 16×128 tokens, median): sdpa 181 ms, eager 126 ms, compiled
+    sdpa 164 ms, compiled eager 105 ms. ``params.yaml`` sets eager; the function's default stays transformers'.
 
     Raises:
         ValueError: ``setting`` is not one of :data:`ATTENTION_CHOICES`.
@@ -136,6 +135,58 @@ def attention_implementation(setting: str | None) -> str:
     if setting not in ATTENTION_CHOICES:
         raise ValueError(f"classifier.attn_implementation must be one of {ATTENTION_CHOICES}, got {setting!r}")
     return setting
+
+
+def decoder_layers(model) -> list[torch.nn.Module]:
+    """The transformer blocks of a transformers model (peft-wrapped or not): the modules whose class the model
+    names in ``_no_split_modules`` (``Qwen2DecoderLayer`` for Qwen2), in model order.
+
+    Raises:
+        ValueError: the model names no such class, or none of its modules is one.
+    """
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = set(getattr(inner, "_no_split_modules", None) or [])
+    layers = [m for m in inner.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ValueError(f"{type(inner).__name__}: no decoder layers found (_no_split_modules {sorted(names)})")
+    return layers
+
+
+@contextlib.contextmanager
+def compiled_layers(model, enabled: bool = True) -> Iterator[int]:
+    """Compile each decoder layer of ``model`` for the block (regional compilation: ``nn.Module.compile`` of every
+    repeated block, PyTorch's recipe "Reducing torch.compile cold start compilation time with regional
+    compilation"; TorchInductor, ``dynamic=True`` since batches differ in length). The layers share one forward,
+    so one compile serves all of them, and a later model of the same shape (the gate's next attempt) reuses it.
+    Inductor fuses what eager mode runs op by op (autocast's dtype casts, RMSNorm, rotary embeddings, LoRA
+    scaling, eager attention's softmax); the matmuls stay oneDNN's. After the block the layers run eagerly again
+    (``save_classifier`` deep-copies the model: a copy must not carry the original's compiled call).
+
+    Yields the number of layers compiled (0 when ``enabled`` is false).
+
+    Raises:
+        RuntimeError: a model on the CPU and no C++ compiler (``$CXX``, default ``g++``, as Inductor's ``cpp.cxx``)
+            on ``PATH``: Inductor builds its CPU kernels with one (``apt-get install g++``), or set
+            ``classifier.compile: false``.
+    """
+    if not enabled:
+        yield 0
+        return
+    import shutil
+
+    cxx = os.environ.get("CXX", "g++")
+    on_cpu = next(model.parameters()).device.type == "cpu"  # on CUDA, Inductor generates Triton kernels instead
+    if on_cpu and shutil.which(cxx) is None:
+        raise RuntimeError(f"classifier.compile: TorchInductor builds CPU kernels with a C++ compiler and {cxx!r} is "
+                           "not on PATH: apt-get install g++, or set classifier.compile: false")
+    layers = decoder_layers(model)
+    for layer in layers:
+        layer.compile(dynamic=True)
+    try:
+        yield len(layers)
+    finally:
+        for layer in layers:
+            layer._compiled_call_impl = None
 
 
 def load_adapter(lm_dir: str | os.PathLike, classes: Sequence[str], adapter_dir: str | os.PathLike, *,

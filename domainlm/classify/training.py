@@ -12,6 +12,10 @@ the logits of up to ``classifier.windows.predict`` windows (:func:`domainlm.clas
 A retry of the gate (:mod:`domainlm.classify.gate`) continues from the previous attempt's kept model and trains
 with a class-weighted cross-entropy, weights ``n / (k · n_c)`` (inverse class frequency, scikit-learn's
 ``compute_class_weight("balanced")``), passed to the Trainer as ``compute_loss_func`` (seed 003's retrain).
+
+With ``classifier.compile`` on, training and validation run the decoder layers compiled by TorchInductor
+(:func:`domainlm.classify.model.compiled_layers`); the compiled code is cached in the process, so the gate's
+retries reuse the first attempt's compile.
 """
 from __future__ import annotations
 
@@ -197,7 +201,8 @@ def train_attempt(lm_dir: str | os.PathLike, train: LabelledSplit, val: Labelled
             is not in ``classes`` are left out of validation.
         classes: the class list (index = class id).
         params: the ``classifier`` params (``max_length``, ``windows``, ``lora``, ``train.early_stopping_patience``,
-            ``attn_implementation``).
+            ``attn_implementation``, ``compile``: train and validate with compiled decoder layers,
+            :func:`domainlm.classify.model.compiled_layers`; missing = false).
         settings: this attempt's training settings (:func:`domainlm.classify.gate.attempt_settings`).
         seed: seeds the head, the LoRA matrices, the data order, the windows drawn and dropout.
         on_log: called as ``on_log(step, figures)`` at every Trainer log event (e.g. MLflow ``log_metrics``).
@@ -209,7 +214,8 @@ def train_attempt(lm_dir: str | os.PathLike, train: LabelledSplit, val: Labelled
         ``(peft_model, tokenizer, info)``: the model with its best epoch loaded, in eval mode, and ``info`` with
         ``val_macro_f1`` (of the kept epoch), ``best_epoch``, ``epochs_run``, ``steps``, ``train_loss``,
         ``train_s`` (seconds), ``trainable_params``, ``total_params``, ``val_docs_scored``, ``class_weighted``
-        (0/1), ``attn_implementation`` (:func:`domainlm.classify.model.attention_implementation`).
+        (0/1), ``attn_implementation`` (:func:`domainlm.classify.model.attention_implementation`),
+        ``compiled_layers`` (0 = eager).
 
     Raises:
         ValueError: no val document has a known label (nothing to early-stop on), or a train label is not in
@@ -269,7 +275,8 @@ def train_attempt(lm_dir: str | os.PathLike, train: LabelledSplit, val: Labelled
                           data_collator=DataCollatorWithPadding(tokenizer, padding="longest"),
                           compute_metrics=compute_metrics, compute_loss_func=weighted_cross_entropy(weights),
                           callbacks=callbacks)
-        result = trainer.train()
+        with cls_model.compiled_layers(model, enabled=bool(params.get("compile", False))) as n_compiled:
+            result = trainer.train()
         state = trainer.state
     train_s = time.perf_counter() - t0
     model = trainer.model.eval()
@@ -288,4 +295,5 @@ def train_attempt(lm_dir: str | os.PathLike, train: LabelledSplit, val: Labelled
         "continued": int(init_adapter is not None),
         "class_weighted": int(weights is not None),
         "attn_implementation": attn,
+        "compiled_layers": int(n_compiled),
     }
