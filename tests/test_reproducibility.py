@@ -33,12 +33,12 @@ def test_compare_metrics_applies_relative_and_absolute_tolerances(tmp_path):
     a = _metrics(tmp_path / "a", {"perplexity": {"base": {"law": 100.0}}, "mean_retained_gain": 0.70, "gate": {"passed": 1}},
                  {"lora": {"macro_f1": 0.76, "accuracy": 0.8}, "baseline": {"macro_f1": 0.77}, "timing": {"run_s": 10}})
     b = _metrics(tmp_path / "b", {"perplexity": {"base": {"law": 103.0}}, "mean_retained_gain": 0.64, "gate": {"passed": 1}},
-                 {"lora": {"macro_f1": 0.70, "accuracy": 0.79}, "baseline": {"macro_f1": 0.77}, "timing": {"run_s": 99}})
+                 {"lora": {"macro_f1": 0.70, "accuracy": 0.79}, "baseline": {"macro_f1": 0.7736}, "timing": {"run_s": 99}})
     rows = {r["key"]: r for r in rep.compare_metrics(a, b)}
     assert rows["perplexity.base.law"]["ok"] and abs(rows["perplexity.base.law"]["diff"] - 0.03) < 1e-9  # 3% < 5%
     assert rows["mean_retained_gain"]["ok"]
     assert not rows["lora.macro_f1"]["ok"]  # 0.06 > 0.05
-    assert rows["lora.accuracy"]["ok"] and rows["baseline.macro_f1"]["ok"]
+    assert rows["lora.accuracy"]["ok"] and rows["baseline.macro_f1"]["ok"]  # another OpenBLAS kernel: one document
     assert "timing.run_s" not in rows  # timings are not promised
 
 

@@ -37,7 +37,9 @@ TOLERANCES: tuple[tuple[str, str, str, float], ...] = (
     ("evaluate.json", "gate.passed", "abs", 0.0),
     ("classifier.json", "lora.macro_f1", "abs", 0.05),
     ("classifier.json", "lora.accuracy", "abs", 0.05),
-    ("classifier.json", "baseline.macro_f1", "abs", 0.0),
+    # the TF-IDF baseline's lbfgs runs on OpenBLAS, whose kernels are picked per CPU (or by OPENBLAS_CORETYPE): the
+    # Haswell kernels and this VM's own gave 0.7719 and 0.7736 (one test document of 265) on the same labels
+    ("classifier.json", "baseline.macro_f1", "abs", 0.05),
     ("refine.json", "label_change_rate", "abs", 0.02),
     ("dedup.json", "totals.*", "abs", 0.0),
     ("split.json", "total.*", "abs", 0.0),
