@@ -26,10 +26,7 @@ logging.basicConfig(level=logging.WARNING)
 from domainlm.common import params as P  # noqa: E402
 from domainlm.common.compute import resolve  # noqa: E402
 from domainlm.classify.data import read_splits, class_list  # noqa: E402
-from domainlm.classify.training import train_attempt, windows_params  # noqa: E402
-from domainlm.classify.model import predict_proba, save_classifier, ADAPTER_SUBDIR  # noqa: E402
-from domainlm.classify.gate import attempt_settings  # noqa: E402
-from domainlm.classify.metrics import score  # noqa: E402
+from measure import deep_update, gate_attempts  # noqa: E402
 import tempfile  # noqa: E402
 OUT = ROOT / "benchmarks" / "results" / "classifier_ceiling.jsonl"
 WORK = Path(tempfile.mkdtemp(prefix="classifier_ceiling_"))
@@ -67,38 +64,18 @@ if CAP:  # a class-balanced draw: each epoch trains on at most CAP documents per
     T.WindowSampledDataset = CappedWindowDataset  # train_attempt builds its train dataset from this name
 retries = int(sys.argv[3]) if len(sys.argv) > 3 else 3
 prm = P.load_params()
-cfg = copy.deepcopy(prm["classifier"])
-
-
-def deep_update(d, o):
-    for k, v in o.items():
-        if isinstance(v, dict):
-            deep_update(d.setdefault(k, {}), v)
-        else:
-            d[k] = v
-
-
-deep_update(cfg, over)
+cfg = deep_update(copy.deepcopy(prm["classifier"]), over)
 compute = resolve(prm.get("compute"))
 compute.apply()
 splits = read_splits("data/split", "data/labels/split_labels.parquet", prm["domains"])
-train, val, test = splits["train"], splits["val"], splits["test"]
-classes = class_list(train)
-_, npw = windows_params(cfg)
-prev = None
+classes = class_list(splits["train"])
 t0 = time.perf_counter()
-for a in range(retries + 1):
-    s = attempt_settings(cfg["train"], cfg["gate"], a)
-    ta = time.perf_counter()
-    model, tok, info = train_attempt("models/merged", train, val, classes, cfg, s, seed=cfg.get("seed", 0) + a,
-                                     init_adapter=(prev + "/" + ADAPTER_SUBDIR) if prev else None, compute=compute)
-    tp = time.perf_counter()
-    proba = predict_proba(model, tok, test.texts, max_length=int(cfg["max_length"]), batch_size=int(cfg["train"]["eval_batch_size"]), max_windows=npw, compute=compute)
-    sc = score(test.labels, proba, classes)
-    prev = str(save_classifier(model, tok, WORK / f"{name}_a{a}"))
-    r = dict(name=name, attempt=a, val=round(info["val_macro_f1"], 4), test=round(sc["macro_f1"], 4), epochs_run=info["epochs_run"],
-             best_epoch=info["best_epoch"], train_s=round(info["train_s"], 1), predict_s=round(time.perf_counter() - tp, 1),
-             attempt_s=round(time.perf_counter() - ta, 1), cum_s=round(time.perf_counter() - t0, 1))
+for at in gate_attempts(cfg, splits, classes, compute, WORK / name, retries):
+    info = at["info"]
+    r = dict(name=name, attempt=at["attempt"], val=round(info["val_macro_f1"], 4), test=round(at["test_macro_f1"], 4),
+             epochs_run=info["epochs_run"], best_epoch=info["best_epoch"], train_s=round(info["train_s"], 1),
+             predict_s=round(at["predict_save_s"], 1), attempt_s=round(at["train_s"] + at["predict_save_s"], 1),
+             cum_s=round(time.perf_counter() - t0, 1))
     print(json.dumps(r), flush=True)
     with open(OUT, "a") as f:
         f.write(json.dumps({**r, "over": {**over, **({"cap": CAP} if CAP else {})}}) + "\n")

@@ -1,5 +1,5 @@
-"""What the benchmarks share: the set-up of an alternating run on the built pipeline, the CPU time the hypervisor
-stole during a measurement, and writing a result table.
+"""What the benchmarks share: the set-up of an alternating run on the built pipeline, train_classifier's gate
+attempts outside the stage, the CPU time the hypervisor stole during a measurement, and writing a result table.
 
 Imported by the benchmark scripts, which run as ``python benchmarks/<name>.py`` (this folder is then on
 ``sys.path``).
@@ -11,7 +11,7 @@ import csv
 import logging
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,6 +37,50 @@ def alternating_run(doc: str) -> tuple[argparse.Namespace, dict[str, Any], Any]:
     compute = resolve(prm.get("compute"))
     compute.apply()
     return args, prm, compute
+
+
+def deep_update(d: dict, overrides: Mapping[str, Any]) -> dict:
+    """Merge ``overrides`` into ``d`` in place, nested dicts key by key; returns ``d``."""
+    for k, v in overrides.items():
+        if isinstance(v, Mapping):
+            deep_update(d.setdefault(k, {}), v)
+        else:
+            d[k] = v
+    return d
+
+
+def gate_attempts(cfg: Mapping[str, Any], splits: Mapping[str, Any], classes: Sequence[str], compute, work: str | Path,
+                  retries: int) -> Iterator[dict[str, Any]]:
+    """train_classifier's gate attempts with every retry spent, outside the stage (no MLflow, no registry): attempt 0
+    from ``models/merged``, then ``retries`` retries each continuing the previous attempt's saved adapter, with the
+    stage's own ``attempt_settings``, ``train_attempt``, ``predict_proba`` on the test split (source labels),
+    ``score`` and ``save_classifier`` (into ``work``).
+
+    Yields one dict per attempt: ``attempt``, ``info`` (``train_attempt``'s), ``test_macro_f1``, ``train_s`` (wall
+    seconds of ``train_attempt``: steps, validation, any compile), ``predict_save_s`` (test prediction + save).
+    """
+    import time
+
+    from domainlm.classify.gate import attempt_settings
+    from domainlm.classify.metrics import score
+    from domainlm.classify.model import ADAPTER_SUBDIR, predict_proba, save_classifier
+    from domainlm.classify.training import train_attempt, windows_params
+
+    _, n_predict = windows_params(cfg)
+    test, previous = splits["test"], None
+    for attempt in range(int(retries) + 1):
+        t0 = time.perf_counter()
+        model, tok, info = train_attempt("models/merged", splits["train"], splits["val"], classes, cfg,
+                                         attempt_settings(cfg["train"], cfg["gate"], attempt),
+                                         seed=int(cfg.get("seed", 0)) + attempt,
+                                         init_adapter=Path(previous) / ADAPTER_SUBDIR if previous else None,
+                                         compute=compute)
+        t1 = time.perf_counter()
+        proba = predict_proba(model, tok, test.texts, max_length=int(cfg["max_length"]),
+                              batch_size=int(cfg["train"]["eval_batch_size"]), max_windows=n_predict, compute=compute)
+        previous = save_classifier(model, tok, Path(work) / f"attempt_{attempt}")
+        yield {"attempt": attempt, "info": info, "test_macro_f1": score(test.labels, proba, classes)["macro_f1"],
+               "train_s": t1 - t0, "predict_save_s": time.perf_counter() - t1}
 
 
 def steal_s(stat: str | Path = "/proc/stat") -> float:
