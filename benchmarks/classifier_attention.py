@@ -12,6 +12,7 @@ kernels run in compiled decoder layers at batch 32 (``classifier.compile``).
 
     python benchmarks/classifier_attention.py [--rounds 2]
 """
+
 from __future__ import annotations
 
 import copy
@@ -41,11 +42,28 @@ def main() -> None:
             cfg["attn_implementation"] = impl
             settings = {**attempt_settings(cfg["train"], cfg["gate"], 0), "epochs": 1.0}
             s0 = steal_s()
-            _, _, info = train_attempt("models/merged", splits["train"], splits["val"], classes, cfg, settings,
-                                       seed=int(cfg.get("seed", 0)), compute=compute)
-            rows.append({"round": r, "attn": impl, "epoch_s": round(info["train_s"], 2), "steps": info["steps"],
-                         "val_macro_f1": round(info["val_macro_f1"], 4), "steal_s": round(steal_s() - s0, 2),
-                         "dtype": compute.dtype, "threads": compute.threads})
+            _, _, info = train_attempt(
+                "models/merged",
+                splits["train"],
+                splits["val"],
+                classes,
+                cfg,
+                settings,
+                seed=int(cfg.get("seed", 0)),
+                compute=compute,
+            )
+            rows.append(
+                {
+                    "round": r,
+                    "attn": impl,
+                    "epoch_s": round(info["train_s"], 2),
+                    "steps": info["steps"],
+                    "val_macro_f1": round(info["val_macro_f1"], 4),
+                    "steal_s": round(steal_s() - s0, 2),
+                    "dtype": compute.dtype,
+                    "threads": compute.threads,
+                }
+            )
             print(rows[-1], flush=True)
     for impl in ("sdpa", "eager"):
         print(impl, "median epoch s", statistics.median(r["epoch_s"] for r in rows if r["attn"] == impl))

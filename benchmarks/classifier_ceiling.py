@@ -11,6 +11,7 @@ labels, as the gate scores it), epochs, seconds.
 ``{"cap": N}`` in the overrides trains each epoch on at most N documents per class (a class-balanced draw per epoch).
 Measured on an idle 2-core AVX512-BF16 box, bf16 on 2 threads: see the README's classifier section.
 """
+
 import copy
 import json
 import logging
@@ -23,11 +24,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.chdir(ROOT)
 logging.basicConfig(level=logging.WARNING)
+import tempfile  # noqa: E402
+
+from measure import deep_update, gate_attempts  # noqa: E402
+
+from domainlm.classify.data import class_list, read_splits  # noqa: E402
 from domainlm.common import params as P  # noqa: E402
 from domainlm.common.compute import resolve  # noqa: E402
-from domainlm.classify.data import read_splits, class_list  # noqa: E402
-from measure import deep_update, gate_attempts  # noqa: E402
-import tempfile  # noqa: E402
+
 OUT = ROOT / "benchmarks" / "results" / "classifier_ceiling.jsonl"
 WORK = Path(tempfile.mkdtemp(prefix="classifier_ceiling_"))
 name, over = sys.argv[1], json.loads(sys.argv[2])
@@ -52,8 +56,12 @@ if CAP:  # a class-balanced draw: each epoch trains on at most CAP documents per
         def _epoch_docs(self):
             if self._drawn_epoch != self.epoch:
                 rng = np.random.default_rng([self.seed, self.epoch, 7])
-                self._docs = [docs[j] for y in sorted(self.by_class)
-                              for docs in [self.by_class[y]] for j in rng.permutation(len(docs))[:CAP]]
+                self._docs = [
+                    docs[j]
+                    for y in sorted(self.by_class)
+                    for docs in [self.by_class[y]]
+                    for j in rng.permutation(len(docs))[:CAP]
+                ]
                 self._drawn_epoch = self.epoch
             return self._docs
 
@@ -72,10 +80,18 @@ classes = class_list(splits["train"])
 t0 = time.perf_counter()
 for at in gate_attempts(cfg, splits, classes, compute, WORK / name, retries):
     info = at["info"]
-    r = dict(name=name, attempt=at["attempt"], val=round(info["val_macro_f1"], 4), test=round(at["test_macro_f1"], 4),
-             epochs_run=info["epochs_run"], best_epoch=info["best_epoch"], train_s=round(info["train_s"], 1),
-             predict_s=round(at["predict_save_s"], 1), attempt_s=round(at["train_s"] + at["predict_save_s"], 1),
-             cum_s=round(time.perf_counter() - t0, 1))
+    r = dict(
+        name=name,
+        attempt=at["attempt"],
+        val=round(info["val_macro_f1"], 4),
+        test=round(at["test_macro_f1"], 4),
+        epochs_run=info["epochs_run"],
+        best_epoch=info["best_epoch"],
+        train_s=round(info["train_s"], 1),
+        predict_s=round(at["predict_save_s"], 1),
+        attempt_s=round(at["train_s"] + at["predict_save_s"], 1),
+        cum_s=round(time.perf_counter() - t0, 1),
+    )
     print(json.dumps(r), flush=True)
     with open(OUT, "a") as f:
         f.write(json.dumps({**r, "over": {**over, **({"cap": CAP} if CAP else {})}}) + "\n")

@@ -17,6 +17,7 @@ What the stage adds around the gate (token statistics, the TF-IDF baseline, the 
 
     python benchmarks/classifier_gate.py [--rounds 2]
 """
+
 from __future__ import annotations
 
 import copy
@@ -30,8 +31,10 @@ from measure import alternating_run, deep_update, gate_attempts, steal_s, write_
 
 OUT = ROOT / "benchmarks" / "results" / "classifier_gate.csv"
 #: ``classifier`` params overrides of session 9's settings; the ``params`` setting overrides nothing.
-SETTINGS = {"session9": {"attn_implementation": "sdpa", "compile": False, "train": {"batch_size": 16, "lr": 1.5e-3}},
-            "params": {}}
+SETTINGS = {
+    "session9": {"attn_implementation": "sdpa", "compile": False, "train": {"batch_size": 16, "lr": 1.5e-3}},
+    "params": {},
+}
 
 
 def main() -> None:
@@ -48,19 +51,34 @@ def main() -> None:
                 s0 = steal_s()
                 for a in gate_attempts(cfg, splits, classes, compute, work, retries=int(cfg["gate"]["max_retries"])):
                     info = a["info"]
-                    rows.append({"round": r, "setting": name, "attempt": a["attempt"], "epochs": info["epochs_run"],
-                                 "train_s": round(a["train_s"], 2), "predict_save_s": round(a["predict_save_s"], 2),
-                                 "val_macro_f1": round(info["val_macro_f1"], 4),
-                                 "test_macro_f1": round(a["test_macro_f1"], 4),
-                                 "compiled_layers": info["compiled_layers"], "attn": info["attn_implementation"],
-                                 "batch_size": int(cfg["train"]["batch_size"]), "steal_s": round(steal_s() - s0, 2),
-                                 "dtype": compute.dtype, "threads": compute.threads})
+                    rows.append(
+                        {
+                            "round": r,
+                            "setting": name,
+                            "attempt": a["attempt"],
+                            "epochs": info["epochs_run"],
+                            "train_s": round(a["train_s"], 2),
+                            "predict_save_s": round(a["predict_save_s"], 2),
+                            "val_macro_f1": round(info["val_macro_f1"], 4),
+                            "test_macro_f1": round(a["test_macro_f1"], 4),
+                            "compiled_layers": info["compiled_layers"],
+                            "attn": info["attn_implementation"],
+                            "batch_size": int(cfg["train"]["batch_size"]),
+                            "steal_s": round(steal_s() - s0, 2),
+                            "dtype": compute.dtype,
+                            "threads": compute.threads,
+                        }
+                    )
                     s0 = steal_s()
                     print(rows[-1], flush=True)
-    totals = {name: sum(x["train_s"] + x["predict_save_s"] for x in rows if x["setting"] == name) / args.rounds
-              for name in SETTINGS}
-    print(f"every retry spent, mean seconds per gate: session9 {totals['session9']:.1f}, params "
-          f"{totals['params']:.1f} ({totals['session9'] / totals['params']:.2f}x)")
+    totals = {
+        name: sum(x["train_s"] + x["predict_save_s"] for x in rows if x["setting"] == name) / args.rounds
+        for name in SETTINGS
+    }
+    print(
+        f"every retry spent, mean seconds per gate: session9 {totals['session9']:.1f}, params "
+        f"{totals['params']:.1f} ({totals['session9'] / totals['params']:.2f}x)"
+    )
     write_csv(OUT, rows)
     print(f"wrote {OUT}")
 

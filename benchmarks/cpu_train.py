@@ -37,6 +37,7 @@ Writes benchmarks/results/cpu_train.csv (and cpu_train_quality.csv). Run it on a
 ``python benchmarks/cpu_train.py --workloads classifier --threads 2 --attn sdpa eager --steps 10
 --out benchmarks/results/cpu_train_attention.csv``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -68,18 +69,32 @@ def _model_config(params, vocab: int = 8000):
     from transformers import Qwen2Config
 
     m = params["base_model"]["model"]
-    return Qwen2Config(vocab_size=vocab, hidden_size=m["hidden_size"], intermediate_size=m["intermediate_size"],
-                       num_hidden_layers=m["num_hidden_layers"], num_attention_heads=m["num_attention_heads"],
-                       num_key_value_heads=m["num_key_value_heads"], max_position_embeddings=m["context_length"],
-                       tie_word_embeddings=True, pad_token_id=0)
+    return Qwen2Config(
+        vocab_size=vocab,
+        hidden_size=m["hidden_size"],
+        intermediate_size=m["intermediate_size"],
+        num_hidden_layers=m["num_hidden_layers"],
+        num_attention_heads=m["num_attention_heads"],
+        num_key_value_heads=m["num_key_value_heads"],
+        max_position_embeddings=m["context_length"],
+        tie_word_embeddings=True,
+        pad_token_id=0,
+    )
 
 
 def _linear_params(model, *, include_head: bool) -> int:
     import torch
 
-    n = sum(mod.weight.numel() for name, mod in model.named_modules()
-            if isinstance(mod, torch.nn.Linear) and "lora_" not in name and (include_head or "lm_head" not in name)
-            and not name.endswith("score") and ".score." not in name and "modules_to_save" not in name)
+    n = sum(
+        mod.weight.numel()
+        for name, mod in model.named_modules()
+        if isinstance(mod, torch.nn.Linear)
+        and "lora_" not in name
+        and (include_head or "lm_head" not in name)
+        and not name.endswith("score")
+        and ".score." not in name
+        and "modules_to_save" not in name
+    )
     return n
 
 
@@ -100,25 +115,45 @@ def build(workload: str, params, attn: str = "sdpa"):
         model = Qwen2ForSequenceClassification(cfg)
         model.set_attn_implementation(attn)
         lcfg = c["lora"]
-        model = get_peft_model(model, LoraConfig(task_type=TaskType.SEQ_CLS, r=lcfg["r"], lora_alpha=lcfg["lora_alpha"],
-                                                 lora_dropout=lcfg["lora_dropout"], target_modules=list(lcfg["target_modules"]),
-                                                 modules_to_save=["score"]))
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                task_type=TaskType.SEQ_CLS,
+                r=lcfg["r"],
+                lora_alpha=lcfg["lora_alpha"],
+                lora_dropout=lcfg["lora_dropout"],
+                target_modules=list(lcfg["target_modules"]),
+                modules_to_save=["score"],
+            ),
+        )
         n = _linear_params(model, include_head=False)
         # as train_classifier's collator pads: an attention mask, and a quarter of the rows right-padded to half length
         mask = torch.ones(B, T, dtype=torch.long)
-        mask[: B // 4, T // 2:] = 0
+        mask[: B // 4, T // 2 :] = 0
         ids = torch.randint(1, cfg.vocab_size, (B, T)).masked_fill(mask == 0, 0)
         batch = {"input_ids": ids, "attention_mask": mask, "labels": torch.randint(0, 12, (B,))}
     else:
         T = int(params["base_model"]["model"]["context_length"])
-        B = int(params["base_model"]["train"]["batch_size"] if workload == "pretrain" else params["train_lora"]["train"]["batch_size"])
+        B = int(
+            params["base_model"]["train"]["batch_size"]
+            if workload == "pretrain"
+            else params["train_lora"]["train"]["batch_size"]
+        )
         model = Qwen2ForCausalLM(cfg)
         model.set_attn_implementation(attn)
         n = _linear_params(model, include_head=True)
         if workload == "lora":
             lcfg = params["train_lora"]["lora"]
-            model = get_peft_model(model, LoraConfig(task_type=TaskType.CAUSAL_LM, r=lcfg["r"], lora_alpha=lcfg["lora_alpha"],
-                                                     lora_dropout=lcfg["lora_dropout"], target_modules=list(lcfg["target_modules"])))
+            model = get_peft_model(
+                model,
+                LoraConfig(
+                    task_type=TaskType.CAUSAL_LM,
+                    r=lcfg["r"],
+                    lora_alpha=lcfg["lora_alpha"],
+                    lora_dropout=lcfg["lora_dropout"],
+                    target_modules=list(lcfg["target_modules"]),
+                ),
+            )
         ids = torch.randint(1, cfg.vocab_size, (B, T))
         batch = {"input_ids": ids, "labels": ids.clone()}
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -151,10 +186,19 @@ def cell(workload: str, dtype: str, threads: int, steps: int, warmup: int, attn:
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     step_s = statistics.median(times)
-    return {"workload": workload, "dtype": dtype, "threads": threads, "attn": attn, "step_ms": round(1000 * step_s, 1),
-            "tokens_per_step": tokens, "tokens_per_s": round(tokens / step_s, 1), "gflop_per_step": round(flop / 1e9, 3),
-            "achieved_gflop_s": round(flop / step_s / 1e9, 2), "trainable_params": trainable,
-            "loss_finite": int(math.isfinite(float(loss)))}
+    return {
+        "workload": workload,
+        "dtype": dtype,
+        "threads": threads,
+        "attn": attn,
+        "step_ms": round(1000 * step_s, 1),
+        "tokens_per_step": tokens,
+        "tokens_per_s": round(tokens / step_s, 1),
+        "gflop_per_step": round(flop / 1e9, 3),
+        "achieved_gflop_s": round(flop / step_s / 1e9, 2),
+        "trainable_params": trainable,
+        "loss_finite": int(math.isfinite(float(loss))),
+    }
 
 
 def peak_gflop_s(dtype: str, threads: int) -> tuple[float, str]:
@@ -197,12 +241,19 @@ def quality(steps: int = 60) -> list[dict]:
         for dtype in ("fp32", "bf16"):
             with resolve({"dtype": dtype}, device="cpu").autocast():
                 nll[dtype], _ = lm_data.mean_nll(model, blocks, batch_size=16)
-        rows.append({"check": f"base val perplexity {domain}", "fp32": round(math.exp(nll["fp32"]), 4),
-                     "bf16": round(math.exp(nll["bf16"]), 4),
-                     "rel_diff": round(abs(math.exp(nll["bf16"]) - math.exp(nll["fp32"])) / math.exp(nll["fp32"]), 5)})
+        rows.append(
+            {
+                "check": f"base val perplexity {domain}",
+                "fp32": round(math.exp(nll["fp32"]), 4),
+                "bf16": round(math.exp(nll["bf16"]), 4),
+                "rel_diff": round(abs(math.exp(nll["bf16"]) - math.exp(nll["fp32"])) / math.exp(nll["fp32"]), 5),
+            }
+        )
     train = lm_data.read_domain_texts(split_dir, domains(ROOT / "params.yaml"), "train")
     train_blocks = lm_data.concat_blocks([lm_data.pack_blocks(tok, t, block) for t in train.values()])
-    val_blocks = lm_data.evenly_spaced_blocks(lm_data.concat_blocks([lm_data.pack_blocks(tok, t, block) for t in val.values()]), 64)
+    val_blocks = lm_data.evenly_spaced_blocks(
+        lm_data.concat_blocks([lm_data.pack_blocks(tok, t, block) for t in val.values()]), 64
+    )
     tp = {**params["base_model"]["train"], "steps": steps, "warmup_steps": 10, "log_every": steps}
     losses = {}
     for dtype in ("fp32", "bf16"):
@@ -213,8 +264,14 @@ def quality(steps: int = 60) -> list[dict]:
         policy = resolve({"dtype": dtype}, device="cpu")
         pretrain(m, train_blocks, tp, seed=0, compute=policy)
         losses[dtype], _ = lm_data.mean_nll(m, val_blocks, batch_size=16)
-    rows.append({"check": f"pretrain {steps} steps: val loss (fp32 eval)", "fp32": round(losses["fp32"], 5),
-                 "bf16": round(losses["bf16"], 5), "rel_diff": round(abs(losses["bf16"] - losses["fp32"]) / losses["fp32"], 5)})
+    rows.append(
+        {
+            "check": f"pretrain {steps} steps: val loss (fp32 eval)",
+            "fp32": round(losses["fp32"], 5),
+            "bf16": round(losses["bf16"], 5),
+            "rel_diff": round(abs(losses["bf16"] - losses["fp32"]) / losses["fp32"], 5),
+        }
+    )
     return rows
 
 
@@ -224,10 +281,16 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--workloads", nargs="+", default=list(WORKLOADS))
-    ap.add_argument("--attn", nargs="+", default=["sdpa"],
-                    help="attention implementations to time (the first is the baseline), e.g. --attn sdpa eager")
+    ap.add_argument(
+        "--attn",
+        nargs="+",
+        default=["sdpa"],
+        help="attention implementations to time (the first is the baseline), e.g. --attn sdpa eager",
+    )
     ap.add_argument("--out", type=Path, default=RESULTS, help="the CSV to write")
-    ap.add_argument("--quality", action="store_true", help="also compare fp32 and bf16 losses (needs models/base, data/split)")
+    ap.add_argument(
+        "--quality", action="store_true", help="also compare fp32 and bf16 losses (needs models/base, data/split)"
+    )
     ap.add_argument("--cell", help=argparse.SUPPRESS)  # internal: workload,dtype,threads,attn
     args = ap.parse_args()
     if args.cell:
@@ -237,19 +300,43 @@ def main() -> None:
     rows = []
     for workload in args.workloads:
         for attn, threads, dtype in itertools.product(args.attn, args.threads, ("fp32", "bf16")):
-            out = subprocess.run([sys.executable, __file__, "--cell", f"{workload},{dtype},{threads},{attn}",
-                                  "--steps", str(args.steps), "--warmup", str(args.warmup)],
-                                 capture_output=True, text=True, check=True, cwd=ROOT)
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--cell",
+                    f"{workload},{dtype},{threads},{attn}",
+                    "--steps",
+                    str(args.steps),
+                    "--warmup",
+                    str(args.warmup),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+                cwd=ROOT,
+            )
             row = json.loads(out.stdout.strip().splitlines()[-1])
             peak, rule = peak_gflop_s(dtype, threads)
-            row.update({"peak_gflop_s": round(peak, 1), "utilisation": round(row["achieved_gflop_s"] / peak, 4),
-                        "peak_rule": rule})
+            row.update(
+                {
+                    "peak_gflop_s": round(peak, 1),
+                    "utilisation": round(row["achieved_gflop_s"] / peak, 4),
+                    "peak_rule": rule,
+                }
+            )
             rows.append(row)
-            print(f"{workload:10s} {attn:5s} {dtype} {threads} thr: {row['step_ms']:8.1f} ms/step, {row['tokens_per_s']:8.0f} tok/s, "
-                  f"{row['achieved_gflop_s']:7.1f} GFLOP/s ({100 * row['utilisation']:.1f}% of {rule})", flush=True)
+            print(
+                f"{workload:10s} {attn:5s} {dtype} {threads} thr: {row['step_ms']:8.1f} ms/step, {row['tokens_per_s']:8.0f} tok/s, "
+                f"{row['achieved_gflop_s']:7.1f} GFLOP/s ({100 * row['utilisation']:.1f}% of {rule})",
+                flush=True,
+            )
     # the baseline of each workload: fp32 on 1 thread with the first --attn (sdpa, transformers' default)
-    base = {r["workload"]: r["step_ms"] for r in rows[::-1] if r["dtype"] == "fp32" and r["threads"] == 1
-            and r["attn"] == args.attn[0]}
+    base = {
+        r["workload"]: r["step_ms"]
+        for r in rows[::-1]
+        if r["dtype"] == "fp32" and r["threads"] == 1 and r["attn"] == args.attn[0]
+    }
     for r in rows:
         r["speedup_vs_fp32_1thread"] = round(base[r["workload"]] / r["step_ms"], 3) if r["workload"] in base else None
     write_csv(args.out, rows)

@@ -11,6 +11,7 @@ metrics file. Writes ``benchmarks/results/data_half_scale.{json,csv}``.
 
 Run from the repository root: ``python benchmarks/data_half_scale.py [--docs 1000000]``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,8 +23,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 for extra in (REPO, REPO / "tests", REPO / "benchmarks"):
@@ -32,9 +34,9 @@ for extra in (REPO, REPO / "tests", REPO / "benchmarks"):
 
 import psutil  # noqa: E402
 import yaml  # noqa: E402
-
 from conftest import make_pipeline_repo  # noqa: E402
 from dedup_scale import DOMAINS, generate  # noqa: E402
+
 from domainlm.common.atomic import atomic_path, write_json  # noqa: E402
 from domainlm.common.metrics import rows_to_csv  # noqa: E402
 
@@ -69,8 +71,15 @@ def repro(repo: Path) -> dict[str, dict[str, float]]:
         RuntimeError: with the output's tail when DVC fails.
     """
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    proc = subprocess.Popen(["dvc", "repro", "split"], cwd=repo, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, bufsize=1)
+    proc = subprocess.Popen(
+        ["dvc", "repro", "split"],
+        cwd=repo,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+    )
     root = psutil.Process(proc.pid)
     stats: dict[str, dict[str, float]] = {}
     current: list[str] = []
@@ -134,17 +143,38 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         for stage in STAGES:
             m = json.loads((repo / "metrics" / f"{stage}.json").read_text(encoding="utf-8"))
             s = stats.get(stage, {})
-            rows.append({"stage": stage, "docs_in": args.docs, "wall_s": round(s.get("wall_s", 0.0), 1),
-                         "stage_wall_s": m["stage"]["wall_s"], "peak_rss_mb_tree": round(s.get("peak_rss_mb_tree", 0.0), 1),
-                         "stage_peak_rss_mb": m["stage"]["peak_rss_mb"],
-                         "dedup_peak_rss_mb_tree": m.get("peak_rss_mb_tree") if stage == "dedup" else None})
+            rows.append(
+                {
+                    "stage": stage,
+                    "docs_in": args.docs,
+                    "wall_s": round(s.get("wall_s", 0.0), 1),
+                    "stage_wall_s": m["stage"]["wall_s"],
+                    "peak_rss_mb_tree": round(s.get("peak_rss_mb_tree", 0.0), 1),
+                    "stage_peak_rss_mb": m["stage"]["peak_rss_mb"],
+                    "dedup_peak_rss_mb_tree": m.get("peak_rss_mb_tree") if stage == "dedup" else None,
+                }
+            )
         dedup = json.loads((repo / "metrics" / "dedup.json").read_text(encoding="utf-8"))
         split = json.loads((repo / "metrics" / "split.json").read_text(encoding="utf-8"))
-        results = {"docs": args.docs, "total_wall_s": total, "stages": rows,
-                   "dedup": {k: dedup[k] for k in ("totals", "bands", "rows", "candidate_pairs", "verified_pairs",
-                                                   "docs_per_s", "peak_rss_mb_tree")},
-                   "split_total": split["total"],
-                   "machine": {"cpu_count": os.cpu_count(), "loadavg": os.getloadavg()}}
+        results = {
+            "docs": args.docs,
+            "total_wall_s": total,
+            "stages": rows,
+            "dedup": {
+                k: dedup[k]
+                for k in (
+                    "totals",
+                    "bands",
+                    "rows",
+                    "candidate_pairs",
+                    "verified_pairs",
+                    "docs_per_s",
+                    "peak_rss_mb_tree",
+                )
+            },
+            "split_total": split["total"],
+            "machine": {"cpu_count": os.cpu_count(), "loadavg": os.getloadavg()},
+        }
         write_json(args.out.with_suffix(".json"), results)
         with atomic_path(args.out.with_suffix(".csv")) as out:
             out.write_text(rows_to_csv(rows), encoding="utf-8")

@@ -19,6 +19,7 @@ on the whole corpus, identical pairs on every repeat and with 1 or 2 workers.
 Run from the repository root after ``dvc repro validate``:
 ``python benchmarks/dedup_quality.py [--repeats 3]``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -78,8 +80,9 @@ def brute_force_pairs(ids: Sequence[str], texts: Sequence[str], threshold: float
     return {tuple(sorted((ids[i], ids[j]))): float(v) for i, j, v in zip(inter.row[hit], inter.col[hit], jac[hit])}
 
 
-def baseline(ids: Sequence[str], texts: Sequence[str], num_perm: int, threshold: float, seed: int
-             ) -> tuple[set[Pair], float, tuple[int, int]]:
+def baseline(
+    ids: Sequence[str], texts: Sequence[str], num_perm: int, threshold: float, seed: int
+) -> tuple[set[Pair], float, tuple[int, int]]:
     """Plain datasketch: string shingles → ``MinHash.update_batch`` (SHA1) → default-banded LSH.
 
     Returns:
@@ -115,9 +118,17 @@ def ours(cfg: dict[str, Any], domains: Sequence[str], input_dir: Path) -> tuple[
 
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        metrics = run_dedup(domains, input_dir, Path(tmp) / "dedup", num_perm=cfg["num_perm"], threshold=cfg["threshold"],
-                            min_recall=cfg["min_recall_at_threshold"], seed=cfg["seed"],
-                            workers=resolve_workers(cfg.get("workers")), work_dir=Path(tmp) / "work")
+        metrics = run_dedup(
+            domains,
+            input_dir,
+            Path(tmp) / "dedup",
+            num_perm=cfg["num_perm"],
+            threshold=cfg["threshold"],
+            min_recall=cfg["min_recall_at_threshold"],
+            seed=cfg["seed"],
+            workers=resolve_workers(cfg.get("workers")),
+            work_dir=Path(tmp) / "work",
+        )
         seconds = time.perf_counter() - t0
         pairs = json.loads((Path(tmp) / "dedup" / "candidates.json").read_text(encoding="utf-8"))["pairs"]
     return {tuple(sorted((p["a"], p["b"]))) for p in pairs if p["verified"]}, metrics, seconds
@@ -126,9 +137,13 @@ def ours(cfg: dict[str, Any], domains: Sequence[str], input_dir: Path) -> tuple[
 def score(reported: set[Pair], truth: dict[Pair, float]) -> dict[str, float]:
     """Pair recall and precision of ``reported`` against ``truth``."""
     tp = len(reported & truth.keys())
-    return {"truth_pairs": len(truth), "reported_pairs": len(reported), "true_positives": tp,
-            "recall": tp / len(truth) if truth else 1.0,
-            "precision": tp / len(reported) if reported else 1.0}
+    return {
+        "truth_pairs": len(truth),
+        "reported_pairs": len(reported),
+        "true_positives": tp,
+        "recall": tp / len(truth) if truth else 1.0,
+        "precision": tp / len(reported) if reported else 1.0,
+    }
 
 
 def process_wall(input_dir: Path) -> float:
@@ -140,8 +155,14 @@ def process_wall(input_dir: Path) -> float:
         os.symlink(input_dir.resolve(), Path(tmp) / "data" / "validated")
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "stages.dedup"], cwd=tmp, env=env, check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run(
+            [sys.executable, "-m", "stages.dedup"],
+            cwd=tmp,
+            env=env,
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         return time.perf_counter() - t0
 
 
@@ -171,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     timed: dict[str, list] = {name: [] for name in methods}
     names = list(methods)
     for rep in range(args.repeats):
-        for name in names[rep % len(names):] + names[:rep % len(names)]:
+        for name in names[rep % len(names) :] + names[: rep % len(names)]:
             timed[name].append(methods[name]())
     ours_all, ours_office, base_runs = timed["ours_all"], timed["ours_office"], timed["baseline"]
     ours_1w = ours({**cfg, "workers": 1}, ["office_help"], args.input_dir)
@@ -196,58 +217,140 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     all_s = statistics.median(r[2] for r in ours_all)
     ours_office_dps = n_office / office_s
     results = {
-        "corpus": {"docs": n_all, "office_help_docs": n_office, "chars": sum(map(len, texts)),
-                   "threshold": cfg["threshold"], "num_perm": cfg["num_perm"]},
-        "machine": {"cpu_count": os.cpu_count(), "workers": resolve_workers(cfg.get("workers")),
-                    "loadavg_1m_start": load_start, "loadavg_1m_end": load_end, "repeats": args.repeats},
+        "corpus": {
+            "docs": n_all,
+            "office_help_docs": n_office,
+            "chars": sum(map(len, texts)),
+            "threshold": cfg["threshold"],
+            "num_perm": cfg["num_perm"],
+        },
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "workers": resolve_workers(cfg.get("workers")),
+            "loadavg_1m_start": load_start,
+            "loadavg_1m_end": load_end,
+            "repeats": args.repeats,
+        },
         "banding": {"ours": m_all["lsh"], "baseline": banding_report(128, cfg["threshold"], *base_br)},
         "office_help": {
-            "baseline": {**base_score, "candidate_pairs": len(base_pairs),
-                         "candidates_with_exact_jaccard_at_threshold": len(base_verified),
-                         "seconds": base_s, "docs_per_s": base_dps},
-            "ours": {**office_score, "candidate_pairs": ours_office[0][1]["candidate_pairs"],
-                     "end_to_end_seconds": office_s, "end_to_end_seconds_1_worker": ours_1w[2],
-                     "docs_per_s": ours_office_dps},
-            "ratios": {"docs_per_s_end_to_end": ours_office_dps / base_dps,
-                       "recall": office_score["recall"] / base_score["recall"] if base_score["recall"] else 0.0,
-                       "precision": office_score["precision"] / base_score["precision"]
-                       if base_score["precision"] else 0.0},
+            "baseline": {
+                **base_score,
+                "candidate_pairs": len(base_pairs),
+                "candidates_with_exact_jaccard_at_threshold": len(base_verified),
+                "seconds": base_s,
+                "docs_per_s": base_dps,
+            },
+            "ours": {
+                **office_score,
+                "candidate_pairs": ours_office[0][1]["candidate_pairs"],
+                "end_to_end_seconds": office_s,
+                "end_to_end_seconds_1_worker": ours_1w[2],
+                "docs_per_s": ours_office_dps,
+            },
+            "ratios": {
+                "docs_per_s_end_to_end": ours_office_dps / base_dps,
+                "recall": office_score["recall"] / base_score["recall"] if base_score["recall"] else 0.0,
+                "precision": office_score["precision"] / base_score["precision"] if base_score["precision"] else 0.0,
+            },
         },
         "full_corpus": {
-            "ours": {**all_score, "candidate_pairs": m_all["candidate_pairs"], "end_to_end_seconds": all_s,
-                     "end_to_end_seconds_all": [r[2] for r in ours_all], "docs_per_s": n_all / all_s,
-                     "process_wall_seconds": proc_all, "process_docs_per_s": n_all / proc_all},
+            "ours": {
+                **all_score,
+                "candidate_pairs": m_all["candidate_pairs"],
+                "end_to_end_seconds": all_s,
+                "end_to_end_seconds_all": [r[2] for r in ours_all],
+                "docs_per_s": n_all / all_s,
+                "process_wall_seconds": proc_all,
+                "process_docs_per_s": n_all / proc_all,
+            },
         },
     }
     deterministic = len({frozenset(r[0]) for r in ours_all}) == 1 and ours_1w[0] == ours_office[0][0]
-    results["bars"] = {**BARS, "deterministic": deterministic,
-                       "passed": bool(all_score["recall"] >= BARS["recall_min"]
-                                      and all_score["precision"] >= BARS["precision_min"]
-                                      and results["full_corpus"]["ours"]["docs_per_s"] >= BARS["docs_per_s_min"]
-                                      and deterministic)}
+    results["bars"] = {
+        **BARS,
+        "deterministic": deterministic,
+        "passed": bool(
+            all_score["recall"] >= BARS["recall_min"]
+            and all_score["precision"] >= BARS["precision_min"]
+            and results["full_corpus"]["ours"]["docs_per_s"] >= BARS["docs_per_s_min"]
+            and deterministic
+        ),
+    }
 
     write_json(args.out.with_suffix(".json"), results)
     with atomic_path(args.out.with_suffix(".csv")) as tmp, tmp.open("w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
-        w.writerow(["method", "subset", "docs", "truth_pairs", "reported_pairs", "true_positives", "recall",
-                    "precision", "seconds", "docs_per_s", "docs_per_s_ratio_vs_baseline"])
+        w.writerow(
+            [
+                "method",
+                "subset",
+                "docs",
+                "truth_pairs",
+                "reported_pairs",
+                "true_positives",
+                "recall",
+                "precision",
+                "seconds",
+                "docs_per_s",
+                "docs_per_s_ratio_vs_baseline",
+            ]
+        )
         b, o, a = results["office_help"]["baseline"], results["office_help"]["ours"], results["full_corpus"]["ours"]
-        w.writerow([f"datasketch_default_{base_br[0]}x{base_br[1]}_sha1", "office_help", n_office, b["truth_pairs"], b["reported_pairs"],
-                    b["true_positives"], f"{b['recall']:.4f}", f"{b['precision']:.4f}", f"{b['seconds']:.3f}",
-                    f"{b['docs_per_s']:.0f}", "1.00"])
-        w.writerow([f"ours_{bands}x{rows}_verified", "office_help", n_office, o["truth_pairs"], o["reported_pairs"],
-                    o["true_positives"], f"{o['recall']:.4f}", f"{o['precision']:.4f}",
-                    f"{o['end_to_end_seconds']:.3f}", f"{o['docs_per_s']:.0f}",
-                    f"{results['office_help']['ratios']['docs_per_s_end_to_end']:.2f}"])
-        w.writerow([f"ours_{bands}x{rows}_verified", "all_domains", n_all, a["truth_pairs"], a["reported_pairs"],
-                    a["true_positives"], f"{a['recall']:.4f}", f"{a['precision']:.4f}",
-                    f"{a['end_to_end_seconds']:.3f}", f"{a['docs_per_s']:.0f}", ""])
-    print(f"office_help: baseline recall {b['recall']:.3f} precision {b['precision']:.3f} {b['docs_per_s']:.0f} docs/s | "
-          f"ours recall {o['recall']:.3f} precision {o['precision']:.3f} {o['docs_per_s']:.0f} docs/s "
-          f"(x{results['office_help']['ratios']['docs_per_s_end_to_end']:.2f})")
-    print(f"all domains: ours recall {a['recall']:.3f} precision {a['precision']:.3f} {a['docs_per_s']:.0f} docs/s "
-          f"end to end; process incl. interpreter start {a['process_docs_per_s']:.0f} docs/s; "
-          f"bars passed: {results['bars']['passed']}")
+        w.writerow(
+            [
+                f"datasketch_default_{base_br[0]}x{base_br[1]}_sha1",
+                "office_help",
+                n_office,
+                b["truth_pairs"],
+                b["reported_pairs"],
+                b["true_positives"],
+                f"{b['recall']:.4f}",
+                f"{b['precision']:.4f}",
+                f"{b['seconds']:.3f}",
+                f"{b['docs_per_s']:.0f}",
+                "1.00",
+            ]
+        )
+        w.writerow(
+            [
+                f"ours_{bands}x{rows}_verified",
+                "office_help",
+                n_office,
+                o["truth_pairs"],
+                o["reported_pairs"],
+                o["true_positives"],
+                f"{o['recall']:.4f}",
+                f"{o['precision']:.4f}",
+                f"{o['end_to_end_seconds']:.3f}",
+                f"{o['docs_per_s']:.0f}",
+                f"{results['office_help']['ratios']['docs_per_s_end_to_end']:.2f}",
+            ]
+        )
+        w.writerow(
+            [
+                f"ours_{bands}x{rows}_verified",
+                "all_domains",
+                n_all,
+                a["truth_pairs"],
+                a["reported_pairs"],
+                a["true_positives"],
+                f"{a['recall']:.4f}",
+                f"{a['precision']:.4f}",
+                f"{a['end_to_end_seconds']:.3f}",
+                f"{a['docs_per_s']:.0f}",
+                "",
+            ]
+        )
+    print(
+        f"office_help: baseline recall {b['recall']:.3f} precision {b['precision']:.3f} {b['docs_per_s']:.0f} docs/s | "
+        f"ours recall {o['recall']:.3f} precision {o['precision']:.3f} {o['docs_per_s']:.0f} docs/s "
+        f"(x{results['office_help']['ratios']['docs_per_s_end_to_end']:.2f})"
+    )
+    print(
+        f"all domains: ours recall {a['recall']:.3f} precision {a['precision']:.3f} {a['docs_per_s']:.0f} docs/s "
+        f"end to end; process incl. interpreter start {a['process_docs_per_s']:.0f} docs/s; "
+        f"bars passed: {results['bars']['passed']}"
+    )
     return results
 
 

@@ -19,6 +19,7 @@ raylet, GCS and workers), sampled every 0.2 s with psutil. Runs are sequential. 
 Run from the repository root after ``dvc repro validate``:
 ``python benchmarks/dedup_scale.py [--sizes 10000 100000 1000000] [--engines local ray]``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script: make the `domainlm` package importable
@@ -52,11 +54,17 @@ DOMAINS = ("web", "news")
 NEAR_RATES = (0.01, 0.03, 0.05, 0.08)
 MISS_RATES = (0.2, 0.3)
 TODAY_COMMIT = "bc056d9"
-BARS = {"recall_min": 0.99, "precision_min": 0.99, "peak_rss_mb_max_at_1m": 1536.0,
-        "docs_per_s_1m_over_10k_min": 0.8, "speedup_vs_today_min": 5.0}
+BARS = {
+    "recall_min": 0.99,
+    "precision_min": 0.99,
+    "peak_rss_mb_max_at_1m": 1536.0,
+    "docs_per_s_1m_over_10k_min": 0.8,
+    "speedup_vs_today_min": 5.0,
+}
 
 
 # ------------------------------------------------------------------ corpus
+
 
 def line_pool(input_dir: Path) -> list[str]:
     """Distinct lines (>= 10 characters, whitespace collapsed) of the validated bundled corpus, sorted."""
@@ -131,14 +139,30 @@ def generate(n: int, seed: int, input_dir: Path, threshold: float = 0.8, dup_rat
     try:
         for i, text in enumerate(texts):
             d = DOMAINS[rng.randrange(len(DOMAINS))]
-            handles[d].write(json.dumps({"id": f"d{i:07d}", "text": text, "domain": d, "label": d,
-                                         "source": "synthetic"}, ensure_ascii=False, separators=(",", ":")) + "\n")
+            handles[d].write(
+                json.dumps(
+                    {"id": f"d{i:07d}", "text": text, "domain": d, "label": d, "source": "synthetic"},
+                    ensure_ascii=False,
+                    separators=(",", ":"),
+                )
+                + "\n"
+            )
     finally:
         for fh in handles.values():
             fh.close()
     truth = [[i, j] for i, j, _, jac in planted if jac >= threshold]
-    (tmp / "truth.json").write_text(json.dumps({"n": n, "seed": seed, "threshold": threshold, "planted": planted,
-                                                "truth": truth, "bytes_mean": float(np.mean([len(t.encode()) for t in texts]))}))
+    (tmp / "truth.json").write_text(
+        json.dumps(
+            {
+                "n": n,
+                "seed": seed,
+                "threshold": threshold,
+                "planted": planted,
+                "truth": truth,
+                "bytes_mean": float(np.mean([len(t.encode()) for t in texts])),
+            }
+        )
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.exists():
         import shutil
@@ -149,6 +173,7 @@ def generate(n: int, seed: int, input_dir: Path, threshold: float = 0.8, dup_rat
 
 
 # ------------------------------------------------------------------ measured runs
+
 
 def measured(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> tuple[float, float]:
     """Run ``cmd``; return (process wall s, peak MiB of the summed RSS of it and all its descendants).
@@ -237,23 +262,48 @@ def found_pairs(out_dir: Path) -> set[tuple[int, int]]:
 
 def score(found: set[tuple[int, int]], truth: set[tuple[int, int]]) -> dict[str, Any]:
     tp = len(found & truth)
-    return {"truth_pairs": len(truth), "found_pairs": len(found), "true_positives": tp,
-            "recall": tp / len(truth) if truth else 1.0, "precision": tp / len(found) if found else 1.0}
+    return {
+        "truth_pairs": len(truth),
+        "found_pairs": len(found),
+        "true_positives": tp,
+        "recall": tp / len(truth) if truth else 1.0,
+        "precision": tp / len(found) if found else 1.0,
+    }
 
 
 def run_ours(corpus: Path, engine: str, workers: int, num_perm: int, threshold: float) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="dedup-scale-") as tmp:
         out, metrics = Path(tmp) / "out", Path(tmp) / "metrics.json"
-        code = OURS.format(repo=str(REPO), domains=list(DOMAINS), inp=str(corpus), out=str(out), num_perm=num_perm,
-                           threshold=threshold, workers=workers, engine=engine, ray={"object_store_mb": 512},
-                           work=str(Path(tmp) / "work"), metrics=str(metrics))
+        code = OURS.format(
+            repo=str(REPO),
+            domains=list(DOMAINS),
+            inp=str(corpus),
+            out=str(out),
+            num_perm=num_perm,
+            threshold=threshold,
+            workers=workers,
+            engine=engine,
+            ray={"object_store_mb": 512},
+            work=str(Path(tmp) / "work"),
+            metrics=str(metrics),
+        )
         wall, peak = measured([sys.executable, "-c", code], REPO)
         m = json.loads(metrics.read_text())
         found = found_pairs(out)
         digests = {p.name: _sha256(p) for p in sorted(out.iterdir())}
-    return {"wall_s": m["wall_s"], "process_wall_s": wall, "peak_rss_mb": peak, "found": found, "metrics": m,
-            "candidate_pairs": m["candidate_pairs"], "estimate_kept_pairs": m["estimate_kept_pairs"],
-            "verified_pairs": m["verified_pairs"], "bands": m["bands"], "rows": m["rows"], "digests": digests}
+    return {
+        "wall_s": m["wall_s"],
+        "process_wall_s": wall,
+        "peak_rss_mb": peak,
+        "found": found,
+        "metrics": m,
+        "candidate_pairs": m["candidate_pairs"],
+        "estimate_kept_pairs": m["estimate_kept_pairs"],
+        "verified_pairs": m["verified_pairs"],
+        "bands": m["bands"],
+        "rows": m["rows"],
+        "digests": digests,
+    }
 
 
 def _sha256(path: Path) -> str:
@@ -274,26 +324,49 @@ def run_today(corpus: Path, workers: int, threshold: float) -> dict[str, Any]:
         archive = subprocess.run(["git", "archive", TODAY_COMMIT, "stages"], cwd=REPO, capture_output=True, check=True)
         subprocess.run(["tar", "-x", "-C", str(old)], input=archive.stdout, check=True)
         out, metrics = Path(tmp) / "out", Path(tmp) / "metrics.json"
-        code = TODAY.format(old=str(old), threshold=threshold, workers=workers, domains=list(DOMAINS),
-                            inp=str(corpus), out=str(out), metrics=str(metrics))
+        code = TODAY.format(
+            old=str(old),
+            threshold=threshold,
+            workers=workers,
+            domains=list(DOMAINS),
+            inp=str(corpus),
+            out=str(out),
+            metrics=str(metrics),
+        )
         wall, peak = measured([sys.executable, "-c", code], old)
         m = json.loads(metrics.read_text())
         found = found_pairs(out)
-    return {"wall_s": m["wall_s"], "process_wall_s": wall, "peak_rss_mb": peak, "found": found,
-            "candidate_pairs": m["candidate_pairs"], "verified_pairs": m["verified_pairs"],
-            "bands": m["bands"], "rows": m["rows"]}
+    return {
+        "wall_s": m["wall_s"],
+        "process_wall_s": wall,
+        "peak_rss_mb": peak,
+        "found": found,
+        "candidate_pairs": m["candidate_pairs"],
+        "verified_pairs": m["verified_pairs"],
+        "bands": m["bands"],
+        "rows": m["rows"],
+    }
 
 
 def run_datasketch(corpus: Path, threshold: float) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="dedup-ds-") as tmp:
         metrics = Path(tmp) / "metrics.json"
-        code = DATASKETCH.format(repo=str(REPO), threshold=threshold, domains=list(DOMAINS), inp=str(corpus),
-                                 metrics=str(metrics))
+        code = DATASKETCH.format(
+            repo=str(REPO), threshold=threshold, domains=list(DOMAINS), inp=str(corpus), metrics=str(metrics)
+        )
         wall, peak = measured([sys.executable, "-c", code], REPO)
         m = json.loads(metrics.read_text())
     found = {tuple(sorted((int(a[1:]), int(b[1:])))) for a, b in m["pairs"]}
-    return {"wall_s": m["wall_s"], "process_wall_s": wall, "peak_rss_mb": peak, "found": found,
-            "candidate_pairs": len(found), "verified_pairs": None, "bands": m["bands"], "rows": m["rows"]}
+    return {
+        "wall_s": m["wall_s"],
+        "process_wall_s": wall,
+        "peak_rss_mb": peak,
+        "found": found,
+        "candidate_pairs": len(found),
+        "verified_pairs": None,
+        "bands": m["bands"],
+        "rows": m["rows"],
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -330,20 +403,37 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 runs.append((engine, run_ours(corpus, engine, args.workers, args.num_perm, args.threshold)))
         for method, r in runs:
             s = score(r["found"], truth)
-            row = {"docs": n, "method": method, "wall_s": round(r["wall_s"], 2),
-                   "docs_per_s": round(n / r["wall_s"], 1), "peak_rss_mb": round(r["peak_rss_mb"], 1),
-                   "bands": r["bands"], "rows": r["rows"], "candidate_pairs": r["candidate_pairs"],
-                   "candidate_pairs_per_doc": round(r["candidate_pairs"] / n, 4),
-                   "estimate_kept_pairs": r.get("estimate_kept_pairs"), "verified_pairs": r["verified_pairs"],
-                   "truth_pairs": s["truth_pairs"], "found_pairs": s["found_pairs"],
-                   "recall": round(s["recall"], 5), "precision": round(s["precision"], 5),
-                   "process_wall_s": round(r["process_wall_s"], 2), "bytes_per_doc": round(info["bytes_mean"], 1)}
+            row = {
+                "docs": n,
+                "method": method,
+                "wall_s": round(r["wall_s"], 2),
+                "docs_per_s": round(n / r["wall_s"], 1),
+                "peak_rss_mb": round(r["peak_rss_mb"], 1),
+                "bands": r["bands"],
+                "rows": r["rows"],
+                "candidate_pairs": r["candidate_pairs"],
+                "candidate_pairs_per_doc": round(r["candidate_pairs"] / n, 4),
+                "estimate_kept_pairs": r.get("estimate_kept_pairs"),
+                "verified_pairs": r["verified_pairs"],
+                "truth_pairs": s["truth_pairs"],
+                "found_pairs": s["found_pairs"],
+                "recall": round(s["recall"], 5),
+                "precision": round(s["precision"], 5),
+                "process_wall_s": round(r["process_wall_s"], 2),
+                "bytes_per_doc": round(info["bytes_mean"], 1),
+            }
             if "metrics" in r:
                 lsh = r["metrics"]["lsh"]
-                row.update({"p_candidate_at_j080": round(lsh["p_candidate_at_threshold"], 5),
-                            "expected_false_candidate_pairs_per_doc": round(lsh["expected_false_candidate_pairs_per_doc"], 4),
-                            "background_j_median": round(lsh["background"]["j_median"], 4),
-                            "background_j_p99": round(lsh["background"]["j_p99"], 4)})
+                row.update(
+                    {
+                        "p_candidate_at_j080": round(lsh["p_candidate_at_threshold"], 5),
+                        "expected_false_candidate_pairs_per_doc": round(
+                            lsh["expected_false_candidate_pairs_per_doc"], 4
+                        ),
+                        "background_j_median": round(lsh["background"]["j_median"], 4),
+                        "background_j_p99": round(lsh["background"]["j_p99"], 4),
+                    }
+                )
                 digests.setdefault(n, {})[method] = r["digests"]
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -357,26 +447,41 @@ def _write(out: Path, rows: list[dict[str, Any]], digests: dict[int, dict[str, A
     small, big = min(args.sizes), max(args.sizes)
     for engine in args.engines:
         if (small, engine) in by and (big, engine) in by:
-            ratios[f"{engine}_docs_per_s_{big}_over_{small}"] = by[(big, engine)]["docs_per_s"] / by[(small, engine)]["docs_per_s"]
+            ratios[f"{engine}_docs_per_s_{big}_over_{small}"] = (
+                by[(big, engine)]["docs_per_s"] / by[(small, engine)]["docs_per_s"]
+            )
     today = (args.today_size, f"today_{TODAY_COMMIT}")
     if today in by and (args.today_size, "local") in by:
         ratios["local_over_today_docs_per_s"] = by[(args.today_size, "local")]["docs_per_s"] / by[today]["docs_per_s"]
     for n in args.baseline_sizes:
         if (n, "datasketch_default") in by and (n, "local") in by:
-            ratios[f"local_over_datasketch_docs_per_s_{n}"] = by[(n, "local")]["docs_per_s"] / by[(n, "datasketch_default")]["docs_per_s"]
-    identical = {str(n): len({json.dumps(v, sort_keys=True) for v in d.values()}) == 1
-                 for n, d in digests.items() if len(d) > 1}
+            ratios[f"local_over_datasketch_docs_per_s_{n}"] = (
+                by[(n, "local")]["docs_per_s"] / by[(n, "datasketch_default")]["docs_per_s"]
+            )
+    identical = {
+        str(n): len({json.dumps(v, sort_keys=True) for v in d.values()}) == 1 for n, d in digests.items() if len(d) > 1
+    }
     ours = [r for r in rows if r["method"] in ("local", "ray")]
     bars = {
-        "recall_precision": all(r["recall"] >= BARS["recall_min"] and r["precision"] >= BARS["precision_min"] for r in ours),
-        "peak_rss_local_1m": all(r["peak_rss_mb"] <= BARS["peak_rss_mb_max_at_1m"] for r in ours
-                                 if r["docs"] >= 1_000_000 and r["method"] == "local"),
+        "recall_precision": all(
+            r["recall"] >= BARS["recall_min"] and r["precision"] >= BARS["precision_min"] for r in ours
+        ),
+        "peak_rss_local_1m": all(
+            r["peak_rss_mb"] <= BARS["peak_rss_mb_max_at_1m"]
+            for r in ours
+            if r["docs"] >= 1_000_000 and r["method"] == "local"
+        ),
         "linear_local": ratios.get(f"local_docs_per_s_{big}_over_{small}", 0) >= BARS["docs_per_s_1m_over_10k_min"],
         "speedup_vs_today": ratios.get("local_over_today_docs_per_s", 0) >= BARS["speedup_vs_today_min"],
         "engines_byte_identical": all(identical.values()) if identical else None,
     }
-    results = {"rows": rows, "ratios": ratios, "byte_identical_engines": identical, "bars": {**BARS, **bars},
-               "machine": {"cpu_count": os.cpu_count(), "workers": args.workers, "loadavg": os.getloadavg()}}
+    results = {
+        "rows": rows,
+        "ratios": ratios,
+        "byte_identical_engines": identical,
+        "bars": {**BARS, **bars},
+        "machine": {"cpu_count": os.cpu_count(), "workers": args.workers, "loadavg": os.getloadavg()},
+    }
     write_json(out.with_suffix(".json"), results)
     with atomic_path(out.with_suffix(".csv")) as tmp:
         tmp.write_text(rows_to_csv(rows), encoding="utf-8")

@@ -24,6 +24,7 @@ benchmarks/results/io_speed.csv.
 
 Run from the repository root: ``python benchmarks/io_speed.py [--repeats 7]``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,7 +53,7 @@ def _make_dataset(kind: str, files: list[str], batch_rows: int):
     class Docs(tud.IterableDataset):
         def __iter__(self):
             info = tud.get_worker_info()
-            mine = files if info is None else files[info.id::info.num_workers]
+            mine = files if info is None else files[info.id :: info.num_workers]
             for path in mine:
                 yield from _batches(kind, path, batch_rows)
 
@@ -98,8 +99,7 @@ def _one_pass(kind: str, files: list[str], batch_rows: int, workers: int) -> tup
     """Wall seconds, CPU seconds (this process, all threads), documents and characters of one pass."""
     from torch.utils.data import DataLoader
 
-    loader = DataLoader(_make_dataset(kind, files, batch_rows), batch_size=None, num_workers=workers,
-                        collate_fn=_as_is)
+    loader = DataLoader(_make_dataset(kind, files, batch_rows), batch_size=None, num_workers=workers, collate_fn=_as_is)
     docs = chars = 0
     t0, c0 = time.perf_counter(), time.process_time()
     for batch in loader:
@@ -110,8 +110,8 @@ def _one_pass(kind: str, files: list[str], batch_rows: int, workers: int) -> tup
 
 def _child(kind: str, files: list[str], batch_rows: int, workers: int, conn) -> None:
     """One loader's process: warm up, then run a timed pass per ``"run"`` message until ``"stop"``."""
-    import torch  # noqa: F401  (imported before the RSS baseline, in every loader's process alike)
     import pyarrow.parquet  # noqa: F401
+    import torch  # noqa: F401  (imported before the RSS baseline, in every loader's process alike)
 
     import domainlm.documents.conversion  # noqa: F401
     from domainlm.common.metrics import peak_rss_mb
@@ -148,7 +148,7 @@ def measure(files: dict[str, list[str]], batch_rows: int, workers: int, repeats:
     results = {k: {"seconds": [], "cpu_seconds": [], "docs": set(), "chars": set()} for k in files}
     order = list(files)
     for i in range(repeats):
-        for kind in order[i % len(order):] + order[:i % len(order)]:
+        for kind in order[i % len(order) :] + order[: i % len(order)]:
             conns[kind].send("run")
             seconds, cpu_seconds, docs, chars = conns[kind].recv()
             results[kind]["seconds"].append(seconds)
@@ -188,8 +188,12 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "io_speed.csv")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--batch-rows", type=int, default=256)
-    ap.add_argument("--epochs", type=int, default=5,
-                    help="passes over the files per timed run (the corpus is small; this lifts timings above noise)")
+    ap.add_argument(
+        "--epochs",
+        type=int,
+        default=5,
+        help="passes over the files per timed run (the corpus is small; this lifts timings above noise)",
+    )
     ap.add_argument("--workers", type=int, default=0, help="DataLoader num_workers (files are sharded per worker)")
     args = ap.parse_args(argv)
 
@@ -210,32 +214,36 @@ def main(argv: list[str] | None = None) -> Path:
         median = statistics.median(r["seconds"])
         median_cpu = statistics.median(r["cpu_seconds"])
         docs = r["docs"].pop()
-        rows.append({
-            "loader": kind,
-            "columns": "text" if kind == "parquet_text" else "+".join(COLUMNS),
-            "files": len(paths) // args.epochs,
-            "epochs": args.epochs,
-            "bytes_on_disk": sum(os.path.getsize(p) for p in paths) // args.epochs,
-            "docs": docs,
-            "chars": r["chars"].pop(),
-            "repeats": args.repeats,
-            "batch_rows": args.batch_rows,
-            "workers": args.workers,
-            "cpu_count": os.cpu_count(),
-            "load_avg_1m_at_start": round(load_1m, 2),
-            "median_s": round(median, 5),
-            "min_s": round(min(r["seconds"]), 5),
-            "max_s": round(max(r["seconds"]), 5),
-            "median_cpu_s": round(median_cpu, 5),
-            "docs_per_s": round(docs / median, 1),
-            "peak_rss_mb": round(r["peak_rss_mb"], 1),
-            "rss_growth_mb": round(r["rss_growth_mb"], 1),
-        })
+        rows.append(
+            {
+                "loader": kind,
+                "columns": "text" if kind == "parquet_text" else "+".join(COLUMNS),
+                "files": len(paths) // args.epochs,
+                "epochs": args.epochs,
+                "bytes_on_disk": sum(os.path.getsize(p) for p in paths) // args.epochs,
+                "docs": docs,
+                "chars": r["chars"].pop(),
+                "repeats": args.repeats,
+                "batch_rows": args.batch_rows,
+                "workers": args.workers,
+                "cpu_count": os.cpu_count(),
+                "load_avg_1m_at_start": round(load_1m, 2),
+                "median_s": round(median, 5),
+                "min_s": round(min(r["seconds"]), 5),
+                "max_s": round(max(r["seconds"]), 5),
+                "median_cpu_s": round(median_cpu, 5),
+                "docs_per_s": round(docs / median, 1),
+                "peak_rss_mb": round(r["peak_rss_mb"], 1),
+                "rss_growth_mb": round(r["rss_growth_mb"], 1),
+            }
+        )
     base = next(r for r in rows if r["loader"] == BASELINE)
     for r in rows:
         if (r["docs"], r["chars"]) != (base["docs"], base["chars"]):
-            raise RuntimeError(f"{r['loader']} loaded {r['docs']} docs / {r['chars']} chars, "
-                               f"{BASELINE} {base['docs']} / {base['chars']}: not the same documents")
+            raise RuntimeError(
+                f"{r['loader']} loaded {r['docs']} docs / {r['chars']} chars, "
+                f"{BASELINE} {base['docs']} / {base['chars']}: not the same documents"
+            )
         r["speedup_vs_jsonl"] = round(base["median_s"] / r["median_s"], 3)
         r["cpu_speedup_vs_jsonl"] = round(base["median_cpu_s"] / r["median_cpu_s"], 3)
         r["size_ratio_vs_jsonl"] = round(r["bytes_on_disk"] / base["bytes_on_disk"], 4)
@@ -246,11 +254,13 @@ def main(argv: list[str] | None = None) -> Path:
         writer.writeheader()
         writer.writerows(rows)
     for r in rows:
-        print(f"{r['loader']:>13}: {r['median_s']*1000:8.1f} ms median ({r['median_cpu_s']*1000:.1f} ms CPU), "
-              f"{r['docs_per_s']:>8.0f} docs/s, x{r['speedup_vs_jsonl']:.2f} vs jsonl "
-              f"(CPU x{r['cpu_speedup_vs_jsonl']:.2f}), {r['bytes_on_disk']/1e6:.2f} MB on disk "
-              f"({r['size_ratio_vs_jsonl']:.2f}x), peak RSS {r['peak_rss_mb']:.0f} MB "
-              f"(+{r['rss_growth_mb']:.0f} MB)")
+        print(
+            f"{r['loader']:>13}: {r['median_s'] * 1000:8.1f} ms median ({r['median_cpu_s'] * 1000:.1f} ms CPU), "
+            f"{r['docs_per_s']:>8.0f} docs/s, x{r['speedup_vs_jsonl']:.2f} vs jsonl "
+            f"(CPU x{r['cpu_speedup_vs_jsonl']:.2f}), {r['bytes_on_disk'] / 1e6:.2f} MB on disk "
+            f"({r['size_ratio_vs_jsonl']:.2f}x), peak RSS {r['peak_rss_mb']:.0f} MB "
+            f"(+{r['rss_growth_mb']:.0f} MB)"
+        )
     print(f"io_speed: wrote {args.out}")
     return args.out
 

@@ -31,6 +31,7 @@ Run from the repository root after ``dvc repro merge`` (needs data/split and mod
 (``key=value`` items override the ``refine`` params for this run only, e.g. ``combiner=soft_vote`` to measure
 the accuracy-weighted vote instead of the cross-fitted stacker).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,15 +56,33 @@ from domainlm.common.params import domains as param_domains  # noqa: E402
 from domainlm.common.params import section  # noqa: E402
 from domainlm.common.threads import limit_threads  # noqa: E402
 from domainlm.refine import ensemble as ens  # noqa: E402
-from domainlm.refine import loop  # noqa: E402
+from domainlm.refine import (
+    loop,  # noqa: E402
+    store,  # noqa: E402
+)
 from domainlm.refine import members as mem  # noqa: E402
-from domainlm.refine import store  # noqa: E402
 
 log = logging.getLogger("benchmarks.label_noise")
-FIELDS = ["noise_rate", "seed", "model", "combiner", "method", "rows", "noisy_rows", "rows_changed",
-          "correction_precision", "correction_recall", "final_accuracy", "clean_broken", "iterations", "wall_s",
-          "final_accuracy_ratio_vs_cleanlab", "clean_broken_ratio_vs_cleanlab",
-          "correction_precision_ratio_vs_cleanlab", "detail"]
+FIELDS = [
+    "noise_rate",
+    "seed",
+    "model",
+    "combiner",
+    "method",
+    "rows",
+    "noisy_rows",
+    "rows_changed",
+    "correction_precision",
+    "correction_recall",
+    "final_accuracy",
+    "clean_broken",
+    "iterations",
+    "wall_s",
+    "final_accuracy_ratio_vs_cleanlab",
+    "clean_broken_ratio_vs_cleanlab",
+    "correction_precision_ratio_vs_cleanlab",
+    "detail",
+]
 
 
 def inject_noise(y: np.ndarray, n_classes: int, rate: float, seed: int) -> np.ndarray:
@@ -101,10 +120,13 @@ def cleanlab_relabel(noisy: np.ndarray, proba: np.ndarray) -> np.ndarray:
     return out
 
 
-def oracle_rule(truth: np.ndarray, noisy: np.ndarray, proba: np.ndarray,
-                taus: tuple[float, ...] = tuple(np.round(np.arange(0.0, 0.96, 0.05), 2)),
-                self_confidences: tuple[float, ...] = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
-                ) -> tuple[np.ndarray, dict[str, float]]:
+def oracle_rule(
+    truth: np.ndarray,
+    noisy: np.ndarray,
+    proba: np.ndarray,
+    taus: tuple[float, ...] = tuple(np.round(np.arange(0.0, 0.96, 0.05), 2)),
+    self_confidences: tuple[float, ...] = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0),
+) -> tuple[np.ndarray, dict[str, float]]:
     """A ceiling, not a method: the single-iteration update rule (:func:`domainlm.refine.loop.select_changes`,
     no class cap) at the ``(tau, max_self_confidence)`` of the grid that gives the highest final
     accuracy, chosen by looking at the truth. It shows how far the bar is from what these
@@ -124,9 +146,17 @@ def oracle_rule(truth: np.ndarray, noisy: np.ndarray, proba: np.ndarray,
     return best[1], best[2]
 
 
-def run_refine(texts_rows: list[dict], noisy_labels: list[str], members, lexical, cfg: loop.RefineConfig,
-               classes: list[str], splits: np.ndarray, workdir: Path,
-               truth: list[str]) -> tuple[list[str], ens.EnsembleResult, int]:
+def run_refine(
+    texts_rows: list[dict],
+    noisy_labels: list[str],
+    members,
+    lexical,
+    cfg: loop.RefineConfig,
+    classes: list[str],
+    splits: np.ndarray,
+    workdir: Path,
+    truth: list[str],
+) -> tuple[list[str], ens.EnsembleResult, int]:
     """Refine on a fresh table holding ``noisy_labels``; return (final labels, the first iteration's
     ensemble round, iterations run). Logs each iteration's accuracy against ``truth``."""
     rows = [{**r, "original_label": lab, "current_label": lab} for r, lab in zip(texts_rows, noisy_labels)]
@@ -138,14 +168,27 @@ def run_refine(texts_rows: list[dict], noisy_labels: list[str], members, lexical
     def report(t: int, row: dict) -> None:
         _, cur = store.read_current(db)
         changed = cur != previous[0]
-        log.info("  iteration %d: %d changed, precision of this iteration %.3f, accuracy now %.4f", t,
-                 changed.sum(), (cur[changed] == truth_arr[changed]).mean() if changed.any() else float("nan"),
-                 (cur == truth_arr).mean())
+        log.info(
+            "  iteration %d: %d changed, precision of this iteration %.3f, accuracy now %.4f",
+            t,
+            changed.sum(),
+            (cur[changed] == truth_arr[changed]).mean() if changed.any() else float("nan"),
+            (cur == truth_arr).mean(),
+        )
         previous[0] = cur
 
     try:
-        result = loop.refine(db, members, lexical, cfg, splits=splits, classes=classes, on_iteration=report,
-                           snapshot_dir=workdir / "snapshots", history_path=workdir / "history.csv")
+        result = loop.refine(
+            db,
+            members,
+            lexical,
+            cfg,
+            splits=splits,
+            classes=classes,
+            on_iteration=report,
+            snapshot_dir=workdir / "snapshots",
+            history_path=workdir / "history.csv",
+        )
         _, final = store.read_current(db)
     finally:
         db.close()
@@ -181,8 +224,11 @@ def _main(argv: list[str] | None, cfg: loop.RefineConfig) -> int:
     args = ap.parse_args(argv)
 
     report = store.LoadReport()
-    base_rows = list(store.iter_split_rows(store.split_files(args.split_root, param_domains(REPO / "params.yaml")),
-                                           cfg.chunksize, report))
+    base_rows = list(
+        store.iter_split_rows(
+            store.split_files(args.split_root, param_domains(REPO / "params.yaml")), cfg.chunksize, report
+        )
+    )
     classes = sorted({r["original_label"] for r in base_rows})
     index = {c: i for i, c in enumerate(classes)}
     truth = np.array([index[r["original_label"]] for r in base_rows], dtype=np.int64)
@@ -191,20 +237,34 @@ def _main(argv: list[str] | None, cfg: loop.RefineConfig) -> int:
 
     t0 = time.perf_counter()
     tokenizer, lm = mem.load_lm(args.model)
-    members, lexical, feature_secs = mem.build_members(texts, tokenizer, lm, lexical=cfg.lexical, tfidf=cfg.tfidf,
-                                                       lstm=cfg.lstm, transformer=cfg.transformer)
+    members, lexical, feature_secs = mem.build_members(
+        texts, tokenizer, lm, lexical=cfg.lexical, tfidf=cfg.tfidf, lstm=cfg.lstm, transformer=cfg.transformer
+    )
     del lm
-    log.info("features for %d rows, %d classes in %.1fs: %s", len(texts), len(classes), time.perf_counter() - t0,
-             feature_secs)
+    log.info(
+        "features for %d rows, %d classes in %.1fs: %s",
+        len(texts),
+        len(classes),
+        time.perf_counter() - t0,
+        feature_secs,
+    )
 
     out_rows: list[dict[str, Any]] = []
     for rate in args.rates:
         noisy = inject_noise(truth, len(classes), rate, args.seed)
         with tempfile.TemporaryDirectory(prefix="label_noise.") as tmp:
             t1 = time.perf_counter()
-            final_labels, round0, iterations = run_refine(base_rows, [classes[i] for i in noisy], members, lexical,
-                                                          cfg, classes, splits, Path(tmp),
-                                                          [classes[i] for i in truth])
+            final_labels, round0, iterations = run_refine(
+                base_rows,
+                [classes[i] for i in noisy],
+                members,
+                lexical,
+                cfg,
+                classes,
+                splits,
+                Path(tmp),
+                [classes[i] for i in truth],
+            )
             wall = time.perf_counter() - t1
         proba0 = round0.proba
         final = np.array([index[c] for c in final_labels], dtype=np.int64)
@@ -216,25 +276,47 @@ def _main(argv: list[str] | None, cfg: loop.RefineConfig) -> int:
         ours, theirs, untouched = score(truth, noisy, final), score(truth, noisy, anchor), score(truth, noisy, noisy)
         ratios = {
             "final_accuracy_ratio_vs_cleanlab": ours["final_accuracy"] / theirs["final_accuracy"],
-            "clean_broken_ratio_vs_cleanlab": (ours["clean_broken"] / theirs["clean_broken"]
-                                               if theirs["clean_broken"] else float("nan")),
+            "clean_broken_ratio_vs_cleanlab": (
+                ours["clean_broken"] / theirs["clean_broken"] if theirs["clean_broken"] else float("nan")
+            ),
             "correction_precision_ratio_vs_cleanlab": ours["correction_precision"] / theirs["correction_precision"],
         }
         common = {"noise_rate": rate, "seed": args.seed, "model": str(args.model), "combiner": cfg.combiner}
         # each member's first-round out-of-fold accuracy against the truth: the ensemble should beat the best
-        members_vs_truth = ",".join(f"{m}:{(oof.proba.argmax(1) == truth).mean():.4f}" for m, oof in round0.members.items())
+        members_vs_truth = ",".join(
+            f"{m}:{(oof.proba.argmax(1) == truth).mean():.4f}" for m, oof in round0.members.items()
+        )
         out_rows.append({**common, "method": "noisy_input", **untouched, "iterations": 0, "wall_s": 0.0})
         out_rows.append({**common, "method": "cleanlab", **theirs, "iterations": 1, "wall_s": anchor_wall})
-        out_rows.append({**common, "method": "refine_labels", **ours, "iterations": iterations, "wall_s": wall,
-                         **ratios})
-        out_rows.append({**common, "method": "oracle_rule_ceiling", **ceiling, "iterations": 1, "wall_s": 0.0,
-                         "detail": f"tau={ceiling_at['tau']} max_self_confidence={ceiling_at['max_self_confidence']} "
-                                   f"ensemble_accuracy_vs_truth={(proba0.argmax(1) == truth).mean():.4f} "
-                                   f"members_vs_truth={members_vs_truth}"})
-        log.info("noise %.0f%%: ours acc %.4f prec %.4f rec %.4f broken %d (%d it) | cleanlab acc %.4f prec %.4f "
-                 "rec %.4f broken %d", 100 * rate, ours["final_accuracy"], ours["correction_precision"],
-                 ours["correction_recall"], ours["clean_broken"], iterations, theirs["final_accuracy"],
-                 theirs["correction_precision"], theirs["correction_recall"], theirs["clean_broken"])
+        out_rows.append(
+            {**common, "method": "refine_labels", **ours, "iterations": iterations, "wall_s": wall, **ratios}
+        )
+        out_rows.append(
+            {
+                **common,
+                "method": "oracle_rule_ceiling",
+                **ceiling,
+                "iterations": 1,
+                "wall_s": 0.0,
+                "detail": f"tau={ceiling_at['tau']} max_self_confidence={ceiling_at['max_self_confidence']} "
+                f"ensemble_accuracy_vs_truth={(proba0.argmax(1) == truth).mean():.4f} "
+                f"members_vs_truth={members_vs_truth}",
+            }
+        )
+        log.info(
+            "noise %.0f%%: ours acc %.4f prec %.4f rec %.4f broken %d (%d it) | cleanlab acc %.4f prec %.4f "
+            "rec %.4f broken %d",
+            100 * rate,
+            ours["final_accuracy"],
+            ours["correction_precision"],
+            ours["correction_recall"],
+            ours["clean_broken"],
+            iterations,
+            theirs["final_accuracy"],
+            theirs["correction_precision"],
+            theirs["correction_recall"],
+            theirs["clean_broken"],
+        )
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with args.out.open("w", newline="", encoding="utf-8") as fh:
@@ -248,9 +330,11 @@ def _main(argv: list[str] | None, cfg: loop.RefineConfig) -> int:
     if bar:
         ours = next(r for r in bar if r["method"] == "refine_labels")
         theirs = next(r for r in bar if r["method"] == "cleanlab")
-        checks = {"final_accuracy >= 0.95": ours["final_accuracy"] >= 0.95,
-                  "correction_precision >= 0.90": ours["correction_precision"] >= 0.90,
-                  "clean_broken < cleanlab": ours["clean_broken"] < theirs["clean_broken"]}
+        checks = {
+            "final_accuracy >= 0.95": ours["final_accuracy"] >= 0.95,
+            "correction_precision >= 0.90": ours["correction_precision"] >= 0.90,
+            "clean_broken < cleanlab": ours["clean_broken"] < theirs["clean_broken"],
+        }
         for name, ok in checks.items():
             log.info("bar at 20%% noise: %s: %s", name, "PASS" if ok else "FAIL")
         return 0 if all(checks.values()) else 1

@@ -12,6 +12,7 @@ on the text).
 Writes benchmarks/results/lora_vs_full.csv: one row per mode plus ratios LoRA / full.
 Usage: ``python benchmarks/lora_vs_full.py [--repeats 3] [--steps 8] [--warmup 2]``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,11 +47,18 @@ def load_model_and_blocks(batch_size: int, n_batches: int, base_dir: Path):
         sizes = section("base_model", ROOT / PARAMS_FILE)
         m, vocab = sizes["model"], int(sizes["tokenizer"]["vocab_size"])
         torch.manual_seed(0)
-        model = Qwen2ForCausalLM(Qwen2Config(
-            vocab_size=vocab, hidden_size=m["hidden_size"], intermediate_size=m["intermediate_size"],
-            num_hidden_layers=m["num_hidden_layers"], num_attention_heads=m["num_attention_heads"],
-            num_key_value_heads=m["num_key_value_heads"], max_position_embeddings=m["context_length"],
-            tie_word_embeddings=m.get("tie_word_embeddings", True)))
+        model = Qwen2ForCausalLM(
+            Qwen2Config(
+                vocab_size=vocab,
+                hidden_size=m["hidden_size"],
+                intermediate_size=m["intermediate_size"],
+                num_hidden_layers=m["num_hidden_layers"],
+                num_attention_heads=m["num_attention_heads"],
+                num_key_value_heads=m["num_key_value_heads"],
+                max_position_embeddings=m["context_length"],
+                tie_word_embeddings=m.get("tie_word_embeddings", True),
+            )
+        )
         tokenizer, source = None, f"random init (no {base_dir})"
     context = int(model.config.max_position_embeddings)
     need = batch_size * n_batches
@@ -99,9 +107,16 @@ def measure(mode: str, steps: int, warmup: int, batch_size: int, base_dir: Path)
         if i >= warmup:
             timed_s += time.perf_counter() - t0
     tokens = steps * batches.shape[1] * batches.shape[2]
-    return {"mode": mode, "tokens_per_s": tokens / timed_s, "step_s": timed_s / steps,
-            "trainable_params": sum(p.numel() for p in trainable), "total_params": total,
-            "peak_rss_mb": peak_rss_mb(), "threads": torch.get_num_threads(), "source": source}
+    return {
+        "mode": mode,
+        "tokens_per_s": tokens / timed_s,
+        "step_s": timed_s / steps,
+        "trainable_params": sum(p.numel() for p in trainable),
+        "total_params": total,
+        "peak_rss_mb": peak_rss_mb(),
+        "threads": torch.get_num_threads(),
+        "source": source,
+    }
 
 
 def main() -> None:
@@ -112,8 +127,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--base-dir", type=Path, default=ROOT / BASE_DIR,
-                    help="HF folder of the model to fine-tune (default: models/base)")
+    ap.add_argument(
+        "--base-dir",
+        type=Path,
+        default=ROOT / BASE_DIR,
+        help="HF folder of the model to fine-tune (default: models/base)",
+    )
     ap.add_argument("--child", choices=["lora", "full"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -123,39 +142,70 @@ def main() -> None:
     runs: dict[str, list[dict]] = {"lora": [], "full": []}
     for r in range(args.repeats):
         for mode in ("lora", "full"):
-            out = subprocess.run([sys.executable, __file__, "--child", mode, "--steps", str(args.steps),
-                                  "--warmup", str(args.warmup), "--batch-size", str(args.batch_size),
-                                  "--base-dir", str(args.base_dir)],
-                                 cwd=ROOT, capture_output=True, text=True, check=True,
-                                 env={**os.environ, "HF_HUB_OFFLINE": "1"})
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    mode,
+                    "--steps",
+                    str(args.steps),
+                    "--warmup",
+                    str(args.warmup),
+                    "--batch-size",
+                    str(args.batch_size),
+                    "--base-dir",
+                    str(args.base_dir),
+                ],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                check=True,
+                env={**os.environ, "HF_HUB_OFFLINE": "1"},
+            )
             res = json.loads(out.stdout.strip().splitlines()[-1])
             runs[mode].append(res)
-            print(f"repeat {r + 1}/{args.repeats} {mode}: {res['tokens_per_s']:.0f} tokens/s, "
-                  f"peak RSS {res['peak_rss_mb']:.0f} MB", flush=True)
+            print(
+                f"repeat {r + 1}/{args.repeats} {mode}: {res['tokens_per_s']:.0f} tokens/s, "
+                f"peak RSS {res['peak_rss_mb']:.0f} MB",
+                flush=True,
+            )
 
     rows = []
     for mode, results in runs.items():
-        rows.append({
-            "mode": mode,
-            "tokens_per_s": statistics.median(r["tokens_per_s"] for r in results),
-            "step_s": statistics.median(r["step_s"] for r in results),
-            "trainable_params": results[0]["trainable_params"],
-            "total_params": results[0]["total_params"],
-            "trainable_fraction": results[0]["trainable_params"] / results[0]["total_params"],
-            "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in results),
-            "repeats": len(results), "steps": args.steps, "batch_size": args.batch_size,
-            "threads": results[0]["threads"], "source": results[0]["source"],
-        })
+        rows.append(
+            {
+                "mode": mode,
+                "tokens_per_s": statistics.median(r["tokens_per_s"] for r in results),
+                "step_s": statistics.median(r["step_s"] for r in results),
+                "trainable_params": results[0]["trainable_params"],
+                "total_params": results[0]["total_params"],
+                "trainable_fraction": results[0]["trainable_params"] / results[0]["total_params"],
+                "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in results),
+                "repeats": len(results),
+                "steps": args.steps,
+                "batch_size": args.batch_size,
+                "threads": results[0]["threads"],
+                "source": results[0]["source"],
+            }
+        )
     lora, full = rows
-    rows.append({"mode": "ratio_lora_over_full",
-                 "tokens_per_s": lora["tokens_per_s"] / full["tokens_per_s"],
-                 "step_s": lora["step_s"] / full["step_s"],
-                 "trainable_params": lora["trainable_params"] / full["trainable_params"],
-                 "total_params": lora["total_params"] / full["total_params"],
-                 "trainable_fraction": lora["trainable_fraction"] / full["trainable_fraction"],
-                 "peak_rss_mb": lora["peak_rss_mb"] / full["peak_rss_mb"],
-                 "repeats": args.repeats, "steps": args.steps, "batch_size": args.batch_size,
-                 "threads": lora["threads"], "source": lora["source"]})
+    rows.append(
+        {
+            "mode": "ratio_lora_over_full",
+            "tokens_per_s": lora["tokens_per_s"] / full["tokens_per_s"],
+            "step_s": lora["step_s"] / full["step_s"],
+            "trainable_params": lora["trainable_params"] / full["trainable_params"],
+            "total_params": lora["total_params"] / full["total_params"],
+            "trainable_fraction": lora["trainable_fraction"] / full["trainable_fraction"],
+            "peak_rss_mb": lora["peak_rss_mb"] / full["peak_rss_mb"],
+            "repeats": args.repeats,
+            "steps": args.steps,
+            "batch_size": args.batch_size,
+            "threads": lora["threads"],
+            "source": lora["source"],
+        }
+    )
     from domainlm.common.atomic import atomic_path
 
     with atomic_path(RESULTS) as tmp, tmp.open("w", newline="", encoding="utf-8") as fh:

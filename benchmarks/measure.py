@@ -4,14 +4,16 @@ attempts outside the stage, the CPU time the hypervisor stole during a measureme
 Imported by the benchmark scripts, which run as ``python benchmarks/<name>.py`` (this folder is then on
 ``sys.path``).
 """
+
 from __future__ import annotations
 
 import argparse
 import csv
 import logging
 import os
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,8 +51,9 @@ def deep_update(d: dict, overrides: Mapping[str, Any]) -> dict:
     return d
 
 
-def gate_attempts(cfg: Mapping[str, Any], splits: Mapping[str, Any], classes: Sequence[str], compute, work: str | Path,
-                  retries: int) -> Iterator[dict[str, Any]]:
+def gate_attempts(
+    cfg: Mapping[str, Any], splits: Mapping[str, Any], classes: Sequence[str], compute, work: str | Path, retries: int
+) -> Iterator[dict[str, Any]]:
     """train_classifier's gate attempts with every retry spent, outside the stage (no MLflow, no registry): attempt 0
     from ``models/merged``, then ``retries`` retries each continuing the previous attempt's saved adapter, with the
     stage's own ``attempt_settings``, ``train_attempt``, ``predict_proba`` on the test split (source labels),
@@ -70,17 +73,35 @@ def gate_attempts(cfg: Mapping[str, Any], splits: Mapping[str, Any], classes: Se
     test, previous = splits["test"], None
     for attempt in range(int(retries) + 1):
         t0 = time.perf_counter()
-        model, tok, info = train_attempt("models/merged", splits["train"], splits["val"], classes, cfg,
-                                         attempt_settings(cfg["train"], cfg["gate"], attempt),
-                                         seed=int(cfg.get("seed", 0)) + attempt,
-                                         init_adapter=Path(previous) / ADAPTER_SUBDIR if previous else None,
-                                         compute=compute)
+        model, tok, info = train_attempt(
+            "models/merged",
+            splits["train"],
+            splits["val"],
+            classes,
+            cfg,
+            attempt_settings(cfg["train"], cfg["gate"], attempt),
+            seed=int(cfg.get("seed", 0)) + attempt,
+            init_adapter=Path(previous) / ADAPTER_SUBDIR if previous else None,
+            compute=compute,
+        )
         t1 = time.perf_counter()
-        proba = predict_proba(model, tok, test.texts, max_length=int(cfg["max_length"]),
-                              batch_size=int(cfg["train"]["eval_batch_size"]), max_windows=n_predict, compute=compute)
+        proba = predict_proba(
+            model,
+            tok,
+            test.texts,
+            max_length=int(cfg["max_length"]),
+            batch_size=int(cfg["train"]["eval_batch_size"]),
+            max_windows=n_predict,
+            compute=compute,
+        )
         previous = save_classifier(model, tok, Path(work) / f"attempt_{attempt}")
-        yield {"attempt": attempt, "info": info, "test_macro_f1": score(test.labels, proba, classes)["macro_f1"],
-               "train_s": t1 - t0, "predict_save_s": time.perf_counter() - t1}
+        yield {
+            "attempt": attempt,
+            "info": info,
+            "test_macro_f1": score(test.labels, proba, classes)["macro_f1"],
+            "train_s": t1 - t0,
+            "predict_save_s": time.perf_counter() - t1,
+        }
 
 
 def steal_s(stat: str | Path = "/proc/stat") -> float:

@@ -11,6 +11,7 @@ on, and the merge's wall time. Writes benchmarks/results/merge_methods.csv.
 Run from the repository root (it reads params.yaml, models/ and data/split/ of the current directory)
 after ``dvc repro diff``: ``python benchmarks/merge_methods.py [--lams 0.25 0.5]``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,10 +33,19 @@ def main() -> None:
     from domainlm.common import params as P
     from domainlm.common.paths import BASE_DIR, DIFF_DIR, SPLIT_DIR
     from domainlm.lm.evaluation import PerplexityProbe, expert_states, read_test_split
-    from domainlm.lm.merging import MERGE_METHODS, load_causal_lm, load_task_vectors, merge, method_options, resolve_weights
+    from domainlm.lm.merging import (
+        MERGE_METHODS,
+        load_causal_lm,
+        load_task_vectors,
+        merge,
+        method_options,
+        resolve_weights,
+    )
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lams", type=float, nargs="*", default=[0.5, 1.0], help="extra λ values tried for every method")
+    parser.add_argument(
+        "--lams", type=float, nargs="*", default=[0.5, 1.0], help="extra λ values tried for every method"
+    )
     args = parser.parse_args()
 
     domains = P.domains()
@@ -70,20 +80,36 @@ def main() -> None:
         model.load_state_dict(merged)
         ppl = probe.run(model, f"{method}@{lam}")
         gains = {d: (ppl_base[d] - ppl[d]) / (ppl_base[d] - ppl_expert[d]) for d in domains}
-        row = {"method": method, "lam": lam,
-               "options": " ".join(f"{k}={v}" for k, v in options.items() if k != "lam"),
-               "mean_retained_gain": sum(gains.values()) / len(gains),
-               "domains_below_base": sum(ppl[d] < ppl_base[d] for d in domains), "merge_s": merge_s}
+        row = {
+            "method": method,
+            "lam": lam,
+            "options": " ".join(f"{k}={v}" for k, v in options.items() if k != "lam"),
+            "mean_retained_gain": sum(gains.values()) / len(gains),
+            "domains_below_base": sum(ppl[d] < ppl_base[d] for d in domains),
+            "merge_s": merge_s,
+        }
         row.update({f"retained_gain_{d}": gains[d] for d in domains})
         row.update({f"ppl_{d}": ppl[d] for d in domains})
         rows.append(row)
-        print(f"{method:7s} λ={lam:<5} mean retained gain {row['mean_retained_gain']:.3f} "
-              f"below base on {row['domains_below_base']}/{len(domains)}", flush=True)
+        print(
+            f"{method:7s} λ={lam:<5} mean retained gain {row['mean_retained_gain']:.3f} "
+            f"below base on {row['domains_below_base']}/{len(domains)}",
+            flush=True,
+        )
     baseline = rows[0]["mean_retained_gain"]
     for row in rows:
         row["ratio_vs_linear"] = row["mean_retained_gain"] / baseline if baseline else float("nan")
-    columns = ["method", "lam", "options", "mean_retained_gain", "ratio_vs_linear", "domains_below_base", "merge_s",
-               *(f"retained_gain_{d}" for d in domains), *(f"ppl_{d}" for d in domains)]
+    columns = [
+        "method",
+        "lam",
+        "options",
+        "mean_retained_gain",
+        "ratio_vs_linear",
+        "domains_below_base",
+        "merge_s",
+        *(f"retained_gain_{d}" for d in domains),
+        *(f"ppl_{d}" for d in domains),
+    ]
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     with RESULTS.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=columns, restval="")

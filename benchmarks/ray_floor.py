@@ -13,6 +13,7 @@ the processes that map it: the tree's real share of memory) and the three larges
 
     python benchmarks/ray_floor.py
 """
+
 from __future__ import annotations
 
 import csv
@@ -32,8 +33,12 @@ SETTINGS = [
     ("engine default, 2 CPUs", 2, 512, {}),
     ("1 CPU", 1, 512, {}),
     ("1 CPU, object store 128 MB", 1, 128, {}),
-    ("1 CPU, object store 128 MB, no prestarted workers, no metrics export", 1, 128,
-     {"enable_worker_prestart": False, "metrics_report_interval_ms": 0}),
+    (
+        "1 CPU, object store 128 MB, no prestarted workers, no metrics export",
+        1,
+        128,
+        {"enable_worker_prestart": False, "metrics_report_interval_ms": 0},
+    ),
 ]
 CHILD = r"""
 import json, logging, sys, time
@@ -73,8 +78,13 @@ def sample(pid: int) -> tuple[float, float, list[tuple[str, float]]]:
 
 def measure(num_cpus: int, store_mb: int, system_config: dict, hold_s: float = 6.0) -> dict:
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(num_cpus), str(store_mb), json.dumps(system_config),
-                             str(hold_s)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(num_cpus), str(store_mb), json.dumps(system_config), str(hold_s)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
     assert proc.stdout.readline().strip() == "ready", "ray did not start"
     best = (0.0, 0.0, [])
     deadline = time.monotonic() + hold_s - 1
@@ -86,15 +96,24 @@ def measure(num_cpus: int, store_mb: int, system_config: dict, hold_s: float = 6
         time.sleep(0.2)
     proc.wait(timeout=120)
     rss, pss, top = best
-    return {"tree_rss_mb": round(rss, 1), "tree_pss_mb": round(pss, 1), "processes": n_procs,
-            "largest_rss_mb": "; ".join(f"{n} {m:.0f}" for n, m in top[:3])}
+    return {
+        "tree_rss_mb": round(rss, 1),
+        "tree_pss_mb": round(pss, 1),
+        "processes": n_procs,
+        "largest_rss_mb": "; ".join(f"{n} {m:.0f}" for n, m in top[:3]),
+    }
 
 
 def main() -> None:
     rows = []
     for name, num_cpus, store_mb, system_config in SETTINGS:
-        row = {"setting": name, "num_cpus": num_cpus, "object_store_mb": store_mb,
-               "system_config": json.dumps(system_config), **measure(num_cpus, store_mb, system_config)}
+        row = {
+            "setting": name,
+            "num_cpus": num_cpus,
+            "object_store_mb": store_mb,
+            "system_config": json.dumps(system_config),
+            **measure(num_cpus, store_mb, system_config),
+        }
         print(json.dumps(row), flush=True)
         rows.append(row)
     tmp = OUT.with_suffix(".csv.tmp")

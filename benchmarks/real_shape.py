@@ -17,6 +17,7 @@
 Writes benchmarks/results/real_shape.csv (one row per training case, then one per model-half stage).
 Usage: ``python benchmarks/real_shape.py [--steps 3] [--context 512] [--work DIR]`` (about 15 min on 2 cores).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,11 +37,34 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks" / "results" / "real_shape.csv"
 
-QWEN2_05B = {"vocab_size": 151936, "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
-             "num_attention_heads": 14, "num_key_value_heads": 2, "tie_word_embeddings": True,
-             "rope_theta": 1000000.0, "rms_norm_eps": 1e-6}
-WORDS = {"law": ["대한민국", "국민", "헌법", "법률", "권리", "의무", "국회", "대통령", "조약", "재판", "법원", "조례"],
-         "faq": ["데비안", "패키지", "설치", "커널", "저장소", "업그레이드", "명령", "시스템", "사용자", "파일", "버전", "설정"]}
+QWEN2_05B = {
+    "vocab_size": 151936,
+    "hidden_size": 896,
+    "intermediate_size": 4864,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 14,
+    "num_key_value_heads": 2,
+    "tie_word_embeddings": True,
+    "rope_theta": 1000000.0,
+    "rms_norm_eps": 1e-6,
+}
+WORDS = {
+    "law": ["대한민국", "국민", "헌법", "법률", "권리", "의무", "국회", "대통령", "조약", "재판", "법원", "조례"],
+    "faq": [
+        "데비안",
+        "패키지",
+        "설치",
+        "커널",
+        "저장소",
+        "업그레이드",
+        "명령",
+        "시스템",
+        "사용자",
+        "파일",
+        "버전",
+        "설정",
+    ],
+}
 ENDINGS = ["을 선택합니다.", "은 보장된다.", "에 관한 질문입니다.", "를 확인하십시오.", "이 필요합니다.", "로 정한다."]
 MIB = 1024 * 1024
 
@@ -49,8 +73,10 @@ def docs(domain: str, n: int, seed: int) -> list[str]:
     """``n`` synthetic Korean documents of about 400 tokens (the text does not matter for memory or speed)."""
     rng = random.Random(f"{domain}-{seed}")
     w = WORDS[domain]
-    return [" ".join(f"제{rng.randint(1, 99)}조 {rng.choice(w)} {rng.choice(w)}{rng.choice(ENDINGS)}" for _ in range(60))
-            for _ in range(n)]
+    return [
+        " ".join(f"제{rng.randint(1, 99)}조 {rng.choice(w)} {rng.choice(w)}{rng.choice(ENDINGS)}" for _ in range(60))
+        for _ in range(n)
+    ]
 
 
 def estimate(cfg: dict, n_params: int, n_lora: int, context: int, batch: int, checkpointing: bool) -> dict[str, float]:
@@ -72,8 +98,11 @@ def estimate(cfg: dict, n_params: int, n_lora: int, context: int, batch: int, ch
     per_layer = (15 * h + 4 * i) * tokens * 4
     head = 3 * vocab * tokens * 4
     acts = (layers * h * tokens * 4 + per_layer) if checkpointing else layers * per_layer
-    return {"weights_mb": n_params * 4 / MIB, "lora_state_mb": 4 * n_lora * 4 / MIB,
-            "activations_mb": (acts + head) / MIB}
+    return {
+        "weights_mb": n_params * 4 / MIB,
+        "lora_state_mb": 4 * n_lora * 4 / MIB,
+        "activations_mb": (acts + head) / MIB,
+    }
 
 
 def train_flops(n_params: int, tokens: int, checkpointing: bool) -> float:
@@ -91,8 +120,13 @@ def phase_build(work: Path, context: int) -> None:
     texts = docs("law", 40, 0) + docs("faq", 40, 0)
     tok = lm_data.train_bpe_tokenizer(texts, vocab_size=2000, model_max_length=context)
     torch.manual_seed(0)
-    config = Qwen2Config(**QWEN2_05B, max_position_embeddings=context, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    config = Qwen2Config(
+        **QWEN2_05B,
+        max_position_embeddings=context,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     model = Qwen2ForCausalLM(config)
     out = work / "checkpoint"
     model.save_pretrained(out)
@@ -134,14 +168,33 @@ def phase_train(work: Path, case: str, steps: int, context: int) -> None:
     runtime_mb = vm_rss_mb()
     params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))["train_lora"]
     params["deepspeed"]["enabled"] = False
-    params["train"].update(max_steps=steps, batch_size=1, eval_batch_size=1, eval_steps=steps, eval_max_blocks=1,
-                           logging_steps=1, context_length=context, warmup_steps=0,
-                           gradient_checkpointing=case == "checkpointing_on")
+    params["train"].update(
+        max_steps=steps,
+        batch_size=1,
+        eval_batch_size=1,
+        eval_steps=steps,
+        eval_max_blocks=1,
+        logging_steps=1,
+        context_length=context,
+        warmup_steps=0,
+        gradient_checkpointing=case == "checkpointing_on",
+    )
     window = TrainWindow()
-    m = lora.train_adapter(work / "checkpoint", docs("law", 12, 1), docs("law", 2, 2), params,
-                           work / case / "adapter", work / case / "train.log", callbacks=[window])
-    m.update(runtime_mb=runtime_mb, rss_before_train_mb=window.rss_before, peak_rss_train_mb=window.peak,
-             peak_rss_process_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    m = lora.train_adapter(
+        work / "checkpoint",
+        docs("law", 12, 1),
+        docs("law", 2, 2),
+        params,
+        work / case / "adapter",
+        work / case / "train.log",
+        callbacks=[window],
+    )
+    m.update(
+        runtime_mb=runtime_mb,
+        rss_before_train_mb=window.rss_before,
+        peak_rss_train_mb=window.peak,
+        peak_rss_process_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    )
     (work / f"{case}.json").write_text(json.dumps(m))
 
 
@@ -166,11 +219,19 @@ def phase_model_half(work: Path, context: int) -> None:
             texts = docs(d, n, seed)
             path = paths.split_path(root / "data" / "split", d, split)
             path.parent.mkdir(parents=True, exist_ok=True)
-            pq.write_table(pa.table({
-                "id": [f"{d}-{split}-{k}" for k in range(n)], "text": texts,
-                "domain": pa.array([d] * n, pa.string()).dictionary_encode(), "label": [d] * n,
-                "n_chars": pa.array([len(t) for t in texts], pa.int32()), "source": ["synthetic"] * n,
-            }).cast(DOC_SCHEMA), path)
+            pq.write_table(
+                pa.table(
+                    {
+                        "id": [f"{d}-{split}-{k}" for k in range(n)],
+                        "text": texts,
+                        "domain": pa.array([d] * n, pa.string()).dictionary_encode(),
+                        "label": [d] * n,
+                        "n_chars": pa.array([len(t) for t in texts], pa.int32()),
+                        "source": ["synthetic"] * n,
+                    }
+                ).cast(DOC_SCHEMA),
+                path,
+            )
     params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
     rows = []
@@ -186,51 +247,120 @@ def phase_model_half(work: Path, context: int) -> None:
     bm = {**params["base_model"], "source": "path", "path": str(work / "checkpoint")}
     bm["model"] = {**bm["model"], "context_length": context}
     bm["train"] = {**bm["train"], "eval_batch_size": 1}
-    base_metrics = timed("base_model (source: path)", lambda: base_model.run(
-        root / "data" / "split", domains, bm, root / "models" / "base"))
+    base_metrics = timed(
+        "base_model (source: path)",
+        lambda: base_model.run(root / "data" / "split", domains, bm, root / "models" / "base"),
+    )
     tl = params["train_lora"]
     tl["deepspeed"]["enabled"] = False
-    tl["train"].update(max_steps=1, batch_size=1, eval_batch_size=1, eval_steps=1, eval_max_blocks=1, logging_steps=1,
-                       context_length=context, warmup_steps=0)
+    tl["train"].update(
+        max_steps=1,
+        batch_size=1,
+        eval_batch_size=1,
+        eval_steps=1,
+        eval_max_blocks=1,
+        logging_steps=1,
+        context_length=context,
+        warmup_steps=0,
+    )
     for d in domains:
-        m = timed(f"train_lora@{d}", lambda d=d: train_lora.run(
-            d, root / "models" / "base", root / "data" / "split", tl, root / "models" / "lora" / d,
-            paths.train_log_path(d, root / "logs")))
+        m = timed(
+            f"train_lora@{d}",
+            lambda d=d: train_lora.run(
+                d,
+                root / "models" / "base",
+                root / "data" / "split",
+                tl,
+                root / "models" / "lora" / d,
+                paths.train_log_path(d, root / "logs"),
+            ),
+        )
         write_metrics(d, m, root=root / "metrics" / "train_lora")
-    diff_out = timed("diff", lambda: diff.run(
-        root / "models" / "base", root / "models" / "lora", domains, diff_dir=root / "models" / "diff",
-        train_metrics_dir=root / "metrics" / "train_lora", cosine_csv=root / "plots" / "cosine.csv",
-        summary_csv=root / "plots" / "summary.csv"))
+    diff_out = timed(
+        "diff",
+        lambda: diff.run(
+            root / "models" / "base",
+            root / "models" / "lora",
+            domains,
+            diff_dir=root / "models" / "diff",
+            train_metrics_dir=root / "metrics" / "train_lora",
+            cosine_csv=root / "plots" / "cosine.csv",
+            summary_csv=root / "plots" / "summary.csv",
+        ),
+    )
     method, options = method_options(params["merge"])
-    merged = timed("merge (linear)", lambda: merge.run(
-        root / "models" / "base", root / "models" / "diff", root / "models" / "merged", method, options,
-        resolve_weights(params["merge"].get("weights"), domains)))
-    ev = {**params["evaluate"], "max_length": context, "stride": context // 2, "batch_size": 1,
-          "max_tokens_per_domain": context + context // 2,
-          "continuation": {**params["evaluate"]["continuation"], "n_docs": 2, "prompt_tokens": 16, "new_tokens": 8,
-                           "batch_size": 2, "show_per_domain": 1}}
+    merged = timed(
+        "merge (linear)",
+        lambda: merge.run(
+            root / "models" / "base",
+            root / "models" / "diff",
+            root / "models" / "merged",
+            method,
+            options,
+            resolve_weights(params["merge"].get("weights"), domains),
+        ),
+    )
+    ev = {
+        **params["evaluate"],
+        "max_length": context,
+        "stride": context // 2,
+        "batch_size": 1,
+        "max_tokens_per_domain": context + context // 2,
+        "continuation": {
+            **params["evaluate"]["continuation"],
+            "n_docs": 2,
+            "prompt_tokens": 16,
+            "new_tokens": 8,
+            "batch_size": 2,
+            "show_per_domain": 1,
+        },
+    }
 
     def run_evaluate():
         with mlflow_run("evaluate", ev) as mlflow:
-            return evaluate.run(domains, ev, mlflow, base_dir=root / "models" / "base",
-                                merged_dir=root / "models" / "merged", diff_dir=root / "models" / "diff",
-                                split_dir=root / "data" / "split", log_dir=root / "logs",
-                                perplexity_csv=root / "eval" / "perplexity.csv",
-                                train_loss_csv=root / "eval" / "train_loss.csv",
-                                comparison_md=root / "eval" / "comparison.md", alerts_json=root / "eval" / "alerts.json")
+            return evaluate.run(
+                domains,
+                ev,
+                mlflow,
+                base_dir=root / "models" / "base",
+                merged_dir=root / "models" / "merged",
+                diff_dir=root / "models" / "diff",
+                split_dir=root / "data" / "split",
+                log_dir=root / "logs",
+                perplexity_csv=root / "eval" / "perplexity.csv",
+                train_loss_csv=root / "eval" / "train_loss.csv",
+                comparison_md=root / "eval" / "comparison.md",
+                alerts_json=root / "eval" / "alerts.json",
+            )
 
     ev_metrics = timed("evaluate (one pass)", run_evaluate)
-    detail = {"base_n_params": base_metrics["n_params"], "base_val_perplexity": base_metrics["val_perplexity"],
-              "diff_l2": {d: diff_out["task_vectors"][d]["l2_norm"] for d in domains},
-              "merged_update_l2_norm": merged["merged_update_l2_norm"], "perplexity": ev_metrics["perplexity"],
-              "gate_passed": ev_metrics["gate"]["passed"]}
+    detail = {
+        "base_n_params": base_metrics["n_params"],
+        "base_val_perplexity": base_metrics["val_perplexity"],
+        "diff_l2": {d: diff_out["task_vectors"][d]["l2_norm"] for d in domains},
+        "merged_update_l2_norm": merged["merged_update_l2_norm"],
+        "perplexity": ev_metrics["perplexity"],
+        "gate_passed": ev_metrics["gate"]["passed"],
+    }
     (work / "model_half.json").write_text(json.dumps({"rows": rows, "detail": detail}, default=float))
 
 
 # --------------------------------------------------------------------------------------------------- driver
 def child(phase: str, work: Path, args) -> None:
-    cmd = [sys.executable, __file__, "--phase", phase, "--work", str(work), "--steps", str(args.steps),
-           "--context", str(args.context), "--layers", str(args.layers)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--phase",
+        phase,
+        "--work",
+        str(work),
+        "--steps",
+        str(args.steps),
+        "--context",
+        str(args.context),
+        "--layers",
+        str(args.layers),
+    ]
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
     print(f"{phase}: {time.perf_counter() - t0:.0f} s", flush=True)
@@ -247,9 +377,10 @@ def main() -> None:
     args = ap.parse_args()
     QWEN2_05B["num_hidden_layers"] = args.layers
     if args.phase:
-        {"build": lambda: phase_build(args.work, args.context),
-         "model_half": lambda: phase_model_half(args.work, args.context)}.get(
-            args.phase, lambda: phase_train(args.work, args.phase, args.steps, args.context))()
+        {
+            "build": lambda: phase_build(args.work, args.context),
+            "model_half": lambda: phase_model_half(args.work, args.context),
+        }.get(args.phase, lambda: phase_train(args.work, args.phase, args.steps, args.context))()
         return
 
     work = args.work or Path(tempfile.mkdtemp(prefix="real_shape_"))
@@ -267,25 +398,47 @@ def main() -> None:
             est_total = m["runtime_mb"] + sum(est.values())
             s_step = m["train_s"] / m["steps"]
             flops = train_flops(built["n_params"], args.context, gc)
-            rows.append({
-                "row": "train", "case": case, "params": built["n_params"], "trainable_params": m["trainable_params"],
-                "context": args.context, "batch": 1, "steps": m["steps"], "dtype": "fp32",
-                "s_per_step": round(s_step, 2), "tokens_per_s": round(args.context / s_step, 1),
-                "gflop_per_step": round(flops / 1e9), "achieved_gflop_per_s": round(flops / 1e9 / s_step, 1),
-                "peak_rss_train_mb": round(m["peak_rss_train_mb"]), "peak_rss_process_mb": round(m["peak_rss_process_mb"]),
-                "rss_before_train_mb": round(m["rss_before_train_mb"]), "runtime_mb": round(m["runtime_mb"]),
-                "est_weights_mb": round(est["weights_mb"]), "est_lora_state_mb": round(est["lora_state_mb"], 1),
-                "est_activations_mb": round(est["activations_mb"]), "est_total_mb": round(est_total),
-                "peak_over_estimate": round(m["peak_rss_train_mb"] / est_total, 3),
-                "wall_s": round(m["wall_s"], 1) if "wall_s" in m else "", "stage": "",
-            })
+            rows.append(
+                {
+                    "row": "train",
+                    "case": case,
+                    "params": built["n_params"],
+                    "trainable_params": m["trainable_params"],
+                    "context": args.context,
+                    "batch": 1,
+                    "steps": m["steps"],
+                    "dtype": "fp32",
+                    "s_per_step": round(s_step, 2),
+                    "tokens_per_s": round(args.context / s_step, 1),
+                    "gflop_per_step": round(flops / 1e9),
+                    "achieved_gflop_per_s": round(flops / 1e9 / s_step, 1),
+                    "peak_rss_train_mb": round(m["peak_rss_train_mb"]),
+                    "peak_rss_process_mb": round(m["peak_rss_process_mb"]),
+                    "rss_before_train_mb": round(m["rss_before_train_mb"]),
+                    "runtime_mb": round(m["runtime_mb"]),
+                    "est_weights_mb": round(est["weights_mb"]),
+                    "est_lora_state_mb": round(est["lora_state_mb"], 1),
+                    "est_activations_mb": round(est["activations_mb"]),
+                    "est_total_mb": round(est_total),
+                    "peak_over_estimate": round(m["peak_rss_train_mb"] / est_total, 3),
+                    "wall_s": round(m["wall_s"], 1) if "wall_s" in m else "",
+                    "stage": "",
+                }
+            )
         if not args.skip_model_half:
             child("model_half", work, args)
             half = json.loads((work / "model_half.json").read_text())
             for r in half["rows"]:
-                rows.append({"row": "model_half", "stage": r["stage"], "wall_s": round(r["wall_s"], 1),
-                             "peak_rss_process_mb": round(r["peak_rss_mb"]), "params": built["n_params"],
-                             "context": args.context})
+                rows.append(
+                    {
+                        "row": "model_half",
+                        "stage": r["stage"],
+                        "wall_s": round(r["wall_s"], 1),
+                        "peak_rss_process_mb": round(r["peak_rss_mb"]),
+                        "params": built["n_params"],
+                        "context": args.context,
+                    }
+                )
             if args.layers == 24:
                 RESULTS.with_suffix(".json").write_text(json.dumps(half["detail"], indent=1, default=float) + "\n")
         fields = list(dict.fromkeys(k for r in rows for k in r))

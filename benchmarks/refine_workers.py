@@ -9,6 +9,7 @@ Writes ``benchmarks/results/refine_workers.csv``.
 
     MLFLOW_TRACKING_URI=sqlite:////tmp/bench_mlflow.db python benchmarks/refine_workers.py [--rounds 2]
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -35,12 +36,29 @@ def main() -> None:
                 cfg = dataclasses.replace(RefineConfig.from_params(prm["refine"]), workers=workers)
                 d = Path(tmp) / f"r{r}_w{workers}"
                 s0 = steal_s()
-                m = run(prm["domains"], cfg, split_dir="data/split", labels_path="data/labels/split_labels.parquet",
-                        model_dir="models/merged", db_path=f"{d}.db", snapshot_dir=f"{d}_snapshots",
-                        review_queue_path=f"{d}_queue.jsonl", history_path=f"{d}_history.csv", compute=compute)
-                rows.append({"round": r, "workers": workers, "threads": cfg.threads, "refine_s": round(m["refine_s"], 2),
-                             "wall_s": round(m["wall_s"], 2), "labels_changed": m["labels_changed"],
-                             "steal_s": round(steal_s() - s0, 2)})
+                m = run(
+                    prm["domains"],
+                    cfg,
+                    split_dir="data/split",
+                    labels_path="data/labels/split_labels.parquet",
+                    model_dir="models/merged",
+                    db_path=f"{d}.db",
+                    snapshot_dir=f"{d}_snapshots",
+                    review_queue_path=f"{d}_queue.jsonl",
+                    history_path=f"{d}_history.csv",
+                    compute=compute,
+                )
+                rows.append(
+                    {
+                        "round": r,
+                        "workers": workers,
+                        "threads": cfg.threads,
+                        "refine_s": round(m["refine_s"], 2),
+                        "wall_s": round(m["wall_s"], 2),
+                        "labels_changed": m["labels_changed"],
+                        "steal_s": round(steal_s() - s0, 2),
+                    }
+                )
                 print(rows[-1], flush=True)
     write_csv(OUT, rows)
     print(f"wrote {OUT}")

@@ -18,6 +18,7 @@ and is stopped at the end. Run it alone on the machine (under the CPU lock here)
 
     python benchmarks/serve_load.py --requests 2000 --concurrency 16 --workers 1 2 --timeouts 60 1
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,8 +45,32 @@ sys.path.insert(0, str(ROOT))
 OUT = ROOT / "benchmarks" / "results" / "serve_load.csv"
 MODEL_NAME = "domain-lm-classifier"
 CLASSES = ["law", "bill", "faq", "calc", "writer", "impress"]
-VOCAB = ["대한민국", "국민", "헌법", "법률", "권리", "의무", "국회", "데비안", "패키지", "설치", "커널", "셀", "수식",
-         "차트", "문서", "서식", "스타일", "슬라이드", "의안", "위원회", "심사", "개정", "조항", "시행"]
+VOCAB = [
+    "대한민국",
+    "국민",
+    "헌법",
+    "법률",
+    "권리",
+    "의무",
+    "국회",
+    "데비안",
+    "패키지",
+    "설치",
+    "커널",
+    "셀",
+    "수식",
+    "차트",
+    "문서",
+    "서식",
+    "스타일",
+    "슬라이드",
+    "의안",
+    "위원회",
+    "심사",
+    "개정",
+    "조항",
+    "시행",
+]
 ENDINGS = ["을 선택합니다.", "은 보장된다.", "에 관한 질문입니다.", "를 확인하십시오.", "이 필요합니다."]
 #: invalid bodies sent in the mix, by name (each must get a 4xx)
 INVALID_BODIES = {
@@ -90,8 +115,14 @@ def build_stand_in(work: Path, params: dict) -> str:
     mlflow.set_experiment("serve_load")
     serving = {"max_length": int(params["classifier"]["max_length"]), **(params["classifier"].get("serving") or {})}
     with mlflow.start_run():
-        registry.log_and_register(mlflow, model_dir, model_name=MODEL_NAME, alias=registry.CHAMPION,
-                                  tags={"stand_in": "untrained, pipeline sizes"}, serving_config=serving)
+        registry.log_and_register(
+            mlflow,
+            model_dir,
+            model_name=MODEL_NAME,
+            alias=registry.CHAMPION,
+            tags={"stand_in": "untrained, pipeline sizes"},
+            serving_config=serving,
+        )
     return uri
 
 
@@ -133,13 +164,44 @@ def ping(port: int) -> bool:
         return False
 
 
-def run_load(model_uri: str, env: dict, *, workers: int, timeout_s: int, n_requests: int, concurrency: int,
-             invalid_fraction: float, batch_rows: int, seed: int, log_path: Path) -> dict:
+def run_load(
+    model_uri: str,
+    env: dict,
+    *,
+    workers: int,
+    timeout_s: int,
+    n_requests: int,
+    concurrency: int,
+    invalid_fraction: float,
+    batch_rows: int,
+    seed: int,
+    log_path: Path,
+) -> dict:
     port = free_port()
     with log_path.open("w") as log:
-        server = subprocess.Popen(["mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local", "-h", "127.0.0.1",
-                                   "-p", str(port), "--workers", str(workers), "--timeout", str(timeout_s)],
-                                  env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        server = subprocess.Popen(
+            [
+                "mlflow",
+                "models",
+                "serve",
+                "-m",
+                model_uri,
+                "--env-manager",
+                "local",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(port),
+                "--workers",
+                str(workers),
+                "--timeout",
+                str(timeout_s),
+            ],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         deadline = time.monotonic() + 180
         while not ping(port):
@@ -155,8 +217,11 @@ def run_load(model_uri: str, env: dict, *, workers: int, timeout_s: int, n_reque
         for _ in range(n_requests):
             if rng.random() < invalid_fraction:
                 name = rng.choice(sorted(INVALID_BODIES) + ["rows_over_limit"])
-                body = (json.dumps({"inputs": ["헌법"] * 1000}).encode() if name == "rows_over_limit"
-                        else INVALID_BODIES[name])
+                body = (
+                    json.dumps({"inputs": ["헌법"] * 1000}).encode()
+                    if name == "rows_over_limit"
+                    else INVALID_BODIES[name]
+                )
                 bodies.append((False, body))
             else:
                 texts = [korean_text(rng, rng.randint(3, 30)) for _ in range(batch_rows)]
@@ -177,18 +242,27 @@ def run_load(model_uri: str, env: dict, *, workers: int, timeout_s: int, n_reque
     statuses = [s for _, s, _ in results]
     valid_ms = np.array([dt * 1000 for ok, s, dt in results if ok and s == 200])
     return {
-        "workers": workers, "timeout_s": timeout_s, "requests": n_requests, "concurrency": concurrency,
-        "batch_rows": batch_rows, "invalid_fraction": invalid_fraction,
-        "valid_sent": sum(ok for ok, _, _ in results), "wall_s": round(wall, 2),
+        "workers": workers,
+        "timeout_s": timeout_s,
+        "requests": n_requests,
+        "concurrency": concurrency,
+        "batch_rows": batch_rows,
+        "invalid_fraction": invalid_fraction,
+        "valid_sent": sum(ok for ok, _, _ in results),
+        "wall_s": round(wall, 2),
         "requests_per_s": round(n_requests / wall, 1),
         "valid_p50_ms": round(float(np.percentile(valid_ms, 50)), 1) if len(valid_ms) else None,
         "valid_p99_ms": round(float(np.percentile(valid_ms, 99)), 1) if len(valid_ms) else None,
-        "status_200": statuses.count(200), "status_400": statuses.count(400),
-        "status_other_4xx": sum(400 < s < 500 for s in statuses), "status_5xx": sum(s >= 500 for s in statuses),
+        "status_200": statuses.count(200),
+        "status_400": statuses.count(400),
+        "status_other_4xx": sum(400 < s < 500 for s in statuses),
+        "status_5xx": sum(s >= 500 for s in statuses),
         "no_answer": statuses.count(0),
         "valid_not_200": sum(ok and s != 200 for ok, s, _ in results),
         "invalid_not_4xx": sum((not ok) and not 400 <= s < 500 for ok, s, _ in results),
-        "server_alive_after": int(alive), "rss_before_mb": round(rss_before, 1), "rss_after_mb": round(rss_after, 1),
+        "server_alive_after": int(alive),
+        "rss_before_mb": round(rss_before, 1),
+        "rss_after_mb": round(rss_after, 1),
     }
 
 
@@ -197,19 +271,31 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=2000)
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--timeouts", type=int, nargs="+", default=[60],
-                    help="mlflow models serve --timeout values (s); every (workers, timeout) pair gets a row")
+    ap.add_argument(
+        "--timeouts",
+        type=int,
+        nargs="+",
+        default=[60],
+        help="mlflow models serve --timeout values (s); every (workers, timeout) pair gets a row",
+    )
     ap.add_argument("--invalid-fraction", type=float, default=0.3)
     ap.add_argument("--batch-rows", type=int, default=4, help="texts per valid request")
-    ap.add_argument("--model-uri", default=None, help="serve this model (MLFLOW_TRACKING_URI from the environment) "
-                                                     "instead of the stand-in")
+    ap.add_argument(
+        "--model-uri",
+        default=None,
+        help="serve this model (MLFLOW_TRACKING_URI from the environment) instead of the stand-in",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
 
     params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
     rows = []
     with tempfile.TemporaryDirectory(prefix="serve_load_") as tmp:
         work = Path(tmp)
@@ -218,9 +304,18 @@ def main() -> None:
             env["MLFLOW_TRACKING_URI"] = build_stand_in(work, params)
             model_uri = f"models:/{MODEL_NAME}@champion"
         for workers, timeout_s in [(w, t) for t in args.timeouts for w in args.workers]:
-            row = run_load(model_uri, env, workers=workers, timeout_s=timeout_s, n_requests=args.requests,
-                           concurrency=args.concurrency, invalid_fraction=args.invalid_fraction,
-                           batch_rows=args.batch_rows, seed=args.seed, log_path=work / f"serve_{workers}_{timeout_s}.log")
+            row = run_load(
+                model_uri,
+                env,
+                workers=workers,
+                timeout_s=timeout_s,
+                n_requests=args.requests,
+                concurrency=args.concurrency,
+                invalid_fraction=args.invalid_fraction,
+                batch_rows=args.batch_rows,
+                seed=args.seed,
+                log_path=work / f"serve_{workers}_{timeout_s}.log",
+            )
             row["model"] = "stand-in (pipeline sizes, untrained)" if args.model_uri is None else args.model_uri
             print(json.dumps(row), flush=True)
             rows.append(row)

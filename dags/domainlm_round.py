@@ -13,6 +13,7 @@ already stored and sent the alert) and 1 (an error, or another round holding the
 JSON summary is its last stdout line, so it becomes the task's XCom ``return_value``. ``max_active_runs=1`` and the
 round's own ``flock`` keep two rounds from overlapping.
 """
+
 from __future__ import annotations
 
 import os
@@ -40,7 +41,11 @@ with DAG(
     BashOperator(
         task_id="round",
         bash_command=f"cd {shlex.quote(str(REPO))} && exec {shlex.quote(str(PYTHON))} -m domainlm.rounds round {ROUND_ARGS}",
-        env={"PATH": f"{PYTHON.parent}:/usr/local/bin:/usr/bin:/bin", "HF_HUB_OFFLINE": "1",
-             "TRANSFORMERS_OFFLINE": "1", "DVC_NO_ANALYTICS": "1"},
+        env={
+            "PATH": f"{PYTHON.parent}:/usr/local/bin:/usr/bin:/bin",
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "DVC_NO_ANALYTICS": "1",
+        },
         append_env=True,
     )

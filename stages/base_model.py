@@ -2,11 +2,13 @@
 loop, Karpathy 2022; ``transformers.Qwen2ForCausalLM``), or copy a local HF checkpoint; then measure its
 validation perplexity on every domain. The recipe lives in :mod:`domainlm.lm.pretrain`.
 """
+
 from __future__ import annotations
 
 import os
 import time
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from domainlm.common import params as P
 from domainlm.common import paths
@@ -18,8 +20,15 @@ from domainlm.lm import data as lm_data
 from domainlm.lm.pretrain import build, copy_checkpoint, save_hf_folder, val_perplexities
 
 
-def run(split_dir: str | os.PathLike, domains: Sequence[str], params: Mapping[str, Any], out_dir: str | os.PathLike,
-        *, on_log: Callable[[int, dict[str, float]], None] | None = None, compute=None) -> dict[str, Any]:
+def run(
+    split_dir: str | os.PathLike,
+    domains: Sequence[str],
+    params: Mapping[str, Any],
+    out_dir: str | os.PathLike,
+    *,
+    on_log: Callable[[int, dict[str, float]], None] | None = None,
+    compute=None,
+) -> dict[str, Any]:
     """Build (or copy) the base model into ``out_dir`` and measure it.
 
     Args:
@@ -60,13 +69,25 @@ def run(split_dir: str | os.PathLike, domains: Sequence[str], params: Mapping[st
     model = AutoModelForCausalLM.from_pretrained(out_dir, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(out_dir, local_files_only=True)
     block_size = min(int(params["model"]["context_length"]), int(model.config.max_position_embeddings))
-    val_ppl = val_perplexities(model, tokenizer, lm_data.read_domain_texts(split_dir, domains, "val"),
-                               block_size, int(params["train"]["eval_batch_size"]), compute=compute)
+    val_ppl = val_perplexities(
+        model,
+        tokenizer,
+        lm_data.read_domain_texts(split_dir, domains, "val"),
+        block_size,
+        int(params["train"]["eval_batch_size"]),
+        compute=compute,
+    )
     metrics: dict[str, Any] = {"n_params": int(model.num_parameters()), "val_perplexity": val_ppl}
     if stats is not None:
-        metrics.update({"train_loss": stats["final_loss"], "tokens_seen": stats["tokens_seen"],
-                        "tokens_per_s": stats["tokens_per_s"], "train_s": stats["train_s"],
-                        "n_blocks": stats["n_blocks"]})
+        metrics.update(
+            {
+                "train_loss": stats["final_loss"],
+                "tokens_seen": stats["tokens_seen"],
+                "tokens_per_s": stats["tokens_per_s"],
+                "train_s": stats["train_s"],
+                "n_blocks": stats["n_blocks"],
+            }
+        )
     metrics.update({"wall_s": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb()})
     return metrics
 
@@ -76,8 +97,14 @@ def main() -> None:
         cfg = P.section("base_model")
         compute = st.use_compute(resolve(P.load_params().get("compute")))
         with mlflow_run("base_model", cfg) as mlflow:
-            metrics = run(paths.SPLIT_DIR, P.required_domains("base_model"), cfg, paths.BASE_DIR, compute=compute,
-                          on_log=lambda step, m: mlflow.log_metrics({"train_loss": m["loss"], "lr": m["lr"]}, step=step))
+            metrics = run(
+                paths.SPLIT_DIR,
+                P.required_domains("base_model"),
+                cfg,
+                paths.BASE_DIR,
+                compute=compute,
+                on_log=lambda step, m: mlflow.log_metrics({"train_loss": m["loss"], "lr": m["lr"]}, step=step),
+            )
             st.write_metrics("base_model", metrics)
             mlflow.log_metrics({k: v for k, v in metrics.items() if not isinstance(v, dict)})
             mlflow.log_metrics({f"val_perplexity.{d}": v for d, v in metrics["val_perplexity"].items()})

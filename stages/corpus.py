@@ -4,6 +4,7 @@ Built-in sources read konlpy's kolaw/kobill corpora (PyPI) and Debian's libreoff
 debian-faq-ko (:mod:`domainlm.documents.sources`); ``type: jsonl`` sources stream local globs or
 ``s3://`` URIs through smart_open. ``data/raw/MANIFEST.json`` records package versions and counts.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -18,8 +19,13 @@ from domainlm.documents import sources
 from domainlm.documents.corpus import build_corpus, external_inputs
 
 
-def run(source_specs: dict[str, dict], domains: list[str], out_dir: str | Path, cache_dir: str | Path,
-        max_docs_per_domain: int | None = None) -> dict[str, Any]:
+def run(
+    source_specs: dict[str, dict],
+    domains: list[str],
+    out_dir: str | Path,
+    cache_dir: str | Path,
+    max_docs_per_domain: int | None = None,
+) -> dict[str, Any]:
     """Build ``out_dir`` (replaced whole, atomically) and return its manifest.
 
     Raises:
@@ -36,21 +42,33 @@ def main() -> None:
         specs = cfg.get("sources") or {}
         try:
             require_declared("corpus", external_inputs(specs))
-            manifest = run(specs, P.required_domains("corpus"), paths.RAW_DIR, cfg.get("cache_dir") or ".cache/corpus",
-                           cfg.get("max_docs_per_domain"))
+            manifest = run(
+                specs,
+                P.required_domains("corpus"),
+                paths.RAW_DIR,
+                cfg.get("cache_dir") or ".cache/corpus",
+                cfg.get("max_docs_per_domain"),
+            )
         except (sources.SourceUnavailable, UndeclaredInputError, ValueError) as exc:
             fail(f"corpus: {exc}")
         for domain, entry in manifest["domains"].items():
-            st.log.info("%s: %s documents (%s %s)", domain, entry.get("documents", entry.get("lines")),
-                        entry.get("package", entry.get("uri")), entry.get("version", ""))
+            st.log.info(
+                "%s: %s documents (%s %s)",
+                domain,
+                entry.get("documents", entry.get("lines")),
+                entry.get("package", entry.get("uri")),
+                entry.get("version", ""),
+            )
         st.write_metrics("corpus", corpus_metrics(manifest))
 
 
 def corpus_metrics(manifest: dict[str, Any]) -> dict[str, Any]:
     """``metrics/corpus.json``: documents (built-in sources) or lines (JSONL sources) per domain, and chars."""
     return {
-        "domains": {d: {"documents": e.get("documents", e.get("lines", 0)), "chars": e.get("chars", 0)}
-                    for d, e in manifest["domains"].items()},
+        "domains": {
+            d: {"documents": e.get("documents", e.get("lines", 0)), "chars": e.get("chars", 0)}
+            for d, e in manifest["domains"].items()
+        },
         "totals": dict(manifest["totals"]),
     }
 

@@ -5,13 +5,15 @@ Writes ``models/diff/<domain>.safetensors`` (keys = base state-dict names), ``me
 ``plots/task_vector_cosine.csv`` (pairwise cosine of the flattened task vectors, long format) and
 ``metrics/summary.csv`` (every domain's training figures from ``metrics/train_lora/<domain>.json``).
 """
+
 from __future__ import annotations
 
 import dataclasses
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from safetensors.torch import save_file
 from tqdm import tqdm
@@ -26,9 +28,17 @@ from domainlm.lm.merging import StateDict, load_causal_lm
 from domainlm.lm.task_vectors import pairwise_cosine, task_vector, task_vector_stats, training_summary
 
 
-def run(base_dir: str | os.PathLike, lora_dir: str | os.PathLike, domains: Sequence[str], *,
-        diff_dir: str | os.PathLike, train_metrics_dir: str | os.PathLike, cosine_csv: str | os.PathLike,
-        summary_csv: str | os.PathLike, top_k: int = 5) -> dict[str, Any]:
+def run(
+    base_dir: str | os.PathLike,
+    lora_dir: str | os.PathLike,
+    domains: Sequence[str],
+    *,
+    diff_dir: str | os.PathLike,
+    train_metrics_dir: str | os.PathLike,
+    cosine_csv: str | os.PathLike,
+    summary_csv: str | os.PathLike,
+    top_k: int = 5,
+) -> dict[str, Any]:
     """Compute, save and describe the task vector of each ``<lora_dir>/<domain>`` adapter on ``base_dir``.
 
     Writes ``<diff_dir>/<domain>.safetensors`` (float32 Δ per touched base weight; the folder atomically),
@@ -65,9 +75,16 @@ def main() -> None:
     with stage_run("diff") as st:
         cfg = P.section("diff")
         domains = P.required_domains("diff")
-        result = run(paths.BASE_DIR, paths.LORA_DIR, domains, diff_dir=paths.DIFF_DIR,
-                     train_metrics_dir=paths.TRAIN_METRICS_DIR, cosine_csv=paths.COSINE_CSV,
-                     summary_csv=paths.SUMMARY_CSV, top_k=int(cfg.get("top_k", 5)))
+        result = run(
+            paths.BASE_DIR,
+            paths.LORA_DIR,
+            domains,
+            diff_dir=paths.DIFF_DIR,
+            train_metrics_dir=paths.TRAIN_METRICS_DIR,
+            cosine_csv=paths.COSINE_CSV,
+            summary_csv=paths.SUMMARY_CSV,
+            top_k=int(cfg.get("top_k", 5)),
+        )
         stats = result["task_vectors"]
         for domain in domains:
             st.log.info("%s: %d tensors, ‖Δ‖₂ = %.4g", domain, stats[domain]["n_tensors"], stats[domain]["l2_norm"])

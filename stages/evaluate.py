@@ -6,13 +6,15 @@ and the quality gate that registers ``models/merged`` in the MLflow Model Regist
 Perplexity follows the Hugging Face sliding-window recipe (:mod:`domainlm.lm.evaluation`); retained gain is
 (ppl_base − ppl_merged) / (ppl_base − ppl_expert) on the expert's own domain (:mod:`domainlm.lm.gate`).
 """
+
 from __future__ import annotations
 
 import json
 import math
 import os
 import time
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from domainlm.common import params as P
 from domainlm.common import paths
@@ -21,16 +23,35 @@ from domainlm.common.compute import autocast, resolve
 from domainlm.common.metrics import flatten_numbers, peak_rss_mb, rows_to_csv
 from domainlm.common.stage import stage_run
 from domainlm.common.tracking import mlflow_run
-from domainlm.lm.evaluation import (PerplexityProbe, check_reference, comparison_markdown, continuation_scores,
-                                    read_test_split, read_train_log, retained_gains)
+from domainlm.lm.evaluation import (
+    PerplexityProbe,
+    check_reference,
+    comparison_markdown,
+    continuation_scores,
+    read_test_split,
+    read_train_log,
+    retained_gains,
+)
 from domainlm.lm.gate import check_gate, record_verdict
 from domainlm.lm.merging import load_causal_lm
 
 
-def run(domains: Sequence[str], cfg: Mapping[str, Any], mlflow, *, base_dir: str | os.PathLike,
-        merged_dir: str | os.PathLike, reference_json: str | os.PathLike, split_dir: str | os.PathLike,
-        log_dir: str | os.PathLike, perplexity_csv: str | os.PathLike, train_loss_csv: str | os.PathLike,
-        comparison_md: str | os.PathLike, alerts_json: str | os.PathLike, compute=None) -> dict[str, Any]:
+def run(
+    domains: Sequence[str],
+    cfg: Mapping[str, Any],
+    mlflow,
+    *,
+    base_dir: str | os.PathLike,
+    merged_dir: str | os.PathLike,
+    reference_json: str | os.PathLike,
+    split_dir: str | os.PathLike,
+    log_dir: str | os.PathLike,
+    perplexity_csv: str | os.PathLike,
+    train_loss_csv: str | os.PathLike,
+    comparison_md: str | os.PathLike,
+    alerts_json: str | os.PathLike,
+    compute=None,
+) -> dict[str, Any]:
     """Measure the merged model against the reference perplexities, apply the gate and register the merged model.
 
     Reads ``base_dir`` (HF folder with tokenizer; the base's continuations), ``merged_dir``, ``reference_json``
@@ -72,14 +93,18 @@ def run(domains: Sequence[str], cfg: Mapping[str, Any], mlflow, *, base_dir: str
     t0 = time.perf_counter()
     with autocast(compute):
         merged_ppl = probe.run(merged, "merged")
-    ppl: dict[str, dict[str, float]] = {"base": reference["base"], "merged": merged_ppl,
-                                        **{f"expert_{d}": reference[f"expert_{d}"] for d in domains}}
+    ppl: dict[str, dict[str, float]] = {
+        "base": reference["base"],
+        "merged": merged_ppl,
+        **{f"expert_{d}": reference[f"expert_{d}"] for d in domains},
+    }
     perplexity_s = time.perf_counter() - t0
 
     # Greedy continuations of the base and the merged model, scored against the documents' next tokens.
     cont_cfg = cfg.get("continuation") or {}
-    cont = continuation_scores(tokenizer, texts, {"base": model, "merged": merged}, cont_cfg,
-                               cfg.get("bleu_tokenize", "char"))
+    cont = continuation_scores(
+        tokenizer, texts, {"base": model, "merged": merged}, cont_cfg, cfg.get("bleu_tokenize", "char")
+    )
     continuation_s = time.perf_counter() - t0 - perplexity_s
 
     retained = retained_gains(ppl, list(domains))
@@ -89,12 +114,22 @@ def run(domains: Sequence[str], cfg: Mapping[str, Any], mlflow, *, base_dir: str
         "retained_gain": retained,
         "mean_retained_gain": sum(retained.values()) / len(retained),
         **cont["scores"],
-        "tokens": {"perplexity_stream": {d: int(ids.numel()) for d, ids in probe.streams.items()},
-                   "continuation_pairs": cont["pairs"], "continuation_docs_too_short": cont["too_short"]},
-        "timing": {"perplexity_s": perplexity_s, "continuation_s": continuation_s,
-                   "scored_tokens_per_s": sum(ids.numel() - 1 for ids in probe.streams.values()) / perplexity_s},
-        "settings": {"max_length": probe.max_length, "stride": probe.stride,
-                     "prompt_tokens": int(cont_cfg.get("prompt_tokens", 32)), "new_tokens": int(cont_cfg.get("new_tokens", 32))},
+        "tokens": {
+            "perplexity_stream": {d: int(ids.numel()) for d, ids in probe.streams.items()},
+            "continuation_pairs": cont["pairs"],
+            "continuation_docs_too_short": cont["too_short"],
+        },
+        "timing": {
+            "perplexity_s": perplexity_s,
+            "continuation_s": continuation_s,
+            "scored_tokens_per_s": sum(ids.numel() - 1 for ids in probe.streams.values()) / perplexity_s,
+        },
+        "settings": {
+            "max_length": probe.max_length,
+            "stride": probe.stride,
+            "prompt_tokens": int(cont_cfg.get("prompt_tokens", 32)),
+            "new_tokens": int(cont_cfg.get("new_tokens", 32)),
+        },
         "gate": {"passed": int(not failures), "n_failures": len(failures)},
     }
 
@@ -105,9 +140,15 @@ def run(domains: Sequence[str], cfg: Mapping[str, Any], mlflow, *, base_dir: str
     write_text(comparison_md, comparison_markdown(cont["samples"], metrics["settings"]))
 
     mlflow.log_metrics({k: v for k, v in flatten_numbers(metrics).items() if math.isfinite(v)})
-    record_verdict(mlflow, failures, mean_retained_gain=metrics["mean_retained_gain"], model_dir=merged_dir,
-                   model_name=(cfg.get("registry") or {}).get("model_name", "domain-lm-merged"),
-                   thresholds=cfg.get("gate") or {}, alerts_json=alerts_json)
+    record_verdict(
+        mlflow,
+        failures,
+        mean_retained_gain=metrics["mean_retained_gain"],
+        model_dir=merged_dir,
+        model_name=(cfg.get("registry") or {}).get("model_name", "domain-lm-merged"),
+        thresholds=cfg.get("gate") or {},
+        alerts_json=alerts_json,
+    )
     for path in (perplexity_csv, train_loss_csv, comparison_md, alerts_json):
         mlflow.log_artifact(str(path))
     metrics["wall_s"] = time.perf_counter() - start
@@ -121,10 +162,21 @@ def main() -> None:
         domains = P.required_domains("evaluate")
         compute = st.use_compute(resolve(P.load_params().get("compute")))
         with mlflow_run("evaluate", cfg) as mlflow:
-            metrics = run(domains, cfg, mlflow, compute=compute, base_dir=paths.BASE_DIR, merged_dir=paths.MERGED_DIR,
-                          reference_json=paths.REFERENCE_PERPLEXITY_JSON, split_dir=paths.SPLIT_DIR, log_dir=paths.LOG_DIR,
-                          perplexity_csv=paths.PERPLEXITY_CSV, train_loss_csv=paths.TRAIN_LOSS_CSV,
-                          comparison_md=paths.COMPARISON_MD, alerts_json=paths.ALERTS_JSON)
+            metrics = run(
+                domains,
+                cfg,
+                mlflow,
+                compute=compute,
+                base_dir=paths.BASE_DIR,
+                merged_dir=paths.MERGED_DIR,
+                reference_json=paths.REFERENCE_PERPLEXITY_JSON,
+                split_dir=paths.SPLIT_DIR,
+                log_dir=paths.LOG_DIR,
+                perplexity_csv=paths.PERPLEXITY_CSV,
+                train_loss_csv=paths.TRAIN_LOSS_CSV,
+                comparison_md=paths.COMPARISON_MD,
+                alerts_json=paths.ALERTS_JSON,
+            )
             st.write_metrics("evaluate", metrics)
 
 

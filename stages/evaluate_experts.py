@@ -9,11 +9,13 @@ checks) and ``metrics/evaluate_experts.json``.
 
 Perplexity follows the Hugging Face sliding-window recipe (:mod:`domainlm.lm.evaluation`).
 """
+
 from __future__ import annotations
 
 import os
 import time
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from domainlm.common import params as P
 from domainlm.common import paths
@@ -24,8 +26,16 @@ from domainlm.lm.evaluation import PerplexityProbe, expert_states, read_test_spl
 from domainlm.lm.merging import load_causal_lm, load_task_vectors
 
 
-def run(domains: Sequence[str], cfg: Mapping[str, Any], *, base_dir: str | os.PathLike, diff_dir: str | os.PathLike,
-        split_dir: str | os.PathLike, reference_json: str | os.PathLike, compute=None) -> dict[str, Any]:
+def run(
+    domains: Sequence[str],
+    cfg: Mapping[str, Any],
+    *,
+    base_dir: str | os.PathLike,
+    diff_dir: str | os.PathLike,
+    split_dir: str | os.PathLike,
+    reference_json: str | os.PathLike,
+    compute=None,
+) -> dict[str, Any]:
     """Measure the base and every expert on every domain's test stream and write ``reference_json``.
 
     Args:
@@ -63,8 +73,11 @@ def run(domains: Sequence[str], cfg: Mapping[str, Any], *, base_dir: str | os.Pa
     perplexity_s = time.perf_counter() - t0
     write_json(reference_json, reference_record(probe, ppl))
     scored = sum(int(ids.numel()) - 1 for ids in probe.streams.values()) * len(ppl)
-    return {"perplexity": ppl, "tokens": {d: int(ids.numel()) for d, ids in probe.streams.items()},
-            "timing": {"perplexity_s": perplexity_s, "scored_tokens_per_s": scored / perplexity_s}}
+    return {
+        "perplexity": ppl,
+        "tokens": {d: int(ids.numel()) for d, ids in probe.streams.items()},
+        "timing": {"perplexity_s": perplexity_s, "scored_tokens_per_s": scored / perplexity_s},
+    }
 
 
 def main() -> None:
@@ -72,8 +85,15 @@ def main() -> None:
         cfg = P.section("evaluate")
         domains = P.required_domains("evaluate_experts")
         compute = st.use_compute(resolve(P.load_params().get("compute")))
-        metrics = run(domains, cfg, compute=compute, base_dir=paths.BASE_DIR, diff_dir=paths.DIFF_DIR,
-                      split_dir=paths.SPLIT_DIR, reference_json=paths.REFERENCE_PERPLEXITY_JSON)
+        metrics = run(
+            domains,
+            cfg,
+            compute=compute,
+            base_dir=paths.BASE_DIR,
+            diff_dir=paths.DIFF_DIR,
+            split_dir=paths.SPLIT_DIR,
+            reference_json=paths.REFERENCE_PERPLEXITY_JSON,
+        )
         st.write_metrics("evaluate_experts", metrics)
 
 

@@ -4,13 +4,15 @@ Streams record batches with pyarrow's JSON reader and writes them with ``Parquet
 brotli for ``text`` and zstd for the other columns (Apache Arrow / Apache Parquet); see
 :mod:`domainlm.documents.conversion` and the table contract in :mod:`domainlm.documents.schema`.
 """
+
 from __future__ import annotations
 
 import logging
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from domainlm.common import params as P
 from domainlm.common import paths
@@ -23,8 +25,15 @@ from domainlm.documents.schema import SCHEMA_FILE, ParquetLayout, schema_text
 log = logging.getLogger("stages.parquet")  # the logger stage_run("parquet") configures
 
 
-def run(in_dir: str | os.PathLike, out_dir: str | os.PathLike, domains: Sequence[str], *, text_codec: str,
-        default_codec: str, batch_rows: int) -> dict[str, Any]:
+def run(
+    in_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    domains: Sequence[str],
+    *,
+    text_codec: str,
+    default_codec: str,
+    batch_rows: int,
+) -> dict[str, Any]:
     """Convert ``<in_dir>/<domain>.jsonl`` for every domain into ``<out_dir>/<domain>.parquet`` plus ``schema.txt``.
 
     Only the listed domains are read (the dedup folder also holds e.g. ``removed.jsonl``).
@@ -54,8 +63,9 @@ def run(in_dir: str | os.PathLike, out_dir: str | os.PathLike, domains: Sequence
         raise ValueError("params.yaml `domains` is empty: nothing to convert")
     missing = [d for d in domains if not (in_dir / f"{d}.jsonl").is_file()]
     if missing:
-        raise FileNotFoundError(f"domain(s) {missing} listed in params.yaml have no {in_dir}/<domain>.jsonl "
-                                "(run the dedup stage first)")
+        raise FileNotFoundError(
+            f"domain(s) {missing} listed in params.yaml have no {in_dir}/<domain>.jsonl (run the dedup stage first)"
+        )
     per_domain: dict[str, dict] = {}
     with atomic_path(out_dir, is_dir=True) as tmp_dir:
         write_text(tmp_dir / SCHEMA_FILE, schema_text())
@@ -63,8 +73,13 @@ def run(in_dir: str | os.PathLike, out_dir: str | os.PathLike, domains: Sequence
             stats = convert_domain(in_dir / f"{domain}.jsonl", tmp_dir / f"{domain}.parquet", domain, layout)
             stats["compression_ratio"] = _ratio(stats["jsonl_bytes"], stats["parquet_bytes"])
             per_domain[domain] = stats
-            log.info("parquet %s: %d rows, %d -> %d bytes", domain, stats["rows"], stats["jsonl_bytes"],
-                     stats["parquet_bytes"])
+            log.info(
+                "parquet %s: %d rows, %d -> %d bytes",
+                domain,
+                stats["rows"],
+                stats["jsonl_bytes"],
+                stats["parquet_bytes"],
+            )
     keys = ("rows", "chars", "row_groups", "jsonl_bytes", "parquet_bytes")
     total = {k: sum(s[k] for s in per_domain.values()) for k in keys}
     total["compression_ratio"] = _ratio(total["jsonl_bytes"], total["parquet_bytes"])
@@ -86,12 +101,23 @@ def main() -> None:
     """DVC entry point: params ``domains`` + ``parquet`` -> data/parquet/, metrics/parquet.json."""
     with stage_run("parquet") as st:
         cfg = P.section("parquet")
-        metrics = run(paths.DEDUP_DIR, paths.PARQUET_DIR, P.required_domains("parquet"), text_codec=cfg["text_codec"],
-                      default_codec=cfg["default_codec"], batch_rows=cfg["batch_rows"])
+        metrics = run(
+            paths.DEDUP_DIR,
+            paths.PARQUET_DIR,
+            P.required_domains("parquet"),
+            text_codec=cfg["text_codec"],
+            default_codec=cfg["default_codec"],
+            batch_rows=cfg["batch_rows"],
+        )
         st.write_metrics("parquet", metrics)
-        st.log.info("parquet: %d documents in %d domains, %d -> %d bytes (%.2fx)", metrics["total"]["rows"],
-                    len(metrics["domains"]), metrics["total"]["jsonl_bytes"], metrics["total"]["parquet_bytes"],
-                    metrics["total"]["compression_ratio"])
+        st.log.info(
+            "parquet: %d documents in %d domains, %d -> %d bytes (%.2fx)",
+            metrics["total"]["rows"],
+            len(metrics["domains"]),
+            metrics["total"]["jsonl_bytes"],
+            metrics["total"]["parquet_bytes"],
+            metrics["total"]["compression_ratio"],
+        )
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ Out-of-fold ensemble probabilities flag rows whose label disagrees with a confid
 confident learning (Northcutt et al., JAIR 2021): :mod:`domainlm.refine.loop` over a SQLite table.
 ``python -m stages.refine_labels promote`` then writes the refined labels to the label overrides.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -13,13 +14,15 @@ import logging
 import math
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import sqlite_utils
 
-from domainlm.common import params as P, paths
+from domainlm.common import params as P
+from domainlm.common import paths
 from domainlm.common.compute import resolve
 from domainlm.common.metrics import peak_rss_mb
 from domainlm.common.stage import configure_logging, stage_run
@@ -32,9 +35,19 @@ from domainlm.refine import store
 from domainlm.refine.loop import RefineConfig, promote, refine, review_queue
 
 
-def run(domains: Sequence[str], cfg: RefineConfig, *, split_dir: str | Path, labels_path: str | Path | None,
-        model_dir: str | Path, db_path: str | Path, snapshot_dir: str | Path, review_queue_path: str | Path,
-        history_path: str | Path, compute=None) -> dict[str, Any]:
+def run(
+    domains: Sequence[str],
+    cfg: RefineConfig,
+    *,
+    split_dir: str | Path,
+    labels_path: str | Path | None,
+    model_dir: str | Path,
+    db_path: str | Path,
+    snapshot_dir: str | Path,
+    review_queue_path: str | Path,
+    history_path: str | Path,
+    compute=None,
+) -> dict[str, Any]:
     """The whole stage, on at most ``cfg.threads`` compute threads (torch + BLAS); the LM embedding pass on ``compute``'s.
 
     Loads the ``sentences`` table (texts from the split outputs, labels from the split stage's
@@ -88,22 +101,44 @@ def run(domains: Sequence[str], cfg: RefineConfig, *, split_dir: str | Path, lab
             classes = sorted(set(labels.original))
             texts = [t[: cfg.max_chars] for t in labels.texts]
             tokenizer, lm = mem.load_lm(model_dir)
-            members, lexical, feature_secs = mem.build_members(texts, tokenizer, lm, lexical=cfg.lexical,
-                                                               tfidf=cfg.tfidf, lstm=cfg.lstm,
-                                                               transformer=cfg.transformer, compute=compute)
+            members, lexical, feature_secs = mem.build_members(
+                texts,
+                tokenizer,
+                lm,
+                lexical=cfg.lexical,
+                tfidf=cfg.tfidf,
+                lstm=cfg.lstm,
+                transformer=cfg.transformer,
+                compute=compute,
+            )
             del lm
             feat.free_memory()
 
             with mlflow_run("refine_labels", dataclasses.asdict(cfg)) as mlflow:
+
                 def log_iteration(t: int, row: dict[str, float]) -> None:
                     with mlflow_run("refine_labels", nested=True, run_name=f"iteration_{t}") as child:
                         child.log_metrics({k: float(v) for k, v in row.items() if not _isnan(v)}, step=t)
-                    mlflow.log_metrics({"rows_changed": float(row["rows_changed"]),
-                                        "val_accuracy_ensemble": float(row["val_accuracy_ensemble"])}, step=t)
+                    mlflow.log_metrics(
+                        {
+                            "rows_changed": float(row["rows_changed"]),
+                            "val_accuracy_ensemble": float(row["val_accuracy_ensemble"]),
+                        },
+                        step=t,
+                    )
 
                 t0 = time.perf_counter()
-                result = refine(db, members, lexical, cfg, splits=labels.splits, classes=classes,
-                                snapshot_dir=snapshot_dir, history_path=history_path, on_iteration=log_iteration)
+                result = refine(
+                    db,
+                    members,
+                    lexical,
+                    cfg,
+                    splits=labels.splits,
+                    classes=classes,
+                    snapshot_dir=snapshot_dir,
+                    history_path=history_path,
+                    on_iteration=log_iteration,
+                )
                 refine_s = time.perf_counter() - t0
                 last = result.iterations[-1]
                 queue = review_queue(db, last.ensemble.proba, classes, cfg.review_size)
@@ -111,8 +146,9 @@ def run(domains: Sequence[str], cfg: RefineConfig, *, split_dir: str | Path, lab
                 final = store.read_labels(db)
                 n = len(final.ids)
                 n_changed = int((final.current != final.original).sum())
-                conf = np.array([r[0] for r in db.execute(f"SELECT confidence FROM {store.TABLE}").fetchall()],
-                                dtype=float)
+                conf = np.array(
+                    [r[0] for r in db.execute(f"SELECT confidence FROM {store.TABLE}").fetchall()], dtype=float
+                )
                 metrics = {
                     "rows": n,
                     "unlabelled_rows": report.unlabelled,
@@ -134,8 +170,14 @@ def run(domains: Sequence[str], cfg: RefineConfig, *, split_dir: str | Path, lab
                     "wall_s": time.perf_counter() - wall0,
                     "peak_rss_mb": peak_rss_mb(),
                 }
-                mlflow.log_metrics({"labels_changed": n_changed, "label_change_rate": n_changed / n,
-                                    "iterations": len(result.iterations), "wall_s": metrics["wall_s"]})
+                mlflow.log_metrics(
+                    {
+                        "labels_changed": n_changed,
+                        "label_change_rate": n_changed / n,
+                        "iterations": len(result.iterations),
+                        "wall_s": metrics["wall_s"],
+                    }
+                )
                 mlflow.log_artifact(str(snapshot_dir / f"iter_{len(result.iterations) - 1}.parquet"), "refine")
                 mlflow.log_artifact(str(review_queue_path), "refine")
     return metrics
@@ -148,26 +190,50 @@ def _isnan(v: Any) -> bool:
 def main(argv: Sequence[str] | None = None) -> None:
     """``python -m stages.refine_labels`` runs the stage; ``... promote`` writes the overrides."""
     parser = argparse.ArgumentParser(prog="python -m stages.refine_labels", description=__doc__)
-    parser.add_argument("command", nargs="?", choices=["run", "promote"], default="run",
-                        help="run: the DVC stage (default); promote: write refined labels to "
-                             f"{paths.OVERRIDES_PATH} for the split stage")
+    parser.add_argument(
+        "command",
+        nargs="?",
+        choices=["run", "promote"],
+        default="run",
+        help="run: the DVC stage (default); promote: write refined labels to "
+        f"{paths.OVERRIDES_PATH} for the split stage",
+    )
     args = parser.parse_args(argv)
     if args.command == "promote":  # a user's command, not a DVC stage: no run log, no metrics
         configure_logging()
         counts = promote(paths.REFINED_DB, paths.OVERRIDES_PATH)
         logging.getLogger("stages.refine_labels").info(
-            "wrote %d overrides to %s (%d refined labels, %d older overrides kept); run `dvc add %s` and "
-            "`dvc repro`", counts["rows"], paths.OVERRIDES_PATH, counts["new"], counts["kept"], paths.OVERRIDES_PATH)
+            "wrote %d overrides to %s (%d refined labels, %d older overrides kept); run `dvc add %s` and `dvc repro`",
+            counts["rows"],
+            paths.OVERRIDES_PATH,
+            counts["new"],
+            counts["kept"],
+            paths.OVERRIDES_PATH,
+        )
         return
     with stage_run("refine_labels") as st:
         cfg = RefineConfig.from_params(P.section("refine"))
         compute = st.use_compute(resolve(P.load_params().get("compute")))
-        metrics = run(P.required_domains("refine_labels"), cfg, compute=compute, split_dir=paths.SPLIT_DIR,
-                      labels_path=paths.LABELS_PATH, model_dir=paths.MERGED_DIR, db_path=paths.REFINED_DB, snapshot_dir=paths.SNAPSHOT_DIR,
-                      review_queue_path=paths.REVIEW_QUEUE, history_path=paths.REFINE_HISTORY_CSV)
+        metrics = run(
+            P.required_domains("refine_labels"),
+            cfg,
+            compute=compute,
+            split_dir=paths.SPLIT_DIR,
+            labels_path=paths.LABELS_PATH,
+            model_dir=paths.MERGED_DIR,
+            db_path=paths.REFINED_DB,
+            snapshot_dir=paths.SNAPSHOT_DIR,
+            review_queue_path=paths.REVIEW_QUEUE,
+            history_path=paths.REFINE_HISTORY_CSV,
+        )
         st.write_metrics("refine", metrics)
-        st.log.info("refine_labels: %d of %d labels changed in %d iterations, %.1fs", metrics["labels_changed"],
-                    metrics["rows"], metrics["iterations"], metrics["wall_s"])
+        st.log.info(
+            "refine_labels: %d of %d labels changed in %d iterations, %.1fs",
+            metrics["labels_changed"],
+            metrics["rows"],
+            metrics["iterations"],
+            metrics["wall_s"],
+        )
 
 
 if __name__ == "__main__":

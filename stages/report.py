@@ -1,28 +1,45 @@
 """report: execute ``reports/summary.ipynb`` headless (nbclient) and export ``reports/report.md`` with PNG
 figures (nbconvert's MarkdownExporter); the notebook reads only ``metrics/``, ``plots/`` and ``eval/``."""
+
 from __future__ import annotations
 
 import os
 import re
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from domainlm.common import paths
 from domainlm.common.atomic import atomic_path, write_text
 from domainlm.common.stage import stage_run
-from domainlm.report import (EXECUTED_NOTEBOOK, FIGURES_DIR, METRICS_NAME, REPORT_MD, SOURCE_NOTEBOOK,
-                             notebook, sections, tables)
+from domainlm.report import (
+    EXECUTED_NOTEBOOK,
+    FIGURES_DIR,
+    METRICS_NAME,
+    REPORT_MD,
+    SOURCE_NOTEBOOK,
+    notebook,
+    sections,
+    tables,
+)
 from domainlm.report.metrics_diff import dvc_metrics_diff, head_commit
 
 _LEFT_OUT = re.compile(r"^> \*\*Left out: (.+?)\.\*\*", re.M)
 _HEADING = re.compile(r"^## (.+?)\s*$", re.M)
 
 
-def run(notebook_path: str | os.PathLike, root: str | os.PathLike, report_md: str | os.PathLike,
-        figures_dir: str | os.PathLike, executed_notebook: str | os.PathLike, *,
-        metrics_diff: Mapping[str, Any] | None = None, diff_base: str | None = None,
-        timeout_s: int = 300) -> dict[str, Any]:
+def run(
+    notebook_path: str | os.PathLike,
+    root: str | os.PathLike,
+    report_md: str | os.PathLike,
+    figures_dir: str | os.PathLike,
+    executed_notebook: str | os.PathLike,
+    *,
+    metrics_diff: Mapping[str, Any] | None = None,
+    diff_base: str | None = None,
+    timeout_s: int = 300,
+) -> dict[str, Any]:
     """Execute the report notebook and write the markdown report, its figures and the executed notebook.
 
     Args:
@@ -47,8 +64,9 @@ def run(notebook_path: str | os.PathLike, root: str | os.PathLike, report_md: st
         ValueError: ``report_md`` links a figure that was not produced.
     """
     report_md, figures_dir = Path(report_md), Path(figures_dir)
-    nb = notebook.inject_parameters(notebook.read(notebook_path),
-                                    {"metrics_diff": metrics_diff, "diff_base": diff_base})
+    nb = notebook.inject_parameters(
+        notebook.read(notebook_path), {"metrics_diff": metrics_diff, "diff_base": diff_base}
+    )
     started = time.perf_counter()
     executed = notebook.execute(nb, cwd=root, timeout_s=timeout_s)
     execute_s = time.perf_counter() - started
@@ -75,8 +93,11 @@ def run(notebook_path: str | os.PathLike, root: str | os.PathLike, report_md: st
         "markdown_bytes": len(markdown.encode("utf-8")),
         "sections": {"present": len(present), "left_out": len(left_out)},
         "present": {key: int(key in present) for key in sections.TITLES},
-        "metrics_diff": {"available": int(metrics_diff is not None), "result_changes": len(changes),
-                         "run_cost_changes": n_cost},
+        "metrics_diff": {
+            "available": int(metrics_diff is not None),
+            "result_changes": len(changes),
+            "run_cost_changes": n_cost,
+        },
         "code_cells": sum(c.cell_type == "code" for c in executed.cells),
         "execute_s": round(execute_s, 3),
     }
@@ -87,17 +108,31 @@ def main() -> None:
         # Checked: `dvc metrics diff` runs fine inside `dvc repro` (DVC unlocks the repo while a stage's
         # command runs); see domainlm/report/metrics_diff.py.
         diff_base = head_commit()
-        metrics_diff = (dvc_metrics_diff("HEAD", exclude=(str(paths.METRICS_DIR / f"{METRICS_NAME}.json"),))
-                        if diff_base else None)
+        metrics_diff = (
+            dvc_metrics_diff("HEAD", exclude=(str(paths.METRICS_DIR / f"{METRICS_NAME}.json"),)) if diff_base else None
+        )
         if metrics_diff is None:
             st.log.warning("no dvc metrics diff against HEAD: the report leaves 'what changed' out")
-        metrics = run(SOURCE_NOTEBOOK, Path("."), REPORT_MD, FIGURES_DIR, EXECUTED_NOTEBOOK,
-                      metrics_diff=metrics_diff, diff_base=diff_base)
+        metrics = run(
+            SOURCE_NOTEBOOK,
+            Path("."),
+            REPORT_MD,
+            FIGURES_DIR,
+            EXECUTED_NOTEBOOK,
+            metrics_diff=metrics_diff,
+            diff_base=diff_base,
+        )
         st.write_metrics(METRICS_NAME, metrics)
         left = [k for k, v in metrics["present"].items() if not v]
-        st.log.info("%s: %d sections, %d figures (%.0f KB), left out: %s; notebook ran in %.1f s", REPORT_MD,
-                    metrics["sections"]["present"], metrics["figures"], metrics["figure_bytes"] / 1024,
-                    ", ".join(left) or "nothing", metrics["execute_s"])
+        st.log.info(
+            "%s: %d sections, %d figures (%.0f KB), left out: %s; notebook ran in %.1f s",
+            REPORT_MD,
+            metrics["sections"]["present"],
+            metrics["figures"],
+            metrics["figure_bytes"] / 1024,
+            ", ".join(left) or "nothing",
+            metrics["execute_s"],
+        )
 
 
 if __name__ == "__main__":

@@ -6,13 +6,14 @@ from ``refine_labels promote``) are applied. Membership is decided on the docume
 override changes a label but never a split, nor the document files. Stratified hold-out with
 scikit-learn's ``train_test_split(stratify=...)`` (:mod:`domainlm.documents.splitting`).
 """
+
 from __future__ import annotations
 
 import logging
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -30,9 +31,17 @@ from domainlm.documents.splitting import split_codes, split_domain, split_metric
 log = logging.getLogger("stages.split")  # the logger stage_run("split") configures
 
 
-def run(in_dir: str | os.PathLike, out_dir: str | os.PathLike, domains: Sequence[str], *, seed: int,
-        val_size: float, test_size: float, overrides_path: str | os.PathLike | None = paths.OVERRIDES_PATH,
-        labels_path: str | os.PathLike | None = None) -> dict:
+def run(
+    in_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    domains: Sequence[str],
+    *,
+    seed: int,
+    val_size: float,
+    test_size: float,
+    overrides_path: str | os.PathLike | None = paths.OVERRIDES_PATH,
+    labels_path: str | os.PathLike | None = None,
+) -> dict:
     """Split ``<in_dir>/<domain>.parquet`` for every domain into ``<out_dir>/<domain>/{train,val,test}.parquet``
     and write the label table to ``labels_path``.
 
@@ -85,26 +94,41 @@ def run(in_dir: str | os.PathLike, out_dir: str | os.PathLike, domains: Sequence
             path = in_dir / f"{domain}.parquet"
             table = read_docs(path, columns=["id", "label"])  # ids and labels only: never the texts
             parts, result = split_domain(table, domain, seed=seed, val_size=val_size, test_size=test_size)
-            write_split_files(path, {name: paths.split_path(tmp_dir, domain, name) for name in paths.SPLITS},
-                              split_codes(result, table.num_rows), read_layout(path))
+            write_split_files(
+                path,
+                {name: paths.split_path(tmp_dir, domain, name) for name in paths.SPLITS},
+                split_codes(result, table.num_rows),
+                read_layout(path),
+            )
             applied = 0
             relabelled: dict[str, pa.Table] = {}
             for name in paths.SPLITS:
-                relabelled[name], n_applied, _ = (apply_overrides(parts[name], overrides) if overrides is not None
-                                                  else (parts[name], 0, 0))
+                relabelled[name], n_applied, _ = (
+                    apply_overrides(parts[name], overrides) if overrides is not None else (parts[name], 0, 0)
+                )
                 applied += n_applied
                 n = parts[name].num_rows
-                label_parts.append(pa.table([parts[name]["id"], pa.array([domain] * n, pa.string()),
-                                             pa.array([name] * n, pa.string()), parts[name]["label"],
-                                             relabelled[name]["label"]], schema=LABELS_SCHEMA))
+                label_parts.append(
+                    pa.table(
+                        [
+                            parts[name]["id"],
+                            pa.array([domain] * n, pa.string()),
+                            pa.array([name] * n, pa.string()),
+                            parts[name]["label"],
+                            relabelled[name]["label"],
+                        ],
+                        schema=LABELS_SCHEMA,
+                    )
+                )
             if overrides is not None:
                 found |= pc.is_in(overrides["id"], value_set=table["id"]).to_numpy(zero_copy_only=False)
             dm = split_metrics(table.num_rows, relabelled, result, applied)
             metrics["domains"][domain] = dm
             log.info("split %s: %s", domain, {s: dm[s]["docs"] for s in paths.SPLITS})
         if labels_path is not None:
-            write_label_table(labels_path, pa.concat_tables(label_parts) if label_parts
-                              else LABELS_SCHEMA.empty_table())
+            write_label_table(
+                labels_path, pa.concat_tables(label_parts) if label_parts else LABELS_SCHEMA.empty_table()
+            )
     metrics["overrides"] = {
         "rows": int(len(found)),
         "applied": sum(d["overrides_applied"] for d in metrics["domains"].values()),
@@ -121,12 +145,23 @@ def main() -> None:
     metrics/split.json."""
     with stage_run("split") as st:
         cfg = P.section("split")
-        metrics = run(paths.PARQUET_DIR, paths.SPLIT_DIR, P.required_domains("split"), seed=int(cfg["seed"]),
-                      val_size=float(cfg["val_size"]), test_size=float(cfg["test_size"]),
-                      overrides_path=paths.OVERRIDES_PATH, labels_path=paths.LABELS_PATH)
+        metrics = run(
+            paths.PARQUET_DIR,
+            paths.SPLIT_DIR,
+            P.required_domains("split"),
+            seed=int(cfg["seed"]),
+            val_size=float(cfg["val_size"]),
+            test_size=float(cfg["test_size"]),
+            overrides_path=paths.OVERRIDES_PATH,
+            labels_path=paths.LABELS_PATH,
+        )
         st.write_metrics("split", metrics)
-        st.log.info("split: %s documents; %d label override(s) applied, %d unknown id(s)", metrics["total"],
-                    metrics["overrides"]["applied"], metrics["overrides"]["unknown_ids"])
+        st.log.info(
+            "split: %s documents; %d label override(s) applied, %d unknown id(s)",
+            metrics["total"],
+            metrics["overrides"]["applied"],
+            metrics["overrides"]["unknown_ids"],
+        )
 
 
 if __name__ == "__main__":

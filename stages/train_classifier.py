@@ -6,25 +6,39 @@ when it passes; otherwise the retries fine-tune it further.
 
 The parts live in :mod:`domainlm.classify`; token statistics of the corpus are measured first.
 """
+
 from __future__ import annotations
 
 import logging
 import os
 import shutil
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from domainlm.classify import alerts as cls_alerts
 from domainlm.classify import deployed as dep
 from domainlm.classify import registry
 from domainlm.classify.baseline import baseline_proba, fit_baseline
-from domainlm.classify.data import (class_list, count_label_overrides, files_sha256, read_splits, split_sha256,
-                                    split_texts)
+from domainlm.classify.data import (
+    class_list,
+    count_label_overrides,
+    files_sha256,
+    read_splits,
+    split_sha256,
+    split_texts,
+)
 from domainlm.classify.gate import Attempt, passes, run_gate
 from domainlm.classify.metrics import macro_f1_intervals, predicted_labels, prediction_rows, score
-from domainlm.classify.model import (ADAPTER_SUBDIR, MODEL_SUBDIR, appends_eos, load_classifier, predict_proba,
-                                     save_classifier)
+from domainlm.classify.model import (
+    ADAPTER_SUBDIR,
+    MODEL_SUBDIR,
+    appends_eos,
+    load_classifier,
+    predict_proba,
+    save_classifier,
+)
 from domainlm.classify.token_stats import token_stats
 from domainlm.classify.training import train_attempt, windows_params
 from domainlm.common import params as P
@@ -40,11 +54,22 @@ log = logging.getLogger(f"stages.{STAGE}")  # the logger stage_run(STAGE) config
 CONFUSION_COLUMNS = ["id", "actual", "predicted", "confidence"]
 
 
-def run(domains: Sequence[str], cfg: Mapping[str, Any], mlflow, *, split_dir: str | os.PathLike,
-        labels_path: str | os.PathLike, lm_dir: str | os.PathLike, out_dir: str | os.PathLike,
-        token_stats_json: str | os.PathLike, confusion_csv: str | os.PathLike,
-        baseline_confusion_csv: str | os.PathLike, alerts_json: str | os.PathLike, deployed_dir: str | os.PathLike | None = None,
-        compute=None) -> dict[str, Any]:
+def run(
+    domains: Sequence[str],
+    cfg: Mapping[str, Any],
+    mlflow,
+    *,
+    split_dir: str | os.PathLike,
+    labels_path: str | os.PathLike,
+    lm_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    token_stats_json: str | os.PathLike,
+    confusion_csv: str | os.PathLike,
+    baseline_confusion_csv: str | os.PathLike,
+    alerts_json: str | os.PathLike,
+    deployed_dir: str | os.PathLike | None = None,
+    compute=None,
+) -> dict[str, Any]:
     """Score the deployed model or train, then gate, register and alert; return the metrics.
 
     Steps: read the labelled splits (train/val: ``label``; test: ``source_label``) and the classes (train's
@@ -89,27 +114,46 @@ def run(domains: Sequence[str], cfg: Mapping[str, Any], mlflow, *, split_dir: st
     gate_cfg, alert_cfg = cfg.get("gate") or {}, cfg.get("alert") or {}
     model_name = (cfg.get("registry") or {}).get("model_name", "domain-lm-classifier")
     n_train_windows, n_predict_windows = windows_params(cfg)
-    serving_cfg = {"max_length": max_length, "max_windows": n_predict_windows, **(cfg.get("serving") or {}),
-                   "dtype": compute.dtype if compute is not None else "fp32"}
+    serving_cfg = {
+        "max_length": max_length,
+        "max_windows": n_predict_windows,
+        **(cfg.get("serving") or {}),
+        "dtype": compute.dtype if compute is not None else "fp32",
+    }
     min_f1 = float(gate_cfg.get("min_f1", 0.75))
 
     splits = read_splits(split_dir, labels_path, domains)
     train, val, test = splits["train"], splits["val"], splits["test"]
     classes = class_list(train)
-    log.info("%d classes %s; %d train, %d val, %d test documents (test scored on source labels)",
-             len(classes), classes, len(train), len(val), len(test))
+    log.info(
+        "%d classes %s; %d train, %d val, %d test documents (test scored on source labels)",
+        len(classes),
+        classes,
+        len(train),
+        len(val),
+        len(test),
+    )
 
     t0 = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(lm_dir, local_files_only=True)
     context = int(AutoConfig.from_pretrained(lm_dir, local_files_only=True).max_position_embeddings)
-    stats = token_stats(tokenizer, split_texts(split_dir, domains), max_length=max_length, context=context,
-                        appends_eos=appends_eos(tokenizer))
+    stats = token_stats(
+        tokenizer,
+        split_texts(split_dir, domains),
+        max_length=max_length,
+        context=context,
+        appends_eos=appends_eos(tokenizer),
+    )
     write_json(token_stats_json, stats)
     mlflow.log_artifact(str(token_stats_json))
     token_stats_s = time.perf_counter() - t0
-    log.info("token stats: train p50 %.0f / p95 %.0f tokens; %.1f%% of train documents cut at max_length %d",
-             stats["all"]["train"]["p50_tokens"], stats["all"]["train"]["p95_tokens"],
-             100 * stats["all"]["train"]["truncated_at_max_length"], max_length)
+    log.info(
+        "token stats: train p50 %.0f / p95 %.0f tokens; %.1f%% of train documents cut at max_length %d",
+        stats["all"]["train"]["p50_tokens"],
+        stats["all"]["train"]["p95_tokens"],
+        100 * stats["all"]["train"]["truncated_at_max_length"],
+        max_length,
+    )
 
     t0 = time.perf_counter()
     base_cfg = cfg.get("baseline") or {}
@@ -127,46 +171,96 @@ def run(domains: Sequence[str], cfg: Mapping[str, Any], mlflow, *, split_dir: st
     eval_batch = int(cfg["train"]["eval_batch_size"])
 
     def predict(model, tok, texts):
-        return predict_proba(model, tok, texts, max_length=max_length, batch_size=eval_batch,
-                             max_windows=n_predict_windows, compute=compute)
+        return predict_proba(
+            model,
+            tok,
+            texts,
+            max_length=max_length,
+            batch_size=eval_batch,
+            max_windows=n_predict_windows,
+            compute=compute,
+        )
 
     with scratch_folder(out_dir.parent, "attempts") as work:  # a killed run's folder is removed by the next
+
         def train_and_score(index: int, settings: dict[str, Any], previous: Attempt | None) -> Attempt:
             init = Path(previous.model_dir) / ADAPTER_SUBDIR if previous is not None else None
             with mlflow_run(STAGE, settings, nested=True, run_name=f"attempt_{index}") as child:
                 run_id = child.active_run().info.run_id
-                model, tok, info = train_attempt(lm_dir, train, val, classes, cfg, settings, seed=seed + index,
-                                                 on_log=lambda step, figures: child.log_metrics(figures, step=step),
-                                                 init_adapter=init, compute=compute)
+                model, tok, info = train_attempt(
+                    lm_dir,
+                    train,
+                    val,
+                    classes,
+                    cfg,
+                    settings,
+                    seed=seed + index,
+                    on_log=lambda step, figures: child.log_metrics(figures, step=step),
+                    init_adapter=init,
+                    compute=compute,
+                )
                 proba = predict(model, tok, test.texts)
                 scores = score(test.labels, proba, classes)
                 passed = passes(scores["macro_f1"], min_f1)
                 attempt_dir = save_classifier(model, tok, Path(work) / f"attempt_{index}")
-                child.log_metrics({"val_macro_f1": info["val_macro_f1"], "test_macro_f1": scores["macro_f1"],
-                                   "test_accuracy": scores["accuracy"], "train_s": info["train_s"],
-                                   "gate_passed": int(passed)})
+                child.log_metrics(
+                    {
+                        "val_macro_f1": info["val_macro_f1"],
+                        "test_macro_f1": scores["macro_f1"],
+                        "test_accuracy": scores["accuracy"],
+                        "train_s": info["train_s"],
+                        "gate_passed": int(passed),
+                    }
+                )
                 child.set_tag("gate", "passed" if passed else "failed")
-            log.log(logging.INFO if passed else logging.WARNING,
-                    "attempt %d (%s, %s epochs, lr %g%s): val macro-F1 %.4f, test macro-F1 %.4f, accuracy %.4f: gate %s",
-                    index, f"continued from attempt {previous.index}" if previous is not None else "from the merged LM",
-                    settings["epochs"], float(settings["lr"]), ", class-weighted" if settings["class_weighted"] else "",
-                    info["val_macro_f1"], scores["macro_f1"], scores["accuracy"], "PASSED" if passed else "failed")
-            return Attempt(index=index, settings=settings, val_macro_f1=info["val_macro_f1"], test=scores,
-                           passed=passed, info=info, model_dir=attempt_dir, run_id=run_id, test_proba=proba,
-                           source="continued" if previous is not None else "trained")
+            log.log(
+                logging.INFO if passed else logging.WARNING,
+                "attempt %d (%s, %s epochs, lr %g%s): val macro-F1 %.4f, test macro-F1 %.4f, accuracy %.4f: gate %s",
+                index,
+                f"continued from attempt {previous.index}" if previous is not None else "from the merged LM",
+                settings["epochs"],
+                float(settings["lr"]),
+                ", class-weighted" if settings["class_weighted"] else "",
+                info["val_macro_f1"],
+                scores["macro_f1"],
+                scores["accuracy"],
+                "PASSED" if passed else "failed",
+            )
+            return Attempt(
+                index=index,
+                settings=settings,
+                val_macro_f1=info["val_macro_f1"],
+                test=scores,
+                passed=passed,
+                info=info,
+                model_dir=attempt_dir,
+                run_id=run_id,
+                test_proba=proba,
+                source="continued" if previous is not None else "trained",
+            )
 
         initial = _score_deployed(deployed_dir, manifest, val, test, classes, predict, min_f1) if ok else None
-        outcome = run_gate(train_and_score, cfg["train"], gate_cfg, min_f1=min_f1,
-                           max_retries=int(gate_cfg.get("max_retries", 3)), initial=initial)
+        outcome = run_gate(
+            train_and_score,
+            cfg["train"],
+            gate_cfg,
+            min_f1=min_f1,
+            max_retries=int(gate_cfg.get("max_retries", 3)),
+            initial=initial,
+        )
         kept = outcome.kept
         with atomic_path(out_dir, is_dir=True) as tmp:
             for sub in (MODEL_SUBDIR, ADAPTER_SUBDIR):
                 shutil.copytree(Path(kept.model_dir) / sub, Path(tmp) / sub)
     gate_s = time.perf_counter() - t0
 
-    write_text(confusion_csv, rows_to_csv(prediction_rows(test.ids, test.labels, kept.test_proba, classes), CONFUSION_COLUMNS))
-    write_text(baseline_confusion_csv, rows_to_csv(prediction_rows(test.ids, test.labels, base_proba, classes),
-                                                   CONFUSION_COLUMNS))
+    write_text(
+        confusion_csv, rows_to_csv(prediction_rows(test.ids, test.labels, kept.test_proba, classes), CONFUSION_COLUMNS)
+    )
+    write_text(
+        baseline_confusion_csv,
+        rows_to_csv(prediction_rows(test.ids, test.labels, base_proba, classes), CONFUSION_COLUMNS),
+    )
 
     # ---- registry: a new version; champion only when it passed and does not regress on this test set
     t0 = time.perf_counter()
@@ -174,25 +268,53 @@ def run(domains: Sequence[str], cfg: Mapping[str, Any], mlflow, *, split_dir: st
 
     test_sha = split_sha256(test)
     overrides = count_label_overrides(labels_path)
-    champion = registry.champion_macro_f1(MlflowClient(), model_name, test_sha256=test_sha, texts=test.texts,
-                                          labels=test.labels, batch_rows=int(serving_cfg.get("max_batch_rows", 64)))
+    champion = registry.champion_macro_f1(
+        MlflowClient(),
+        model_name,
+        test_sha256=test_sha,
+        texts=test.texts,
+        labels=test.labels,
+        batch_rows=int(serving_cfg.get("max_batch_rows", 64)),
+    )
     data_files = [p for d in domains for p in sorted((Path(split_dir) / d).glob("*.parquet"))] + [Path(labels_path)]
     commit = git_commit()
     if kept.source == "deployed":  # kept as deployed: nothing new to register, the deployed version stays champion
         alias, registered = registry.CHAMPION, {"version": int(manifest["version"])}
-        log.info("kept the deployed %s v%d (test macro-F1 %.4f); nothing registered", model_name,
-                 registered["version"], kept.macro_f1)
+        log.info(
+            "kept the deployed %s v%d (test macro-F1 %.4f); nothing registered",
+            model_name,
+            registered["version"],
+            kept.macro_f1,
+        )
     else:
         alias = registry.choose_alias(outcome.passed, kept.macro_f1, champion)
         registered = registry.log_and_register(
-            mlflow, out_dir / MODEL_SUBDIR, model_name=model_name, alias=alias, serving_config=serving_cfg,
-            tags={"git_commit": commit, "data_sha256": files_sha256(data_files), "test_sha256": test_sha,
-                  "label_overrides": overrides, "macro_f1": registry.score_tag(kept.macro_f1),
-                  "accuracy": registry.score_tag(kept.test["accuracy"]),
-                  "gate": "passed" if outcome.passed else "failed", "classes": ",".join(classes),
-                  "started_from": kept.source})
-        log.info("registered %s v%d as %r (champion before: v%s, macro-F1 %s, %s)", model_name, registered["version"],
-                 alias, champion["version"], champion["macro_f1"], champion["how"])
+            mlflow,
+            out_dir / MODEL_SUBDIR,
+            model_name=model_name,
+            alias=alias,
+            serving_config=serving_cfg,
+            tags={
+                "git_commit": commit,
+                "data_sha256": files_sha256(data_files),
+                "test_sha256": test_sha,
+                "label_overrides": overrides,
+                "macro_f1": registry.score_tag(kept.macro_f1),
+                "accuracy": registry.score_tag(kept.test["accuracy"]),
+                "gate": "passed" if outcome.passed else "failed",
+                "classes": ",".join(classes),
+                "started_from": kept.source,
+            },
+        )
+        log.info(
+            "registered %s v%d as %r (champion before: v%s, macro-F1 %s, %s)",
+            model_name,
+            registered["version"],
+            alias,
+            champion["version"],
+            champion["macro_f1"],
+            champion["how"],
+        )
     register_s = time.perf_counter() - t0
 
     # ---- alerts
@@ -200,77 +322,170 @@ def run(domains: Sequence[str], cfg: Mapping[str, Any], mlflow, *, split_dir: st
     alerts = []
     f1s = ", ".join(f"{a.macro_f1:.4f}" for a in outcome.attempts)
     if not outcome.passed:
-        alerts.append(cls_alerts.alert_record(
-            stage=STAGE, severity="error", metric="macro_f1", value=kept.macro_f1, threshold=min_f1,
-            attempts=len(outcome.attempts), git_commit=commit, mlflow_run_id=run_id,
-            message=(f"classifier gate failed after {len(outcome.attempts)} attempts ({outcome.retries} retries; "
-                     f"test macro-F1 per attempt: {f1s}); kept attempt {kept.index} (best val macro-F1), registered "
-                     f"{model_name} v{registered['version']} as {alias}; champion unchanged")))
+        alerts.append(
+            cls_alerts.alert_record(
+                stage=STAGE,
+                severity="error",
+                metric="macro_f1",
+                value=kept.macro_f1,
+                threshold=min_f1,
+                attempts=len(outcome.attempts),
+                git_commit=commit,
+                mlflow_run_id=run_id,
+                message=(
+                    f"classifier gate failed after {len(outcome.attempts)} attempts ({outcome.retries} retries; "
+                    f"test macro-F1 per attempt: {f1s}); kept attempt {kept.index} (best val macro-F1), registered "
+                    f"{model_name} v{registered['version']} as {alias}; champion unchanged"
+                ),
+            )
+        )
     elif alias != registry.CHAMPION:
-        alerts.append(cls_alerts.alert_record(
-            stage=STAGE, severity="warning", metric="macro_f1", value=kept.macro_f1,
-            threshold=champion["macro_f1"] if champion["macro_f1"] is not None else min_f1,
-            attempts=len(outcome.attempts), git_commit=commit, mlflow_run_id=run_id,
-            message=(f"the classifier passed the gate but was not promoted: champion v{champion['version']} "
-                     f"scores {champion['macro_f1']} on this test set ({champion['how']}); registered "
-                     f"v{registered['version']} as {alias}")))
-    cls_alerts.publish(alerts, alerts_json, stage=STAGE, gate="passed" if outcome.passed else "failed",
-                       webhook_url=alert_cfg.get("webhook_url"), timeout_s=float(alert_cfg.get("timeout_s", 5)))
+        alerts.append(
+            cls_alerts.alert_record(
+                stage=STAGE,
+                severity="warning",
+                metric="macro_f1",
+                value=kept.macro_f1,
+                threshold=champion["macro_f1"] if champion["macro_f1"] is not None else min_f1,
+                attempts=len(outcome.attempts),
+                git_commit=commit,
+                mlflow_run_id=run_id,
+                message=(
+                    f"the classifier passed the gate but was not promoted: champion v{champion['version']} "
+                    f"scores {champion['macro_f1']} on this test set ({champion['how']}); registered "
+                    f"v{registered['version']} as {alias}"
+                ),
+            )
+        )
+    cls_alerts.publish(
+        alerts,
+        alerts_json,
+        stage=STAGE,
+        gate="passed" if outcome.passed else "failed",
+        webhook_url=alert_cfg.get("webhook_url"),
+        timeout_s=float(alert_cfg.get("timeout_s", 5)),
+    )
 
     # ---- how far apart two test figures must be: paired bootstrap intervals of macro-F1 and of LoRA - baseline
     t0 = time.perf_counter()
     boot_cfg = cfg.get("bootstrap") or {}
-    boot = macro_f1_intervals(test.labels, {"lora": predicted_labels(kept.test_proba, classes),
-                                            "baseline": predicted_labels(base_proba, classes)},
-                              confidence=float(boot_cfg.get("confidence", 0.95)),
-                              n_resamples=int(boot_cfg.get("resamples", 1000)), seed=seed)
+    boot = macro_f1_intervals(
+        test.labels,
+        {"lora": predicted_labels(kept.test_proba, classes), "baseline": predicted_labels(base_proba, classes)},
+        confidence=float(boot_cfg.get("confidence", 0.95)),
+        n_resamples=int(boot_cfg.get("resamples", 1000)),
+        seed=seed,
+    )
     bootstrap_s = time.perf_counter() - t0
     lo, ba, diff = boot["macro_f1"]["lora"], boot["macro_f1"]["baseline"], boot["difference"]["lora-baseline"]
-    log.info("test macro-F1, %.0f%% %s bootstrap intervals (%d resamples, %d documents): LoRA %.4f [%.3f, %.3f], "
-             "TF-IDF %.4f [%.3f, %.3f], LoRA - TF-IDF %+.4f [%+.3f, %+.3f]", 100 * boot["confidence"], boot["method"],
-             boot["n_resamples"], len(test), lo["value"], lo["low"], lo["high"], ba["value"], ba["low"], ba["high"],
-             diff["value"], diff["low"], diff["high"])
+    log.info(
+        "test macro-F1, %.0f%% %s bootstrap intervals (%d resamples, %d documents): LoRA %.4f [%.3f, %.3f], "
+        "TF-IDF %.4f [%.3f, %.3f], LoRA - TF-IDF %+.4f [%+.3f, %+.3f]",
+        100 * boot["confidence"],
+        boot["method"],
+        boot["n_resamples"],
+        len(test),
+        lo["value"],
+        lo["low"],
+        lo["high"],
+        ba["value"],
+        ba["low"],
+        ba["high"],
+        diff["value"],
+        diff["low"],
+        diff["high"],
+    )
 
-    lora_scores = {**kept.test, "macro_f1_low": lo["low"], "macro_f1_high": lo["high"],
-                   "val_macro_f1": kept.val_macro_f1,
-                   **{k: kept.info.get(k, 0) for k in ("train_s", "best_epoch", "epochs_run", "steps", "trainable_params",
-                                                       "total_params", "class_weighted")}}
+    lora_scores = {
+        **kept.test,
+        "macro_f1_low": lo["low"],
+        "macro_f1_high": lo["high"],
+        "val_macro_f1": kept.val_macro_f1,
+        **{
+            k: kept.info.get(k, 0)
+            for k in (
+                "train_s",
+                "best_epoch",
+                "epochs_run",
+                "steps",
+                "trainable_params",
+                "total_params",
+                "class_weighted",
+            )
+        },
+    }
     case = "fresh" if initial is None else ("deployed_kept" if kept.source == "deployed" else "deployed_retrained")
     metrics = {
         "classes": len(classes),
-        "docs": {"train": len(train), "val": len(val), "test": len(test),
-                 "unlabelled": train.unlabelled + val.unlabelled + test.unlabelled},
+        "docs": {
+            "train": len(train),
+            "val": len(val),
+            "test": len(test),
+            "unlabelled": train.unlabelled + val.unlabelled + test.unlabelled,
+        },
         "label_overrides": overrides,
         "lora": lora_scores,
         "baseline": {**base_scores, "macro_f1_low": ba["low"], "macro_f1_high": ba["high"]},
-        "lora_to_baseline": {"macro_f1": _ratio(kept.macro_f1, base_scores["macro_f1"]),
-                             "accuracy": _ratio(kept.test["accuracy"], base_scores["accuracy"]),
-                             "macro_f1_difference": diff["value"], "macro_f1_difference_low": diff["low"],
-                             "macro_f1_difference_high": diff["high"]},
+        "lora_to_baseline": {
+            "macro_f1": _ratio(kept.macro_f1, base_scores["macro_f1"]),
+            "accuracy": _ratio(kept.test["accuracy"], base_scores["accuracy"]),
+            "macro_f1_difference": diff["value"],
+            "macro_f1_difference_low": diff["low"],
+            "macro_f1_difference_high": diff["high"],
+        },
         "bootstrap": {"confidence": boot["confidence"], "resamples": boot["n_resamples"], "method": boot["method"]},
-        "start": {"case": case, "reason": reason, "from_deployed": int(initial is not None),
-                  "deployed_kept": int(case == "deployed_kept"),
-                  "deployed_version": int(manifest["version"]) if manifest else None,
-                  "deployed_test_macro_f1": initial.macro_f1 if initial is not None else None},
+        "start": {
+            "case": case,
+            "reason": reason,
+            "from_deployed": int(initial is not None),
+            "deployed_kept": int(case == "deployed_kept"),
+            "deployed_version": int(manifest["version"]) if manifest else None,
+            "deployed_test_macro_f1": initial.macro_f1 if initial is not None else None,
+        },
         "windows": {"max_length": max_length, "train": n_train_windows, "predict": n_predict_windows},
         "attn_implementation": kept.info.get("attn_implementation", "deployed model as saved"),
         "compiled_layers": int(kept.info.get("compiled_layers", 0)),
-        "gate": {"passed": int(outcome.passed), "min_f1": min_f1, "attempts": len(outcome.attempts),
-                 "retries": outcome.retries, "max_retries": outcome.max_retries, "kept_attempt": kept.index,
-                 "trained_epochs": sum(float(a.info.get("epochs_run", 0)) for a in outcome.attempts),
-                 "test_macro_f1": {f"attempt_{a.index}": a.macro_f1 for a in outcome.attempts},
-                 "val_macro_f1": {f"attempt_{a.index}": a.val_macro_f1 for a in outcome.attempts}},
-        "registry": {"version": registered["version"], "champion": int(alias == registry.CHAMPION),
-                     "previous_champion_version": champion["version"],
-                     "previous_champion_macro_f1": champion["macro_f1"]},
+        "gate": {
+            "passed": int(outcome.passed),
+            "min_f1": min_f1,
+            "attempts": len(outcome.attempts),
+            "retries": outcome.retries,
+            "max_retries": outcome.max_retries,
+            "kept_attempt": kept.index,
+            "trained_epochs": sum(float(a.info.get("epochs_run", 0)) for a in outcome.attempts),
+            "test_macro_f1": {f"attempt_{a.index}": a.macro_f1 for a in outcome.attempts},
+            "val_macro_f1": {f"attempt_{a.index}": a.val_macro_f1 for a in outcome.attempts},
+        },
+        "registry": {
+            "version": registered["version"],
+            "champion": int(alias == registry.CHAMPION),
+            "previous_champion_version": champion["version"],
+            "previous_champion_macro_f1": champion["macro_f1"],
+        },
         "alerts": len(alerts),
-        "timing": {"token_stats_s": token_stats_s, "baseline_s": base_scores["train_s"], "gate_s": gate_s,
-                   "register_s": register_s, "bootstrap_s": bootstrap_s, "run_s": time.perf_counter() - t_start},
+        "timing": {
+            "token_stats_s": token_stats_s,
+            "baseline_s": base_scores["train_s"],
+            "gate_s": gate_s,
+            "register_s": register_s,
+            "bootstrap_s": bootstrap_s,
+            "run_s": time.perf_counter() - t_start,
+        },
     }
-    mlflow.set_tags({"gate": "passed" if outcome.passed else "failed", "registry.alias": alias,
-                     "registry.version": str(registered["version"])})
-    mlflow.log_metrics({k: v for k, v in flatten_numbers({k: metrics[k] for k in metrics if k != "registry"}).items()
-                        if ".confusion." not in k and ".per_class." not in k})
+    mlflow.set_tags(
+        {
+            "gate": "passed" if outcome.passed else "failed",
+            "registry.alias": alias,
+            "registry.version": str(registered["version"]),
+        }
+    )
+    mlflow.log_metrics(
+        {
+            k: v
+            for k, v in flatten_numbers({k: metrics[k] for k in metrics if k != "registry"}).items()
+            if ".confusion." not in k and ".per_class." not in k
+        }
+    )
     for path in (confusion_csv, baseline_confusion_csv, alerts_json):
         mlflow.log_artifact(str(path))
     return metrics
@@ -289,12 +504,26 @@ def _score_deployed(deployed_dir, manifest, val, test, classes, predict, min_f1:
     proba = predict(model, tok, test.texts)
     scores = score(test.labels, proba, classes)
     passed = passes(scores["macro_f1"], min_f1)
-    log.log(logging.INFO if passed else logging.WARNING,
-            "attempt 0 (deployed v%s, not trained): val macro-F1 %.4f, test macro-F1 %.4f, accuracy %.4f: gate %s",
-            manifest["version"], val_f1, scores["macro_f1"], scores["accuracy"], "PASSED" if passed else "failed")
-    return Attempt(index=0, settings={"epochs": 0}, val_macro_f1=val_f1, test=scores, passed=passed,
-                   info={"train_s": 0.0, "epochs_run": 0.0, "steps": 0, "score_s": time.perf_counter() - t0},
-                   model_dir=Path(deployed_dir), test_proba=proba, source="deployed")
+    log.log(
+        logging.INFO if passed else logging.WARNING,
+        "attempt 0 (deployed v%s, not trained): val macro-F1 %.4f, test macro-F1 %.4f, accuracy %.4f: gate %s",
+        manifest["version"],
+        val_f1,
+        scores["macro_f1"],
+        scores["accuracy"],
+        "PASSED" if passed else "failed",
+    )
+    return Attempt(
+        index=0,
+        settings={"epochs": 0},
+        val_macro_f1=val_f1,
+        test=scores,
+        passed=passed,
+        info={"train_s": 0.0, "epochs_run": 0.0, "steps": 0, "score_s": time.perf_counter() - t0},
+        model_dir=Path(deployed_dir),
+        test_proba=proba,
+        source="deployed",
+    )
 
 
 def _ratio(a: float, b: float) -> float | None:
@@ -307,17 +536,33 @@ def main() -> None:
         domains = P.required_domains(STAGE)
         compute = st.use_compute(resolve(P.load_params().get("compute")))
         with mlflow_run(STAGE, cfg) as mlflow:
-            metrics = run(domains, cfg, mlflow, compute=compute, deployed_dir=paths.DEPLOYED_DIR, split_dir=paths.SPLIT_DIR, labels_path=paths.LABELS_PATH,
-                          lm_dir=paths.MERGED_DIR, out_dir=paths.CLASSIFIER_DIR, token_stats_json=paths.TOKEN_STATS_JSON,
-                          confusion_csv=paths.CLASSIFIER_CONFUSION_CSV,
-                          baseline_confusion_csv=paths.BASELINE_CONFUSION_CSV,
-                          alerts_json=paths.CLASSIFIER_ALERTS_JSON)
+            metrics = run(
+                domains,
+                cfg,
+                mlflow,
+                compute=compute,
+                deployed_dir=paths.DEPLOYED_DIR,
+                split_dir=paths.SPLIT_DIR,
+                labels_path=paths.LABELS_PATH,
+                lm_dir=paths.MERGED_DIR,
+                out_dir=paths.CLASSIFIER_DIR,
+                token_stats_json=paths.TOKEN_STATS_JSON,
+                confusion_csv=paths.CLASSIFIER_CONFUSION_CSV,
+                baseline_confusion_csv=paths.BASELINE_CONFUSION_CSV,
+                alerts_json=paths.CLASSIFIER_ALERTS_JSON,
+            )
             st.write_metrics("classifier", metrics)
-        st.log.info("%s: LoRA macro-F1 %.4f vs TF-IDF %.4f (x%.2f); gate %s after %d attempt(s); v%d is %s",
-                    STAGE, metrics["lora"]["macro_f1"], metrics["baseline"]["macro_f1"],
-                    metrics["lora_to_baseline"]["macro_f1"] or float("nan"),
-                    "passed" if metrics["gate"]["passed"] else "FAILED", metrics["gate"]["attempts"],
-                    metrics["registry"]["version"], "champion" if metrics["registry"]["champion"] else "challenger")
+        st.log.info(
+            "%s: LoRA macro-F1 %.4f vs TF-IDF %.4f (x%.2f); gate %s after %d attempt(s); v%d is %s",
+            STAGE,
+            metrics["lora"]["macro_f1"],
+            metrics["baseline"]["macro_f1"],
+            metrics["lora_to_baseline"]["macro_f1"] or float("nan"),
+            "passed" if metrics["gate"]["passed"] else "FAILED",
+            metrics["gate"]["attempts"],
+            metrics["registry"]["version"],
+            "champion" if metrics["registry"]["champion"] else "challenger",
+        )
 
 
 if __name__ == "__main__":

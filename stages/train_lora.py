@@ -5,12 +5,14 @@ Usage: ``python -m stages.train_lora <domain>``; with ``train_lora.deepspeed.ena
 ``torchrun --nproc_per_node 2 --master_addr 127.0.0.1 -m stages.train_lora <domain>`` (README, DeepSpeed).
 Rank 0 alone writes the adapter, the log, the metrics and the MLflow run; the other ranks only train.
 """
+
 from __future__ import annotations
 
 import os
 import sys
 import time
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from domainlm.common import params as P
 from domainlm.common import paths
@@ -23,8 +25,17 @@ from domainlm.lm import zero
 from domainlm.lm.lora import train_adapter
 
 
-def run(domain: str, base_dir: str | os.PathLike, split_dir: str | os.PathLike, params: Mapping[str, Any],
-        out_dir: str | os.PathLike, log_path: str | os.PathLike, *, mlflow=None, compute=None) -> dict[str, Any]:
+def run(
+    domain: str,
+    base_dir: str | os.PathLike,
+    split_dir: str | os.PathLike,
+    params: Mapping[str, Any],
+    out_dir: str | os.PathLike,
+    log_path: str | os.PathLike,
+    *,
+    mlflow=None,
+    compute=None,
+) -> dict[str, Any]:
     """Train ``domain``'s adapter on ``<split_dir>/<domain>/train.parquet``, validating on its ``val.parquet``.
 
     Args:
@@ -47,7 +58,11 @@ def run(domain: str, base_dir: str | os.PathLike, split_dir: str | os.PathLike, 
         base_dir,
         lm_data.read_texts(paths.split_path(split_dir, domain, "train")),
         lm_data.read_texts(paths.split_path(split_dir, domain, "val")),
-        params, out_dir, log_path, mlflow=mlflow, compute=compute,
+        params,
+        out_dir,
+        log_path,
+        mlflow=mlflow,
+        compute=compute,
     )
     if metrics:
         metrics.update({"wall_s": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb()})
@@ -63,8 +78,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         configure_logging()
         compute = resolve(P.load_params().get("compute"))
         compute.apply()
-        run(domain, paths.BASE_DIR, paths.SPLIT_DIR, P.section("train_lora"), paths.LORA_DIR / domain,
-            paths.train_log_path(domain), compute=compute)
+        run(
+            domain,
+            paths.BASE_DIR,
+            paths.SPLIT_DIR,
+            P.section("train_lora"),
+            paths.LORA_DIR / domain,
+            paths.train_log_path(domain),
+            compute=compute,
+        )
         return
     stage = f"train_lora@{domain}"
     with stage_run(stage) as st:
@@ -75,8 +97,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         compute = st.use_compute(resolve(P.load_params().get("compute")))
         out_dir = paths.LORA_DIR / domain
         with mlflow_run(stage, {"domain": domain, **cfg}) as mlflow:
-            metrics = run(domain, paths.BASE_DIR, paths.SPLIT_DIR, cfg, out_dir, paths.train_log_path(domain),
-                          mlflow=mlflow, compute=compute)
+            metrics = run(
+                domain,
+                paths.BASE_DIR,
+                paths.SPLIT_DIR,
+                cfg,
+                out_dir,
+                paths.train_log_path(domain),
+                mlflow=mlflow,
+                compute=compute,
+            )
             st.write_metrics(f"train_lora/{domain}", metrics)
             mlflow.log_metrics({f"final_{k}": float(v) for k, v in metrics.items()})
         st.log.info("%s: adapter written to %s: %s", stage, out_dir, metrics)

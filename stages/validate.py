@@ -3,10 +3,12 @@
 Kept records are NFC-normalized (Unicode TR15); see :mod:`domainlm.documents.validation` (datatrove-style
 per-step stats: kept + rejected = lines read, per file).
 """
+
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from domainlm.common import params as P
 from domainlm.common import paths
@@ -17,8 +19,15 @@ from domainlm.documents.jsonl import input_root
 from domainlm.documents.validation import Validator, validate_files
 
 
-def run(inputs: Sequence[str], out_dir: str | os.PathLike, *, domains: Sequence[str] | None,
-        min_chars: int = 30, max_chars: int = 200_000, preview_per_domain: int = 5) -> dict[str, Any]:
+def run(
+    inputs: Sequence[str],
+    out_dir: str | os.PathLike,
+    *,
+    domains: Sequence[str] | None,
+    min_chars: int = 30,
+    max_chars: int = 200_000,
+    preview_per_domain: int = 5,
+) -> dict[str, Any]:
     """Validate every line of ``inputs`` into ``out_dir``, replacing that folder as a whole, atomically.
 
     Args:
@@ -35,8 +44,7 @@ def run(inputs: Sequence[str], out_dir: str | os.PathLike, *, domains: Sequence[
     Raises:
         FileNotFoundError: when an input pattern matches nothing (``out_dir`` is then left as it was).
     """
-    validator = Validator(min_chars=int(min_chars), max_chars=int(max_chars),
-                          domains=set(domains) if domains else None)
+    validator = Validator(min_chars=int(min_chars), max_chars=int(max_chars), domains=set(domains) if domains else None)
     with atomic_path(out_dir, is_dir=True) as tmp:
         return validate_files(list(inputs), tmp, validator, int(preview_per_domain))
 
@@ -50,13 +58,23 @@ def main() -> None:
             require_declared("validate", [input_root(i) for i in inputs])
         except UndeclaredInputError as exc:
             fail(f"validate: {exc}")
-        metrics = run(inputs, paths.VALIDATED_DIR,
-                      domains=P.required_domains("validate"), min_chars=cfg.get("min_chars", 30),
-                      max_chars=cfg.get("max_chars", 200_000), preview_per_domain=cfg.get("preview_per_domain", 5))
+        metrics = run(
+            inputs,
+            paths.VALIDATED_DIR,
+            domains=P.required_domains("validate"),
+            min_chars=cfg.get("min_chars", 30),
+            max_chars=cfg.get("max_chars", 200_000),
+            preview_per_domain=cfg.get("preview_per_domain", 5),
+        )
         st.write_metrics("validate", metrics)
         t = metrics["totals"]
-        st.log.info("%d lines read: %d kept, %d rejected %s", t["lines_read"], t["kept"], t["rejected"],
-                    {k: v for k, v in metrics["by_reason"].items() if v})
+        st.log.info(
+            "%d lines read: %d kept, %d rejected %s",
+            t["lines_read"],
+            t["kept"],
+            t["rejected"],
+            {k: v for k, v in metrics["by_reason"].items() if v},
+        )
 
 
 if __name__ == "__main__":

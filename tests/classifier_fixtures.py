@@ -2,6 +2,7 @@
 modules, as the real corpus is), the label table, a tiny real LM and tiny ``classifier`` params. Deterministic;
 nothing comes from a hub.
 """
+
 from __future__ import annotations
 
 import copy
@@ -9,9 +10,9 @@ import random
 from pathlib import Path
 
 import pyarrow.parquet as pq
+from lm_fixtures import TINY, TRAIN_TEXTS, doc_table, write_label_table_fixture
 
 from domainlm.common.paths import split_path
-from lm_fixtures import TINY, TRAIN_TEXTS, doc_table, write_label_table_fixture
 
 #: Each label's vocabulary; calc and writer are office_help's help modules.
 VOCAB = {
@@ -33,10 +34,26 @@ CLASSIFIER_TINY = {
     "compile": False,  # unit tests train eagerly; test_pipeline_classifier and test_train_classifier compile
     "windows": {"train": 2, "predict": 3},
     "lora": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
-    "train": {"epochs": 6, "batch_size": 8, "eval_batch_size": 32, "lr": 2.0e-2, "weight_decay": 0.0,
-              "warmup_steps": 0.1, "grad_clip": 1.0, "logging_steps": 4, "early_stopping_patience": 3},
+    "train": {
+        "epochs": 6,
+        "batch_size": 8,
+        "eval_batch_size": 32,
+        "lr": 2.0e-2,
+        "weight_decay": 0.0,
+        "warmup_steps": 0.1,
+        "grad_clip": 1.0,
+        "logging_steps": 4,
+        "early_stopping_patience": 3,
+    },
     "gate": {"min_f1": 0.0, "max_retries": 2, "retry_epochs": 3, "retry_lr": 1.0e-2},
-    "baseline": {"ngram_range": [1, 3], "min_df": 1, "max_features": None, "C": 10.0, "max_iter": 1000, "max_chars": None},
+    "baseline": {
+        "ngram_range": [1, 3],
+        "min_df": 1,
+        "max_features": None,
+        "C": 10.0,
+        "max_iter": 1000,
+        "max_chars": None,
+    },
     "registry": {"model_name": "domain-lm-classifier"},
     "serving": {"max_batch_rows": 8, "batch_size": 8, "torch_threads": 1},
     "alert": {"webhook_url": None, "timeout_s": 2},
@@ -58,12 +75,15 @@ def labelled_docs(label: str, n: int, seed: str) -> list[str]:
     """``n`` short Korean documents drawn from ``label``'s vocabulary (deterministic per label and seed)."""
     rng = random.Random(f"{label}-{seed}")
     words = VOCAB[label]
-    return [" ".join(f"{rng.choice(words)} {rng.choice(words)}{rng.choice(ENDINGS)}" for _ in range(rng.randint(2, 5)))
-            for _ in range(n)]
+    return [
+        " ".join(f"{rng.choice(words)} {rng.choice(words)}{rng.choice(ENDINGS)}" for _ in range(rng.randint(2, 5)))
+        for _ in range(n)
+    ]
 
 
-def write_labelled_splits(root, *, counts: dict[str, int] = COUNTS, overrides: dict[str, str] | None = None,
-                          labels_path=None) -> tuple[Path, Path]:
+def write_labelled_splits(
+    root, *, counts: dict[str, int] = COUNTS, overrides: dict[str, str] | None = None, labels_path=None
+) -> tuple[Path, Path]:
     """``<root>/split/<domain>/{train,val,test}.parquet`` (ids ``<label>-<split>-<i>``) and the label table
     (``<root>/labels.parquet`` unless ``labels_path``) with ``overrides`` applied. Returns ``(split_dir, labels_path)``."""
     root = Path(root)

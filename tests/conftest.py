@@ -1,4 +1,5 @@
 """Shared test fixtures: real servers on free loopback ports, the project root, offline Hugging Face."""
+
 from __future__ import annotations
 
 import os
@@ -54,10 +55,15 @@ def redis_server():
     """A real redis-server on a free loopback port, no persistence. Yields ``(host, port)``."""
     exe = shutil.which("redis-server")
     if exe is None:
-        pytest.fail("redis-server is not installed: run `make test` (it apt-installs redis-server) or `apt-get install redis-server`")
+        pytest.fail(
+            "redis-server is not installed: run `make test` (it apt-installs redis-server) or `apt-get install redis-server`"
+        )
     port = free_port()
-    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         _wait_for_port(port, proc, "redis-server")
         yield "127.0.0.1", port
@@ -70,8 +76,11 @@ def redis_server():
 def s3_server():
     """A real S3-compatible server (moto's standalone server) on a free loopback port. Yields its endpoint URL."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         _wait_for_port(port, proc, "moto server")
         yield f"http://127.0.0.1:{port}"
@@ -91,8 +100,17 @@ def s3_env(s3_server, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------ pipeline repos
-PIPELINE_FILES = ("stages", "domainlm", "dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", "data/labels",
-                  "reports/summary.ipynb", "benchmarks/results/io_speed.csv")
+PIPELINE_FILES = (
+    "stages",
+    "domainlm",
+    "dvc.yaml",
+    "params.yaml",
+    ".dvcignore",
+    ".gitignore",
+    "data/labels",
+    "reports/summary.ipynb",
+    "benchmarks/results/io_speed.csv",
+)
 
 
 def run(cmd: list[str] | str, cwd: Path, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -106,7 +124,9 @@ def run(cmd: list[str] | str, cwd: Path, check: bool = True, env: dict | None = 
     full_env.update(env or {})
     proc = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, shell=isinstance(cmd, str))
     if check and proc.returncode != 0:
-        raise AssertionError(f"{cmd} exited {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}")
+        raise AssertionError(
+            f"{cmd} exited {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+        )
     return proc
 
 

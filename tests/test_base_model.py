@@ -1,5 +1,6 @@
 """base_model stage (domainlm.lm.pretrain) and the shared LM data module (domainlm.lm.data): tokenizer, packing,
 pretraining, HF folder, copy."""
+
 from __future__ import annotations
 
 import copy
@@ -12,10 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
+from lm_fixtures import TINY, TRAIN_TEXTS, WORDS, korean_docs, write_split_fixture
 
 from domainlm.lm import data as lm_data
 from domainlm.lm import pretrain
-from lm_fixtures import TINY, TRAIN_TEXTS, WORDS, korean_docs, write_split_fixture
 from stages import base_model
 
 
@@ -171,8 +172,14 @@ def test_source_path_missing_or_not_a_causal_lm_gives_a_clear_error(tmp_path):
         pretrain.copy_checkpoint(tmp_path / "empty", tmp_path / "out")
     for name, config in {
         "vit": ViTConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=1, intermediate_size=8),
-        "bert_classifier": BertConfig(vocab_size=50, hidden_size=8, num_hidden_layers=1, num_attention_heads=1,
-                                      intermediate_size=8, architectures=["BertForSequenceClassification"]),
+        "bert_classifier": BertConfig(
+            vocab_size=50,
+            hidden_size=8,
+            num_hidden_layers=1,
+            num_attention_heads=1,
+            intermediate_size=8,
+            architectures=["BertForSequenceClassification"],
+        ),
     }.items():
         config.save_pretrained(tmp_path / name)
         (tmp_path / name / "tokenizer.json").write_text("{}", encoding="utf-8")

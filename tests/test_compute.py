@@ -1,5 +1,6 @@
 """The compute policy: hardware detection, what `auto` picks, threads, and that bf16 autocast really runs bf16 matmuls
 while the weights stay fp32."""
+
 from __future__ import annotations
 
 import pytest

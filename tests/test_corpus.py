@@ -1,4 +1,5 @@
 """corpus: real Korean documents from the packages that ship them, and user JSONL with a field mapping."""
+
 from __future__ import annotations
 
 import json
@@ -8,9 +9,8 @@ from pathlib import Path
 import boto3
 import pytest
 
-from domainlm.documents import corpus
+from domainlm.documents import corpus, sources
 from domainlm.documents.jsonl import input_root
-from domainlm.documents import sources
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".cache" / "corpus"  # shared with `make repro`; filled on first use
@@ -48,17 +48,26 @@ def test_html_to_text_drops_chrome_and_unescapes():
 
 def test_builtin_sources_give_real_labelled_documents(tmp_path):
     domains = ["law", "bill", "office_help", "faq"]
-    specs = {"law": {"type": "kolaw"}, "bill": {"type": "kobill"},
-             "office_help": {"type": "libreoffice_help"}, "faq": {"type": "debian_faq"}}
+    specs = {
+        "law": {"type": "kolaw"},
+        "bill": {"type": "kobill"},
+        "office_help": {"type": "libreoffice_help"},
+        "faq": {"type": "debian_faq"},
+    }
     manifest = corpus.build_corpus(specs, domains, tmp_path, CACHE, max_docs_per_domain=40)
-    recs = {d: [json.loads(l) for l in (tmp_path / f"{d}.jsonl").read_text(encoding="utf-8").splitlines()] for d in domains}
+    recs = {
+        d: [json.loads(line) for line in (tmp_path / f"{d}.jsonl").read_text(encoding="utf-8").splitlines()]
+        for d in domains
+    }
     assert [len(recs[d]) for d in domains] == [40, 10, 40, 16]
     assert manifest["domains"]["office_help"]["documents_available"] > 2500
     assert manifest["domains"]["office_help"]["version"].startswith("4:7.")
     assert manifest["domains"]["law"]["version"] == "0.6.0"
     assert json.loads((tmp_path / "MANIFEST.json").read_text())["totals"]["documents"] == 106
     help_labels = {r["label"] for r in recs["office_help"]}
-    assert help_labels <= set(sources.HELP_MODULE_LABELS.values()) and len(help_labels) >= 5  # strided slice keeps the mix
+    assert (
+        help_labels <= set(sources.HELP_MODULE_LABELS.values()) and len(help_labels) >= 5
+    )  # strided slice keeps the mix
     for d in ("law", "bill", "faq"):
         assert {r["label"] for r in recs[d]} == {d}
     for rs in recs.values():
@@ -75,7 +84,8 @@ def test_jsonl_source_with_field_mapping_keeps_bad_lines_for_validate(tmp_path):
     src.mkdir()
     (src / "a.jsonl").write_text(
         json.dumps({"doc_id": "n1", "body": "뉴스 본문입니다.", "topic": "경제"}, ensure_ascii=False) + "\nnot json\n",
-        encoding="utf-8")
+        encoding="utf-8",
+    )
     (src / "b.jsonl").write_text(json.dumps({"doc_id": "n2", "body": "둘째", "topic": None}) + "\n", encoding="utf-8")
     out = tmp_path / "raw"
     out.mkdir()
@@ -84,15 +94,24 @@ def test_jsonl_source_with_field_mapping_keeps_bad_lines_for_validate(tmp_path):
     lines = (out / "news.jsonl").read_text(encoding="utf-8").splitlines()
     assert manifest["domains"]["news"]["lines"] == 3 and len(lines) == 3
     first = json.loads(lines[0])
-    assert first == {"id": "n1", "text": "뉴스 본문입니다.", "label": "경제", "domain": "news", "source": str(src / "a.jsonl")}
+    assert first == {
+        "id": "n1",
+        "text": "뉴스 본문입니다.",
+        "label": "경제",
+        "domain": "news",
+        "source": str(src / "a.jsonl"),
+    }
     assert lines[1] == "not json"
 
 
 def test_jsonl_source_from_s3(tmp_path, s3_env):
     s3 = boto3.client("s3")
     s3.create_bucket(Bucket="users")
-    s3.put_object(Bucket="users", Key="news/2026-01.jsonl",
-                  Body=(json.dumps({"doc_id": 1, "body": "에스쓰리에서 온 글"}, ensure_ascii=False) + "\n").encode())
+    s3.put_object(
+        Bucket="users",
+        Key="news/2026-01.jsonl",
+        Body=(json.dumps({"doc_id": 1, "body": "에스쓰리에서 온 글"}, ensure_ascii=False) + "\n").encode(),
+    )
     out = tmp_path / "raw"
     out.mkdir()
     spec = {"type": "jsonl", "uri": "s3://users/news/*.jsonl", "fields": {"id": "doc_id", "text": "body"}}
@@ -103,8 +122,12 @@ def test_jsonl_source_from_s3(tmp_path, s3_env):
 
 def test_unavailable_source_names_itself_and_the_way_out(tmp_path):
     with pytest.raises(sources.SourceUnavailable) as info:
-        corpus.build_corpus({"faq": {"type": "debian_faq", "package": "debian-faq-xx-no-such-package"}}, ["faq"],
-                            tmp_path, tmp_path / "cache")
+        corpus.build_corpus(
+            {"faq": {"type": "debian_faq", "package": "debian-faq-xx-no-such-package"}},
+            ["faq"],
+            tmp_path,
+            tmp_path / "cache",
+        )
     msg = str(info.value)
     assert "'faq'" in msg and "debian-faq-xx-no-such-package" in msg and "corpus.sources" in msg
 
@@ -126,18 +149,25 @@ def test_a_sources_own_max_docs_wins(tmp_path):
     assert manifest["domains"]["law"]["documents"] == 5 and manifest["domains"]["faq"]["documents"] == 12
 
 
-@pytest.mark.parametrize("uri, root", [
-    ("s3://bucket/news/*.jsonl", "s3://bucket/news"),
-    ("s3://bucket/news/2026-*/part-?.jsonl.gz", "s3://bucket/news"),
-    ("data/incoming/news.jsonl", "data/incoming/news.jsonl"),
-    ("data/incoming/**/*.jsonl", "data/incoming"),
-    ("/abs/in/", "/abs/in"),
-])
+@pytest.mark.parametrize(
+    "uri, root",
+    [
+        ("s3://bucket/news/*.jsonl", "s3://bucket/news"),
+        ("s3://bucket/news/2026-*/part-?.jsonl.gz", "s3://bucket/news"),
+        ("data/incoming/news.jsonl", "data/incoming/news.jsonl"),
+        ("data/incoming/**/*.jsonl", "data/incoming"),
+        ("/abs/in/", "/abs/in"),
+    ],
+)
 def test_input_root_is_the_folder_before_the_first_wildcard(uri, root):
     assert input_root(uri) == root
 
 
 def test_external_inputs_lists_only_jsonl_sources_once():
-    specs = {"law": {"type": "kolaw"}, "news": {"type": "jsonl", "uri": "s3://b/news/*.jsonl"},
-             "blog": {"type": "jsonl", "uri": "s3://b/news/blog-*.jsonl"}, "mail": {"type": "jsonl", "uri": "in/m.jsonl"}}
+    specs = {
+        "law": {"type": "kolaw"},
+        "news": {"type": "jsonl", "uri": "s3://b/news/*.jsonl"},
+        "blog": {"type": "jsonl", "uri": "s3://b/news/blog-*.jsonl"},
+        "mail": {"type": "jsonl", "uri": "in/m.jsonl"},
+    }
     assert corpus.external_inputs(specs) == ["s3://b/news", "in/m.jsonl"]

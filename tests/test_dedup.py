@@ -1,6 +1,7 @@
 """Tests for dedup (domainlm.dedup.*, stages/dedup.py): banding choice on a measured background, datasketch-equal
 signatures, band keys and bucket pairs, the estimated-Jaccard filter, exact + near dedup and its named steps,
 outputs, resume from a failed step, the Redis backend. Ray: tests/test_dedup_ray.py."""
+
 from __future__ import annotations
 
 import csv
@@ -45,22 +46,38 @@ from domainlm.korean.hangul import normalize_text, shingle_hashes_many, shingle_
 from stages.dedup import run
 
 ROOT = Path(__file__).resolve().parents[1]
-PARAMS = {"num_perm": 256, "threshold": 0.8, "min_recall_at_threshold": 0.99, "workers": 2,
-          "lsh_backend": "sort", "redis": {"host": "127.0.0.1", "port": 6379, "basename": "dedup"}, "seed": 1}
+PARAMS = {
+    "num_perm": 256,
+    "threshold": 0.8,
+    "min_recall_at_threshold": 0.99,
+    "workers": 2,
+    "lsh_backend": "sort",
+    "redis": {"host": "127.0.0.1", "port": 6379, "basename": "dedup"},
+    "seed": 1,
+}
 OUTPUTS = ("law.jsonl", "faq.jsonl", "removed.jsonl", "candidates.json", "dedup_log.csv")
 
 
 def run_stage(params: dict, domains: list[str], *, input_dir: Path, output_dir: Path, **kw) -> dict:
     """The stage's ``run`` with the arguments ``main()`` takes from a ``dedup`` params section."""
-    return run(domains, input_dir, output_dir, num_perm=params["num_perm"], threshold=params["threshold"],
-               min_recall=params["min_recall_at_threshold"], seed=params["seed"], workers=params.get("workers"),
-               lsh_backend=params["lsh_backend"], redis=params.get("redis"), **kw)
+    return run(
+        domains,
+        input_dir,
+        output_dir,
+        num_perm=params["num_perm"],
+        threshold=params["threshold"],
+        min_recall=params["min_recall_at_threshold"],
+        seed=params["seed"],
+        workers=params.get("workers"),
+        lsh_backend=params["lsh_backend"],
+        redis=params.get("redis"),
+        **kw,
+    )
 
 
 def korean_text(rng: random.Random, words: int) -> str:
     """Random Korean-looking text: words of 1-4 random Hangul syllables."""
-    return " ".join("".join(chr(0xAC00 + rng.randrange(11172)) for _ in range(rng.randint(1, 4)))
-                    for _ in range(words))
+    return " ".join("".join(chr(0xAC00 + rng.randrange(11172)) for _ in range(rng.randint(1, 4))) for _ in range(words))
 
 
 def edit_words(text: str, rng: random.Random, n: int) -> str:
@@ -80,23 +97,37 @@ def corpus():
     """Records over two domains with known exact, near and cross-domain duplicates."""
     rng = random.Random(7)
     base = korean_text(rng, 300)
-    near = edit_words(base, rng, 2)           # near duplicate of base, a little shorter or longer
+    near = edit_words(base, rng, 2)  # near duplicate of base, a little shorter or longer
     longer = base + " " + korean_text(rng, 6)  # base plus a few words: more shingles
     cross = korean_text(rng, 250)
     recs = [
         {"id": "law-b", "text": base, "domain": "law", "label": "law", "source": "t"},
         {"id": "law-a", "text": near, "domain": "law", "label": "law", "source": "t"},
         {"id": "law-z", "text": longer, "domain": "law", "label": "law", "source": "t"},
-        {"id": "law-x", "text": "  " + base.replace(" ", "\n", 5) + "\t", "domain": "law", "label": "law",
-         "source": "t"},  # exact duplicate of law-b after whitespace normalization
+        {
+            "id": "law-x",
+            "text": "  " + base.replace(" ", "\n", 5) + "\t",
+            "domain": "law",
+            "label": "law",
+            "source": "t",
+        },  # exact duplicate of law-b after whitespace normalization
         {"id": "faq-1", "text": cross, "domain": "faq", "label": "faq", "source": "t"},
         {"id": "law-c", "text": cross, "domain": "law", "label": "law", "source": "t"},  # cross-domain exact copy
         {"id": "faq-2", "text": edit_words(cross, rng, 2), "domain": "faq", "label": "faq", "source": "t"},
     ]
-    recs += [{"id": f"faq-u{i}", "text": korean_text(rng, 120), "domain": "faq", "label": "faq", "source": "t"}
-             for i in range(12)]
-    recs.append({"id": "faq-en", "text": "The quick brown fox jumps over the lazy dog near the river bank.",
-                 "domain": "faq", "label": "faq", "source": "t"})
+    recs += [
+        {"id": f"faq-u{i}", "text": korean_text(rng, 120), "domain": "faq", "label": "faq", "source": "t"}
+        for i in range(12)
+    ]
+    recs.append(
+        {
+            "id": "faq-en",
+            "text": "The quick brown fox jumps over the lazy dog near the river bank.",
+            "domain": "faq",
+            "label": "faq",
+            "source": "t",
+        }
+    )
     return recs
 
 
@@ -106,6 +137,7 @@ def korean_background(n: int = 20000, seed: int = 0) -> np.ndarray:
 
 
 # ------------------------------------------------------------------ banding
+
 
 def test_band_choice_without_background_is_the_uniform_rule_and_beats_datasketch_default():
     bands, rows = choose_bands_rows(128, 0.8, 0.99)
@@ -134,13 +166,15 @@ def test_band_choice_on_a_korean_background_takes_more_rows_and_far_fewer_false_
 
 def test_false_candidate_rate_is_the_s_curve_mean_below_the_threshold():
     bg = np.array([0.1, 0.2, 0.5, 0.9])
-    expected = (candidate_probability(0.1, 4, 3) + candidate_probability(0.2, 4, 3)
-                + candidate_probability(0.5, 4, 3)) / 4  # the 0.9 pair is a true near duplicate
+    expected = (
+        candidate_probability(0.1, 4, 3) + candidate_probability(0.2, 4, 3) + candidate_probability(0.5, 4, 3)
+    ) / 4  # the 0.9 pair is a true near duplicate
     assert false_candidate_rate(bg, 0.8, 4, 3) == pytest.approx(expected)
     report = mh.banding_report(256, 0.8, 26, 8, korean_background(), n_docs=1_000_001)
     assert report["expected_false_candidate_pairs_per_doc"] == pytest.approx(
-        report["expected_false_candidate_rate"] * 500_000)
-    assert candidate_probability(np.array([0.8]), 26, 8)[0] == pytest.approx(1 - (1 - 0.8 ** 8) ** 26)
+        report["expected_false_candidate_rate"] * 500_000
+    )
+    assert candidate_probability(np.array([0.8]), 26, 8)[0] == pytest.approx(1 - (1 - 0.8**8) ** 26)
 
 
 def test_band_choice_rejects_impossible_or_bad_parameters():
@@ -162,6 +196,7 @@ def test_background_pair_sample_is_seeded_and_distinct():
 
 # ------------------------------------------------------------------ signatures, band keys, bucket pairs
 
+
 @pytest.mark.parametrize("num_perm", [128, 256])
 def test_signatures_equal_datasketch_update_batch(num_perm):
     rng = random.Random(3)
@@ -179,19 +214,27 @@ def test_signatures_equal_datasketch_update_batch(num_perm):
 
 def test_signature_does_not_depend_on_the_hash_seed():
     text = korean_text(random.Random(5), 50)
-    code = ("import sys; from domainlm.dedup.minhash_lsh import minhash_signature; "
-            "sys.stdout.write(minhash_signature(sys.argv[1]).tobytes().hex())")
-    out = subprocess.run([sys.executable, "-c", code, text], capture_output=True, text=True, check=True,
-                         cwd=ROOT, env={**os.environ, "PYTHONHASHSEED": "123"})
+    code = (
+        "import sys; from domainlm.dedup.minhash_lsh import minhash_signature; "
+        "sys.stdout.write(minhash_signature(sys.argv[1]).tobytes().hex())"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, text],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONHASHSEED": "123"},
+    )
     assert out.stdout == minhash_signature(text).tobytes().hex()
 
 
 def test_band_keys_are_equal_exactly_when_the_band_values_are():
     rng = np.random.default_rng(0)
     sigs = rng.integers(0, 2**32, size=(4, 12), dtype=np.uint32)
-    sigs[1, :3] = sigs[0, :3]           # band 0 shared by docs 0 and 1
-    sigs[2, 3:6] = sigs[0, 3:6]         # band 1 shared by docs 0 and 2
-    sigs[3] = mh.EMPTY_VALUE            # an empty shingle set
+    sigs[1, :3] = sigs[0, :3]  # band 0 shared by docs 0 and 1
+    sigs[2, 3:6] = sigs[0, 3:6]  # band 1 shared by docs 0 and 2
+    sigs[3] = mh.EMPTY_VALUE  # an empty shingle set
     keys = band_keys(sigs, 4, 3, np.arange(4))
     assert keys.shape == (4, 4) and keys.dtype == np.uint64
     assert keys[0, 0] == keys[1, 0] and keys[0, 1] == keys[2, 1]
@@ -230,6 +273,7 @@ def test_estimated_jaccard_is_datasketchs_and_the_floor_keeps_five_sigma():
 
 # ------------------------------------------------------------------ the named steps
 
+
 def test_exact_keepers_keep_the_smallest_id_in_each_group():
     keys = [b"x" * 16, b"y" * 16, b"x" * 16, b"x" * 16]
     hi = np.array([int.from_bytes(k[:8], "big") for k in keys], dtype=np.uint64)
@@ -262,27 +306,44 @@ def test_removal_rows_number_clusters_by_representative_id_and_counts_add_up():
     keeper_of = np.array([0, 0, 2, 3, 4])  # b is an exact copy of a
     rows = removal_rows(ids, domains, keeper_of, {2: 3, 3: 3}, {2: 0.8})  # c, d near duplicates, d kept
     assert rows == [
-        {"id": "b", "domain": "law", "kind": "exact", "cluster_id": 0, "representative_id": "a",
-         "representative_domain": "law", "jaccard": 1.0},
-        {"id": "c", "domain": "faq", "kind": "near", "cluster_id": 1, "representative_id": "d",
-         "representative_domain": "faq", "jaccard": 0.8},
+        {
+            "id": "b",
+            "domain": "law",
+            "kind": "exact",
+            "cluster_id": 0,
+            "representative_id": "a",
+            "representative_domain": "law",
+            "jaccard": 1.0,
+        },
+        {
+            "id": "c",
+            "domain": "faq",
+            "kind": "near",
+            "cluster_id": 1,
+            "representative_id": "d",
+            "representative_domain": "faq",
+            "jaccard": 0.8,
+        },
     ]
     counts = domain_counts(["law", "faq", "news"], {"law": 3, "faq": 2}, rows)
-    assert counts == {"law": {"before": 3, "after": 2, "exact_removed": 1, "near_removed": 0},
-                      "faq": {"before": 2, "after": 1, "exact_removed": 0, "near_removed": 1},
-                      "news": {"before": 0, "after": 0, "exact_removed": 0, "near_removed": 0}}
+    assert counts == {
+        "law": {"before": 3, "after": 2, "exact_removed": 1, "near_removed": 0},
+        "faq": {"before": 2, "after": 1, "exact_removed": 0, "near_removed": 1},
+        "news": {"before": 0, "after": 0, "exact_removed": 0, "near_removed": 0},
+    }
 
 
 def test_line_offsets_find_every_line_including_a_last_one_without_newline(tmp_path):
     p = tmp_path / "x.jsonl"
     p.write_bytes(b'{"a":1}\n{"b":22}\r\n\n{"c":3}')
     offsets, lengths = line_offsets(p, chunk_bytes=4)  # chunks split lines: newlines still found
-    assert [p.read_bytes()[o:o + n] for o, n in zip(offsets, lengths)] == [b'{"a":1}', b'{"b":22}', b"", b'{"c":3}']
+    assert [p.read_bytes()[o : o + n] for o, n in zip(offsets, lengths)] == [b'{"a":1}', b'{"b":22}', b"", b'{"c":3}']
     (tmp_path / "e.jsonl").write_bytes(b"")
     assert line_offsets(tmp_path / "e.jsonl")[0].size == 0
 
 
 # ------------------------------------------------------------------ dedup decisions (the real stage path)
+
 
 def test_fixture_has_the_intended_similarities(corpus):
     text = {r["id"]: r["text"] for r in corpus}
@@ -365,6 +426,7 @@ def test_bad_records_are_rejected_with_the_reason():
 
 # ------------------------------------------------------------------ stage I/O
 
+
 def write_inputs(root: Path, corpus) -> None:
     (root / "validated").mkdir(parents=True)
     for domain in ("law", "faq"):
@@ -377,13 +439,16 @@ def write_inputs(root: Path, corpus) -> None:
 def test_run_writes_every_output_atomically_and_consistently(tmp_path, corpus):
     write_inputs(tmp_path, corpus)
     out = tmp_path / "dedup"
-    metrics = run_stage(PARAMS, ["law", "faq"], input_dir=tmp_path / "validated", output_dir=out,
-                        work_dir=tmp_path / "work")
+    metrics = run_stage(
+        PARAMS, ["law", "faq"], input_dir=tmp_path / "validated", output_dir=out, work_dir=tmp_path / "work"
+    )
     assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUTS)
     kept = [json.loads(line) for d in ("law", "faq") for line in (out / f"{d}.jsonl").read_text().splitlines()]
     by_id = {r["id"]: r for r in corpus}
     assert all(r == by_id[r["id"]] for r in kept)  # kept records unchanged
-    validated = {line for d in ("law", "faq") for line in (tmp_path / "validated" / f"{d}.jsonl").read_text().splitlines()}
+    validated = {
+        line for d in ("law", "faq") for line in (tmp_path / "validated" / f"{d}.jsonl").read_text().splitlines()
+    }
     assert {line for d in ("law", "faq") for line in (out / f"{d}.jsonl").read_text().splitlines()} <= validated
     removed = [json.loads(line) for line in (out / "removed.jsonl").read_text().splitlines()]
     assert {r["id"] for r in kept}.isdisjoint(r["id"] for r in removed)
@@ -418,8 +483,9 @@ def test_run_writes_every_output_atomically_and_consistently(tmp_path, corpus):
 def test_outputs_do_not_depend_on_workers(tmp_path, corpus):
     write_inputs(tmp_path, corpus)
     for w in (1, 2):
-        run_stage({**PARAMS, "workers": w}, ["law", "faq"], input_dir=tmp_path / "validated",
-                  output_dir=tmp_path / f"w{w}")
+        run_stage(
+            {**PARAMS, "workers": w}, ["law", "faq"], input_dir=tmp_path / "validated", output_dir=tmp_path / f"w{w}"
+        )
     for name in OUTPUTS:
         assert (tmp_path / "w1" / name).read_bytes() == (tmp_path / "w2" / name).read_bytes(), name
 
@@ -438,16 +504,18 @@ def test_a_failed_run_resumes_from_its_last_completed_step(tmp_path, corpus, mon
         with pytest.raises(RuntimeError, match="killed during verify"):
             run_stage({**PARAMS, "workers": 1}, ["law", "faq"], output_dir=tmp_path / "out", **args)
     (work,) = list((tmp_path / "work").iterdir())
-    assert sorted(p.stem for p in (work / "steps").iterdir()) == sorted(["index", "background", "signatures",
-                                                                         "exact", "candidates", "estimate"])
+    assert sorted(p.stem for p in (work / "steps").iterdir()) == sorted(
+        ["index", "background", "signatures", "exact", "candidates", "estimate"]
+    )
     resumed = run_stage({**PARAMS, "workers": 1}, ["law", "faq"], output_dir=tmp_path / "out", **args)
     assert resumed["resumed_steps"] == 6
     assert resumed["steps"]["signatures"]["resumed"] == 1 and resumed["steps"]["verify"]["resumed"] == 0
     for name in OUTPUTS:
         assert (tmp_path / "ref" / name).read_bytes() == (tmp_path / "out" / name).read_bytes(), name
     # other inputs or params: a fresh work folder, never a stale one
-    assert workflow.fingerprint([("law", str(tmp_path / "validated" / "law.jsonl"))], DedupParams()) != \
-        workflow.fingerprint([("law", str(tmp_path / "validated" / "law.jsonl"))], DedupParams(threshold=0.7))
+    assert workflow.fingerprint(
+        [("law", str(tmp_path / "validated" / "law.jsonl"))], DedupParams()
+    ) != workflow.fingerprint([("law", str(tmp_path / "validated" / "law.jsonl"))], DedupParams(threshold=0.7))
 
 
 def test_missing_input_and_bad_workers_are_named(tmp_path):
@@ -466,9 +534,16 @@ def test_stage_main_runs_as_module(tmp_path, corpus):
     (tmp_path / "params.yaml").write_text(
         "domains: [law, faq]\ndedup:\n  num_perm: 256\n  threshold: 0.8\n  min_recall_at_threshold: 0.99\n"
         "  workers: 2\n  lsh_backend: sort\n  redis: {host: 127.0.0.1, port: 6379, basename: dedup}\n"
-        "  engine: local\n  work_dir: .cache/dedup\n  seed: 1\n", encoding="utf-8")
-    proc = subprocess.run([sys.executable, "-m", "stages.dedup"], cwd=tmp_path, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+        "  engine: local\n  work_dir: .cache/dedup\n  seed: 1\n",
+        encoding="utf-8",
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "stages.dedup"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout == "" and "stages.dedup: " in proc.stderr  # logs through the stage logger, no print()
     metrics = json.loads((tmp_path / "metrics" / "dedup.json").read_text())
@@ -489,6 +564,7 @@ def test_domain_with_empty_file_gets_empty_output_and_zero_counts(tmp_path):
 
 
 # ------------------------------------------------------------------ Redis backend
+
 
 def test_redis_backend_gives_byte_identical_outputs(redis_server, tmp_path, corpus):
     host, port = redis_server

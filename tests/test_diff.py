@@ -1,5 +1,6 @@
 """Tests for domainlm.lm.task_vectors and the diff stage: task vectors from LoRA adapters, their statistics and
 cosine similarities."""
+
 from __future__ import annotations
 
 import csv
@@ -9,11 +10,11 @@ import os
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_lm import build_base, build_lora, one_torch_thread  # noqa: F401 (autouse fixture)
 
 from domainlm.lm import task_vectors
 from domainlm.lm.merging import load_causal_lm
 from stages import diff
-from tiny_lm import build_base, build_lora, one_torch_thread  # noqa: F401 (autouse fixture)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -59,7 +60,9 @@ def test_fan_in_fan_out_conv1d_matches_merge(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=1, n_head=2)).save_pretrained(tmp_path / "gpt2")
+    GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=1, n_head=2)).save_pretrained(
+        tmp_path / "gpt2"
+    )
     config = LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn"], fan_in_fan_out=True, init_lora_weights=False)
     get_peft_model(load_causal_lm(tmp_path / "gpt2"), config).save_pretrained(tmp_path / "adapter")
 
@@ -100,11 +103,13 @@ def test_task_vector_stats():
 
 def test_pairwise_cosine():
     x = {"w": torch.tensor([1.0, 0.0]), "v": torch.tensor([2.0])}
-    rows = task_vectors.pairwise_cosine({
-        "a": x,
-        "neg": {k: -t for k, t in x.items()},
-        "orth": {"w": torch.tensor([0.0, 5.0])},  # lacks "v": counts as zeros
-    })
+    rows = task_vectors.pairwise_cosine(
+        {
+            "a": x,
+            "neg": {k: -t for k, t in x.items()},
+            "orth": {"w": torch.tensor([0.0, 5.0])},  # lacks "v": counts as zeros
+        }
+    )
     table = {(r["domain_a"], r["domain_b"]): r["cosine"] for r in rows}
     assert len(rows) == 9
     assert table["a", "a"] == pytest.approx(1.0)
@@ -148,7 +153,12 @@ def test_main_writes_declared_outputs(tiny, tmp_path, monkeypatch):
     assert metrics["n_tensors"] == 4 and len(metrics["top_tensor_l2_norms"]) == 3 and metrics["l2_norm"] > 0
     with open(tmp_path / "plots/task_vector_cosine.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
-    assert [(r["domain_a"], r["domain_b"]) for r in rows] == [("law", "law"), ("law", "faq"), ("faq", "law"), ("faq", "faq")]
+    assert [(r["domain_a"], r["domain_b"]) for r in rows] == [
+        ("law", "law"),
+        ("law", "faq"),
+        ("faq", "law"),
+        ("faq", "faq"),
+    ]
     assert float(rows[0]["cosine"]) == pytest.approx(1.0)
     assert -1.0 <= float(rows[1]["cosine"]) <= 1.0
     with open(tmp_path / "metrics/summary.csv", newline="") as fh:
@@ -164,11 +174,23 @@ def test_pairwise_cosine_does_not_depend_on_the_hash_seed():
     import subprocess
     import sys
 
-    code = ("import torch; from domainlm.lm.task_vectors import pairwise_cosine; g = torch.Generator().manual_seed(0); "
-            "tv = {d: {f'layer{i}.w': torch.randn(64, generator=g) * (i + 1) ** 3 for i in range(40)} for d in 'ab'}; "
-            "print(repr([r['cosine'] for r in pairwise_cosine(tv)]))")
-    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                           env={"PYTHONHASHSEED": str(seed), "PATH": "/usr/bin:/bin",
-                                "PYTHONPATH": str(__import__("pathlib").Path(__file__).resolve().parents[1])}).stdout
-            for seed in (0, 1, 2, 3)}
+    code = (
+        "import torch; from domainlm.lm.task_vectors import pairwise_cosine; g = torch.Generator().manual_seed(0); "
+        "tv = {d: {f'layer{i}.w': torch.randn(64, generator=g) * (i + 1) ** 3 for i in range(40)} for d in 'ab'}; "
+        "print(repr([r['cosine'] for r in pairwise_cosine(tv)]))"
+    )
+    outs = {
+        subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={
+                "PYTHONHASHSEED": str(seed),
+                "PATH": "/usr/bin:/bin",
+                "PYTHONPATH": str(__import__("pathlib").Path(__file__).resolve().parents[1]),
+            },
+        ).stdout
+        for seed in (0, 1, 2, 3)
+    }
     assert len(outs) == 1

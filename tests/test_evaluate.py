@@ -1,6 +1,7 @@
 """Tests for domainlm.lm.evaluation (sliding-window perplexity, continuations, Korean-safe ROUGE-L), domainlm.lm.gate
 and the evaluate_experts + evaluate stages (expert x domain reference perplexities, the merged model against them,
 gate, MLflow Model Registry aliases)."""
+
 from __future__ import annotations
 
 import csv
@@ -13,6 +14,7 @@ import pytest
 import torch
 from rouge_score import rouge_scorer
 from safetensors.torch import save_file
+from tiny_lm import DOMAIN_TEXTS, build_base, one_torch_thread, train_lora, write_split  # noqa: F401 (autouse fixture)
 
 from domainlm.lm import evaluation as lm_eval
 from domainlm.lm import gate
@@ -20,7 +22,6 @@ from domainlm.lm.merging import linear, load_causal_lm
 from domainlm.lm.task_vectors import task_vector
 from stages import evaluate as ev
 from stages import evaluate_experts as ev_ref
-from tiny_lm import DOMAIN_TEXTS, build_base, one_torch_thread, train_lora, write_split  # noqa: F401 (autouse fixture)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -52,6 +53,7 @@ def test_unicode_word_tokenizer():
     assert tok.tokenize("日本語のテキスト") == list("日本語のテキスト")
     # NFD (decomposed jamo) input tokenizes like its NFC form
     import unicodedata
+
     assert tok.tokenize(unicodedata.normalize("NFD", "한국어 문장")) == ["한국어", "문장"]
 
 
@@ -159,17 +161,28 @@ def test_continuation_pairs_and_greedy_decoding(tiny):
 
 
 # ------------------------------------------------------------------------------------ gate, registry
-PPL = {"base": {"law": 10.0, "faq": 20.0}, "merged": {"law": 8.0, "faq": 17.0},
-       "expert_law": {"law": 6.0, "faq": 25.0}, "expert_faq": {"law": 12.0, "faq": 14.0}}
+PPL = {
+    "base": {"law": 10.0, "faq": 20.0},
+    "merged": {"law": 8.0, "faq": 17.0},
+    "expert_law": {"law": 6.0, "faq": 25.0},
+    "expert_faq": {"law": 12.0, "faq": 14.0},
+}
 
 
 def test_retained_gain_and_gate():
     retained = lm_eval.retained_gains(PPL, ["law", "faq"])
     assert retained == {"law": pytest.approx(0.5), "faq": pytest.approx(0.5)}
-    assert gate.check_gate(PPL, retained, {"min_mean_retained_gain": 0.5, "max_perplexity": 20, "merged_below_base": True}) == []
-    failures = gate.check_gate(PPL, retained, {"min_mean_retained_gain": 0.6, "max_perplexity": 16, "merged_below_base": True})
+    assert (
+        gate.check_gate(PPL, retained, {"min_mean_retained_gain": 0.5, "max_perplexity": 20, "merged_below_base": True})
+        == []
+    )
+    failures = gate.check_gate(
+        PPL, retained, {"min_mean_retained_gain": 0.6, "max_perplexity": 16, "merged_below_base": True}
+    )
     assert [(f["rule"], f["metric"]) for f in failures] == [
-        ("min_mean_retained_gain", "mean_retained_gain"), ("max_perplexity", "perplexity.merged.faq")]
+        ("min_mean_retained_gain", "mean_retained_gain"),
+        ("max_perplexity", "perplexity.merged.faq"),
+    ]
     assert failures[0]["value"] == pytest.approx(0.5) and failures[0]["threshold"] == 0.6
 
 
@@ -194,11 +207,22 @@ def test_read_test_split_shuffles_reproducibly(tmp_path):
 
 def test_read_train_log_merges_steps(tmp_path):
     log = tmp_path / "train_law.log"
-    log.write_text("\n".join(json.dumps(r) for r in [
-        {"step": 10, "loss": 3.0, "learning_rate": 1e-3}, {"step": 10, "eval_loss": 3.2},
-        {"step": 20, "loss": 2.5}, {"step": 20, "train_runtime": 4.0, "train_loss": 2.7}]) + "\n")
-    assert lm_eval.read_train_log(log) == [{"step": 10, "loss": 3.0, "eval_loss": 3.2},
-                                      {"step": 20, "loss": 2.5, "eval_loss": None}]
+    log.write_text(
+        "\n".join(
+            json.dumps(r)
+            for r in [
+                {"step": 10, "loss": 3.0, "learning_rate": 1e-3},
+                {"step": 10, "eval_loss": 3.2},
+                {"step": 20, "loss": 2.5},
+                {"step": 20, "train_runtime": 4.0, "train_loss": 2.7},
+            ]
+        )
+        + "\n"
+    )
+    assert lm_eval.read_train_log(log) == [
+        {"step": 10, "loss": 3.0, "eval_loss": 3.2},
+        {"step": 20, "loss": 2.5, "eval_loss": None},
+    ]
     log.write_text('{"step": 1, "loss": 2}\nnot json\n')
     with pytest.raises(ValueError, match="train_law.log:2"):
         lm_eval.read_train_log(log)
@@ -243,7 +267,8 @@ def stage_repo(tmp_path_factory, tiny):
         write_split(repo / "data" / "split", domain, texts)
         (repo / "logs").mkdir(exist_ok=True)
         (repo / "logs" / f"train_{domain}.log").write_text(
-            json.dumps({"step": 5, "loss": 4.0}) + "\n" + json.dumps({"step": 5, "eval_loss": 4.5}) + "\n")
+            json.dumps({"step": 5, "loss": 4.0}) + "\n" + json.dumps({"step": 5, "eval_loss": 4.5}) + "\n"
+        )
     merged_model = load_causal_lm(root / "base")
     merged_model.load_state_dict(linear(base, tvs, {d: 1.0 for d in tvs}, lam=1.0))
     merged_model.save_pretrained(repo / "models" / "merged")
@@ -251,11 +276,22 @@ def stage_repo(tmp_path_factory, tiny):
 
 
 def _params(repo, gate):
-    (repo / "params.yaml").write_text(json.dumps({  # JSON is YAML
-        "domains": list(DOMAIN_TEXTS),
-        "evaluate": {"stride": 32, "batch_size": 4, "max_tokens_per_domain": 400, "bleu_tokenize": "char",
-                     "continuation": {"n_docs": 2, "prompt_tokens": 12, "new_tokens": 8, "show_per_domain": 2},
-                     "gate": gate, "registry": {"model_name": "tiny-merged"}}}))
+    (repo / "params.yaml").write_text(
+        json.dumps(
+            {  # JSON is YAML
+                "domains": list(DOMAIN_TEXTS),
+                "evaluate": {
+                    "stride": 32,
+                    "batch_size": 4,
+                    "max_tokens_per_domain": 400,
+                    "bleu_tokenize": "char",
+                    "continuation": {"n_docs": 2, "prompt_tokens": 12, "new_tokens": 8, "show_per_domain": 2},
+                    "gate": gate,
+                    "registry": {"model_name": "tiny-merged"},
+                },
+            }
+        )
+    )
 
 
 def test_main_pass_then_fail(stage_repo, monkeypatch):

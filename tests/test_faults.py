@@ -14,6 +14,7 @@ the old outputs and hide the stage's own recovery; ``-s``: that stage only):
 - train_classifier, killed mid-gate, registers no version; every registered version is complete (tags, loadable
   artifacts), ``champion`` stays on a scored version, and the re-run registers a new complete version.
 """
+
 from __future__ import annotations
 
 import errno
@@ -29,7 +30,6 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-
 from classifier_fixtures import classifier_params
 from conftest import ROOT, make_pipeline_repo, run
 from lm_fixtures import TINY
@@ -39,10 +39,14 @@ MODEL = "domain-lm-classifier"
 
 # ------------------------------------------------------------------------------------------------ helpers
 
+
 def digests(root: Path, folder: str) -> dict[str, str]:
     """sha256 of every file under ``root/folder``, keyed by path relative to ``root``."""
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted((root / folder).rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted((root / folder).rglob("*"))
+        if p.is_file()
+    }
 
 
 def dvc_env() -> dict:
@@ -51,8 +55,9 @@ def dvc_env() -> dict:
 
 def start_dvc(repo: Path, args: list[str], log: Path) -> subprocess.Popen:
     """``dvc <args>`` in its own session (so its process group is everything it starts), output to ``log``."""
-    return subprocess.Popen(["dvc", *args], cwd=repo, env=dvc_env(), stdout=log.open("w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    return subprocess.Popen(
+        ["dvc", *args], cwd=repo, env=dvc_env(), stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True
+    )
 
 
 def kill_group_when(proc: subprocess.Popen, ready, log: Path, *, timeout: float = 600, delay: float = 0.0) -> None:
@@ -105,15 +110,20 @@ def hidden_temporaries(folder: Path, name: str) -> list[Path]:
 
 def params() -> dict:
     base = {**TINY, "train": {**TINY["train"], "steps": 1500}}  # long enough to be killed mid-training
-    cls = classifier_params(gate={"min_f1": 0.0, "max_retries": 1, "retry_schedule": [{"epochs": 2}]},
-                            train={"epochs": 3})
+    cls = classifier_params(
+        gate={"min_f1": 0.0, "max_retries": 1, "retry_schedule": [{"epochs": 2}]}, train={"epochs": 3}
+    )
     return {
         "corpus": {"max_docs_per_domain": 36},
         "dedup": {"workers": 1},
         "base_model": base,
         "train_lora": {"train": {"max_steps": 20, "eval_steps": 10, "logging_steps": 1, "batch_size": 4}},
-        "refine": {"max_iterations": 3, "epsilon": 0.0, "lstm": {"epochs": 2, "max_tokens": 32},
-                   "transformer": {"max_tokens": 32}},
+        "refine": {
+            "max_iterations": 3,
+            "epsilon": 0.0,
+            "lstm": {"epochs": 2, "max_tokens": 32},
+            "transformer": {"max_tokens": 32},
+        },
         "classifier": cls,
     }
 
@@ -130,14 +140,17 @@ def repo(tmp_path_factory):
 
 # ------------------------------------------------------------------------------------------------ atomic writes
 
+
 def test_a_writer_killed_mid_write_leaves_no_output_and_the_next_write_removes_its_temporary(tmp_path):
     from domainlm.common.atomic import atomic_path
 
     target = tmp_path / "model"
-    code = ("import os, sys; from domainlm.common.atomic import atomic_path\n"
-            "with atomic_path(sys.argv[1], is_dir=True) as tmp:\n"
-            "    (tmp / 'config.json').write_text('{}')\n"
-            "    os.kill(os.getpid(), 9)\n")
+    code = (
+        "import os, sys; from domainlm.common.atomic import atomic_path\n"
+        "with atomic_path(sys.argv[1], is_dir=True) as tmp:\n"
+        "    (tmp / 'config.json').write_text('{}')\n"
+        "    os.kill(os.getpid(), 9)\n"
+    )
     proc = subprocess.run([sys.executable, "-c", code, str(target)], env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == -signal.SIGKILL
     assert not target.exists()
@@ -151,6 +164,7 @@ def test_a_writer_killed_mid_write_leaves_no_output_and_the_next_write_removes_i
 
 # ------------------------------------------------------------------------------------------------ disk full
 
+
 @pytest.mark.slow
 def test_a_full_disk_stops_the_stage_with_a_clear_error_and_no_partial_output(tmp_path):
     """corpus writes data/raw onto a 256 KiB tmpfs: it fails naming the file and the space left; nothing is left
@@ -163,15 +177,24 @@ def test_a_full_disk_stops_the_stage_with_a_clear_error_and_no_partial_output(tm
     os.replace(data / "labels", labels)  # data/ becomes the mount point
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(data)], check=True)
     try:
-        proc = subprocess.run([sys.executable, "-m", "stages.corpus"], cwd=work, capture_output=True, text=True,
-                              env={**dvc_env(), "PYTHONPATH": str(work)})
+        proc = subprocess.run(
+            [sys.executable, "-m", "stages.corpus"],
+            cwd=work,
+            capture_output=True,
+            text=True,
+            env={**dvc_env(), "PYTHONPATH": str(work)},
+        )
         assert proc.returncode != 0
-        assert "no space left on the device while writing" in proc.stderr and "MiB free on that filesystem" in proc.stderr
+        assert (
+            "no space left on the device while writing" in proc.stderr and "MiB free on that filesystem" in proc.stderr
+        )
         assert "no partial output was left" in proc.stderr
         assert list(data.iterdir()) == [], [p.name for p in data.iterdir()]
         assert not (work / "metrics" / "corpus.json").exists()
-        assert "corpus\t" in (work / "logs" / "pipeline_run.log").read_text() and "\tfailed\t" in \
-            (work / "logs" / "pipeline_run.log").read_text()
+        assert (
+            "corpus\t" in (work / "logs" / "pipeline_run.log").read_text()
+            and "\tfailed\t" in (work / "logs" / "pipeline_run.log").read_text()
+        )
     finally:
         subprocess.run(["umount", str(data)], check=True)
 
@@ -185,6 +208,7 @@ def test_the_disk_full_message_names_the_file_and_the_free_space(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ kill -9
+
 
 @pytest.mark.slow
 def test_dedup_killed_mid_run_resumes_and_writes_the_same_outputs(repo, tmp_path):
@@ -223,8 +247,9 @@ def test_train_lora_killed_mid_training_leaves_no_adapter_folder_and_reruns(repo
     logs = repo / "logs"
     proc = start_dvc(repo, ["repro", "-f", "-s", "train_lora@law"], log)
     # the Trainer's log goes to a hidden temporary until training ends: its first line means training has begun
-    kill_group_when(proc, lambda: any(p.stat().st_size > 0 for p in hidden_temporaries(logs, "train_law.log")), log,
-                    timeout=300)
+    kill_group_when(
+        proc, lambda: any(p.stat().st_size > 0 for p in hidden_temporaries(logs, "train_law.log")), log, timeout=300
+    )
     assert not (logs / "train_law.log").exists()
     adapter = repo / "models" / "lora" / "law"
     assert not adapter.exists(), "a killed train_lora left models/lora/law"
@@ -284,7 +309,9 @@ def registry_state(repo: Path) -> tuple[list, int | None]:
 def assert_registry_sound(versions, champion) -> None:
     for number, tags, loadable in versions:
         assert loadable, f"version {number}: its model files are missing"
-        assert {"macro_f1", "gate", "test_sha256", "git_commit"} <= set(tags), f"version {number} half-registered: {tags}"
+        assert {"macro_f1", "gate", "test_sha256", "git_commit"} <= set(tags), (
+            f"version {number} half-registered: {tags}"
+        )
     if champion is not None:
         tags = dict((n, t) for n, t, _ in versions)[champion]
         assert tags["gate"] == "passed" and float(tags["macro_f1"]) >= 0.0

@@ -1,4 +1,5 @@
 """Tests for domainlm.korean.hangul: arithmetic jamo decomposition, normalization, shingles."""
+
 from __future__ import annotations
 
 import os
@@ -25,8 +26,10 @@ from domainlm.korean.hangul import (
     word_ngrams,
 )
 
-KOREAN = ("대한민국은 민주공화국이다. 대한민국의 주권은 국민에게 있고, 모든 권력은 국민으로부터 나온다. "
-          "대한민국의 국민이 되는 요건은 법률로 정한다.")
+KOREAN = (
+    "대한민국은 민주공화국이다. 대한민국의 주권은 국민에게 있고, 모든 권력은 국민으로부터 나온다. "
+    "대한민국의 국민이 되는 요건은 법률로 정한다."
+)
 MIXED = "LibreOffice Calc에서 셀 서식을 지정하려면 서식 - 셀 메뉴를 선택하십시오. Press Ctrl+1 to open it."
 
 
@@ -69,8 +72,12 @@ def test_normalize_text_is_nfc_with_collapsed_whitespace():
 
 
 def test_jamo_trigrams_of_hangul_are_over_jamo_not_syllables():
-    assert jamo_ngrams("한글") == ["\u1112\u1161\u11ab", "\u1161\u11ab\u1100", "\u11ab\u1100\u1173",
-                                  "\u1100\u1173\u11af"]
+    assert jamo_ngrams("한글") == [
+        "\u1112\u1161\u11ab",
+        "\u1161\u11ab\u1100",
+        "\u11ab\u1100\u1173",
+        "\u1100\u1173\u11af",
+    ]
     # one vowel apart: no syllable trigram in common, but 4 of 6 jamo trigrams shared
     shared = set(jamo_ngrams("학교에")) & set(jamo_ngrams("학교의"))
     assert shared == {"\u1112\u1161\u11a8", "\u1161\u11a8\u1100", "\u11a8\u1100\u116d", "\u1100\u116d\u110b"}
@@ -93,8 +100,9 @@ def test_word_ngram_ids_depend_on_the_words_not_their_position():
     assert (ids >= np.uint64(1 << 63)).all()  # word ids carry the top bit, jamo ids never do
 
 
-@pytest.mark.parametrize("text", [KOREAN, MIXED, "짧은 글", "ab", "한", "one two three four five six seven",
-                                  KOREAN + " " + KOREAN])
+@pytest.mark.parametrize(
+    "text", [KOREAN, MIXED, "짧은 글", "ab", "한", "one two three four five six seven", KOREAN + " " + KOREAN]
+)
 def test_integer_shingles_are_the_same_set_as_string_shingles(text):
     ids = shingle_ids(text)
     assert ids.dtype == np.uint64
@@ -134,13 +142,21 @@ def test_unique_sorted_and_hash32():
 
 
 def test_shingles_are_identical_across_processes_and_hash_seeds():
-    code = ("import sys; from domainlm.korean.hangul import shingle_ids; "
-            "sys.stdout.write(shingle_ids(sys.argv[1]).tobytes().hex())")
+    code = (
+        "import sys; from domainlm.korean.hangul import shingle_ids; "
+        "sys.stdout.write(shingle_ids(sys.argv[1]).tobytes().hex())"
+    )
     outputs = set()
     for seed in ("1", "2"):
         env = {**os.environ, "PYTHONHASHSEED": seed}
-        out = subprocess.run([sys.executable, "-c", code, MIXED], capture_output=True, text=True, check=True,
-                             env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        out = subprocess.run(
+            [sys.executable, "-c", code, MIXED],
+            capture_output=True,
+            text=True,
+            check=True,
+            env=env,
+            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        )
         outputs.add(out.stdout)
     assert outputs == {shingle_ids(MIXED).tobytes().hex()}
 
@@ -148,13 +164,15 @@ def test_shingles_are_identical_across_processes_and_hash_seeds():
 def test_many_texts_at_once_give_each_texts_own_shingles():
     from domainlm.korean.hangul import raw_shingle_ids, raw_shingle_ids_many, shingle_hashes_many
 
-    texts = [normalize_text(t) for t in (KOREAN, MIXED, "가", "가 나", "a", "ab", "a b c d e f g", "힣힣", "x y",
-                                         KOREAN + " " + MIXED, "")]
+    texts = [
+        normalize_text(t)
+        for t in (KOREAN, MIXED, "가", "가 나", "a", "ab", "a b c d e f g", "힣힣", "x y", KOREAN + " " + MIXED, "")
+    ]
     ids, bounds = raw_shingle_ids_many(texts)
     assert bounds.shape == (len(texts) + 1,) and ids.dtype == np.uint64
     for d, text in enumerate(texts):
-        assert np.array_equal(ids[bounds[d]:bounds[d + 1]], raw_shingle_ids(text)), text
+        assert np.array_equal(ids[bounds[d] : bounds[d + 1]], raw_shingle_ids(text)), text
     hashes, hb = shingle_hashes_many(texts)
     for d, text in enumerate(texts):
-        assert np.array_equal(hashes[hb[d]:hb[d + 1]], unique_sorted(to_hash32(raw_shingle_ids(text)))), text
+        assert np.array_equal(hashes[hb[d] : hb[d + 1]], unique_sorted(to_hash32(raw_shingle_ids(text)))), text
     assert raw_shingle_ids_many([])[0].size == 0

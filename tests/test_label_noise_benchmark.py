@@ -1,4 +1,5 @@
 """Tests for the pure parts of benchmarks/label_noise.py: noise injection, scoring and the oracle ceiling."""
+
 from __future__ import annotations
 
 import sys
@@ -21,8 +22,8 @@ def test_inject_noise_flips_exactly_the_rate_to_another_class():
 
 def test_score_counts_restored_and_broken_labels():
     truth = np.array([0, 0, 1, 1, 2])
-    noisy = np.array([1, 0, 1, 1, 0])          # rows 0 and 4 are wrong
-    final = np.array([0, 2, 1, 1, 0])          # row 0 restored, row 1 broken, row 4 still wrong
+    noisy = np.array([1, 0, 1, 1, 0])  # rows 0 and 4 are wrong
+    final = np.array([0, 2, 1, 1, 0])  # row 0 restored, row 1 broken, row 4 still wrong
     s = bench.score(truth, noisy, final)
     assert s["noisy_rows"] == 2 and s["rows_changed"] == 2 and s["clean_broken"] == 1
     assert s["correction_precision"] == 0.5 and s["correction_recall"] == 0.5 and s["final_accuracy"] == 0.6
@@ -33,7 +34,7 @@ def test_oracle_rule_is_never_worse_than_leaving_the_labels_alone():
     truth = rng.integers(0, 4, 300)
     noisy = bench.inject_noise(truth, 4, 0.3, seed=0)
     proba = np.full((300, 4), 0.05)
-    proba[np.arange(300), truth] = 0.85        # a classifier that is right and sure on every row
+    proba[np.arange(300), truth] = 0.85  # a classifier that is right and sure on every row
     labels, at = bench.oracle_rule(truth, noisy, proba)
     assert (labels == truth).all() and at["max_self_confidence"] >= 0.05
     wrong = proba.copy()

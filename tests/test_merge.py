@@ -1,4 +1,5 @@
 """Tests for domainlm.lm.merging (linear / TIES / DARE behind one signature) and the merge stage."""
+
 from __future__ import annotations
 
 import json
@@ -8,12 +9,12 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import save_file
+from tiny_lm import build_base, build_lora, one_torch_thread  # noqa: F401 (autouse fixture)
 
 from domainlm.lm import merging
 from domainlm.lm.merging import MERGE_METHODS, load_causal_lm
 from domainlm.lm.task_vectors import task_vector
 from stages import merge as merge_stage
-from tiny_lm import build_base, build_lora, one_torch_thread  # noqa: F401 (autouse fixture)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -28,12 +29,18 @@ def tiny(tmp_path_factory):
 
 
 def _toy():
-    base = {"w": torch.randn(4, 3, generator=torch.Generator().manual_seed(0)),
-            "h": torch.randn(5, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16),
-            "untouched": torch.arange(3)}
-    tvs = {"a": {"w": torch.randn(4, 3, generator=torch.Generator().manual_seed(2)),
-                 "h": torch.randn(5, generator=torch.Generator().manual_seed(3))},
-           "b": {"w": torch.randn(4, 3, generator=torch.Generator().manual_seed(4))}}
+    base = {
+        "w": torch.randn(4, 3, generator=torch.Generator().manual_seed(0)),
+        "h": torch.randn(5, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16),
+        "untouched": torch.arange(3),
+    }
+    tvs = {
+        "a": {
+            "w": torch.randn(4, 3, generator=torch.Generator().manual_seed(2)),
+            "h": torch.randn(5, generator=torch.Generator().manual_seed(3)),
+        },
+        "b": {"w": torch.randn(4, 3, generator=torch.Generator().manual_seed(4))},
+    }
     return base, tvs
 
 
@@ -75,8 +82,10 @@ def test_ties_density_one_single_domain_equals_linear():
     base, tvs = _toy()
     one = {"a": tvs["a"]}
     for weight in (1.0, 0.4):
-        torch.testing.assert_close(merging.ties(base, one, {"a": weight}, lam=0.8, density=1.0),
-                                   merging.linear(base, one, {"a": weight}, lam=0.8))
+        torch.testing.assert_close(
+            merging.ties(base, one, {"a": weight}, lam=0.8, density=1.0),
+            merging.linear(base, one, {"a": weight}, lam=0.8),
+        )
 
 
 def test_ties_elects_sign_and_takes_disjoint_mean():
@@ -97,8 +106,12 @@ def test_ties_trim_keeps_top_magnitudes():
 def test_dare_without_drop_equals_linear():
     base, tvs = _toy()
     weights = {"a": 1.0, "b": 0.5}
-    torch.testing.assert_close(merging.dare(base, tvs, weights, lam=0.6, drop_rate=0.0, seed=3),
-                               merging.linear(base, tvs, weights, lam=0.6), rtol=0, atol=0)
+    torch.testing.assert_close(
+        merging.dare(base, tvs, weights, lam=0.6, drop_rate=0.0, seed=3),
+        merging.linear(base, tvs, weights, lam=0.6),
+        rtol=0,
+        atol=0,
+    )
 
 
 def test_dare_is_seeded_and_rescales_survivors():
@@ -137,8 +150,10 @@ def test_adding_a_method_is_one_function():
     try:
         base, tvs = _toy()
         assert merging.method_options({"method": "negate_for_test", "lam": 2.0}) == ("negate_for_test", {"lam": 2.0})
-        torch.testing.assert_close(merging.merge("negate_for_test", base, tvs, {"a": 1.0, "b": 1.0}, lam=1.0)["w"],
-                                   base["w"] - tvs["a"]["w"] - tvs["b"]["w"])
+        torch.testing.assert_close(
+            merging.merge("negate_for_test", base, tvs, {"a": 1.0, "b": 1.0}, lam=1.0)["w"],
+            base["w"] - tvs["a"]["w"] - tvs["b"]["w"],
+        )
     finally:
         del MERGE_METHODS["negate_for_test"]
 
@@ -153,7 +168,8 @@ def test_main_writes_loadable_merged_folder(tiny, tmp_path, monkeypatch):
         (tmp_path / "models" / "diff").mkdir(parents=True, exist_ok=True)
         save_file(tvs[domain], str(tmp_path / "models" / "diff" / f"{domain}.safetensors"))
     (tmp_path / "params.yaml").write_text(
-        "domains: [law, faq]\nmerge:\n  method: ties\n  lam: 0.9\n  weights: {faq: 0.5}\n  ties: {density: 0.5}\n")
+        "domains: [law, faq]\nmerge:\n  method: ties\n  lam: 0.9\n  weights: {faq: 0.5}\n  ties: {density: 0.5}\n"
+    )
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
 
@@ -162,7 +178,10 @@ def test_main_writes_loadable_merged_folder(tiny, tmp_path, monkeypatch):
     out = tmp_path / "models" / "merged"
     model = AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
     tok = AutoTokenizer.from_pretrained(out, local_files_only=True)
-    assert tok("대한민국 법률").input_ids == AutoTokenizer.from_pretrained(tiny / "base").__call__("대한민국 법률").input_ids
+    assert (
+        tok("대한민국 법률").input_ids
+        == AutoTokenizer.from_pretrained(tiny / "base").__call__("대한민국 법률").input_ids
+    )
     base = load_causal_lm(tiny / "base").state_dict()
     expected = merging.ties(base, tvs, {"law": 1.0, "faq": 0.5}, lam=0.9, density=0.5)
     for key, tensor in model.state_dict().items():

@@ -1,5 +1,6 @@
 """Tests for the parquet stage: JSONL -> Parquet with the document schema and per-column codecs
 (domainlm.documents.conversion, domainlm.documents.schema, stages/parquet.py)."""
+
 from __future__ import annotations
 
 import json
@@ -44,8 +45,15 @@ def make_records(domain: str, n: int, *, label=None, start: int = 0) -> list[dic
     out = []
     for i in range(start, start + n):
         lab = domain if label is None else label(i)
-        out.append({"id": f"{domain}-{i:04d}", "text": f"{TEXTS[i % len(TEXTS)]} #{i}", "domain": domain,
-                    "label": lab, "source": f"test:{domain}"})
+        out.append(
+            {
+                "id": f"{domain}-{i:04d}",
+                "text": f"{TEXTS[i % len(TEXTS)]} #{i}",
+                "domain": domain,
+                "label": lab,
+                "source": f"test:{domain}",
+            }
+        )
     return out
 
 
@@ -84,10 +92,13 @@ def test_round_trip_keeps_schema_values_dictionary_domain_and_null_labels(tmp_pa
 
 
 def test_n_chars_counts_code_points_not_bytes(tmp_path):
-    src = write_jsonl(tmp_path / "law.jsonl", [
-        {"id": "a", "text": "한국어", "domain": "law", "label": "law", "source": "s"},
-        {"id": "b", "text": "😀x", "domain": "law", "label": "law", "source": "s"},
-    ])
+    src = write_jsonl(
+        tmp_path / "law.jsonl",
+        [
+            {"id": "a", "text": "한국어", "domain": "law", "label": "law", "source": "s"},
+            {"id": "b", "text": "😀x", "domain": "law", "label": "law", "source": "s"},
+        ],
+    )
     convert_domain(src, tmp_path / "law.parquet", "law", LAYOUT)
     assert read_docs(tmp_path / "law.parquet")["n_chars"].to_pylist() == [3, 2]
 
@@ -124,8 +135,9 @@ def test_record_longer_than_default_json_block_is_read(tmp_path):
     # Arrow's JSON reader fails on a record larger than its block ("straddling object");
     # the block size follows the longest line.
     big = "가나다라마바사" * 200_000  # 1.4M chars, ~4.2 MB of UTF-8
-    records = make_records("bill", 2) + [{"id": "bill-big", "text": big, "domain": "bill", "label": "bill",
-                                          "source": "s"}]
+    records = make_records("bill", 2) + [
+        {"id": "bill-big", "text": big, "domain": "bill", "label": "bill", "source": "s"}
+    ]
     src = write_jsonl(tmp_path / "bill.jsonl", records)
     convert_domain(src, tmp_path / "bill.parquet", "bill", LAYOUT)
     table = read_docs(tmp_path / "bill.parquet")
@@ -141,13 +153,16 @@ def _write_with_schema(path: Path, schema: pa.Schema, rows: list[dict]) -> Path:
 ROW = {"id": "x", "text": "본문", "domain": "law", "label": None, "n_chars": 2, "source": "s"}
 
 
-@pytest.mark.parametrize("change,field_name", [
-    (lambda s: s.set(s.get_field_index("label"), pa.field("label", pa.int64())), "label"),
-    (lambda s: s.set(s.get_field_index("domain"), pa.field("domain", pa.string(), nullable=False)), "domain"),
-    (lambda s: s.remove(s.get_field_index("n_chars")), "n_chars"),
-    (lambda s: s.append(pa.field("extra", pa.string())), "extra"),
-    (lambda s: s.set(s.get_field_index("id"), pa.field("id", pa.string(), nullable=True)), "id"),
-])
+@pytest.mark.parametrize(
+    "change,field_name",
+    [
+        (lambda s: s.set(s.get_field_index("label"), pa.field("label", pa.int64())), "label"),
+        (lambda s: s.set(s.get_field_index("domain"), pa.field("domain", pa.string(), nullable=False)), "domain"),
+        (lambda s: s.remove(s.get_field_index("n_chars")), "n_chars"),
+        (lambda s: s.append(pa.field("extra", pa.string())), "extra"),
+        (lambda s: s.set(s.get_field_index("id"), pa.field("id", pa.string(), nullable=True)), "id"),
+    ],
+)
 def test_schema_mismatch_on_read_names_file_and_field(tmp_path, change, field_name):
     schema = change(DOC_SCHEMA)
     row = {k: v for k, v in ROW.items() if k in schema.names}
@@ -165,8 +180,9 @@ def test_schema_mismatch_on_read_names_file_and_field(tmp_path, change, field_na
 
 def test_schema_with_a_repeated_field_is_rejected(tmp_path):
     schema = DOC_SCHEMA.append(pa.field("source", pa.string(), nullable=False))
-    arrays = [pa.array(["law"]).dictionary_encode() if f.name == "domain" else pa.array([ROW[f.name]], f.type)
-              for f in schema]
+    arrays = [
+        pa.array(["law"]).dictionary_encode() if f.name == "domain" else pa.array([ROW[f.name]], f.type) for f in schema
+    ]
     pq.write_table(pa.Table.from_arrays(arrays, schema=schema), tmp_path / "bad.parquet")
     with pytest.raises(SchemaMismatchError, match=r"bad.parquet: field 'source' appears more than once"):
         read_docs(tmp_path / "bad.parquet")
@@ -185,13 +201,16 @@ def test_read_docs_missing_file_names_it(tmp_path):
         read_docs(tmp_path / "nope.parquet")
 
 
-@pytest.mark.parametrize("mutate,expect", [
-    (lambda r: r.pop("text"), r"record 1 \(id='law-0001'\) has no 'text'"),
-    (lambda r: r.update(source=None), r"record 1 \(id='law-0001'\) has no 'source'"),
-    (lambda r: r.update(domain="bill"), r"record 1 \(id='law-0001'\) has domain 'bill'.*domain 'law'"),
-    (lambda r: r.update(id="law-0000"), r"record 1 repeats id 'law-0000'"),
-    (lambda r: r.update(text="\u1112\u1161\u11ab"), r"record 1 \(id='law-0001'\) has text not in Unicode NFC"),
-])
+@pytest.mark.parametrize(
+    "mutate,expect",
+    [
+        (lambda r: r.pop("text"), r"record 1 \(id='law-0001'\) has no 'text'"),
+        (lambda r: r.update(source=None), r"record 1 \(id='law-0001'\) has no 'source'"),
+        (lambda r: r.update(domain="bill"), r"record 1 \(id='law-0001'\) has domain 'bill'.*domain 'law'"),
+        (lambda r: r.update(id="law-0000"), r"record 1 repeats id 'law-0000'"),
+        (lambda r: r.update(text="\u1112\u1161\u11ab"), r"record 1 \(id='law-0001'\) has text not in Unicode NFC"),
+    ],
+)
 def test_bad_records_raise_naming_file_record_and_field(tmp_path, mutate, expect):
     records = make_records("law", 3)
     mutate(records[1])
@@ -203,8 +222,9 @@ def test_bad_records_raise_naming_file_record_and_field(tmp_path, mutate, expect
     assert [p.name for p in tmp_path.iterdir()] == ["law.jsonl"]
 
 
-@pytest.mark.parametrize("line", ['{"id": "a", "text": "t", "domain": "law", "label": 3, "source": "s"}',
-                                  '{"id": "a", "text": "t", broken'])
+@pytest.mark.parametrize(
+    "line", ['{"id": "a", "text": "t", "domain": "law", "label": 3, "source": "s"}', '{"id": "a", "text": "t", broken']
+)
 def test_unparseable_jsonl_names_the_file(tmp_path, line):
     src = tmp_path / "law.jsonl"
     src.write_text(line + "\n", encoding="utf-8")
@@ -282,10 +302,12 @@ def test_main_as_a_module_writes_declared_outs(tmp_path):
     """``python -m stages.parquet`` from a repository root: data/parquet/ and metrics/parquet.json."""
     write_jsonl(tmp_path / "data" / "dedup" / "law.jsonl", make_records("law", 5))
     (tmp_path / "params.yaml").write_text(
-        "domains: [law]\nparquet:\n  batch_rows: 2\n  text_codec: brotli\n  default_codec: zstd\n", encoding="utf-8")
+        "domains: [law]\nparquet:\n  batch_rows: 2\n  text_codec: brotli\n  default_codec: zstd\n", encoding="utf-8"
+    )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    subprocess.run([sys.executable, "-m", "stages.parquet"], cwd=tmp_path, env=env, check=True,
-                   capture_output=True, timeout=120)
+    subprocess.run(
+        [sys.executable, "-m", "stages.parquet"], cwd=tmp_path, env=env, check=True, capture_output=True, timeout=120
+    )
     assert read_docs(tmp_path / "data" / "parquet" / "law.parquet").num_rows == 5
     assert pq.ParquetFile(tmp_path / "data" / "parquet" / "law.parquet").metadata.num_row_groups == 3
     metrics = json.loads((tmp_path / "metrics" / "parquet.json").read_text(encoding="utf-8"))

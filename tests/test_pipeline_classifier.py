@@ -12,6 +12,7 @@ The base model is a fixed checkpoint (``base_model.source: path``). ``base_model
 and DVC skips the other domains' ``train_lora``. With ``source: build`` new data in one domain would retrain the
 base and so, rightly, every expert. Tiny models keep the module to a few minutes on 2 cores.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,13 +20,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from mlflow import MlflowClient
-
 from classifier_fixtures import classifier_params
 from conftest import ROOT, make_pipeline_repo, run
+from lm_fixtures import TINY, TRAIN_TEXTS
+from mlflow import MlflowClient
+
 from domainlm.documents.corpus import builtin_documents
 from domainlm.documents.jsonl import dumps
-from lm_fixtures import TINY, TRAIN_TEXTS
 
 pytestmark = pytest.mark.slow
 
@@ -35,17 +36,24 @@ FIRST_FAQ_DOCS = 10  # the faq source starts with this many chapters; the rest a
 
 
 def params(base_dir: Path, incoming: Path) -> dict:
-    cfg = classifier_params(gate={"min_f1": 0.0, "max_retries": 3, "retry_epochs": 2, "retry_lr": 1.0e-2},
-                            train={"epochs": 3}, compile=True)  # as params.yaml: compiled decoder layers
+    cfg = classifier_params(
+        gate={"min_f1": 0.0, "max_retries": 3, "retry_epochs": 2, "retry_lr": 1.0e-2}, train={"epochs": 3}, compile=True
+    )  # as params.yaml: compiled decoder layers
     return {
         "compute": {"dtype": "auto", "threads": 1},
-        "corpus": {"max_docs_per_domain": 36,
-                   "sources": {"faq": {"type": "jsonl", "uri": str(incoming / "*.jsonl")}}},
-        "base_model": {"source": "path", "path": str(base_dir), "model": {"context_length": 32},
-                       "train": {"eval_batch_size": 16}},
+        "corpus": {"max_docs_per_domain": 36, "sources": {"faq": {"type": "jsonl", "uri": str(incoming / "*.jsonl")}}},
+        "base_model": {
+            "source": "path",
+            "path": str(base_dir),
+            "model": {"context_length": 32},
+            "train": {"eval_batch_size": 16},
+        },
         "train_lora": {"train": {"max_steps": 4, "eval_steps": 2, "logging_steps": 2, "batch_size": 4}},
-        "evaluate": {"stride": 16, "max_tokens_per_domain": 256,
-                     "continuation": {"n_docs": 2, "prompt_tokens": 8, "new_tokens": 8, "show_per_domain": 1}},
+        "evaluate": {
+            "stride": 16,
+            "max_tokens_per_domain": 256,
+            "continuation": {"n_docs": 2, "prompt_tokens": 8, "new_tokens": 8, "show_per_domain": 1},
+        },
         "refine": {"max_iterations": 2, "lstm": {"epochs": 2, "max_tokens": 32}, "transformer": {"max_tokens": 32}},
         "classifier": cfg,
     }
@@ -80,8 +88,9 @@ def classifier_repo(tmp_path_factory, faq_records):
     base_dir = pretrain.save_hf_folder(model, tok, root / "checkpoint")
     incoming = root / "incoming" / "faq"
     incoming.mkdir(parents=True)
-    (incoming / "part-000.jsonl").write_text("".join(dumps(r) + "\n" for r in faq_records[:FIRST_FAQ_DOCS]),
-                                             encoding="utf-8")
+    (incoming / "part-000.jsonl").write_text(
+        "".join(dumps(r) + "\n" for r in faq_records[:FIRST_FAQ_DOCS]), encoding="utf-8"
+    )
     repo = make_pipeline_repo(root / "repo", params(base_dir, incoming))
     dvc_yaml = yaml.safe_load((repo / "dvc.yaml").read_text(encoding="utf-8"))
     dvc_yaml["stages"]["corpus"]["deps"].append(str(incoming))  # the user's own data is a dep (layout issue)
@@ -104,6 +113,7 @@ def test_first_run_registers_a_champion_with_metrics_plots_and_token_stats(class
     assert 0.0 <= m["lora"]["macro_f1"] <= 1.0 and 0.0 <= m["baseline"]["macro_f1"] <= 1.0
     assert m["stage"]["wall_s"] > 0
     from domainlm.common.compute import resolve
+
     expected = resolve({"dtype": "auto", "threads": 1})  # the test repo's compute params
     assert m["compute"] == expected.metrics()  # the policy the stage used, in its metrics
     assert m["start"]["case"] == "fresh" and m["windows"] == {"max_length": 24, "train": 2, "predict": 3}
@@ -144,11 +154,14 @@ def test_exp_run_with_an_unreachable_gate_retries_alerts_and_keeps_the_champion(
     assert int(client.get_model_version_by_alias(MODEL, "challenger").version) == versions_before + 1
     parent = client.get_run(alert["mlflow_run_id"])
     assert parent.data.tags["gate"] == "failed"
-    children = client.search_runs([parent.info.experiment_id],
-                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
     assert sorted(r.data.tags["mlflow.runName"] for r in children) == [f"attempt_{i}" for i in range(4)]
     assert all("test_macro_f1" in r.data.metrics for r in children)
-    assert m["gate"]["trained_epochs"] <= 3 + 3 * 2  # retries continue for retry_epochs; they are not fresh, longer runs
+    assert (
+        m["gate"]["trained_epochs"] <= 3 + 3 * 2
+    )  # retries continue for retry_epochs; they are not fresh, longer runs
 
     diff = json.loads(run(["dvc", "metrics", "diff", "--json"], repo).stdout)["metrics/classifier.json"]
     assert diff["gate.attempts"]["old"] == 1 and diff["gate.attempts"]["new"] == 4
@@ -164,8 +177,9 @@ def test_new_faq_documents_rerun_only_that_domains_adapter_and_register_a_new_cl
     data_before = client.get_model_version(MODEL, str(versions_before)).tags["data_sha256"]
 
     # the daily delivery: a new file of faq chapters in the source folder
-    (incoming / "part-001.jsonl").write_text("".join(dumps(r) + "\n" for r in faq_records[FIRST_FAQ_DOCS:]),
-                                             encoding="utf-8")
+    (incoming / "part-001.jsonl").write_text(
+        "".join(dumps(r) + "\n" for r in faq_records[FIRST_FAQ_DOCS:]), encoding="utf-8"
+    )
     status = run(["dvc", "status"], repo).stdout
     assert "corpus:" in status and str(incoming) in status
     ran = ran_stages(run(["dvc", "repro"], repo).stdout)

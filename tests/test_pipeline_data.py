@@ -4,6 +4,7 @@
 only dedup and what depends on it; `dvc push`/`dvc pull` round-trip every output byte for byte through
 the default local remote and through a real S3-compatible server (moto on 127.0.0.1).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -12,7 +13,6 @@ from pathlib import Path
 
 import boto3
 import pytest
-
 from conftest import make_pipeline_repo, run, set_params
 
 pytestmark = pytest.mark.slow

@@ -1,4 +1,5 @@
 """dvc.yaml declares what each stage reads: project modules it imports (transitively), and external inputs."""
+
 from __future__ import annotations
 
 import ast
@@ -102,6 +103,7 @@ def test_the_import_walk_sees_a_transitive_import():
 
 
 # ------------------------------------------------------------------ external inputs
+
 
 def test_covers_folders_and_s3_prefixes(tmp_path):
     assert covers("data/in", "data/in/news.jsonl", tmp_path)

@@ -2,6 +2,7 @@
 S3-compatible server) make `dvc status` report `corpus` changed, and `dvc repro` re-runs corpus and what
 depends on it. A source that dvc.yaml does not declare stops the stage with a message saying what to add.
 """
+
 from __future__ import annotations
 
 import json
@@ -10,7 +11,6 @@ from pathlib import Path
 import boto3
 import pytest
 import yaml
-
 from conftest import make_pipeline_repo, run, set_params
 
 pytestmark = pytest.mark.slow
@@ -24,8 +24,14 @@ SENTENCES = [
 
 
 def news_lines(start: int, n: int) -> str:
-    return "".join(json.dumps({"doc_id": f"news-{i:05d}", "body": f"{SENTENCES[i % 4]} 기사 번호 {i}번입니다.",
-                               "topic": "news"}, ensure_ascii=False) + "\n" for i in range(start, start + n))
+    return "".join(
+        json.dumps(
+            {"doc_id": f"news-{i:05d}", "body": f"{SENTENCES[i % 4]} 기사 번호 {i}번입니다.", "topic": "news"},
+            ensure_ascii=False,
+        )
+        + "\n"
+        for i in range(start, start + n)
+    )
 
 
 def add_dep(repo: Path, stage: str, dep: str) -> None:
@@ -52,7 +58,9 @@ def only_sources(repo: Path, sources: dict) -> None:
 
 def jsonl_repo(path: Path, uri: str) -> Path:
     repo = make_pipeline_repo(path)
-    only_sources(repo, {"news": {"type": "jsonl", "uri": uri, "fields": {"id": "doc_id", "text": "body", "label": "topic"}}})
+    only_sources(
+        repo, {"news": {"type": "jsonl", "uri": uri, "fields": {"id": "doc_id", "text": "body", "label": "topic"}}}
+    )
     return repo
 
 
@@ -66,8 +74,10 @@ def test_undeclared_source_stops_corpus_with_the_line_to_add(tmp_path):
     out = proc.stdout + proc.stderr
     assert "does not list as deps of 'corpus'" in out and f"- {incoming}" in out
     assert not (repo / "data" / "raw" / "news.jsonl").exists()
-    assert "corpus\t" in (repo / "logs" / "pipeline_run.log").read_text() and "\tfailed\t" in (
-        repo / "logs" / "pipeline_run.log").read_text()
+    assert (
+        "corpus\t" in (repo / "logs" / "pipeline_run.log").read_text()
+        and "\tfailed\t" in (repo / "logs" / "pipeline_run.log").read_text()
+    )
 
 
 def test_local_source_growth_reruns_corpus_and_dependents(tmp_path):
@@ -120,18 +130,30 @@ def test_validate_inputs_outside_the_pipeline_must_be_declared(tmp_path):
     incoming = tmp_path / "extra"
     incoming.mkdir()
     (incoming / "more.jsonl").write_text(
-        "".join(json.dumps({"id": f"x{i}", "text": SENTENCES[i % 4], "domain": "law"}, ensure_ascii=False) + "\n"
-                for i in range(6)), encoding="utf-8")
-    repo = make_pipeline_repo(tmp_path / "repo", {"corpus": {"max_docs_per_domain": 10},
-                                                   "validate": {"inputs": ["data/raw/*.jsonl", str(incoming / "*.jsonl")]}})
+        "".join(
+            json.dumps({"id": f"x{i}", "text": SENTENCES[i % 4], "domain": "law"}, ensure_ascii=False) + "\n"
+            for i in range(6)
+        ),
+        encoding="utf-8",
+    )
+    repo = make_pipeline_repo(
+        tmp_path / "repo",
+        {
+            "corpus": {"max_docs_per_domain": 10},
+            "validate": {"inputs": ["data/raw/*.jsonl", str(incoming / "*.jsonl")]},
+        },
+    )
     only_sources(repo, {"law": {"type": "kolaw"}})
     proc = run(["dvc", "repro", "validate"], repo, check=False)
     assert proc.returncode != 0 and "does not list as deps of 'validate'" in proc.stdout + proc.stderr
     add_dep(repo, "validate", str(incoming))
     run(["dvc", "repro", "validate"], repo)
     assert lines_read(repo) == 10 + 6
-    (incoming / "more.jsonl").write_text((incoming / "more.jsonl").read_text() + (incoming / "more.jsonl").read_text()
-                                         .splitlines(keepends=True)[0].replace('"x0"', '"x6"'), encoding="utf-8")
+    (incoming / "more.jsonl").write_text(
+        (incoming / "more.jsonl").read_text()
+        + (incoming / "more.jsonl").read_text().splitlines(keepends=True)[0].replace('"x0"', '"x6"'),
+        encoding="utf-8",
+    )
     status = run(["dvc", "status", "--with-deps", "validate"], repo).stdout
     assert "validate:" in status and "corpus:" not in status
     assert ran_stages(run(["dvc", "repro", "validate"], repo).stdout) == ["validate"]

@@ -5,6 +5,7 @@ Tiny model params keep it to a few minutes on 2 cores. It checks what a user rel
 on it; `dvc metrics diff` shows the perplexity change; changing one domain's data re-trains only
 that domain's adapter (with a fixed base checkpoint, `base_model.source: path`).
 """
+
 from __future__ import annotations
 
 import json
@@ -13,7 +14,6 @@ import shutil
 import mlflow
 import pytest
 import yaml
-
 from conftest import make_pipeline_repo, run, set_params
 
 pytestmark = pytest.mark.slow
@@ -23,13 +23,22 @@ TINY = {
     "corpus": {"max_docs_per_domain": 36},
     "base_model": {
         "tokenizer": {"vocab_size": 512},
-        "model": {"context_length": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                  "num_attention_heads": 2, "num_key_value_heads": 1},
+        "model": {
+            "context_length": 64,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+        },
         "train": {"steps": 12, "batch_size": 4, "warmup_steps": 2, "log_every": 4},
     },
     "train_lora": {"train": {"max_steps": 6, "eval_steps": 3, "logging_steps": 2, "batch_size": 4}},
-    "evaluate": {"stride": 32, "max_tokens_per_domain": 512,
-                 "continuation": {"n_docs": 2, "prompt_tokens": 8, "new_tokens": 8, "show_per_domain": 1}},
+    "evaluate": {
+        "stride": 32,
+        "max_tokens_per_domain": 512,
+        "continuation": {"n_docs": 2, "prompt_tokens": 8, "new_tokens": 8, "show_per_domain": 1},
+    },
 }
 
 
@@ -122,10 +131,15 @@ def test_promote_then_repro_relabels_without_retraining_the_models(model_repo):
 
     db_path = model_repo / "data" / "refined" / "sentences.db"
     with sqlite3.connect(db_path) as con:
-        row_id, label = con.execute("SELECT id, current_label FROM sentences WHERE domain = 'office_help' "
-                                    "AND current_label = original_label ORDER BY id LIMIT 1").fetchone()
-        other = con.execute("SELECT DISTINCT original_label FROM sentences WHERE domain = 'office_help' "
-                            "AND original_label != ? ORDER BY original_label LIMIT 1", [label]).fetchone()[0]
+        row_id, label = con.execute(
+            "SELECT id, current_label FROM sentences WHERE domain = 'office_help' "
+            "AND current_label = original_label ORDER BY id LIMIT 1"
+        ).fetchone()
+        other = con.execute(
+            "SELECT DISTINCT original_label FROM sentences WHERE domain = 'office_help' "
+            "AND original_label != ? ORDER BY original_label LIMIT 1",
+            [label],
+        ).fetchone()[0]
         con.execute("UPDATE sentences SET current_label = ? WHERE id = ?", [other, row_id])  # the reviewer's fix
     run(["python", "-m", "stages.refine_labels", "promote"], model_repo)
 

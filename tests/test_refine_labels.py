@@ -1,5 +1,6 @@
 """Tests for the refine_labels stage: SQLite transactions, the update rule, out-of-fold scoring,
 OOM back-off, convergence, promotion of refined labels, and (slow) the whole stage end to end."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,18 +19,17 @@ import pytest
 import sqlite_utils
 import torch
 import yaml
+from lm_fixtures import korean_docs, write_label_table_fixture, write_split_fixture
+from tiny_lm import build_base, one_torch_thread  # noqa: F401 (autouse fixture)
 
 from domainlm.common.params import section
 from domainlm.common.threads import limit_threads
 from domainlm.documents.labels import OVERRIDES_SCHEMA, apply_overrides, read_overrides, write_empty_overrides
 from domainlm.refine import ensemble as ens
 from domainlm.refine import features as feat
-from domainlm.refine import loop
+from domainlm.refine import loop, store
 from domainlm.refine import members as mem
-from domainlm.refine import store
-from lm_fixtures import korean_docs, write_label_table_fixture, write_split_fixture
 from stages import refine_labels as rl
-from tiny_lm import build_base, one_torch_thread  # noqa: F401 (autouse fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 DOMAINS = ["law", "office_help", "faq"]
@@ -41,9 +41,19 @@ def toy_rows(n_per_class: int = 12, seed: int = 0) -> list[dict]:
     for d in DOMAINS:
         for i, text in enumerate(korean_docs(d, n_per_class, seed=seed)):
             split = "val" if i % 4 == 0 else "train"
-            rows.append({"id": f"{d}-{i}", "text": text, "domain": d, "split": split, "original_label": d,
-                         "current_label": d, "confidence": None, "label_last_updated": "2024-01-01T00:00:00+00:00",
-                         "updated_iteration": None})
+            rows.append(
+                {
+                    "id": f"{d}-{i}",
+                    "text": text,
+                    "domain": d,
+                    "split": split,
+                    "original_label": d,
+                    "current_label": d,
+                    "confidence": None,
+                    "label_last_updated": "2024-01-01T00:00:00+00:00",
+                    "updated_iteration": None,
+                }
+            )
     return rows
 
 
@@ -60,6 +70,7 @@ def db(tmp_path):
 
 
 # ------------------------------------------------------------------ the SQLite table
+
 
 def test_store_schema_chunks_and_indexes(tmp_path):
     write_split_fixture(tmp_path / "split", {d: korean_docs(d, 10) for d in DOMAINS})
@@ -82,8 +93,10 @@ def test_store_takes_labels_from_the_label_table(tmp_path):
     write_split_fixture(tmp_path / "split", {d: korean_docs(d, 10) for d in DOMAINS})
     write_label_table_fixture(tmp_path / "split", tmp_path / "labels.parquet", {"law-train-0": "faq"})
     labels = store.label_map(tmp_path / "labels.parquet")
-    rows = {r["id"]: r for r in store.iter_split_rows(store.split_files(tmp_path / "split", DOMAINS), 4,
-                                                      store.LoadReport(), labels)}
+    rows = {
+        r["id"]: r
+        for r in store.iter_split_rows(store.split_files(tmp_path / "split", DOMAINS), 4, store.LoadReport(), labels)
+    }
     assert rows["law-train-0"]["original_label"] == rows["law-train-0"]["current_label"] == "faq"
     assert rows["law-train-1"]["original_label"] == "law"
     del labels["law-val-0"]
@@ -121,8 +134,9 @@ def test_interrupted_iteration_leaves_db_unchanged(db):
     assert dump(db) == before
     # without the crash, the same updates all land together
     assert store.apply_updates(db, iter(updates), iteration=3, now="2030-01-01T00:00:00+00:00") == len(ids)
-    after = db.execute(f"SELECT DISTINCT current_label, confidence, label_last_updated, updated_iteration "
-                       f"FROM {store.TABLE}").fetchall()
+    after = db.execute(
+        f"SELECT DISTINCT current_label, confidence, label_last_updated, updated_iteration FROM {store.TABLE}"
+    ).fetchall()
     assert after == [("faq", 0.9, "2030-01-01T00:00:00+00:00", 3)]
 
 
@@ -136,6 +150,7 @@ def test_confidence_only_update_keeps_label_metadata(db):
 
 
 # ------------------------------------------------------------------ the update rule
+
 
 def test_threshold_schedule():
     taus = [loop.threshold(t, 0.7, 0.05, 0.95) for t in range(8)]
@@ -199,6 +214,7 @@ def test_feature_change_rate():
 
 
 # ------------------------------------------------------------------ out-of-fold scoring
+
 
 class Memorizer:
     """A member that remembers the rows it was trained on: it answers their training label with
@@ -278,8 +294,14 @@ def test_build_members_has_the_char_tfidf_member(tmp_path):
     model, tok = build_base(tmp_path / "lm")
     texts = [t for d in DOMAINS for t in korean_docs(d, 4)]
     members, lexical, secs = mem.build_members(
-        texts, tok, model, lexical=mem.LexicalConfig(min_df=1), tfidf=mem.TfidfConfig(C=1.0, min_df=1),
-        lstm=mem.LSTMConfig(max_tokens=16, epochs=1), transformer=mem.TransformerConfig(max_tokens=16))
+        texts,
+        tok,
+        model,
+        lexical=mem.LexicalConfig(min_df=1),
+        tfidf=mem.TfidfConfig(C=1.0, min_df=1),
+        lstm=mem.LSTMConfig(max_tokens=16, epochs=1),
+        transformer=mem.TransformerConfig(max_tokens=16),
+    )
     assert [m.name for m in members] == ["lexical", "tfidf", "lstm", "bilstm", "transformer"]
     assert members[0] is lexical and members[1].C == 1.0 and members[1].x.shape[0] == len(texts)
     assert {"lexical_features_s", "tfidf_features_s", "tokenize_s", "embed_s"} <= set(secs)
@@ -292,8 +314,14 @@ def test_cross_fitting_in_two_worker_processes_gives_the_same_probabilities(tmp_
     texts = [t for d in DOMAINS for t in korean_docs(d, 8)]
     y = np.repeat(np.arange(len(DOMAINS)), 8)
     members, _, _ = mem.build_members(
-        texts, tok, model, lexical=mem.LexicalConfig(min_df=1), tfidf=mem.TfidfConfig(C=1.0, min_df=1),
-        lstm=mem.LSTMConfig(max_tokens=16, epochs=2), transformer=mem.TransformerConfig(max_tokens=16))
+        texts,
+        tok,
+        model,
+        lexical=mem.LexicalConfig(min_df=1),
+        tfidf=mem.TfidfConfig(C=1.0, min_df=1),
+        lstm=mem.LSTMConfig(max_tokens=16, epochs=2),
+        transformer=mem.TransformerConfig(max_tokens=16),
+    )
     serial = ens.cross_fit_ensemble(members, y, len(DOMAINS), folds=3, seed=5, workers=1, threads=1)
     parallel = ens.cross_fit_ensemble(members, y, len(DOMAINS), folds=3, seed=5, workers=2, threads=1)
     for m in members:
@@ -346,6 +374,7 @@ def test_accuracy_weights():
 
 # ------------------------------------------------------------------ OOM back-off
 
+
 def test_run_in_batches_halves_on_oom_and_processes_every_item_once():
     seen: list[int] = []
 
@@ -380,6 +409,7 @@ def _oom_above(limit: int):
     def hook(module, args):
         if args[0].shape[0] > limit:
             raise torch.OutOfMemoryError(f"CUDA out of memory (injected for batch {args[0].shape[0]})")
+
     return hook
 
 
@@ -411,7 +441,8 @@ def test_embedding_survives_injected_oom(tmp_path):
     assert bs == 8
     # Qwen2Model.forward is called with keyword arguments, so the hook reads input_ids from kwargs
     handle = model.base_model.register_forward_pre_hook(
-        lambda m, args, kwargs: _oom_above(2)(m, (kwargs["input_ids"],)), with_kwargs=True)
+        lambda m, args, kwargs: _oom_above(2)(m, (kwargs["input_ids"],)), with_kwargs=True
+    )
     try:
         emb, bs = feat.embed_mean_pooled(model, tok, texts, max_tokens=16, batch_size=8, desc=None)
     finally:
@@ -422,6 +453,7 @@ def test_embedding_survives_injected_oom(tmp_path):
 
 
 # ------------------------------------------------------------------ the loop
+
 
 def small_members(texts):
     x, names = feat.lexical_counts(texts, min_df=1)
@@ -437,8 +469,12 @@ def test_refine_config_reads_every_refine_param():
     cfg = loop.RefineConfig.from_params(p)
     # every key of the refine section is a field (none silently ignored), in params.yaml's types
     assert set(p) <= {f.name for f in dataclasses.fields(loop.RefineConfig)}
-    for name, sub in (("lexical", cfg.lexical), ("tfidf", cfg.tfidf), ("lstm", cfg.lstm),
-                      ("transformer", cfg.transformer)):
+    for name, sub in (
+        ("lexical", cfg.lexical),
+        ("tfidf", cfg.tfidf),
+        ("lstm", cfg.lstm),
+        ("transformer", cfg.transformer),
+    ):
         assert set(p[name]) <= {f.name for f in dataclasses.fields(sub)}
         assert all(getattr(sub, k) == (tuple(v) if isinstance(v, list) else v) for k, v in p[name].items())
     assert all(getattr(cfg, k) == v for k, v in p.items() if not isinstance(v, dict))
@@ -458,18 +494,29 @@ def test_loop_corrects_flipped_labels_and_converges(db, tmp_path):
         for i, lab in flips.items():
             db.execute(f"UPDATE {store.TABLE} SET current_label = ?, original_label = ? WHERE id = ?", [lab, lab, i])
     members, lexical = small_members(labels.texts)
-    cfg = loop.RefineConfig(folds=3, max_iterations=6, epsilon=0.01, tau0=0.5, tau_step=0.05, tau_max=0.9,
-                          max_change_fraction=0.25)
+    cfg = loop.RefineConfig(
+        folds=3, max_iterations=6, epsilon=0.01, tau0=0.5, tau_step=0.05, tau_max=0.9, max_change_fraction=0.25
+    )
     seen = []
-    result = loop.refine(db, members, lexical, cfg, splits=labels.splits, classes=DOMAINS,
-                       snapshot_dir=tmp_path / "snap", history_path=tmp_path / "plots" / "h.csv",
-                       on_iteration=lambda t, row: seen.append(t))
+    result = loop.refine(
+        db,
+        members,
+        lexical,
+        cfg,
+        splits=labels.splits,
+        classes=DOMAINS,
+        snapshot_dir=tmp_path / "snap",
+        history_path=tmp_path / "plots" / "h.csv",
+        on_iteration=lambda t, row: seen.append(t),
+    )
     assert result.converged and len(result.iterations) < cfg.max_iterations
     assert seen == list(range(len(result.iterations)))
     assert result.iterations[-1].history["label_change_rate"] < cfg.epsilon
     current = dict(db.execute(f"SELECT id, current_label FROM {store.TABLE}").fetchall())
     assert all(current[i] == i.rsplit("-", 1)[0] for i in flips)  # every flipped label restored
-    changed = db.execute(f"SELECT id, updated_iteration FROM {store.TABLE} WHERE updated_iteration IS NOT NULL").fetchall()
+    changed = db.execute(
+        f"SELECT id, updated_iteration FROM {store.TABLE} WHERE updated_iteration IS NOT NULL"
+    ).fetchall()
     assert {i for i, _ in changed} == set(flips)
     # one snapshot and one history row per iteration
     assert sorted(p.name for p in (tmp_path / "snap").iterdir()) == [f"iter_{t}.parquet" for t in seen]
@@ -487,16 +534,28 @@ def test_loop_stops_at_max_iterations(db, tmp_path):
     labels = store.read_labels(db)
     members, lexical = small_members(labels.texts)
     cfg = loop.RefineConfig(folds=3, max_iterations=1, epsilon=0.0)  # a rate is never < 0
-    result = loop.refine(db, members, lexical, cfg, splits=labels.splits, classes=DOMAINS,
-                       snapshot_dir=tmp_path / "snap", history_path=tmp_path / "h.csv")
+    result = loop.refine(
+        db,
+        members,
+        lexical,
+        cfg,
+        splits=labels.splits,
+        classes=DOMAINS,
+        snapshot_dir=tmp_path / "snap",
+        history_path=tmp_path / "h.csv",
+    )
     assert len(result.iterations) == 1 and not result.converged
 
 
 # ------------------------------------------------------------------ promotion
 
+
 def test_promote_writes_and_merges_overrides(db, tmp_path):
-    store.apply_updates(db, [store.RowUpdate("law-1", 0.97, "faq"), store.RowUpdate("faq-2", 0.91, "law"),
-                             store.RowUpdate("law-3", 0.2)], iteration=0)
+    store.apply_updates(
+        db,
+        [store.RowUpdate("law-1", 0.97, "faq"), store.RowUpdate("faq-2", 0.91, "law"), store.RowUpdate("law-3", 0.2)],
+        iteration=0,
+    )
     path = tmp_path / "labels" / "overrides.parquet"
     write_empty_overrides(path)
     assert pq.read_table(path).num_rows == 0
@@ -509,8 +568,11 @@ def test_promote_writes_and_merges_overrides(db, tmp_path):
     pq.write_table(pa.table({"id": ["law-1", "old-9"], "label": ["bill", "calc"]}, schema=OVERRIDES_SCHEMA), path)
     counts = loop.promote(tmp_path / "sentences.db", path)
     assert counts == {"new": 2, "kept": 1, "rows": 3}
-    assert dict((r["id"], r["label"]) for r in read_overrides(path).to_pylist()) == \
-        {"faq-2": "law", "law-1": "faq", "old-9": "calc"}
+    assert dict((r["id"], r["label"]) for r in read_overrides(path).to_pylist()) == {
+        "faq-2": "law",
+        "law-1": "faq",
+        "old-9": "calc",
+    }
     # the split stage applies what promote wrote
     docs = pa.table({"id": ["law-1", "x"], "label": ["law", "law"]})
     out, applied, unknown = apply_overrides(docs, read_overrides(path))
@@ -524,9 +586,16 @@ def test_promote_cli(tmp_path):
     store.apply_updates(db, [store.RowUpdate("law-0", 0.99, "faq")], iteration=0)
     db.close()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    subprocess.run([sys.executable, "-m", "stages.refine_labels", "promote"], cwd=tmp_path, env=env, check=True,
-                   capture_output=True)
-    assert pq.read_table(tmp_path / "data" / "labels" / "overrides.parquet").to_pylist() == [{"id": "law-0", "label": "faq"}]
+    subprocess.run(
+        [sys.executable, "-m", "stages.refine_labels", "promote"],
+        cwd=tmp_path,
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+    assert pq.read_table(tmp_path / "data" / "labels" / "overrides.parquet").to_pylist() == [
+        {"id": "law-0", "label": "faq"}
+    ]
 
 
 def test_two_promotes_at_once_wait_for_the_lock_and_do_not_interleave(tmp_path):
@@ -547,12 +616,21 @@ def test_two_promotes_at_once_wait_for_the_lock_and_do_not_interleave(tmp_path):
     lock.acquire()
     try:
         logs = [tmp_path / f"promote_{i}.log" for i in range(2)]
-        procs = [subprocess.Popen([sys.executable, "-m", "stages.refine_labels", "promote"], cwd=tmp_path, env=env,
-                                  stdout=log.open("w"), stderr=subprocess.STDOUT) for log in logs]
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-m", "stages.refine_labels", "promote"],
+                cwd=tmp_path,
+                env=env,
+                stdout=log.open("w"),
+                stderr=subprocess.STDOUT,
+            )
+            for log in logs
+        ]
         deadline = time.monotonic() + 120
         while not all("another promote holds" in log.read_text() for log in logs):  # both reached the lock
-            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), \
-                [log.read_text()[-2000:] for log in logs]
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), [
+                log.read_text()[-2000:] for log in logs
+            ]
             time.sleep(0.2)
         time.sleep(1.0)
         assert all(p.poll() is None for p in procs), "a promote did not wait for the lock"
@@ -598,6 +676,7 @@ def test_repository_starts_with_an_empty_overrides_file():
 
 # ------------------------------------------------------------------ the stage, end to end
 
+
 @pytest.mark.slow
 def test_stage_end_to_end(tmp_path, monkeypatch):
     """``main()`` in a repository laid out as the pipeline's (domainlm.common.paths, params.yaml)."""
@@ -611,13 +690,37 @@ def test_stage_end_to_end(tmp_path, monkeypatch):
     write_label_table_fixture(tmp_path / "data" / "split", tmp_path / "data" / "labels" / "split_labels.parquet")
     build_base(tmp_path / "models" / "merged")
     params = {
-        "chunksize": 8, "folds": 3, "seed": 0, "max_iterations": 3, "epsilon": 0.01, "tau0": 0.5, "tau_step": 0.05,
-        "tau_max": 0.95, "max_change_fraction": 0.2, "review_size": 5, "top_k_features": 5, "max_chars": 400,
-        "lexical": {"word_ngrams": [1, 2], "jamo_ngrams": [2, 3], "min_df": 1, "jamo_weight": 0.1, "alpha": 0.01,
-                    "doc_tokens": 30},
-        "lstm": {"max_tokens": 32, "min_token_count": 1, "embed_dim": 8, "hidden": 8, "epochs": 2, "batch_size": 16,
-                 "lr": 0.02},
-        "transformer": {"max_tokens": 32, "batch_size": 8, "C": 1.0, "max_iter": 100}, "threads": 1,
+        "chunksize": 8,
+        "folds": 3,
+        "seed": 0,
+        "max_iterations": 3,
+        "epsilon": 0.01,
+        "tau0": 0.5,
+        "tau_step": 0.05,
+        "tau_max": 0.95,
+        "max_change_fraction": 0.2,
+        "review_size": 5,
+        "top_k_features": 5,
+        "max_chars": 400,
+        "lexical": {
+            "word_ngrams": [1, 2],
+            "jamo_ngrams": [2, 3],
+            "min_df": 1,
+            "jamo_weight": 0.1,
+            "alpha": 0.01,
+            "doc_tokens": 30,
+        },
+        "lstm": {
+            "max_tokens": 32,
+            "min_token_count": 1,
+            "embed_dim": 8,
+            "hidden": 8,
+            "epochs": 2,
+            "batch_size": 16,
+            "lr": 0.02,
+        },
+        "transformer": {"max_tokens": 32, "batch_size": 8, "C": 1.0, "max_iter": 100},
+        "threads": 1,
     }
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"domains": DOMAINS, "refine": params}), encoding="utf-8")
     rl.main([])
@@ -627,8 +730,12 @@ def test_stage_end_to_end(tmp_path, monkeypatch):
     assert metrics["rows"] == 42 and metrics["classes"] == 3
     assert 0 <= metrics["label_change_rate"] <= 1
     db = sqlite_utils.Database(tmp_path / "data" / "refined" / "sentences.db")
-    moved = dict(db.execute(f"SELECT id, current_label FROM {store.TABLE} WHERE id IN "
-                            "('law-train-0','law-train-1','faq-train-0','faq-train-1')").fetchall())
+    moved = dict(
+        db.execute(
+            f"SELECT id, current_label FROM {store.TABLE} WHERE id IN "
+            "('law-train-0','law-train-1','faq-train-0','faq-train-1')"
+        ).fetchall()
+    )
     assert moved == {"law-train-0": "faq", "law-train-1": "faq", "faq-train-0": "law", "faq-train-1": "law"}
     assert db.execute(f"SELECT count(*) FROM {store.TABLE} WHERE confidence IS NULL").fetchone()[0] == 0
     db.close()
@@ -654,6 +761,7 @@ def test_stage_end_to_end(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------ the cross-fitted stacker (issue 11, item 10)
+
 
 def _complementary_members(n_per_class: int = 60, seed: int = 0):
     """Two members with complementary skills on 3 classes: ``a`` knows classes 0 and 1 but calls every class-2 row

@@ -1,5 +1,6 @@
 """report: the notebook runs headless on the pipeline's metrics/plots/eval files and exports a markdown
 report whose figures are real PNGs and whose numbers are the metrics files' numbers."""
+
 from __future__ import annotations
 
 import copy
@@ -25,9 +26,13 @@ INPUT_DIRS = ("metrics", "plots", "eval")
 
 # A made-up metrics/classifier.json in the documented minimal shape (domainlm.report.inputs): no gate, no registry.
 CLASSIFIER = {
-    "lora": {"macro_f1": 0.8731, "confusion_matrix": {"labels": ["law", "bill", "office_help", "faq"],
-                                                      "matrix": [[12, 1, 0, 0], [0, 1, 0, 0], [3, 0, 240, 6],
-                                                                 [0, 0, 1, 1]]}},
+    "lora": {
+        "macro_f1": 0.8731,
+        "confusion_matrix": {
+            "labels": ["law", "bill", "office_help", "faq"],
+            "matrix": [[12, 1, 0, 0], [0, 1, 0, 0], [3, 0, 240, 6], [0, 0, 1, 1]],
+        },
+    },
     "baseline": {"macro_f1": 0.7412, "name": "TF-IDF + logistic regression"},
 }
 
@@ -51,16 +56,27 @@ def _metrics_diff(root: Path) -> dict:
     """A ``dvc metrics diff --json`` answer: the mean retained gain moved, and two timings."""
     ev = json.loads((root / "metrics/evaluate.json").read_text(encoding="utf-8"))
     new = ev["mean_retained_gain"]
-    return {"metrics/evaluate.json": {"mean_retained_gain": {"old": new - 0.05, "new": new, "diff": 0.05},
-                                      "wall_s": {"old": 190.0, "new": 195.0, "diff": 5.0}},
-            "metrics/dedup.json": {"time.lsh_s": {"old": 0.2, "new": 0.1, "diff": -0.1}}}
+    return {
+        "metrics/evaluate.json": {
+            "mean_retained_gain": {"old": new - 0.05, "new": new, "diff": 0.05},
+            "wall_s": {"old": 190.0, "new": 195.0, "diff": 5.0},
+        },
+        "metrics/dedup.json": {"time.lsh_s": {"old": 0.2, "new": 0.1, "diff": -0.1}},
+    }
 
 
 def _run(root: Path, metrics_diff=None, diff_base=None) -> dict:
     out = root / "reports"
-    metrics = report_stage.run(ROOT / SOURCE_NOTEBOOK, root, out / "report.md", out / "figures",
-                               out / "summary.executed.ipynb", metrics_diff=metrics_diff, diff_base=diff_base,
-                               timeout_s=120)
+    metrics = report_stage.run(
+        ROOT / SOURCE_NOTEBOOK,
+        root,
+        out / "report.md",
+        out / "figures",
+        out / "summary.executed.ipynb",
+        metrics_diff=metrics_diff,
+        diff_base=diff_base,
+        timeout_s=120,
+    )
     return {"metrics": metrics, "md": (out / "report.md").read_text(encoding="utf-8"), "out": out, "root": root}
 
 
@@ -91,7 +107,7 @@ def _table_rows(md: str, after_heading: str) -> list[list[str]]:
             rows.append([c.strip() for c in line.strip()[1:-1].split(" | ")])
         elif rows:
             break
-    return rows[2:]   # header and rule left out
+    return rows[2:]  # header and rule left out
 
 
 # ------------------------------------------------------------------------------------------ figures
@@ -103,7 +119,7 @@ def test_every_figure_is_a_png_that_is_not_blank(case, request):
     assert len(linked) == result["metrics"]["figures"] == (8 if case == "full" else 7)
     assert sorted(p.name for p in (out / "figures").iterdir()) == sorted(Path(p).name for _, p in linked)
     for alt, rel in linked:
-        assert alt not in ("png", "figure") and len(alt) > 20          # real alt text
+        assert alt not in ("png", "figure") and len(alt) > 20  # real alt text
         path = out / rel
         with Image.open(path) as im:
             assert im.format == "PNG"
@@ -112,7 +128,7 @@ def test_every_figure_is_a_png_that_is_not_blank(case, request):
         assert pixels.var() > 0
         assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 8, f"{rel} is nearly one colour"
         assert (pixels < 128).mean() > 0.005, f"{rel} has almost no dark pixels (no text or lines)"
-    assert result["metrics"]["figure_bytes"] < 400_000               # small enough to commit
+    assert result["metrics"]["figure_bytes"] < 400_000  # small enough to commit
 
 
 def test_figures_are_what_the_sections_say(full):
@@ -133,8 +149,9 @@ def test_headline_numbers_equal_the_metrics_files(full):
     assert headline["documents kept by validation"].startswith(f"{validate['totals']['kept']} (")
     assert headline["near-duplicates removed"].startswith(f"{dedup['totals']['near_removed']} (")
     assert headline["documents after dedup"] == str(dedup["totals"]["after"])
-    assert headline["train / val / test documents"] == " / ".join(str(split["total"][s]) for s in ("train", "val",
-                                                                                                   "test"))
+    assert headline["train / val / test documents"] == " / ".join(
+        str(split["total"][s]) for s in ("train", "val", "test")
+    )
     assert headline["mean retained gain"].startswith(f"{evaluate['mean_retained_gain']:.3f}")
     assert headline["ensemble validation accuracy"] == f"{refine['final_iteration']['val_accuracy_ensemble']:.3f}"
     assert headline["classifier macro-F1, LoRA vs baseline"] == "0.873 vs 0.741"
@@ -146,8 +163,12 @@ def test_perplexity_table_equals_evaluate_json(full):
     assert set(rows) == set(evaluate["retained_gain"])
     for d, r in rows.items():
         ppl = evaluate["perplexity"]
-        assert r[1:5] == [f"{ppl['base'][d]:.1f}", f"{ppl[f'expert_{d}'][d]:.1f}", f"{ppl['merged'][d]:.1f}",
-                          f"{evaluate['retained_gain'][d]:.3f}"]
+        assert r[1:5] == [
+            f"{ppl['base'][d]:.1f}",
+            f"{ppl[f'expert_{d}'][d]:.1f}",
+            f"{ppl['merged'][d]:.1f}",
+            f"{evaluate['retained_gain'][d]:.3f}",
+        ]
         assert r[5] == str(evaluate["tokens"]["perplexity_stream"][d])
     assert f"Mean retained gain: **{evaluate['mean_retained_gain']:.3f}**" in full["md"]
 
@@ -173,7 +194,7 @@ def test_small_domains_are_derived_from_the_split(full):
     assert sorted(r[0] for r in rows) == small
     for r in rows:
         assert r[1] == str(split["domains"][r[0]]["train"]["docs"])
-    if "bill" in small:   # the bundled corpus: 7 training documents
+    if "bill" in small:  # the bundled corpus: 7 training documents
         assert f"`bill` ({split['domains']['bill']['train']['docs']} training documents)" in full["md"]
 
 
@@ -189,7 +210,7 @@ def test_gate_section_reports_alerts_json(full):
 def test_changes_come_from_the_metrics_diff(full):
     md = full["md"]
     rows = _table_rows(md, "What changed since the previous commit")
-    assert [r[:2] for r in rows] == [["metrics/evaluate.json", "mean_retained_gain"]]   # timings not listed
+    assert [r[:2] for r in rows] == [["metrics/evaluate.json", "mean_retained_gain"]]  # timings not listed
     assert "and 2 timing or memory values" in md
     assert full["metrics"]["metrics_diff"] == {"available": 1, "result_changes": 1, "run_cost_changes": 2}
 
@@ -215,7 +236,7 @@ def test_missing_optional_inputs_leave_their_sections_out_with_a_note(bare):
     assert m["sections"] == {"present": len(sections.TITLES) - 3, "left_out": 3}
     assert m["metrics_diff"]["available"] == 0
     assert not (bare["out"] / "figures" / "fig8_classifier.png").exists()
-    assert "## Parquet vs JSONL\n" in md   # the sizes still show; only the speed panel is gone
+    assert "## Parquet vs JSONL\n" in md  # the sizes still show; only the speed panel is gone
     assert "**No classifier yet.**" in md and "**No load-speed measurement.**" in md
 
 
@@ -237,8 +258,10 @@ def test_a_malformed_classifier_file_fails_loudly():
 
 def test_the_classifier_file_may_give_the_confusion_as_nested_counts():
     """``domainlm.classify.metrics.score`` writes ``confusion`` as {actual: {predicted: documents}}."""
-    nested = {"lora": {"macro_f1": 0.9, "confusion": {"bill": {"bill": 1, "law": 0}, "law": {"bill": 2, "law": 11}}},
-              "baseline": {"macro_f1": 0.8}}
+    nested = {
+        "lora": {"macro_f1": 0.9, "confusion": {"bill": {"bill": 1, "law": 0}, "law": {"bill": 2, "law": 11}}},
+        "baseline": {"macro_f1": 0.8},
+    }
     cm = inputs.check_classifier(nested)["lora"]["confusion_matrix"]
     assert cm == {"labels": ["bill", "law"], "matrix": [[1, 0], [2, 11]]}
 
@@ -257,8 +280,9 @@ def test_the_executed_notebook_keeps_its_outputs_and_parameters(full):
 
 
 def test_the_kernel_is_this_interpreter(tmp_path):
-    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("import os, sys\nprint(sys.executable)\n"
-                                                                   "print(os.getcwd())")])
+    nb = nbformat.v4.new_notebook(
+        cells=[nbformat.v4.new_code_cell("import os, sys\nprint(sys.executable)\nprint(os.getcwd())")]
+    )
     out = notebook.execute(nb, cwd=tmp_path, timeout_s=60)
     printed = out.cells[0].outputs[0]["text"].split()
     assert Path(printed[0]).resolve() == Path(sys.executable).resolve()
@@ -267,8 +291,9 @@ def test_the_kernel_is_this_interpreter(tmp_path):
 
 def test_inject_parameters_goes_after_the_parameters_cell():
     src = notebook.read(ROOT / SOURCE_NOTEBOOK)
-    nb = notebook.inject_parameters(src, {"metrics_diff": {"a.json": {"x": {"old": 1, "new": 2.5, "diff": 1.5}}},
-                                          "diff_base": None})
+    nb = notebook.inject_parameters(
+        src, {"metrics_diff": {"a.json": {"x": {"old": 1, "new": 2.5, "diff": 1.5}}}, "diff_base": None}
+    )
     i = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
     cell = nb.cells[i + 1]
     assert cell.metadata["tags"] == ["injected-parameters"]
@@ -286,20 +311,26 @@ def test_banding_curve_matches_the_dedup_stage(full):
     dedup = _load(full["root"], "metrics/dedup.json")
     lsh = dedup["lsh"]
     assert tables.p_candidate(lsh["threshold"], dedup["bands"], dedup["rows"]) == pytest.approx(
-        lsh["p_candidate_at_threshold"])
+        lsh["p_candidate_at_threshold"]
+    )
     assert tables.p_candidate(0.5, dedup["bands"], dedup["rows"]) == pytest.approx(lsh["s_curve"]["j050"])
     dflt = lsh["datasketch_default"]
     assert tables.p_candidate(lsh["threshold"], dflt["bands"], dflt["rows"]) == pytest.approx(
-        dflt["p_candidate_at_threshold"])
+        dflt["p_candidate_at_threshold"]
+    )
 
 
 def test_change_rows_separate_results_from_run_costs():
-    diff = {"metrics/a.json": {"x.acc": {"old": 0.5, "new": 0.6, "diff": 0.1},
-                               "y": {"old": 10, "new": 11, "diff": 1},
-                               "new_key": {"old": None, "new": 3, "diff": None},
-                               "stage.wall_s": {"old": 1.0, "new": 2.0, "diff": 1.0},
-                               "peak_rss_mb_workers": {"old": 1.0, "new": 2.0, "diff": 1.0},
-                               "docs_per_s": {"old": 1.0, "new": 2.0, "diff": 1.0}}}
+    diff = {
+        "metrics/a.json": {
+            "x.acc": {"old": 0.5, "new": 0.6, "diff": 0.1},
+            "y": {"old": 10, "new": 11, "diff": 1},
+            "new_key": {"old": None, "new": 3, "diff": None},
+            "stage.wall_s": {"old": 1.0, "new": 2.0, "diff": 1.0},
+            "peak_rss_mb_workers": {"old": 1.0, "new": 2.0, "diff": 1.0},
+            "docs_per_s": {"old": 1.0, "new": 2.0, "diff": 1.0},
+        }
+    }
     rows, n_cost = tables.change_rows(diff)
     assert n_cost == 3
     assert [r["metric"] for r in rows] == ["new_key", "x.acc", "y"]
@@ -326,8 +357,9 @@ def test_sections_handle_a_failed_gate_and_thin_results(tmp_path):
     (root / "metrics/evaluate.json").write_text(json.dumps(ev), encoding="utf-8")
     alerts = _load(root, "metrics/alerts.json")
     alerts["gate"] = "failed"
-    alerts["failures"] = [{"rule": "min_mean_retained_gain", "metric": "mean_retained_gain", "value": 0.1,
-                           "threshold": 0.5}]
+    alerts["failures"] = [
+        {"rule": "min_mean_retained_gain", "metric": "mean_retained_gain", "value": 0.1, "threshold": 0.5}
+    ]
     (root / "metrics/alerts.json").write_text(json.dumps(alerts), encoding="utf-8")
     split = _load(root, "metrics/split.json")
     for v in split["domains"].values():
@@ -336,8 +368,11 @@ def test_sections_handle_a_failed_gate_and_thin_results(tmp_path):
     hist = root / "plots/refine_history.csv"
     hist.write_text("\n".join(hist.read_text(encoding="utf-8").splitlines()[:2]) + "\n", encoding="utf-8")
     cmp_md = root / "eval/eval_prompt_comparison.md"
-    cmp_md.write_text(cmp_md.read_text(encoding="utf-8") + "\n## empty\n\n| prompt | reference | base | merged |\n"
-                      "|---|---|---|---|\n", encoding="utf-8")
+    cmp_md.write_text(
+        cmp_md.read_text(encoding="utf-8") + "\n## empty\n\n| prompt | reference | base | merged |\n"
+        "|---|---|---|---|\n",
+        encoding="utf-8",
+    )
 
     built = sections.build_all(inputs.load_inputs(root))
     md = "\n\n".join(s.markdown() for s in built)
@@ -353,7 +388,6 @@ def test_sections_handle_a_failed_gate_and_thin_results(tmp_path):
                     assert im.format == "PNG" and np.asarray(im.convert("L")).var() > 0
 
 
-
 @pytest.mark.parametrize("passed", [0, 1])
 def test_the_classifier_section_and_limits_give_the_gate_attempts_and_alias(tmp_path, passed):
     """The repository's own metrics/classifier.json (train_classifier's output): the section names the gate's
@@ -367,13 +401,17 @@ def test_the_classifier_section_and_limits_give_the_gate_attempts_and_alias(tmp_
     gate = real["gate"]
     per_attempt = ", ".join(f"{gate['test_macro_f1'][f'attempt_{i}']:.3f}" for i in range(gate["attempts"]))
     outcome = "passed" if passed else "failed"
-    assert (f"Gate (test macro-F1 ≥ {gate['min_f1']}): **{outcome}** after {gate['attempts']} attempt(s) "
-            f"(test macro-F1 per attempt: {per_attempt}; kept attempt {gate['kept_attempt']})") in md
+    assert (
+        f"Gate (test macro-F1 ≥ {gate['min_f1']}): **{outcome}** after {gate['attempts']} attempt(s) "
+        f"(test macro-F1 per attempt: {per_attempt}; kept attempt {gate['kept_attempt']})"
+    ) in md
     lora, base, lead = real["lora"], real["baseline"], real["lora_to_baseline"]
-    assert (f"Paired bootstrap (95%, {real['bootstrap']['resamples']} resamples of the test documents): LoRA "
-            f"[{lora['macro_f1_low']:.3f}, {lora['macro_f1_high']:.3f}], baseline [{base['macro_f1_low']:.3f}, "
-            f"{base['macro_f1_high']:.3f}], difference [{lead['macro_f1_difference_low']:+.3f}, "
-            f"{lead['macro_f1_difference_high']:+.3f}]") in md
+    assert (
+        f"Paired bootstrap (95%, {real['bootstrap']['resamples']} resamples of the test documents): LoRA "
+        f"[{lora['macro_f1_low']:.3f}, {lora['macro_f1_high']:.3f}], baseline [{base['macro_f1_low']:.3f}, "
+        f"{base['macro_f1_high']:.3f}], difference [{lead['macro_f1_difference_low']:+.3f}, "
+        f"{lead['macro_f1_difference_high']:+.3f}]"
+    ) in md
     alias = "now the `champion`" if passed else "a `challenger` (the champion is unchanged)"
     assert f"Registered as version {real['registry']['version']}, {alias}." in md
     assert ("**The classifier fails its gate.**" in md) is (not passed)
@@ -403,8 +441,12 @@ def test_dvc_repro_runs_the_stage_and_its_changes_come_from_dvc_metrics_diff(tmp
     (repo / "reports").mkdir()
     shutil.copy2(ROOT / SOURCE_NOTEBOOK, repo / SOURCE_NOTEBOOK)
     (repo / "dvc.yaml").write_text(REPORT_STAGE, encoding="utf-8")
-    env = dict(os.environ, PYTHONPATH=str(ROOT), DVC_NO_ANALYTICS="1",
-               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(ROOT),
+        DVC_NO_ANALYTICS="1",
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    )
 
     def sh(*cmd):
         return subprocess.run(cmd, cwd=repo, env=env, check=True, capture_output=True, text=True, timeout=300)
@@ -426,8 +468,9 @@ def test_dvc_repro_runs_the_stage_and_its_changes_come_from_dvc_metrics_diff(tmp
     md = (repo / "reports" / "report.md").read_text(encoding="utf-8")
     assert f"Against commit `{head}`" in md
     rows = _table_rows(md, "What changed since the previous commit")
-    assert [r[:4] for r in rows] == [["metrics/evaluate.json", "mean_retained_gain", f"{old:.4g}",
-                                      f"{old + 0.125:.4g}"]]
+    assert [r[:4] for r in rows] == [
+        ["metrics/evaluate.json", "mean_retained_gain", f"{old:.4g}", f"{old + 0.125:.4g}"]
+    ]
     assert f"| mean retained gain | {old + 0.125:.3f}" in md
     metrics = json.loads((repo / "metrics" / "report.json").read_text(encoding="utf-8"))
     assert metrics["metrics_diff"] == {"available": 1, "result_changes": 1, "run_cost_changes": 0}
@@ -444,8 +487,19 @@ def test_a_checkpoint_base_model_without_training_figures_still_reports():
     domains = list(m["evaluate"]["perplexity"]["base"])
 
     def base_row(base_model: dict) -> str:
-        md = narrative.headline(m["validate"], m["dedup"], m["split"], m["parquet"], base_model, train_lora,
-                                m["evaluate"], m["alerts"], m["refine"], None, domains)
+        md = narrative.headline(
+            m["validate"],
+            m["dedup"],
+            m["split"],
+            m["parquet"],
+            base_model,
+            train_lora,
+            m["evaluate"],
+            m["alerts"],
+            m["refine"],
+            None,
+            domains,
+        )
         return next(line for line in md.splitlines() if line.startswith("| base model |"))
 
     assert "trained on" in base_row(m["base_model"])

@@ -1,4 +1,5 @@
 """The reproducibility promise's checks: identical dvc.lock hashes on one machine, metric tolerances across machines."""
+
 from __future__ import annotations
 
 import json
@@ -9,8 +10,14 @@ from domainlm.common import reproducibility as rep
 
 
 def _lock(path, md5s):
-    path.write_text(yaml.safe_dump({"schema": "2.0", "stages": {
-        stage: {"cmd": "x", "outs": [{"path": p, "md5": m}]} for stage, (p, m) in md5s.items()}}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "schema": "2.0",
+                "stages": {stage: {"cmd": "x", "outs": [{"path": p, "md5": m}]} for stage, (p, m) in md5s.items()},
+            }
+        )
+    )
     return path
 
 
@@ -30,10 +37,16 @@ def _metrics(root, evaluate, classifier):
 
 
 def test_compare_metrics_applies_relative_and_absolute_tolerances(tmp_path):
-    a = _metrics(tmp_path / "a", {"perplexity": {"base": {"law": 100.0}}, "mean_retained_gain": 0.70, "gate": {"passed": 1}},
-                 {"lora": {"macro_f1": 0.76, "accuracy": 0.8}, "baseline": {"macro_f1": 0.77}, "timing": {"run_s": 10}})
-    b = _metrics(tmp_path / "b", {"perplexity": {"base": {"law": 103.0}}, "mean_retained_gain": 0.64, "gate": {"passed": 1}},
-                 {"lora": {"macro_f1": 0.70, "accuracy": 0.79}, "baseline": {"macro_f1": 0.7736}, "timing": {"run_s": 99}})
+    a = _metrics(
+        tmp_path / "a",
+        {"perplexity": {"base": {"law": 100.0}}, "mean_retained_gain": 0.70, "gate": {"passed": 1}},
+        {"lora": {"macro_f1": 0.76, "accuracy": 0.8}, "baseline": {"macro_f1": 0.77}, "timing": {"run_s": 10}},
+    )
+    b = _metrics(
+        tmp_path / "b",
+        {"perplexity": {"base": {"law": 103.0}}, "mean_retained_gain": 0.64, "gate": {"passed": 1}},
+        {"lora": {"macro_f1": 0.70, "accuracy": 0.79}, "baseline": {"macro_f1": 0.7736}, "timing": {"run_s": 99}},
+    )
     rows = {r["key"]: r for r in rep.compare_metrics(a, b)}
     assert rows["perplexity.base.law"]["ok"] and abs(rows["perplexity.base.law"]["diff"] - 0.03) < 1e-9  # 3% < 5%
     assert rows["mean_retained_gain"]["ok"]

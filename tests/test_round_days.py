@@ -14,6 +14,7 @@ spacing), so the deployed classifier stays compatible
 (:func:`domainlm.classify.deployed.compatible`) and is evaluated first. With trained experts, new data changes the
 merged LM and attempt 0 trains afresh (``start.case: fresh``), as in production after an LM change.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,24 +27,31 @@ from pathlib import Path
 
 import pytest
 import yaml
-from mlflow import MlflowClient
-
 from conftest import free_port, make_pipeline_repo, run
+from lm_fixtures import TINY, TRAIN_TEXTS
+from mlflow import MlflowClient
+from test_pipeline_classifier import FIRST_FAQ_DOCS, MODEL, faq_records, params  # noqa: F401 (fixture)
+
 from domainlm.classify.deployed import read_manifest, tree_sha256
 from domainlm.documents.jsonl import dumps
-from lm_fixtures import TINY, TRAIN_TEXTS
-from test_pipeline_classifier import FIRST_FAQ_DOCS, MODEL, faq_records, params  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.slow
 
 
 def round_(repo: Path, ports: tuple[int, int]) -> tuple[int, dict, str]:
     """Run one round; return its exit code, its JSON summary (last stdout line) and its whole output."""
-    proc = subprocess.run([sys.executable, "-m", "domainlm.rounds", "round", "--ports", f"{ports[0]},{ports[1]}"],
-                          cwd=repo, capture_output=True, text=True,
-                          # the repository's own MLflow store, whatever an earlier test left in the environment
-                          env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-                               "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "domainlm.rounds", "round", "--ports", f"{ports[0]},{ports[1]}"],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        # the repository's own MLflow store, whatever an earlier test left in the environment
+        env={
+            **os.environ,
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+            "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}",
+        },
+    )
     lines = proc.stdout.strip().splitlines()
     summary = json.loads(lines[-1]) if lines and lines[-1].startswith('{"decision"') else {}
     return proc.returncode, summary, proc.stdout + proc.stderr
@@ -73,8 +81,9 @@ def days(tmp_path_factory, faq_records):
     base_dir = pretrain.save_hf_folder(model, tok, root / "checkpoint")
     incoming = root / "incoming" / "faq"
     incoming.mkdir(parents=True)
-    (incoming / "part-000.jsonl").write_text("".join(dumps(r) + "\n" for r in faq_records[:FIRST_FAQ_DOCS]),
-                                             encoding="utf-8")
+    (incoming / "part-000.jsonl").write_text(
+        "".join(dumps(r) + "\n" for r in faq_records[:FIRST_FAQ_DOCS]), encoding="utf-8"
+    )
     cfg = params(base_dir, incoming)
     # near-frozen experts: LoRA B moves by ~1e-19 (diff needs non-zero task vectors), far below float32's spacing
     # of the base weights, so the merged LM comes out byte-identical when new data re-trains an expert
@@ -100,8 +109,11 @@ def day1(days):
     repo = days["repo"]
     code, summary, out = round_(repo, days["ports"])
     assert code == 0, out[-6000:]
-    days["day1"] = {"summary": summary, "deployed": tree_sha256(repo / "models" / "deployed"),
-                    "copy": repo.parent / "deployed-day1"}
+    days["day1"] = {
+        "summary": summary,
+        "deployed": tree_sha256(repo / "models" / "deployed"),
+        "copy": repo.parent / "deployed-day1",
+    }
     shutil.copytree(repo / "models" / "deployed", days["day1"]["copy"])
     return days
 
@@ -130,8 +142,9 @@ def test_day1_trains_promotes_pushes_commits_tags_and_serves(day1):
 def test_day2_new_faq_lines_rerun_only_their_stages_and_score_the_deployed_model_first(day1):
     repo, incoming, records = day1["repo"], day1["incoming"], day1["records"]
     old_served = day1["day1"]["summary"]["served"]
-    (incoming / "part-001.jsonl").write_text("".join(dumps(r) + "\n" for r in records[FIRST_FAQ_DOCS:]),
-                                             encoding="utf-8")
+    (incoming / "part-001.jsonl").write_text(
+        "".join(dumps(r) + "\n" for r in records[FIRST_FAQ_DOCS:]), encoding="utf-8"
+    )
     code, summary, out = round_(repo, day1["ports"])
     assert code == 0, out[-6000:]
     ran = summary["ran"]

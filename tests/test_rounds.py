@@ -1,5 +1,6 @@
 """The round's parts without training: the bootstrap folder, the promote decision, the lock, the tag numbering and the
 atomic replacement of ``models/deployed`` (real git, DVC and flock; the end-to-end days are in test_round_days.py)."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -8,8 +9,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT, run
+
 from domainlm.classify.deployed import read_manifest
 from domainlm.rounds import promotion
 from domainlm.rounds.daily import RoundBusy, RoundLock, next_tag
@@ -20,8 +21,12 @@ def metrics(*, passed=1, f1=0.8, version=3, case="fresh", attempt0=None):
     gate = {"passed": passed, "min_f1": 0.75, "attempts": 1, "test_macro_f1": {}}
     if attempt0 is not None:
         gate["test_macro_f1"]["attempt_0"] = attempt0
-    return {"lora": {"macro_f1": f1}, "registry": {"version": version}, "gate": gate,
-            "start": {"case": case, "reason": "test"}}
+    return {
+        "lora": {"macro_f1": f1},
+        "registry": {"version": version},
+        "gate": gate,
+        "start": {"case": case, "reason": "test"},
+    }
 
 
 MANIFEST = {"version": 2, "test_macro_f1": 0.78, "test_sha256": "old"}
@@ -75,8 +80,16 @@ def test_replace_deployed_swaps_the_whole_folder_and_refuses_an_incomplete_model
         (src / sub).mkdir(parents=True)
         (src / sub / "weights.bin").write_bytes(sub.encode())
     deployed = promotion.write_bootstrap(tmp_path / "deployed")
-    manifest = {"registry_name": "m", "version": 4, "run_id": "r", "test_macro_f1": 0.9, "test_sha256": "t",
-                "merged_lm_sha256": "h", "classes": ["a", "b"], "date": "2026-12-02T00:00:00Z"}
+    manifest = {
+        "registry_name": "m",
+        "version": 4,
+        "run_id": "r",
+        "test_macro_f1": 0.9,
+        "test_sha256": "t",
+        "merged_lm_sha256": "h",
+        "classes": ["a", "b"],
+        "date": "2026-12-02T00:00:00Z",
+    }
     promotion.replace_deployed(src, deployed, manifest)
     assert read_manifest(deployed) == manifest
     assert (deployed / "adapter" / "weights.bin").read_bytes() == b"adapter"
@@ -90,8 +103,10 @@ def test_replace_deployed_swaps_the_whole_folder_and_refuses_an_incomplete_model
 
 def test_a_second_round_cannot_take_the_lock_while_one_runs(tmp_path):
     lock = tmp_path / "round.lock"
-    code = ("import sys; from domainlm.rounds.daily import RoundLock, RoundBusy\n"
-            f"try:\n  RoundLock({str(lock)!r}).__enter__()\nexcept RoundBusy as e:\n  print(e); sys.exit(3)\n")
+    code = (
+        "import sys; from domainlm.rounds.daily import RoundLock, RoundBusy\n"
+        f"try:\n  RoundLock({str(lock)!r}).__enter__()\nexcept RoundBusy as e:\n  print(e); sys.exit(3)\n"
+    )
     with RoundLock(lock):
         other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
         assert other.returncode == 3 and "another round" in other.stdout

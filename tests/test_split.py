@@ -1,5 +1,6 @@
 """Tests for the split stage: stratified train/val/test splits per domain, with label overrides
 (domainlm.documents.splitting, domainlm.documents.labels, stages/split.py)."""
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,16 @@ from domainlm.documents.labels import (
     read_overrides,
     write_empty_overrides,
 )
-from domainlm.documents.schema import DOC_SCHEMA, SCHEMA_FILE, ParquetLayout, SchemaMismatchError, read_docs, \
-    read_layout, schema_text, write_docs
+from domainlm.documents.schema import (
+    DOC_SCHEMA,
+    SCHEMA_FILE,
+    ParquetLayout,
+    SchemaMismatchError,
+    read_docs,
+    read_layout,
+    schema_text,
+    write_docs,
+)
 from domainlm.documents.splitting import DomainTooSmallError, split_domain, split_indices, split_sizes
 from stages.split import run
 
@@ -39,8 +48,10 @@ def doc_table(domain: str, labels: list[str | None]) -> pa.Table:
     """A DOC_SCHEMA table with one document per label (Korean text, unique ids)."""
     texts = [f"{domain} 문서 {i}번: 한국어 본문입니다." for i in range(len(labels))]
     return pa.Table.from_pylist(
-        [{"id": f"{domain}-{i:05d}", "text": t, "domain": domain, "label": lab, "n_chars": len(t),
-          "source": "test"} for i, (t, lab) in enumerate(zip(texts, labels))],
+        [
+            {"id": f"{domain}-{i:05d}", "text": t, "domain": domain, "label": lab, "n_chars": len(t), "source": "test"}
+            for i, (t, lab) in enumerate(zip(texts, labels))
+        ],
         schema=DOC_SCHEMA,
     )
 
@@ -62,15 +73,26 @@ OFFICE_LABELS = ["shared"] * 160 + ["calc"] * 80 + ["writer"] * 60 + ["chart"] *
 
 @pytest.fixture
 def parquet_dir(tmp_path) -> Path:
-    return make_parquet_dir(tmp_path / "parquet", {
-        "law": doc_table("law", ["law"] * 40),
-        "office_help": doc_table("office_help", OFFICE_LABELS),
-    })
+    return make_parquet_dir(
+        tmp_path / "parquet",
+        {
+            "law": doc_table("law", ["law"] * 40),
+            "office_help": doc_table("office_help", OFFICE_LABELS),
+        },
+    )
 
 
 def run_default(parquet_dir: Path, out: Path, seed: int = 42, **kw) -> dict:
-    return run(parquet_dir, out, ["law", "office_help"], seed=seed, val_size=0.1, test_size=0.1,
-               overrides_path=kw.pop("overrides_path", None), **kw)
+    return run(
+        parquet_dir,
+        out,
+        ["law", "office_help"],
+        seed=seed,
+        val_size=0.1,
+        test_size=0.1,
+        overrides_path=kw.pop("overrides_path", None),
+        **kw,
+    )
 
 
 def test_splits_are_disjoint_cover_every_document_and_keep_the_schema(parquet_dir, tmp_path):
@@ -101,8 +123,9 @@ def test_same_seed_same_split_other_seed_other_split(parquet_dir, tmp_path):
         assert a == b
         assert a["test"] != c["test"]
     for s in SPLITS:  # byte-identical files for the same seed
-        assert (tmp_path / "a" / "law" / f"{s}.parquet").read_bytes() == \
-            (tmp_path / "b" / "law" / f"{s}.parquet").read_bytes()
+        assert (tmp_path / "a" / "law" / f"{s}.parquet").read_bytes() == (
+            tmp_path / "b" / "law" / f"{s}.parquet"
+        ).read_bytes()
 
 
 def test_stratification_keeps_label_proportions(parquet_dir, tmp_path):
@@ -168,12 +191,19 @@ def test_all_null_labels_split_fine():
 
 @pytest.mark.parametrize("n", [0, 1, 2])
 def test_too_small_domain_error_names_the_domain(n):
-    with pytest.raises(DomainTooSmallError, match=r"domain 'bill' has %d document" % n):
+    with pytest.raises(DomainTooSmallError, match=rf"domain 'bill' has {n} document"):
         split_indices(pa.array(["bill"] * n, pa.string()), "bill", seed=0, val_size=0.1, test_size=0.1)
 
 
-@pytest.mark.parametrize("n,val,test,expected", [(30, 0.1, 0.1, (24, 3, 3)), (31, 0.1, 0.1, (23, 4, 4)),
-                                                 (137, 0.1, 0.1, (109, 14, 14)), (100, 0.07, 0.14, (79, 7, 14))])
+@pytest.mark.parametrize(
+    "n,val,test,expected",
+    [
+        (30, 0.1, 0.1, (24, 3, 3)),
+        (31, 0.1, 0.1, (23, 4, 4)),
+        (137, 0.1, 0.1, (109, 14, 14)),
+        (100, 0.07, 0.14, (79, 7, 14)),
+    ],
+)
 def test_split_sizes_round_held_out_counts_up_exactly(n, val, test, expected):
     assert split_sizes(n, val, test, "law") == expected  # 0.07 * 100 is 7.000000000000001 in floats
 
@@ -184,8 +214,9 @@ def test_three_docs_is_just_enough():
 
 
 def test_too_small_domain_in_run_names_it_and_writes_nothing(tmp_path):
-    pdir = make_parquet_dir(tmp_path / "parquet", {"law": doc_table("law", ["law"] * 10),
-                                                   "bill": doc_table("bill", ["bill"] * 2)})
+    pdir = make_parquet_dir(
+        tmp_path / "parquet", {"law": doc_table("law", ["law"] * 10), "bill": doc_table("bill", ["bill"] * 2)}
+    )
     with pytest.raises(DomainTooSmallError, match="'bill'"):
         run(pdir, tmp_path / "split", ["law", "bill"], seed=0, val_size=0.1, test_size=0.1, overrides_path=None)
     assert not (tmp_path / "split").exists()
@@ -199,8 +230,7 @@ def test_bad_fractions_are_rejected(val, test, match):
 
 def test_listed_domain_without_parquet_is_an_error_naming_it(parquet_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="'faq'"):
-        run(parquet_dir, tmp_path / "split", ["law", "faq"], seed=0, val_size=0.1, test_size=0.1,
-            overrides_path=None)
+        run(parquet_dir, tmp_path / "split", ["law", "faq"], seed=0, val_size=0.1, test_size=0.1, overrides_path=None)
 
 
 def test_stale_schema_file_is_rejected(parquet_dir, tmp_path):
@@ -225,14 +255,16 @@ def test_duplicate_id_in_a_domain_is_an_error():
 
 # --- label overrides ------------------------------------------------------------------------
 
+
 def overrides_table(pairs: list[tuple[str, str]]) -> pa.Table:
     return pa.table({"id": [p[0] for p in pairs], "label": [p[1] for p in pairs]}, schema=OVERRIDES_SCHEMA)
 
 
 def test_apply_overrides_replaces_labels_and_counts_unknown_ids():
     table = doc_table("office_help", ["calc", "writer", None, "draw"])
-    ov = overrides_table([("office_help-00001", "calc"), ("office_help-00002", "math"),
-                          ("nobody", "calc"), ("also-nobody", "draw")])
+    ov = overrides_table(
+        [("office_help-00001", "calc"), ("office_help-00002", "math"), ("nobody", "calc"), ("also-nobody", "draw")]
+    )
     out, applied, unknown = apply_overrides(table, ov)
     assert out["label"].to_pylist() == ["calc", "calc", "math", "draw"]
     assert (applied, unknown) == (2, 2)
@@ -248,13 +280,20 @@ def test_apply_overrides_with_empty_overrides_changes_nothing():
 
 def test_run_applies_overrides_after_splitting_so_no_document_changes_split(parquet_dir, tmp_path):
     # Relabel 30 'shared' documents as 'math': labels change, split membership does not.
-    pairs = [(f"office_help-{i:05d}", "math") for i in range(30)] + [("law-00003", "law-special"),
-                                                                     ("ghost-1", "x"), ("ghost-2", "y")]
+    pairs = [(f"office_help-{i:05d}", "math") for i in range(30)] + [
+        ("law-00003", "law-special"),
+        ("ghost-1", "x"),
+        ("ghost-2", "y"),
+    ]
     ov_path = tmp_path / "labels" / "overrides.parquet"
     ov_path.parent.mkdir()
     pq.write_table(overrides_table(pairs), ov_path)
-    metrics = run_default(parquet_dir, tmp_path / "split", overrides_path=ov_path,
-                          labels_path=tmp_path / "labels" / "split_labels.parquet")
+    metrics = run_default(
+        parquet_dir,
+        tmp_path / "split",
+        overrides_path=ov_path,
+        labels_path=tmp_path / "labels" / "split_labels.parquet",
+    )
     assert metrics["overrides"] == {"rows": 33, "applied": 31, "unknown_ids": 2}
     assert metrics["domains"]["office_help"]["overrides_applied"] == 30
     run_default(parquet_dir, tmp_path / "plain", overrides_path=None, labels_path=tmp_path / "plain_labels.parquet")
@@ -262,24 +301,32 @@ def test_run_applies_overrides_after_splitting_so_no_document_changes_split(parq
         for s in SPLITS:
             # The document files do not see overrides: byte for byte what a run without them writes,
             # so the LM stages that read them stay up to date across refinement rounds.
-            assert (tmp_path / "split" / domain / f"{s}.parquet").read_bytes() == \
-                (tmp_path / "plain" / domain / f"{s}.parquet").read_bytes()
+            assert (tmp_path / "split" / domain / f"{s}.parquet").read_bytes() == (
+                tmp_path / "plain" / domain / f"{s}.parquet"
+            ).read_bytes()
     table = read_label_table(tmp_path / "labels" / "split_labels.parquet")
     plain = read_label_table(tmp_path / "plain_labels.parquet")
     assert table.schema == LABELS_SCHEMA
-    assert table.select(["id", "domain", "split", "source_label"]).equals(plain.select(["id", "domain", "split",
-                                                                                       "source_label"]))
+    assert table.select(["id", "domain", "split", "source_label"]).equals(
+        plain.select(["id", "domain", "split", "source_label"])
+    )
     labels = dict(zip(table["id"].to_pylist(), table["label"].to_pylist()))
     source = dict(zip(table["id"].to_pylist(), table["source_label"].to_pylist()))
     assert plain["label"].to_pylist() == plain["source_label"].to_pylist()
     for s in SPLITS:
         ids = split_ids(tmp_path / "split", "office_help")[s]
-        assert table.filter(pc.and_(pc.equal(table["split"], s), pc.equal(table["domain"], "office_help")))[
-            "id"].to_pylist() == ids  # same documents, same order as the document files
+        assert (
+            table.filter(pc.and_(pc.equal(table["split"], s), pc.equal(table["domain"], "office_help")))[
+                "id"
+            ].to_pylist()
+            == ids
+        )  # same documents, same order as the document files
         assert metrics["domains"]["office_help"][s]["labels"].get("math", 0) == sum(
-            1 for i in ids if i in {p[0] for p in pairs})
-    assert all(labels[f"office_help-{i:05d}"] == "math" and source[f"office_help-{i:05d}"] == "shared"
-               for i in range(30))
+            1 for i in ids if i in {p[0] for p in pairs}
+        )
+    assert all(
+        labels[f"office_help-{i:05d}"] == "math" and source[f"office_help-{i:05d}"] == "shared" for i in range(30)
+    )
     assert labels["office_help-00030"] == "shared"
     assert labels["law-00003"] == "law-special" and labels["law-00004"] == "law"
     assert source["law-00003"] == "law"
@@ -296,12 +343,15 @@ def test_label_table_rejects_duplicates_and_missing_columns(tmp_path):
         read_label_table(tmp_path / "dup.parquet")
 
 
-@pytest.mark.parametrize("table,match", [
-    (pa.table({"id": ["a", "a"], "label": ["x", "y"]}), "id 'a' has more than one override"),
-    (pa.table({"id": ["a", "b"], "label": ["x", None]}), "row 1 has a null 'label'"),
-    (pa.table({"id": ["a"]}), "column 'label'"),
-    (pa.table({"id": [1], "label": ["x"]}), "column 'id' is int64"),
-])
+@pytest.mark.parametrize(
+    "table,match",
+    [
+        (pa.table({"id": ["a", "a"], "label": ["x", "y"]}), "id 'a' has more than one override"),
+        (pa.table({"id": ["a", "b"], "label": ["x", None]}), "row 1 has a null 'label'"),
+        (pa.table({"id": ["a"]}), "column 'label'"),
+        (pa.table({"id": [1], "label": ["x"]}), "column 'id' is int64"),
+    ],
+)
 def test_bad_overrides_file_is_rejected(tmp_path, table, match):
     path = tmp_path / "overrides.parquet"
     pq.write_table(table, path)
@@ -311,6 +361,7 @@ def test_bad_overrides_file_is_rejected(tmp_path, table, match):
 
 
 # --- the stage as DVC runs it ---------------------------------------------------------------
+
 
 def _jsonl(path: Path, domain: str, labels: list[str | None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -326,9 +377,11 @@ def _stage_repo(tmp_path: Path) -> Path:
         shutil.copytree(REPO / code, repo / code, ignore=shutil.ignore_patterns("__pycache__"))
     _jsonl(repo / "data" / "dedup" / "law.jsonl", "law", ["law"] * 12)
     _jsonl(repo / "data" / "dedup" / "office_help.jsonl", "office_help", ["calc"] * 20 + ["writer"] * 20)
-    params = {"domains": ["law", "office_help"],
-              "parquet": {"batch_rows": 8, "text_codec": "brotli", "default_codec": "zstd"},
-              "split": {"seed": 42, "val_size": 0.1, "test_size": 0.1}}
+    params = {
+        "domains": ["law", "office_help"],
+        "parquet": {"batch_rows": 8, "text_codec": "brotli", "default_codec": "zstd"},
+        "split": {"seed": 42, "val_size": 0.1, "test_size": 0.1},
+    }
     (repo / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
     write_empty_overrides(repo / "data" / "labels" / "overrides.parquet")  # split's dep; starts empty
     return repo
@@ -342,8 +395,11 @@ def test_main_modules_write_declared_outs(tmp_path):
     metrics = json.loads((repo / "metrics" / "split.json").read_text(encoding="utf-8"))
     assert metrics["total"] == {"train": 40, "val": 6, "test": 6}  # law 8/2/2, office_help 32/4/4
     assert sorted(p.name for p in (repo / "data" / "split").iterdir()) == ["law", "office_help"]
-    assert sorted(p.name for p in (repo / "data" / "split" / "law").iterdir()) == \
-        ["test.parquet", "train.parquet", "val.parquet"]
+    assert sorted(p.name for p in (repo / "data" / "split" / "law").iterdir()) == [
+        "test.parquet",
+        "train.parquet",
+        "val.parquet",
+    ]
     assert read_label_table(repo / "data" / "labels" / "split_labels.parquet").num_rows == 52
 
 
@@ -362,8 +418,9 @@ def test_dvc_repro_runs_parquet_and_split_and_is_then_up_to_date(tmp_path):
         proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr + proc.stdout
     assert (repo / "dvc.lock").exists()
-    status = subprocess.run([str(dvc), "status", "--json"], cwd=repo, env=env, capture_output=True, text=True,
-                            timeout=300)
+    status = subprocess.run(
+        [str(dvc), "status", "--json"], cwd=repo, env=env, capture_output=True, text=True, timeout=300
+    )
     assert status.returncode == 0 and json.loads(status.stdout) == {}, status.stdout
     assert read_docs(repo / "data" / "split" / "office_help" / "train.parquet").num_rows == 32
 
@@ -388,6 +445,10 @@ def test_streamed_split_files_equal_write_docs_of_the_taken_rows_byte_for_byte(t
         write_docs(reference, read_docs(src).take(pa.array(result.indices[s])), read_layout(src))
         assert out[s].read_bytes() == reference.read_bytes(), s
     with pytest.raises(ValueError, match="split codes"):
-        write_split_files(src, {s: tmp_path / "bad" / f"{s}.parquet" for s in SPLITS},
-                          split_codes(result, table.num_rows)[:-1], layout)
+        write_split_files(
+            src,
+            {s: tmp_path / "bad" / f"{s}.parquet" for s in SPLITS},
+            split_codes(result, table.num_rows)[:-1],
+            layout,
+        )
     assert not list((tmp_path / "bad").glob("*.parquet"))  # nothing half-written

@@ -1,5 +1,6 @@
 """The stage contract (domainlm.common.stage): one log format, wall time and peak RSS in the metrics file,
 one run-log line per stage run, the stack trace of a failed run in the error log."""
+
 from __future__ import annotations
 
 import json
@@ -45,7 +46,7 @@ def test_failed_run_logs_failed_and_the_stack_trace_and_reraises(tmp_path):
     run_log, err_log = tmp_path / "run.log", tmp_path / "err.log"
     with pytest.raises(ZeroDivisionError):
         with stage_run("split", run_log=run_log, error_log=err_log, metrics_root=tmp_path):
-            1 / 0
+            _ = 1 / 0
     assert read_run_log(run_log)[0]["status"] == "failed"
     trace = err_log.read_text()
     assert trace.startswith("=== split ") and "ZeroDivisionError" in trace and "Traceback" in trace
@@ -69,8 +70,13 @@ def test_one_log_format_for_every_stage(tmp_path, caplog):
 def test_a_failing_stage_process_writes_both_logs(tmp_path):
     """A real stage process (`python -m stages.split` with no input) fails, and both logs record it."""
     (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text(encoding="utf-8"), encoding="utf-8")
-    proc = subprocess.run([sys.executable, "-m", "stages.split"], cwd=tmp_path, capture_output=True, text=True,
-                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "stages.split"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )
     assert proc.returncode != 0
     rows = read_run_log(tmp_path / paths.RUN_LOG)
     assert rows[-1]["stage"] == "split" and rows[-1]["status"] == "failed"

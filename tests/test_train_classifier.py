@@ -1,6 +1,7 @@
 """train_classifier (domainlm.classify): which labels each split uses, token statistics, scores, the TF-IDF baseline,
 the LoRA sequence classifier, the gate's retries, alerts to a real webhook, the registry's champion rule, and the
 whole stage's run() against a real MLflow store (sqlite in tmp)."""
+
 from __future__ import annotations
 
 import http.server
@@ -13,16 +14,24 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from classifier_fixtures import (
+    CLASSES,
+    COUNTS,
+    DOMAINS,
+    build_tiny_lm,
+    classifier_params,
+    labelled_docs,
+    write_labelled_splits,
+)
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
+from tiny_lm import one_torch_thread  # noqa: F401  (autouse: tiny models run faster on one thread)
 
-from classifier_fixtures import (CLASSES, COUNTS, DOMAINS, build_tiny_lm, classifier_params, labelled_docs,
-                                 write_labelled_splits)
-from domainlm.classify import alerts, data, gate, metrics, model as cls_model, registry, serving, token_stats, training
+from domainlm.classify import alerts, data, gate, metrics, registry, serving, token_stats, training
+from domainlm.classify import model as cls_model
 from domainlm.classify.baseline import baseline_proba, fit_baseline
 from domainlm.common.tracking import mlflow_run
 from stages import train_classifier
-from tiny_lm import one_torch_thread  # noqa: F401  (autouse: tiny models run faster on one thread)
 
 OVERRIDES = {"calc-train-0": "writer", "calc-test-0": "writer", "law-val-1": "faq"}
 
@@ -57,8 +66,13 @@ class Webhook:
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_POST(self):
                 body = self.rfile.read(int(self.headers["Content-Length"]))
-                hook.bodies.append({"path": self.path, "content_type": self.headers["Content-Type"],
-                                    "json": json.loads(body.decode("utf-8"))})
+                hook.bodies.append(
+                    {
+                        "path": self.path,
+                        "content_type": self.headers["Content-Type"],
+                        "json": json.loads(body.decode("utf-8")),
+                    }
+                )
                 self.send_response(500 if self.path == "/fail" else 200)
                 self.end_headers()
                 self.wfile.write(b"ok")
@@ -96,6 +110,7 @@ def tracking(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------------------------------------ data
 
+
 def test_training_uses_refined_labels_and_test_uses_source_labels(splits):
     train, val, test = splits["train"], splits["val"], splits["test"]
     assert (train.label_column, val.label_column, test.label_column) == ("label", "label", "source_label")
@@ -115,7 +130,9 @@ def test_classes_overrides_and_hashes(corpus, splits, tmp_path):
     files = sorted(corpus["split_dir"].rglob("*.parquet"))
     assert data.files_sha256(files) == data.files_sha256(list(reversed(files)))  # order-free
     _, other = write_labelled_splits(tmp_path, overrides={"faq-test-0": "law"})  # an override on test only
-    assert data.split_sha256(data.read_split(tmp_path / "split", other, DOMAINS, "test")) == data.split_sha256(splits["test"])
+    assert data.split_sha256(data.read_split(tmp_path / "split", other, DOMAINS, "test")) == data.split_sha256(
+        splits["test"]
+    )
     one_class = data.LabelledSplit("train", "label", ["a"], ["t"], ["law"], ["law"])
     with pytest.raises(ValueError, match="needs two"):
         data.class_list(one_class)
@@ -131,6 +148,7 @@ def test_a_document_missing_from_the_label_table_is_an_error(corpus, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ token stats
+
 
 def test_token_stats_match_the_tokenizer(corpus):
     from transformers import AutoTokenizer
@@ -148,13 +166,17 @@ def test_token_stats_match_the_tokenizer(corpus):
     assert law["truncated_at_max_length"] == pytest.approx(truncated) and 0 < truncated < 1
     assert law["truncated_at_context"] == pytest.approx(np.mean([n > 32 for n in lengths]))
     assert stats["all"]["test"]["docs"] == len(CLASSES) * COUNTS["test"]
-    assert stats["settings"] == {"classifier_max_length": max_length, "classifier_max_text_tokens": max_length - 1,
-                                 "lm_context": 32}
+    assert stats["settings"] == {
+        "classifier_max_length": max_length,
+        "classifier_max_text_tokens": max_length - 1,
+        "lm_context": 32,
+    }
     empty = token_stats.length_summary(np.array([], dtype=np.int64), max_text_tokens=3, context=4)
     assert empty["docs"] == 0 and empty["truncated_at_context"] == 0.0
 
 
 # ------------------------------------------------------------------------------------------------ scores
+
 
 def test_score_matches_scikit_learn_and_counts_unknown_labels():
     from sklearn.metrics import f1_score, roc_auc_score
@@ -180,9 +202,9 @@ def test_score_matches_scikit_learn_and_counts_unknown_labels():
 def test_bootstrap_intervals_bracket_the_figures_and_separate_only_a_real_gap():
     rng = np.random.default_rng(0)
     truth = [str(c) for c in rng.integers(0, 4, 400)]
-    good = [t if rng.random() < 0.95 else "0" for t in truth]       # ~95% right
-    poor = [t if rng.random() < 0.55 else "1" for t in truth]       # ~55% right
-    close = [t if rng.random() < 0.94 else "2" for t in truth]      # as good as `good`, other errors
+    good = [t if rng.random() < 0.95 else "0" for t in truth]  # ~95% right
+    poor = [t if rng.random() < 0.55 else "1" for t in truth]  # ~55% right
+    close = [t if rng.random() < 0.94 else "2" for t in truth]  # as good as `good`, other errors
     out = metrics.macro_f1_intervals(truth, {"good": good, "poor": poor, "close": close}, n_resamples=500, seed=3)
     assert out["method"] == "BCa" and out["confidence"] == 0.95 and out["n_resamples"] == 500
     for name, pred in (("good", good), ("poor", poor), ("close", close)):
@@ -191,10 +213,11 @@ def test_bootstrap_intervals_bracket_the_figures_and_separate_only_a_real_gap():
         assert f["high"] - f["low"] < 0.2
     gap, tie = out["difference"]["good-poor"], out["difference"]["good-close"]
     assert gap["value"] == pytest.approx(out["macro_f1"]["good"]["value"] - out["macro_f1"]["poor"]["value"])
-    assert gap["low"] > 0.2                                           # a real gap: the interval excludes 0
-    assert tie["low"] < 0 < tie["high"]                               # within noise: it does not
-    assert metrics.macro_f1_intervals(truth, {"good": good, "poor": poor}, n_resamples=500, seed=3)["difference"] \
-        == {"good-poor": gap}                                         # deterministic per seed, paired resamples
+    assert gap["low"] > 0.2  # a real gap: the interval excludes 0
+    assert tie["low"] < 0 < tie["high"]  # within noise: it does not
+    assert metrics.macro_f1_intervals(truth, {"good": good, "poor": poor}, n_resamples=500, seed=3)["difference"] == {
+        "good-poor": gap
+    }  # deterministic per seed, paired resamples
     # no spread at all (every prediction right): BCa is undefined, the percentile interval is the point
     perfect = metrics.macro_f1_intervals(truth[:50], {"a": truth[:50], "b": truth[:50]}, n_resamples=50)
     assert perfect["method"] == "percentile" and perfect["macro_f1"]["a"] == {"value": 1.0, "low": 1.0, "high": 1.0}
@@ -210,12 +233,15 @@ def test_tfidf_baseline_scores_in_the_models_class_order(splits):
     train, test = splits["train"], splits["test"]
     pipe = fit_baseline(train.texts, train.labels, classifier_params()["baseline"])
     proba = baseline_proba(pipe, test.texts, ["zzz"] + CLASSES)  # a class the baseline never saw: probability 0
-    assert proba.shape == (len(test), len(CLASSES) + 1) and np.allclose(proba.sum(axis=1), 1.0) and not proba[:, 0].any()
+    assert (
+        proba.shape == (len(test), len(CLASSES) + 1) and np.allclose(proba.sum(axis=1), 1.0) and not proba[:, 0].any()
+    )
     s = metrics.score(test.labels, proba, ["zzz"] + CLASSES)
     assert s["accuracy"] > 0.8  # the four vocabularies are disjoint: character n-grams separate them
 
 
 # ------------------------------------------------------------------------------------------------ the LoRA classifier
+
 
 def test_encode_ends_every_input_with_eos_within_max_length(corpus):
     from transformers import AutoTokenizer
@@ -245,10 +271,12 @@ def test_encode_windows_reads_past_the_first_window_and_ends_each_with_eos(corpu
     tok = AutoTokenizer.from_pretrained(corpus["lm_dir"])
     long_text = " ".join(f"대한민국 국민 셀 수식 {i}" for i in range(40))
     all_ids = tok(long_text, add_special_tokens=False)["input_ids"]
-    (windows, short), = [cls_model.encode_windows(tok, [long_text, "셀"], 8, 3)]
+    ((windows, short),) = [cls_model.encode_windows(tok, [long_text, "셀"], 8, 3)]
     assert len(windows) == 3 and all(len(w) == 8 and w[-1] == tok.eos_token_id for w in windows)
     assert windows[0][:-1] == all_ids[:7] and windows[-1][:-1] == all_ids[-7:]  # first and last tokens are read
-    assert len(short) == 1 and cls_model.encode_windows(tok, [long_text], 8, 1)[0] == [cls_model.encode(tok, [long_text], 8)[0]]
+    assert len(short) == 1 and cls_model.encode_windows(tok, [long_text], 8, 1)[0] == [
+        cls_model.encode(tok, [long_text], 8)[0]
+    ]
     with pytest.raises(ValueError, match="max_windows"):
         cls_model.encode_windows(tok, ["셀"], 8, 0)
 
@@ -282,10 +310,20 @@ def test_a_retry_continues_from_the_saved_adapter(corpus, splits, trained, tmp_p
     before = cls_model.predict_proba(model, tok, test.texts, max_length=24, max_windows=3)
     cfg = classifier_params()
     loaded, tok2 = cls_model.load_adapter(corpus["lm_dir"], CLASSES, saved / cls_model.ADAPTER_SUBDIR)
-    assert np.allclose(cls_model.predict_proba(loaded, tok2, test.texts, max_length=24, max_windows=3), before, atol=1e-5)
+    assert np.allclose(
+        cls_model.predict_proba(loaded, tok2, test.texts, max_length=24, max_windows=3), before, atol=1e-5
+    )
     settings = {**gate.attempt_settings(cfg["train"], {"retry_epochs": 1, "retry_lr": 1e-6}, 1)}
-    cont, _, info = training.train_attempt(corpus["lm_dir"], splits["train"], splits["val"], CLASSES, cfg, settings, seed=1,
-                                           init_adapter=saved / cls_model.ADAPTER_SUBDIR)
+    cont, _, info = training.train_attempt(
+        corpus["lm_dir"],
+        splits["train"],
+        splits["val"],
+        CLASSES,
+        cfg,
+        settings,
+        seed=1,
+        init_adapter=saved / cls_model.ADAPTER_SUBDIR,
+    )
     assert info["continued"] == 1 and info["class_weighted"] == 1 and info["epochs_run"] == 1
     after = cls_model.predict_proba(cont, tok, test.texts, max_length=24, max_windows=3)
     # a tiny learning rate barely moves the continued model: it starts where the saved one ended, not afresh
@@ -310,6 +348,7 @@ def test_lora_classifier_trains_only_adapter_and_head_and_saves_a_servable_model
     assert np.allclose(cls_model.predict_proba(reloaded, tok2, test.texts, max_length=24), proba, atol=1e-5)
 
     from peft import PeftModel  # the adapter folder loads back onto the merged LM
+
     base, _ = cls_model.load_sequence_classifier(corpus["lm_dir"], CLASSES)
     again = PeftModel.from_pretrained(base, out / cls_model.ADAPTER_SUBDIR).eval()
     assert np.allclose(cls_model.predict_proba(again, tok, test.texts, max_length=24), proba, atol=1e-5)
@@ -332,8 +371,9 @@ def test_eager_and_sdpa_attention_give_the_same_probabilities(corpus, splits, tr
     texts = splits["test"].texts
     proba = {}
     for impl in ("eager", "sdpa"):
-        m, t = cls_model.load_adapter(corpus["lm_dir"], CLASSES, saved / cls_model.ADAPTER_SUBDIR, trainable=False,
-                                      attn_implementation=impl)
+        m, t = cls_model.load_adapter(
+            corpus["lm_dir"], CLASSES, saved / cls_model.ADAPTER_SUBDIR, trainable=False, attn_implementation=impl
+        )
         assert m.config._attn_implementation == impl
         proba[impl] = cls_model.predict_proba(m.eval(), t, texts, max_length=24, max_windows=3, batch_size=4)
     assert np.allclose(proba["eager"], proba["sdpa"], atol=1e-5)  # padded batches included (batch_size 4)
@@ -392,8 +432,9 @@ def test_compiled_layers_need_a_cxx_compiler_and_decoder_layers(corpus, monkeypa
 def test_an_attempt_with_compile_on_trains_compiled_and_reports_it(corpus, splits):
     cfg = classifier_params(compile=True, attn_implementation="eager", train={"epochs": 2})
     settings = gate.attempt_settings(cfg["train"], cfg["gate"], 0)
-    model, tok, info = training.train_attempt(corpus["lm_dir"], splits["train"], splits["val"], CLASSES, cfg, settings,
-                                              seed=0)
+    model, tok, info = training.train_attempt(
+        corpus["lm_dir"], splits["train"], splits["val"], CLASSES, cfg, settings, seed=0
+    )
     assert info["compiled_layers"] == len(cls_model.decoder_layers(model)) and info["epochs_run"] == 2.0
     assert info["attn_implementation"] == "eager" and 0.0 <= info["val_macro_f1"] <= 1.0
     assert all(layer._compiled_call_impl is None for layer in cls_model.decoder_layers(model))
@@ -419,6 +460,7 @@ def test_class_weights_are_inverse_frequency_and_weight_the_loss():
 
 # ------------------------------------------------------------------------------------------------ the gate
 
+
 def test_a_retry_continues_for_retry_epochs_at_retry_lr_with_a_class_weighted_loss():
     train = classifier_params()["train"]
     g = {"retry_epochs": 3, "retry_lr": 1.0e-3}
@@ -427,7 +469,9 @@ def test_a_retry_continues_for_retry_epochs_at_retry_lr_with_a_class_weighted_lo
     for r in (1, 2, 3):  # every retry is the same short continuation, not a longer fresh run
         retry = gate.attempt_settings(train, g, r)
         assert retry["epochs"] == 3 and retry["lr"] == 1.0e-3 and retry["class_weighted"] and retry["warmup_steps"] == 0
-    assert gate.attempt_settings(train, {}, 1)["lr"] == train["lr"] and gate.attempt_settings(train, {}, 1)["epochs"] == 3
+    assert (
+        gate.attempt_settings(train, {}, 1)["lr"] == train["lr"] and gate.attempt_settings(train, {}, 1)["epochs"] == 3
+    )
     with pytest.raises(ValueError, match="retry_epochs"):
         gate.attempt_settings(train, {"retry_epochs": 0}, 1)
 
@@ -437,8 +481,14 @@ def _fake_attempts(test_f1s, val_f1s, min_f1):
 
     def train_and_score(index, settings, previous):
         calls.append((settings, previous))
-        return gate.Attempt(index=index, settings=settings, val_macro_f1=val_f1s[index],
-                            test={"macro_f1": test_f1s[index]}, passed=gate.passes(test_f1s[index], min_f1))
+        return gate.Attempt(
+            index=index,
+            settings=settings,
+            val_macro_f1=val_f1s[index],
+            test={"macro_f1": test_f1s[index]},
+            passed=gate.passes(test_f1s[index], min_f1),
+        )
+
     return train_and_score, calls
 
 
@@ -464,14 +514,18 @@ def test_gate_that_never_passes_spends_every_retry_and_keeps_the_best_validation
 
 def test_a_passing_deployed_model_is_kept_and_nothing_is_trained():
     fn, calls = _fake_attempts([None, 0.9], [None, 0.7], 0.75)
-    deployed = gate.Attempt(index=0, settings={}, val_macro_f1=0.8, test={"macro_f1": 0.8}, passed=True, source="deployed")
+    deployed = gate.Attempt(
+        index=0, settings={}, val_macro_f1=0.8, test={"macro_f1": 0.8}, passed=True, source="deployed"
+    )
     out = gate.run_gate(fn, classifier_params()["train"], {}, min_f1=0.75, max_retries=3, initial=deployed)
     assert out.passed and out.kept is deployed and calls == []
 
 
 def test_a_failing_deployed_model_is_fine_tuned_by_the_retries():
     fn, calls = _fake_attempts([None, 0.6, 0.8], [None, 0.6, 0.7], 0.75)
-    deployed = gate.Attempt(index=0, settings={}, val_macro_f1=0.5, test={"macro_f1": 0.5}, passed=False, source="deployed")
+    deployed = gate.Attempt(
+        index=0, settings={}, val_macro_f1=0.5, test={"macro_f1": 0.5}, passed=False, source="deployed"
+    )
     out = gate.run_gate(fn, classifier_params()["train"], {}, min_f1=0.75, max_retries=3, initial=deployed)
     assert out.passed and out.kept.index == 2 and len(calls) == 2
     assert calls[0][1] is deployed and calls[0][0]["class_weighted"]  # retry 1 continues the deployed model
@@ -479,20 +533,37 @@ def test_a_failing_deployed_model_is_fine_tuned_by_the_retries():
 
 # ------------------------------------------------------------------------------------------------ alerts
 
+
 def _record(**kw):
-    base = dict(stage="train_classifier", severity="error", metric="macro_f1", value=0.42, threshold=0.75,
-                attempts=4, git_commit="abc123", mlflow_run_id="run1", message="gate failed")
+    base = dict(
+        stage="train_classifier",
+        severity="error",
+        metric="macro_f1",
+        value=0.42,
+        threshold=0.75,
+        attempts=4,
+        git_commit="abc123",
+        mlflow_run_id="run1",
+        message="gate failed",
+    )
     return alerts.alert_record(**{**base, **kw})
 
 
 def test_alert_is_posted_as_json_with_a_slack_text_to_a_real_webhook(webhook, tmp_path):
-    doc = alerts.publish([_record()], tmp_path / "alerts.json", stage="train_classifier", gate="failed",
-                         webhook_url=webhook.url + "/hook")
+    doc = alerts.publish(
+        [_record()],
+        tmp_path / "alerts.json",
+        stage="train_classifier",
+        gate="failed",
+        webhook_url=webhook.url + "/hook",
+    )
     assert doc["alerts"][0]["webhook"] == "delivered (HTTP 200)"
     (got,) = webhook.bodies
     assert got["path"] == "/hook" and got["content_type"].startswith("application/json")
     body = got["json"]
-    assert {k: body[k] for k in alerts.ALERT_FIELDS if k != "time"} == {k: _record()[k] for k in alerts.ALERT_FIELDS if k != "time"}
+    assert {k: body[k] for k in alerts.ALERT_FIELDS if k != "time"} == {
+        k: _record()[k] for k in alerts.ALERT_FIELDS if k != "time"
+    }
     assert "[ERROR] train_classifier" in body["text"] and "0.4200" in body["text"] and "4 attempt(s)" in body["text"]
     written = json.loads((tmp_path / "alerts.json").read_text())
     assert written["gate"] == "failed" and written["alerts"][0]["metric"] == "macro_f1"
@@ -502,24 +573,36 @@ def test_alert_is_posted_as_json_with_a_slack_text_to_a_real_webhook(webhook, tm
 def test_a_failing_webhook_is_logged_and_never_fails(webhook, tmp_path, caplog):
     from conftest import free_port
 
-    doc = alerts.publish([_record(), _record(severity="warning")], tmp_path / "a.json", stage="s", gate="failed",
-                         webhook_url=webhook.url + "/fail")
+    doc = alerts.publish(
+        [_record(), _record(severity="warning")],
+        tmp_path / "a.json",
+        stage="s",
+        gate="failed",
+        webhook_url=webhook.url + "/fail",
+    )
     assert [a["webhook"] for a in doc["alerts"]] == ["failed: HTTP 500 Internal Server Error"] * 2
     refused = alerts.post_webhook(f"http://127.0.0.1:{free_port()}/x", _record(), timeout_s=2)
     assert refused.startswith("failed:")
     assert "alert webhook" in caplog.text
-    assert alerts.publish([_record()], tmp_path / "b.json", stage="s", gate="failed")["alerts"][0]["webhook"] == "not configured"
+    assert (
+        alerts.publish([_record()], tmp_path / "b.json", stage="s", gate="failed")["alerts"][0]["webhook"]
+        == "not configured"
+    )
     with pytest.raises(ValueError, match="severity"):
         _record(severity="fatal")
 
 
 # ------------------------------------------------------------------------------------------------ serving input
 
+
 def test_serving_input_checks_name_the_row_and_the_problem():
     ok = serving.texts_from_input(["셀 수식", "국회"], max_batch_rows=2)
     assert ok == ["셀 수식", "국회"]
     limits = {"max_batch_rows": 3, "max_text_chars": 5, "max_request_bytes": 24}
-    assert serving.texts_from_input(["가나다라", "마바사아"], **limits) == ["가나다라", "마바사아"]  # 24 bytes: at the limit
+    assert serving.texts_from_input(["가나다라", "마바사아"], **limits) == [
+        "가나다라",
+        "마바사아",
+    ]  # 24 bytes: at the limit
     cases = [
         ({"text": ["a"]}, "must be a list of texts, got dict"),
         ("a", "must be a list of texts, got str"),
@@ -543,6 +626,7 @@ def test_serving_input_checks_name_the_row_and_the_problem():
 
 # ------------------------------------------------------------------------------------------------ registry
 
+
 def test_choose_alias_never_lets_the_champion_regress():
     none = {"how": "none", "macro_f1": None}
     assert registry.choose_alias(True, 0.5, none) == "champion"
@@ -562,14 +646,22 @@ def test_choose_alias_never_lets_the_champion_regress():
 
 # ------------------------------------------------------------------------------------------------ the stage
 
+
 def _run_stage(corpus, cfg, out: Path, labels_path=None) -> dict:
     with mlflow_run("train_classifier", cfg) as ml:
         return train_classifier.run(
-            DOMAINS, cfg, ml, split_dir=corpus["split_dir"], labels_path=labels_path or corpus["labels_path"],
-            lm_dir=corpus["lm_dir"], out_dir=out / "models" / "classifier", token_stats_json=out / "metrics" / "token_stats.json",
+            DOMAINS,
+            cfg,
+            ml,
+            split_dir=corpus["split_dir"],
+            labels_path=labels_path or corpus["labels_path"],
+            lm_dir=corpus["lm_dir"],
+            out_dir=out / "models" / "classifier",
+            token_stats_json=out / "metrics" / "token_stats.json",
             confusion_csv=out / "plots" / "classifier_confusion.csv",
             baseline_confusion_csv=out / "plots" / "classifier_baseline_confusion.csv",
-            alerts_json=out / "metrics" / "classifier_alerts.json")
+            alerts_json=out / "metrics" / "classifier_alerts.json",
+        )
 
 
 def test_stage_gates_retries_alerts_and_never_regresses_the_champion(corpus, tracking, webhook, tmp_path):
@@ -579,8 +671,12 @@ def test_stage_gates_retries_alerts_and_never_regresses_the_champion(corpus, tra
     # Round 1: the gate passes, there is no champion yet: version 1 becomes champion, no alert.
     first = _run_stage(corpus, classifier_params(alert={"webhook_url": webhook.url + "/hook"}), tmp_path)
     assert first["gate"]["passed"] == 1 and first["gate"]["attempts"] == 1 and first["alerts"] == 0
-    assert first["registry"] == {"version": 1, "champion": 1, "previous_champion_version": None,
-                                 "previous_champion_macro_f1": None}
+    assert first["registry"] == {
+        "version": 1,
+        "champion": 1,
+        "previous_champion_version": None,
+        "previous_champion_macro_f1": None,
+    }
     assert int(client.get_model_version_by_alias(name, "champion").version) == 1
     tags = client.get_model_version(name, "1").tags
     assert {"git_commit", "data_sha256", "test_sha256", "label_overrides", "macro_f1", "gate"} <= set(tags)
@@ -589,7 +685,9 @@ def test_stage_gates_retries_alerts_and_never_regresses_the_champion(corpus, tra
     assert not webhook.bodies
     for key in ("accuracy", "macro_f1", "weighted_f1", "roc_auc_ovr_macro", "per_class", "confusion"):
         assert key in first["lora"] and key in first["baseline"]
-    assert first["lora_to_baseline"]["macro_f1"] == pytest.approx(first["lora"]["macro_f1"] / first["baseline"]["macro_f1"])
+    assert first["lora_to_baseline"]["macro_f1"] == pytest.approx(
+        first["lora"]["macro_f1"] / first["baseline"]["macro_f1"]
+    )
     for side in ("lora", "baseline"):
         assert first[side]["macro_f1_low"] <= first[side]["macro_f1_high"]
     lead = first["lora_to_baseline"]
@@ -601,7 +699,10 @@ def test_stage_gates_retries_alerts_and_never_regresses_the_champion(corpus, tra
     assert rows[0] == "id,actual,predicted,confidence" and len(rows) == 1 + len(CLASSES) * COUNTS["test"]
     assert (tmp_path / "models" / "classifier" / "model" / "config.json").exists()
     assert (tmp_path / "models" / "classifier" / "adapter" / "adapter_config.json").exists()
-    assert json.loads((tmp_path / "metrics" / "token_stats.json").read_text())["all"]["train"]["docs"] == len(CLASSES) * COUNTS["train"]
+    assert (
+        json.loads((tmp_path / "metrics" / "token_stats.json").read_text())["all"]["train"]["docs"]
+        == len(CLASSES) * COUNTS["train"]
+    )
 
     # Round 2: an unreachable bar: every retry is spent, the alert goes out, v2 is only a challenger.
     cfg = classifier_params(gate={"min_f1": 0.99}, alert={"webhook_url": webhook.url + "/hook"})
@@ -612,8 +713,9 @@ def test_stage_gates_retries_alerts_and_never_regresses_the_champion(corpus, tra
     assert int(client.get_model_version_by_alias(name, "champion").version) == 1
     assert int(client.get_model_version_by_alias(name, "challenger").version) == 2
     parent = mlflow.search_runs(experiment_names=["domain-lm"], filter_string="tags.`registry.version` = '2'")
-    children = mlflow.search_runs(experiment_names=["domain-lm"],
-                                  filter_string=f"tags.mlflow.parentRunId = '{parent['run_id'][0]}'")
+    children = mlflow.search_runs(
+        experiment_names=["domain-lm"], filter_string=f"tags.mlflow.parentRunId = '{parent['run_id'][0]}'"
+    )
     assert sorted(children["tags.mlflow.runName"]) == ["attempt_0", "attempt_1", "attempt_2"]
     assert set(children["tags.gate"]) == {"failed"} and children["metrics.test_macro_f1"].notna().all()
     assert list(children.sort_values("tags.mlflow.runName")["params.class_weighted"]) == ["False", "True", "True"]
@@ -626,8 +728,13 @@ def test_stage_gates_retries_alerts_and_never_regresses_the_champion(corpus, tra
     assert posted["json"]["attempts"] == 3 and "gate failed after 3 attempts" in posted["json"]["text"]
 
     # A changed test set (new data arrived): the champion is loaded and re-scored on it; the same one: its tag.
-    champion = registry.champion_macro_f1(client, name, test_sha256="another test set",
-                                          texts=[labelled_docs("law", 1, "x")[0], "셀 수식 차트"], labels=["law", "calc"])
+    champion = registry.champion_macro_f1(
+        client,
+        name,
+        test_sha256="another test set",
+        texts=[labelled_docs("law", 1, "x")[0], "셀 수식 차트"],
+        labels=["law", "calc"],
+    )
     assert champion["how"] == "rescored" and champion["version"] == 1 and 0.0 <= champion["macro_f1"] <= 1.0
     same = data.split_sha256(data.read_split(corpus["split_dir"], corpus["labels_path"], DOMAINS, "test"))
     assert registry.champion_macro_f1(client, name, test_sha256=same, texts=[], labels=[])["how"] == "tag"

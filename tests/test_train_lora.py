@@ -1,4 +1,5 @@
 """train_lora stage (domainlm.lm.lora): LoRA freezes the base, best adapter by val loss is kept, determinism, DeepSpeed config, main()."""
+
 from __future__ import annotations
 
 import copy
@@ -9,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from lm_fixtures import TINY, TRAIN_TEXTS, korean_docs, write_split_fixture
 from safetensors.torch import load_file
 
 from domainlm.lm import data as lm_data
 from domainlm.lm import lora, pretrain
-from lm_fixtures import TINY, TRAIN_TEXTS, korean_docs, write_split_fixture
 from stages import train_lora
 
 
@@ -30,10 +31,21 @@ def default_params() -> dict:
 LORA_TINY = {
     "seed": 3,
     "lora": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
-    "train": {"context_length": None, "max_steps": 15, "max_epochs": 100, "batch_size": 4,
-              "gradient_accumulation_steps": 1, "lr": 1.0e-2, "weight_decay": 0.0, "warmup_steps": 0,
-              "grad_clip": 1.0, "eval_steps": 3, "logging_steps": 3, "eval_batch_size": 64,
-              "eval_max_blocks": None},
+    "train": {
+        "context_length": None,
+        "max_steps": 15,
+        "max_epochs": 100,
+        "batch_size": 4,
+        "gradient_accumulation_steps": 1,
+        "lr": 1.0e-2,
+        "weight_decay": 0.0,
+        "warmup_steps": 0,
+        "grad_clip": 1.0,
+        "eval_steps": 3,
+        "logging_steps": 3,
+        "eval_batch_size": 64,
+        "eval_max_blocks": None,
+    },
     "deepspeed": default_params()["deepspeed"],
 }
 # Train on law, validate on office_help: the adapter drifts away from the val domain, so the
@@ -52,8 +64,9 @@ def base_dir(tmp_path_factory) -> Path:
 def trained(base_dir, tmp_path_factory):
     """One adapter trained with LORA_TINY: (metrics, adapter dir, log path)."""
     root = tmp_path_factory.mktemp("run")
-    metrics = lora.train_adapter(base_dir, LAW_TRAIN, SHIFTED_VAL, LORA_TINY,
-                                 root / "models" / "lora" / "law", root / "logs" / "train_law.log")
+    metrics = lora.train_adapter(
+        base_dir, LAW_TRAIN, SHIFTED_VAL, LORA_TINY, root / "models" / "lora" / "law", root / "logs" / "train_law.log"
+    )
     return metrics, root / "models" / "lora" / "law", root / "logs" / "train_law.log"
 
 
@@ -141,7 +154,10 @@ def test_same_params_give_the_same_adapter(base_dir, tmp_path):
     params["train"].update(max_steps=4, eval_steps=2)
     for run in ("a", "b"):
         lora.train_adapter(base_dir, LAW_TRAIN, SHIFTED_VAL, params, tmp_path / run, tmp_path / f"{run}.log")
-    a, b = load_file(tmp_path / "a" / "adapter_model.safetensors"), load_file(tmp_path / "b" / "adapter_model.safetensors")
+    a, b = (
+        load_file(tmp_path / "a" / "adapter_model.safetensors"),
+        load_file(tmp_path / "b" / "adapter_model.safetensors"),
+    )
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
@@ -153,7 +169,7 @@ def test_same_params_give_the_same_adapter(base_dir, tmp_path):
 
 def test_planned_steps_bounded_by_max_steps_and_epochs():
     tp = {"batch_size": 4, "gradient_accumulation_steps": 2, "max_steps": 100, "max_epochs": 3}
-    assert lora.planned_steps(10, tp) == 4      # ceil(3 * 10 / 8)
+    assert lora.planned_steps(10, tp) == 4  # ceil(3 * 10 / 8)
     assert lora.planned_steps(1000, tp) == 100  # capped by max_steps
 
 
@@ -215,7 +231,15 @@ def test_main_trains_one_domain_expert(base_dir, tmp_path, monkeypatch):
     train_lora.main(["faq"])
 
     metrics = json.loads((tmp_path / "metrics" / "train_lora" / "faq.json").read_text(encoding="utf-8"))
-    for key in ("train_loss", "val_loss", "val_perplexity", "tokens_per_s", "trainable_params", "total_params", "wall_s"):
+    for key in (
+        "train_loss",
+        "val_loss",
+        "val_perplexity",
+        "tokens_per_s",
+        "trainable_params",
+        "total_params",
+        "wall_s",
+    ):
         assert metrics[key] > 0, key
     assert (tmp_path / "models" / "lora" / "faq" / "adapter_model.safetensors").exists()
     lines = (tmp_path / "logs" / "train_faq.log").read_text().splitlines()
@@ -235,11 +259,14 @@ def test_adapter_config_lists_are_sorted_whatever_the_hash_seed(tmp_path):
     from domainlm.common.peft_files import sort_adapter_config
 
     path = tmp_path / "adapter_config.json"
-    path.write_text(json.dumps({"target_modules": ["v_proj", "q_proj", "o_proj", "k_proj"], "r": 8,
-                                "modules_to_save": None}))
+    path.write_text(
+        json.dumps({"target_modules": ["v_proj", "q_proj", "o_proj", "k_proj"], "r": 8, "modules_to_save": None})
+    )
     sort_adapter_config(path)
     first = path.read_bytes()
     assert json.loads(first)["target_modules"] == ["k_proj", "o_proj", "q_proj", "v_proj"]
-    path.write_text(json.dumps({"r": 8, "modules_to_save": None, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}))
+    path.write_text(
+        json.dumps({"r": 8, "modules_to_save": None, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]})
+    )
     sort_adapter_config(path)
     assert path.read_bytes() == first

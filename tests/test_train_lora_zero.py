@@ -1,6 +1,7 @@
 """DeepSpeed ZeRO-2 through train_lora on DeepSpeed's CPU accelerator (domainlm.lm.zero): the enabled switch, the CPU
 adaptation of the shipped config, the accelerate/transformers pitfalls, and a real two-rank run over gloo on 127.0.0.1
 launched as ``torchrun --nproc_per_node 2 -m stages.train_lora faq`` against a plain single-process run."""
+
 from __future__ import annotations
 
 import copy
@@ -14,13 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import ROOT, free_port
+from lm_fixtures import TINY, TRAIN_TEXTS, korean_docs, write_split_fixture
 from safetensors.torch import load_file
 
-from conftest import ROOT, free_port
 from domainlm.common import paths
 from domainlm.lm import data as lm_data
 from domainlm.lm import lora, pretrain, zero
-from lm_fixtures import TINY, TRAIN_TEXTS, korean_docs, write_split_fixture
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks DeepSpeed on its CPU accelerator")
 # The first steps' training losses of 2 ZeRO-2 ranks x 4 blocks must equal a single process's on 8 blocks within this
@@ -123,15 +124,34 @@ def test_launch_env_makes_a_world_of_one_on_loopback(monkeypatch):
 def torchrun(args: list[str], cwd: Path, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
     """``torchrun --nproc_per_node 2 --master_addr 127.0.0.1 --master_port <free> <args>`` with the venv first on PATH."""
     full = dict(os.environ)
-    full.update({"PATH": f"{Path(sys.executable).parent}{os.pathsep}{full.get('PATH', '')}",
-                 "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}, **(env or {}))
+    full.update(
+        {
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{full.get('PATH', '')}",
+            "PYTHONPATH": str(ROOT),
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+        },
+        **(env or {}),
+    )
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         full.pop(k, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        *args,
+    ]
     proc = subprocess.run(cmd, cwd=cwd, env=full, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
-        raise AssertionError(f"{cmd} exited {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"{cmd} exited {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-6000:]}"
+        )
     return proc
 
 
@@ -144,11 +164,19 @@ def test_accelerate_pitfalls_on_two_cpu_ranks(tmp_path):
     torchrun([str(ROOT / "tests" / "zero_pitfalls.py"), str(tmp_path), json.dumps(config)], tmp_path)
     ranks = [json.loads((tmp_path / f"pitfalls_rank{r}.json").read_text()) for r in (0, 1)]
     for r, rec in enumerate(ranks):
-        assert rec["default"] == {"distributed_type": "DistributedType.DEEPSPEED", "num_processes": 1,
-                                  "process_index": 0, "world_size": 1}
+        assert rec["default"] == {
+            "distributed_type": "DistributedType.DEEPSPEED",
+            "num_processes": 1,
+            "process_index": 0,
+            "world_size": 1,
+        }
         assert rec["use_cpu"]["distributed_type"] == "DistributedType.MULTI_CPU"
-        assert rec["configured"] == {"distributed_type": "DistributedType.DEEPSPEED", "num_processes": 2,
-                                     "process_index": r, "world_size": 2}
+        assert rec["configured"] == {
+            "distributed_type": "DistributedType.DEEPSPEED",
+            "num_processes": 2,
+            "process_index": r,
+            "world_size": 2,
+        }
 
 
 @pytest.fixture(scope="module")
@@ -165,19 +193,42 @@ def zero_run(tmp_path_factory):
     write_split_fixture(root / "data" / "split", {d: korean_docs(d, 20) for d in TRAIN_TEXTS})
     params = {
         "seed": 3,
-        "lora": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
-        "train": {"context_length": None, "max_steps": STEPS, "max_epochs": 100, "batch_size": 4,
-                  "gradient_accumulation_steps": 1, "lr": 1.0e-2, "weight_decay": 0.0, "warmup_steps": 0,
-                  "grad_clip": 1.0, "eval_steps": 2, "logging_steps": 1, "eval_batch_size": 8, "eval_max_blocks": None},
+        "lora": {
+            "r": 4,
+            "lora_alpha": 8,
+            "lora_dropout": 0.0,
+            "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+        },
+        "train": {
+            "context_length": None,
+            "max_steps": STEPS,
+            "max_epochs": 100,
+            "batch_size": 4,
+            "gradient_accumulation_steps": 1,
+            "lr": 1.0e-2,
+            "weight_decay": 0.0,
+            "warmup_steps": 0,
+            "grad_clip": 1.0,
+            "eval_steps": 2,
+            "logging_steps": 1,
+            "eval_batch_size": 8,
+            "eval_max_blocks": None,
+        },
         "deepspeed": shipped() | {"enabled": True},  # the shipped config, as in params.yaml
     }
     # fp32 and one thread per rank: ZeRO on CPU trains in fp32 (zero.cpu_config), and the single-process reference
     # below runs without a compute policy, i.e. in fp32 too
-    (root / "params.yaml").write_text(yaml.safe_dump({"domains": list(TRAIN_TEXTS), "train_lora": params,
-                                                      "compute": {"dtype": "fp32", "threads": 1}}),
-                                      encoding="utf-8")
-    torchrun(["-m", "stages.train_lora", "faq"], root,
-             env={"MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", zero.PROBE_ENV: str(root / "probe")})
+    (root / "params.yaml").write_text(
+        yaml.safe_dump(
+            {"domains": list(TRAIN_TEXTS), "train_lora": params, "compute": {"dtype": "fp32", "threads": 1}}
+        ),
+        encoding="utf-8",
+    )
+    torchrun(
+        ["-m", "stages.train_lora", "faq"],
+        root,
+        env={"MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", zero.PROBE_ENV: str(root / "probe")},
+    )
     probes = [json.loads((root / "probe" / f"rank{r}.json").read_text()) for r in (0, 1)]
     return root, params, probes
 
@@ -211,12 +262,22 @@ def test_first_losses_match_a_single_process_on_the_same_global_batch(zero_run, 
     single["deepspeed"]["enabled"] = False
     single["train"]["batch_size"] = 2 * params["train"]["batch_size"]  # one process, the global batch of 2 ranks
     split = root / "data" / "split"
-    lora.train_adapter(root / "models" / "base", lm_data.read_texts(paths.split_path(split, "faq", "train")),
-                       lm_data.read_texts(paths.split_path(split, "faq", "val")), single,
-                       tmp_path / "adapter", tmp_path / "single.log")
-    plain = {r["step"]: r["loss"] for r in map(json.loads, (tmp_path / "single.log").read_text().splitlines()) if "loss" in r}
-    zero2 = {r["step"]: r["loss"] for r in map(json.loads, (root / "logs" / "train_faq.log").read_text().splitlines())
-             if "loss" in r}
+    lora.train_adapter(
+        root / "models" / "base",
+        lm_data.read_texts(paths.split_path(split, "faq", "train")),
+        lm_data.read_texts(paths.split_path(split, "faq", "val")),
+        single,
+        tmp_path / "adapter",
+        tmp_path / "single.log",
+    )
+    plain = {
+        r["step"]: r["loss"] for r in map(json.loads, (tmp_path / "single.log").read_text().splitlines()) if "loss" in r
+    }
+    zero2 = {
+        r["step"]: r["loss"]
+        for r in map(json.loads, (root / "logs" / "train_faq.log").read_text().splitlines())
+        if "loss" in r
+    }
     assert sorted(plain) == sorted(zero2) == list(range(1, STEPS + 1))
     for step in plain:
         assert zero2[step] == pytest.approx(plain[step], rel=LOSS_RTOL), step
@@ -243,11 +304,15 @@ def test_rank0_alone_writes_and_its_adapter_loads_back_in_one_cpu_process(zero_r
     assert metrics["tokens_seen"] == STEPS * 8 * TINY["model"]["context_length"]  # 2 ranks x 4 blocks per step
 
     base = root / "models" / "base"
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, local_files_only=True),
-                                      root / "models" / "lora" / "faq")
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base, local_files_only=True), root / "models" / "lora" / "faq"
+    )
     tok = AutoTokenizer.from_pretrained(base, local_files_only=True)
-    val = lm_data.pack_blocks(tok, lm_data.read_texts(paths.split_path(root / "data" / "split", "faq", "val")),
-                              TINY["model"]["context_length"])
+    val = lm_data.pack_blocks(
+        tok,
+        lm_data.read_texts(paths.split_path(root / "data" / "split", "faq", "val")),
+        TINY["model"]["context_length"],
+    )
     nll, _ = lm_data.mean_nll(model, val)
     assert nll == pytest.approx(metrics["val_loss"], abs=1e-5)
     assert metrics["val_loss"] < metrics["base_val_loss"]  # the adapter learned something

@@ -1,4 +1,5 @@
 """validate: every line is kept or rejected with a reason, and the counts add up."""
+
 from __future__ import annotations
 
 import json
@@ -82,7 +83,7 @@ def test_missing_value_spellings_become_null(spelling):
 
 def test_json_nan_label_becomes_null():
     v = Validator(min_chars=10)
-    raw = ('{"id": "n", "text": "%s", "domain": "law", "label": NaN}' % GOOD_TEXT).encode()
+    raw = ('{"id": "n", "text": "' + GOOD_TEXT + '", "domain": "law", "label": NaN}').encode()
     assert v.check(raw)["label"] is None
     assert is_missing(float("nan")) and not is_missing("law")
 
@@ -115,10 +116,10 @@ def test_validate_files_accounts_for_every_line(tmp_path):
     assert m["by_file"]["b.jsonl"] == {"lines_read": 13, "kept": 4, "rejected": 9}
     assert m["totals"]["kept"] + m["totals"]["rejected"] == m["totals"]["lines_read"] == 26
     assert m["by_reason"]["duplicate_id"] == 1 and m["by_reason"]["invalid_json"] == 2  # blank line is invalid JSON
-    kept = {d: [json.loads(l) for l in (out / f"{d}.jsonl").read_text().splitlines()] for d in ("law", "bill")}
+    kept = {d: [json.loads(line) for line in (out / f"{d}.jsonl").read_text().splitlines()] for d in ("law", "bill")}
     assert len(kept["law"]) == 4 and len(kept["bill"]) == 4
     assert all(r["domain"] == d for d, rs in kept.items() for r in rs)
-    rejects = [json.loads(l) for l in (out / "rejects.jsonl").read_text().splitlines()]
+    rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
     assert len(rejects) == 18
     first = rejects[0]
     assert first["file"].endswith("a.jsonl") and first["line"] == 5 and first["reason"] == "invalid_utf8"
@@ -166,8 +167,14 @@ def test_stage_main_as_a_module_writes_declared_outs(tmp_path):
     (tmp_path / "data" / "raw").mkdir(parents=True)
     (tmp_path / "data" / "raw" / "x.jsonl").write_bytes(line(id="m1") + b"\n" + b"oops\n")
     (tmp_path / "params.yaml").write_text("domains: [law]\nvalidate:\n  min_chars: 10\n", encoding="utf-8")
-    proc = subprocess.run([sys.executable, "-m", "stages.validate"], cwd=tmp_path, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "stages.validate"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "stages.validate: 2 lines read: 1 kept, 1 rejected" in proc.stderr
     metrics = json.loads((tmp_path / "metrics" / "validate.json").read_text())

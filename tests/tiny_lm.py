@@ -4,6 +4,7 @@ and peft LoRA adapters with non-zero B matrices, all saved as ordinary HF folder
 Nothing is mocked and nothing comes from a hub: the tokenizer is trained with the ``tokenizers``
 library on a few Korean sentences, the model is randomly initialised from a seed.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -53,18 +54,27 @@ def build_tokenizer(out_dir: Path, vocab_size: int = 300):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<pad>", "<unk>", "<s>", "</s>"],
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<unk>", "<s>", "</s>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(KOREAN_SENTENCES * 4, trainer=trainer)
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                 pad_token="<pad>", unk_token="<unk>")
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
     hf.save_pretrained(out_dir)
     return hf
 
 
-def build_base(out_dir: Path, *, seed: int = 0, hidden: int = 32, layers: int = 2, context: int = 64,
-               tie_word_embeddings: bool = False):
+def build_base(
+    out_dir: Path,
+    *,
+    seed: int = 0,
+    hidden: int = 32,
+    layers: int = 2,
+    context: int = 64,
+    tie_word_embeddings: bool = False,
+):
     """Save a random tiny Qwen2ForCausalLM plus tokenizer to ``out_dir``; return (model, tokenizer)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -72,9 +82,16 @@ def build_base(out_dir: Path, *, seed: int = 0, hidden: int = 32, layers: int = 
     tok = build_tokenizer(out_dir)
     torch.manual_seed(seed)
     config = Qwen2Config(
-        vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=context,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
         tie_word_embeddings=tie_word_embeddings,
     )
     model = Qwen2ForCausalLM(config).eval()
@@ -82,16 +99,29 @@ def build_base(out_dir: Path, *, seed: int = 0, hidden: int = 32, layers: int = 
     return model, tok
 
 
-def build_lora(base_dir: Path, out_dir: Path, *, seed: int, r: int = 4, alpha: int = 8,
-               target_modules=("q_proj", "k_proj", "v_proj", "o_proj")) -> Path:
+def build_lora(
+    base_dir: Path,
+    out_dir: Path,
+    *,
+    seed: int,
+    r: int = 4,
+    alpha: int = 8,
+    target_modules=("q_proj", "k_proj", "v_proj", "o_proj"),
+) -> Path:
     """Save a peft LoRA adapter on ``base_dir`` with random (non-zero) A and B matrices."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(base_dir, local_files_only=True)
     torch.manual_seed(seed)
-    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(target_modules), lora_dropout=0.0,
-                        init_lora_weights=False, task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        target_modules=list(target_modules),
+        lora_dropout=0.0,
+        init_lora_weights=False,
+        task_type="CAUSAL_LM",
+    )
     peft_model = get_peft_model(base, config)
     peft_model.save_pretrained(out_dir)
     return Path(out_dir)
@@ -106,8 +136,9 @@ def write_split(root: Path, domain: str, texts: list[str], repeat: int = 3) -> P
     return path
 
 
-def train_lora(base_dir: Path, out_dir: Path, texts: list[str], *, steps: int = 30, seed: int = 0,
-               r: int = 4, lr: float = 1e-2) -> Path:
+def train_lora(
+    base_dir: Path, out_dir: Path, texts: list[str], *, steps: int = 30, seed: int = 0, r: int = 4, lr: float = 1e-2
+) -> Path:
     """Fit a LoRA (B starts at 0, peft default) on ``texts`` for a few AdamW steps and save it:
     a real expert whose perplexity on its own texts drops below the base's."""
     from peft import LoraConfig, get_peft_model
@@ -116,8 +147,16 @@ def train_lora(base_dir: Path, out_dir: Path, texts: list[str], *, steps: int = 
     tok = AutoTokenizer.from_pretrained(base_dir, local_files_only=True)
     base = AutoModelForCausalLM.from_pretrained(base_dir, local_files_only=True)
     torch.manual_seed(seed)
-    model = get_peft_model(base, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, task_type="CAUSAL_LM",
-                                            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    model = get_peft_model(
+        base,
+        LoraConfig(
+            r=r,
+            lora_alpha=2 * r,
+            lora_dropout=0.0,
+            task_type="CAUSAL_LM",
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+        ),
+    )
     ids = []
     for t in texts:
         ids += tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]

@@ -6,6 +6,7 @@ a DeepSpeed config on a machine without CUDA, on each rank. Writes ``<out>/pitfa
 2. ``use_cpu=True`` with the same config: does accelerate still set up DeepSpeed?
 3. After :func:`domainlm.lm.zero.init_cpu_process_group` with ``use_configured_state``: the real world size?
 """
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,12 @@ def main(out: str, config_json: str) -> None:
     def probe(name: str, **kwargs) -> None:
         args = TrainingArguments(output_dir=tmp, report_to="none", deepspeed=json.loads(json.dumps(config)), **kwargs)
         state = args.distributed_state
-        record[name] = {"distributed_type": str(state.distributed_type), "num_processes": state.num_processes,
-                        "process_index": state.process_index, "world_size": args.world_size}
+        record[name] = {
+            "distributed_type": str(state.distributed_type),
+            "num_processes": state.num_processes,
+            "process_index": state.process_index,
+            "world_size": args.world_size,
+        }
         AcceleratorState._reset_state(reset_partial_state=True)
 
     probe("default", use_cpu=False)

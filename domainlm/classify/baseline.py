@@ -6,9 +6,11 @@ it is the strongest single member of the refinement benchmark (``benchmarks/labe
 it exactly as the LoRA classifier (:func:`domainlm.classify.metrics.score`), so the LoRA model's value shows as
 a ratio.
 """
+
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -34,15 +36,25 @@ def fit_baseline(texts: Sequence[str], labels: Sequence[str], params: Mapping[st
 
     lo, hi = (int(n) for n in params.get("ngram_range", (1, 3)))
     pipeline = make_pipeline(
-        TfidfVectorizer(analyzer="char_wb", ngram_range=(lo, hi), min_df=int(params.get("min_df", 2)),
-                        max_features=params.get("max_features"), sublinear_tf=True, dtype=np.float32),
-        LogisticRegression(C=float(params.get("C", 10.0)), max_iter=int(params.get("max_iter", 1000)), random_state=seed),
+        TfidfVectorizer(
+            analyzer="char_wb",
+            ngram_range=(lo, hi),
+            min_df=int(params.get("min_df", 2)),
+            max_features=params.get("max_features"),
+            sublinear_tf=True,
+            dtype=np.float32,
+        ),
+        LogisticRegression(
+            C=float(params.get("C", 10.0)), max_iter=int(params.get("max_iter", 1000)), random_state=seed
+        ),
     )
     pipeline.fit(_cut(texts, params.get("max_chars")), list(labels))
     return pipeline
 
 
-def baseline_proba(pipeline, texts: Sequence[str], classes: Sequence[str], *, max_chars: int | None = None) -> np.ndarray:
+def baseline_proba(
+    pipeline, texts: Sequence[str], classes: Sequence[str], *, max_chars: int | None = None
+) -> np.ndarray:
     """Probabilities of ``texts`` in the column order of ``classes`` (float64 ``[n, len(classes)]``); a class the
     pipeline never saw gets probability 0."""
     proba = pipeline.predict_proba(_cut(texts, max_chars))

@@ -10,13 +10,14 @@ Which label each split uses (:data:`LABEL_COLUMN`):
 The classes are the train split's distinct labels over all domains, sorted (:func:`class_list`): the label
 space ``refine_labels`` works in (its ``classes`` are the sorted labels of the same table).
 """
+
 from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -58,8 +59,14 @@ class LabelledSplit:
         return out
 
 
-def read_split(split_dir: str | os.PathLike, labels_path: str | os.PathLike, domains: Sequence[str], split: str,
-               *, label_column: str | None = None) -> LabelledSplit:
+def read_split(
+    split_dir: str | os.PathLike,
+    labels_path: str | os.PathLike,
+    domains: Sequence[str],
+    split: str,
+    *,
+    label_column: str | None = None,
+) -> LabelledSplit:
     """Join ``<split_dir>/<domain>/<split>.parquet`` (id, text) with the label table on ``id``.
 
     Args:
@@ -105,12 +112,20 @@ def read_split(split_dir: str | os.PathLike, labels_path: str | os.PathLike, dom
             texts.append(text)
             labels.append(label)
             doc_domains.append(domain)
-    return LabelledSplit(split=split, label_column=column, ids=ids, texts=texts, labels=labels, domains=doc_domains,
-                         unlabelled=unlabelled)
+    return LabelledSplit(
+        split=split,
+        label_column=column,
+        ids=ids,
+        texts=texts,
+        labels=labels,
+        domains=doc_domains,
+        unlabelled=unlabelled,
+    )
 
 
-def read_splits(split_dir: str | os.PathLike, labels_path: str | os.PathLike,
-                domains: Sequence[str]) -> dict[str, LabelledSplit]:
+def read_splits(
+    split_dir: str | os.PathLike, labels_path: str | os.PathLike, domains: Sequence[str]
+) -> dict[str, LabelledSplit]:
     """``{"train", "val", "test"}`` → :func:`read_split` with each split's :data:`LABEL_COLUMN`.
 
     Raises:

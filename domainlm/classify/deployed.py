@@ -8,20 +8,30 @@ bootstrap) means "nothing deployed yet".
 ``train_classifier`` scores the deployed model first (seed 003, step 2) when it is :func:`compatible`: same class
 list, and built on the same merged LM (:func:`tree_sha256` of ``models/merged``).
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 MANIFEST = "deployed.json"
 #: The manifest's keys: registry name and version, the MLflow run id, the test macro-F1 it was promoted with, the
 #: test split's hash (:func:`domainlm.classify.data.split_sha256`), the merged LM's hash (:func:`tree_sha256`), the
 #: class list, the UTC date of promotion.
-MANIFEST_KEYS = ("registry_name", "version", "run_id", "test_macro_f1", "test_sha256", "merged_lm_sha256",
-                 "classes", "date")
+MANIFEST_KEYS = (
+    "registry_name",
+    "version",
+    "run_id",
+    "test_macro_f1",
+    "test_sha256",
+    "merged_lm_sha256",
+    "classes",
+    "date",
+)
 
 
 def tree_sha256(root: str | os.PathLike) -> str:
@@ -68,7 +78,9 @@ def read_manifest(deployed_dir: str | os.PathLike) -> dict[str, Any] | None:
     return manifest
 
 
-def compatible(manifest: Mapping[str, Any] | None, *, classes: Sequence[str], merged_lm_sha256: str) -> tuple[bool, str]:
+def compatible(
+    manifest: Mapping[str, Any] | None, *, classes: Sequence[str], merged_lm_sha256: str
+) -> tuple[bool, str]:
     """Whether the deployed model can be scored and fine-tuned in this run, and why (a short reason).
 
     It can when a model is deployed, its class list equals ``classes`` (same order: class ids index the head) and it

@@ -11,11 +11,13 @@ The loop stops at the first passing attempt, which is kept. When every attempt f
 *validation* macro-F1 is kept (choosing on the test split would overstate its test score) and the stage raises
 an alert (:mod:`domainlm.classify.alerts`); it still completes.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 
 @dataclass
@@ -96,8 +98,15 @@ def passes(macro_f1: float, min_f1: float) -> bool:
     return float(macro_f1) >= float(min_f1)
 
 
-def run_gate(train_and_score: Callable[[int, dict[str, Any], Attempt | None], Attempt], train: Mapping[str, Any],
-             gate: Mapping[str, Any], *, min_f1: float, max_retries: int, initial: Attempt | None = None) -> GateOutcome:
+def run_gate(
+    train_and_score: Callable[[int, dict[str, Any], Attempt | None], Attempt],
+    train: Mapping[str, Any],
+    gate: Mapping[str, Any],
+    *,
+    min_f1: float,
+    max_retries: int,
+    initial: Attempt | None = None,
+) -> GateOutcome:
     """Train, score and retry until an attempt passes or ``max_retries`` retries are spent.
 
     Args:

@@ -5,9 +5,11 @@ intervals of test macro-F1 and of the difference between two models (:func:`macr
 Every figure is a fraction in [0, 1] except ``support`` and the confusion counts (documents). Both the LoRA
 classifier and the TF-IDF baseline are scored by :func:`score`, so their figures compare one to one.
 """
+
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -32,8 +34,14 @@ def macro_f1(y_true: Sequence[str], y_pred: Sequence[str]) -> float:
     return float(f1_score(list(y_true), list(y_pred), average="macro", zero_division=0))
 
 
-def macro_f1_intervals(y_true: Sequence[str], predicted: Mapping[str, Sequence[str]], *, confidence: float = 0.95,
-                       n_resamples: int = 1000, seed: int = 0) -> dict[str, Any]:
+def macro_f1_intervals(
+    y_true: Sequence[str],
+    predicted: Mapping[str, Sequence[str]],
+    *,
+    confidence: float = 0.95,
+    n_resamples: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Bootstrap confidence intervals of each model's test macro-F1, and of the first model's lead over each other
     one, from one set of resampled documents: a paired bootstrap, so every model is scored on the same resample
     and a difference's interval accounts for the models erring on the same documents.
@@ -87,9 +95,16 @@ def macro_f1_intervals(y_true: Sequence[str], predicted: Mapping[str, Sequence[s
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", stats.DegenerateDataWarning)  # BCa undefined: the percentile pass
             warnings.simplefilter("ignore", RuntimeWarning)  # BCa's acceleration of a constant jackknife: 0 / 0
-            result = stats.bootstrap(columns, statistic, paired=True, vectorized=False, n_resamples=int(n_resamples),
-                                     confidence_level=float(confidence), method=method,
-                                     rng=np.random.default_rng(seed))
+            result = stats.bootstrap(
+                columns,
+                statistic,
+                paired=True,
+                vectorized=False,
+                n_resamples=int(n_resamples),
+                confidence_level=float(confidence),
+                method=method,
+                rng=np.random.default_rng(seed),
+            )
         low, high = np.atleast_1d(result.confidence_interval.low), np.atleast_1d(result.confidence_interval.high)
         if np.isfinite(low).all() and np.isfinite(high).all():
             break
@@ -97,9 +112,13 @@ def macro_f1_intervals(y_true: Sequence[str], predicted: Mapping[str, Sequence[s
     def entry(j: int) -> dict[str, float]:
         return {"value": float(point[j]), "low": float(low[j]), "high": float(high[j])}
 
-    return {"confidence": float(confidence), "n_resamples": int(n_resamples), "method": method,
-            "macro_f1": {name: entry(j) for j, name in enumerate(names)},
-            "difference": {f"{names[0]}-{other}": entry(len(names) + j) for j, other in enumerate(names[1:])}}
+    return {
+        "confidence": float(confidence),
+        "n_resamples": int(n_resamples),
+        "method": method,
+        "macro_f1": {name: entry(j) for j, name in enumerate(names)},
+        "difference": {f"{names[0]}-{other}": entry(len(names) + j) for j, other in enumerate(names[1:])},
+    }
 
 
 def score(y_true: Sequence[str], proba: np.ndarray, classes: Sequence[str]) -> dict[str, Any]:
@@ -121,7 +140,13 @@ def score(y_true: Sequence[str], proba: np.ndarray, classes: Sequence[str]) -> d
     Raises:
         ValueError: ``proba`` does not have ``len(y_true)`` rows and ``len(classes)`` columns, or no document.
     """
-    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support, roc_auc_score
+    from sklearn.metrics import (
+        accuracy_score,
+        confusion_matrix,
+        f1_score,
+        precision_recall_fscore_support,
+        roc_auc_score,
+    )
 
     proba = np.asarray(proba, dtype=float)
     if proba.shape != (len(y_true), len(classes)) or not len(y_true):
@@ -132,7 +157,8 @@ def score(y_true: Sequence[str], proba: np.ndarray, classes: Sequence[str]) -> d
     prec, rec, f1, support = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
     per_class: dict[str, dict[str, float]] = {
         lab: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
-        for lab, p, r, f, s in zip(labels, prec, rec, f1, support)}
+        for lab, p, r, f, s in zip(labels, prec, rec, f1, support)
+    }
     aucs = []
     truth = np.array(y_true)
     for j, lab in enumerate(classes):
@@ -154,11 +180,14 @@ def score(y_true: Sequence[str], proba: np.ndarray, classes: Sequence[str]) -> d
     }
 
 
-def prediction_rows(ids: Sequence[str], y_true: Sequence[str], proba: np.ndarray,
-                    classes: Sequence[str]) -> list[dict[str, Any]]:
+def prediction_rows(
+    ids: Sequence[str], y_true: Sequence[str], proba: np.ndarray, classes: Sequence[str]
+) -> list[dict[str, Any]]:
     """One row per document for ``dvc plots``' confusion template: ``id``, ``actual``, ``predicted``,
     ``confidence`` (the predicted class's probability)."""
     proba = np.asarray(proba, dtype=float)
     pred = predicted_labels(proba, classes)
-    return [{"id": i, "actual": a, "predicted": p, "confidence": round(float(row.max()), 6)}
-            for i, a, p, row in zip(ids, y_true, pred, proba)]
+    return [
+        {"id": i, "actual": a, "predicted": p, "confidence": round(float(row.max()), 6)}
+        for i, a, p, row in zip(ids, y_true, pred, proba)
+    ]

@@ -12,13 +12,15 @@ in the stage's predictions and in the served model alike. ``max_windows: 1`` is 
 ``models/merged``) and ``model/`` (the adapter merged into the weights, with the tokenizer and ``id2label``
 in ``config.json``): the folder :mod:`domainlm.classify.serving` serves, with no peft needed.
 """
+
 from __future__ import annotations
 
 import contextlib
 import math
 import os
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -80,8 +82,9 @@ def encode_windows(tokenizer, texts: Sequence[str], max_length: int, max_windows
     eos = appends_eos(tokenizer)
     width = max_length - int(eos)
     if int(max_windows) == 1:  # the first window only: let the tokenizer truncate
-        ids = tokenizer(list(texts), add_special_tokens=False, truncation=True, max_length=width,
-                        verbose=False)["input_ids"]
+        ids = tokenizer(list(texts), add_special_tokens=False, truncation=True, max_length=width, verbose=False)[
+            "input_ids"
+        ]
     else:
         ids = tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
     tail = [tokenizer.eos_token_id] if eos else []
@@ -108,8 +111,9 @@ def encode(tokenizer, texts: Sequence[str], max_length: int) -> list[list[int]]:
     if tokenizer.pad_token_id is None:
         raise ValueError("the tokenizer has no pad token; the sequence classifier needs one")
     eos = appends_eos(tokenizer)
-    ids = tokenizer(list(texts), add_special_tokens=False, truncation=True,
-                    max_length=max_length - int(eos), verbose=False)["input_ids"]
+    ids = tokenizer(
+        list(texts), add_special_tokens=False, truncation=True, max_length=max_length - int(eos), verbose=False
+    )["input_ids"]
     return [x + [tokenizer.eos_token_id] for x in ids] if eos else [list(x) for x in ids]
 
 
@@ -177,8 +181,10 @@ def compiled_layers(model, enabled: bool = True) -> Iterator[int]:
     cxx = os.environ.get("CXX", "g++")
     on_cpu = next(model.parameters()).device.type == "cpu"  # on CUDA, Inductor generates Triton kernels instead
     if on_cpu and shutil.which(cxx) is None:
-        raise RuntimeError(f"classifier.compile: TorchInductor builds CPU kernels with a C++ compiler and {cxx!r} is "
-                           "not on PATH: apt-get install g++, or set classifier.compile: false")
+        raise RuntimeError(
+            f"classifier.compile: TorchInductor builds CPU kernels with a C++ compiler and {cxx!r} is "
+            "not on PATH: apt-get install g++, or set classifier.compile: false"
+        )
     layers = decoder_layers(model)
     for layer in layers:
         layer.compile(dynamic=True)
@@ -189,8 +195,14 @@ def compiled_layers(model, enabled: bool = True) -> Iterator[int]:
             layer._compiled_call_impl = None
 
 
-def load_adapter(lm_dir: str | os.PathLike, classes: Sequence[str], adapter_dir: str | os.PathLike, *,
-                 trainable: bool = True, attn_implementation: str | None = None):
+def load_adapter(
+    lm_dir: str | os.PathLike,
+    classes: Sequence[str],
+    adapter_dir: str | os.PathLike,
+    *,
+    trainable: bool = True,
+    attn_implementation: str | None = None,
+):
     """A saved classifier's adapter (``<dir>/adapter``: LoRA matrices and the score head) back on the merged LM in
     ``lm_dir``, ready to be fine-tuned further (``trainable``) or scored: ``(peft_model, tokenizer)``.
     ``attn_implementation``: as :func:`load_sequence_classifier`.
@@ -206,8 +218,9 @@ def load_adapter(lm_dir: str | os.PathLike, classes: Sequence[str], adapter_dir:
     return model, tokenizer
 
 
-def load_sequence_classifier(lm_dir: str | os.PathLike, classes: Sequence[str], *, dtype=torch.float32,
-                             attn_implementation: str | None = None):
+def load_sequence_classifier(
+    lm_dir: str | os.PathLike, classes: Sequence[str], *, dtype=torch.float32, attn_implementation: str | None = None
+):
     """``AutoModelForSequenceClassification`` on the causal LM in ``lm_dir`` with a fresh ``score`` head.
 
     ``config.id2label``/``label2id`` hold ``classes`` (index = class id) and ``config.pad_token_id`` the
@@ -224,10 +237,15 @@ def load_sequence_classifier(lm_dir: str | os.PathLike, classes: Sequence[str], 
     if tokenizer.pad_token_id is None:
         raise ValueError(f"{lm_dir}: the tokenizer has no pad token; the sequence classifier needs one")
     model = AutoModelForSequenceClassification.from_pretrained(
-        lm_dir, local_files_only=True, dtype=dtype, num_labels=len(classes),
-        id2label=dict(enumerate(classes)), label2id={c: i for i, c in enumerate(classes)},
+        lm_dir,
+        local_files_only=True,
+        dtype=dtype,
+        num_labels=len(classes),
+        id2label=dict(enumerate(classes)),
+        label2id={c: i for i, c in enumerate(classes)},
         pad_token_id=tokenizer.pad_token_id,
-        **({"attn_implementation": attn_implementation} if attn_implementation is not None else {}))
+        **({"attn_implementation": attn_implementation} if attn_implementation is not None else {}),
+    )
     return model, tokenizer
 
 
@@ -250,10 +268,16 @@ def attach_lora(model, lora_params: Mapping[str, Any], *, seed: int):
     set_seed(seed)
     # the head from_pretrained drew before the seed was set: redraw it as transformers initialises Linear layers
     torch.nn.init.normal_(model.score.weight, std=float(getattr(model.config, "initializer_range", 0.02)))
-    config = LoraConfig(task_type=TaskType.SEQ_CLS, r=int(lora_params["r"]), lora_alpha=float(lora_params["lora_alpha"]),
-                        lora_dropout=float(lora_params["lora_dropout"]),
-                        target_modules=list(lora_params["target_modules"]), modules_to_save=["score"], bias="none",
-                        layers_to_transform=adapted_layers(int(model.config.num_hidden_layers), lora_params.get("top_layers")))
+    config = LoraConfig(
+        task_type=TaskType.SEQ_CLS,
+        r=int(lora_params["r"]),
+        lora_alpha=float(lora_params["lora_alpha"]),
+        lora_dropout=float(lora_params["lora_dropout"]),
+        target_modules=list(lora_params["target_modules"]),
+        modules_to_save=["score"],
+        bias="none",
+        layers_to_transform=adapted_layers(int(model.config.num_hidden_layers), lora_params.get("top_layers")),
+    )
     return get_peft_model(model, config)
 
 
@@ -307,8 +331,9 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 @torch.no_grad()
-def predict_proba(model, tokenizer, texts: Sequence[str], *, max_length: int, batch_size: int = 32,
-                  max_windows: int = 1, compute=None) -> np.ndarray:
+def predict_proba(
+    model, tokenizer, texts: Sequence[str], *, max_length: int, batch_size: int = 32, max_windows: int = 1, compute=None
+) -> np.ndarray:
     """Class probabilities of each text: the softmax of the mean of its windows' logits (:func:`encode_windows`).
 
     Windows are sorted by length and batched with right padding, so batches hold similar lengths; rows come
@@ -332,7 +357,7 @@ def predict_proba(model, tokenizer, texts: Sequence[str], *, max_length: int, ba
     model.eval()
     with autocast(compute):
         for start in range(0, len(order), batch_size):
-            rows = order[start:start + batch_size]
+            rows = order[start : start + batch_size]
             batch = tokenizer.pad({"input_ids": [ids[i] for i in rows]}, return_tensors="pt", padding_side="right")
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             logits_out[rows] = logits.double().cpu().numpy()

@@ -11,14 +11,16 @@ non-regression), with a warning.
 Versions carry the tags ``git_commit``, ``data_sha256`` (split files + label table), ``test_sha256``,
 ``label_overrides``, ``macro_f1``, ``accuracy``, ``gate`` (passed | failed) and ``classes``.
 """
+
 from __future__ import annotations
 
 import importlib.metadata
 import logging
 import shutil
 import tempfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from domainlm.classify.metrics import macro_f1
 from domainlm.common.tracking import ensure_registered_model
@@ -47,8 +49,9 @@ def champion_version(client, model_name: str):
         raise
 
 
-def champion_macro_f1(client, model_name: str, *, test_sha256: str, texts: Sequence[str], labels: Sequence[str],
-                      batch_rows: int = 16) -> dict[str, Any]:
+def champion_macro_f1(
+    client, model_name: str, *, test_sha256: str, texts: Sequence[str], labels: Sequence[str], batch_rows: int = 16
+) -> dict[str, Any]:
     """The current champion's test macro-F1 on this run's test set.
 
     Args:
@@ -76,12 +79,13 @@ def champion_macro_f1(client, model_name: str, *, test_sha256: str, texts: Seque
         model = mlflow.pyfunc.load_model(f"models:/{model_name}@{CHAMPION}")
         predicted: list[str] = []
         for start in range(0, len(texts), batch_rows):
-            out = model.predict(pd.DataFrame({"text": list(texts[start:start + batch_rows])}))
+            out = model.predict(pd.DataFrame({"text": list(texts[start : start + batch_rows])}))
             predicted.extend(out["label"].tolist())
         return {"version": version, "macro_f1": macro_f1(labels, predicted), "how": "rescored"}
     except Exception as exc:  # a champion whose artifacts are gone or whose code no longer loads
-        log.warning("cannot re-score the champion %s v%d on this test set (%s): no promotion this run",
-                    model_name, version, exc)
+        log.warning(
+            "cannot re-score the champion %s v%d on this test set (%s): no promotion this run", model_name, version, exc
+        )
         return {"version": version, "macro_f1": None, "how": "unavailable"}
 
 
@@ -112,8 +116,16 @@ def choose_alias(passed: bool, new_macro_f1: float, champion: Mapping[str, Any])
     return CHAMPION if new >= old else CHALLENGER
 
 
-def log_and_register(mlflow, model_dir: str | Path, *, model_name: str, alias: str, tags: Mapping[str, Any],
-                     serving_config: Mapping[str, Any], code_root: str | Path | None = None) -> dict[str, Any]:
+def log_and_register(
+    mlflow,
+    model_dir: str | Path,
+    *,
+    model_name: str,
+    alias: str,
+    tags: Mapping[str, Any],
+    serving_config: Mapping[str, Any],
+    code_root: str | Path | None = None,
+) -> dict[str, Any]:
     """Log ``model_dir`` (a saved classifier ``model/`` folder) as the active run's pyfunc model ``classifier``,
     register it as a new version of ``model_name``, tag the version and point ``alias`` at it.
 
@@ -135,17 +147,25 @@ def log_and_register(mlflow, model_dir: str | Path, *, model_name: str, alias: s
     from domainlm.classify.serving import ARTIFACT_KEY, INPUT_EXAMPLE_TEXT, SERVED_MODEL_FILE
 
     client = MlflowClient()
-    ensure_registered_model(client, model_name, "Document classifier: LoRA sequence classification on the merged "
-                                                "domain LM (stage train_classifier).")
+    ensure_registered_model(
+        client,
+        model_name,
+        "Document classifier: LoRA sequence classification on the merged domain LM (stage train_classifier).",
+    )
     code_root = Path(code_root) if code_root else Path(__file__).resolve().parents[1]
     with tempfile.TemporaryDirectory(prefix="classifier_code_") as tmp:
         package = Path(tmp) / "domainlm"
         shutil.copytree(code_root, package, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         info = mlflow.pyfunc.log_model(
-            name="classifier", python_model=str(SERVED_MODEL_FILE), artifacts={ARTIFACT_KEY: str(model_dir)},
+            name="classifier",
+            python_model=str(SERVED_MODEL_FILE),
+            artifacts={ARTIFACT_KEY: str(model_dir)},
             # no signature argument: MLflow infers it from predict's type hint (list[str], see serving.py)
-            code_paths=[str(package)], model_config=dict(serving_config), input_example=[INPUT_EXAMPLE_TEXT],
-            pip_requirements=pip_requirements())
+            code_paths=[str(package)],
+            model_config=dict(serving_config),
+            input_example=[INPUT_EXAMPLE_TEXT],
+            pip_requirements=pip_requirements(),
+        )
     # Register only once every artifact is logged, with the tags in the same registry transaction (the SQL store
     # writes the version and its tags in one commit), then point the alias: a kill at any moment leaves either no
     # new version, or a complete, tagged one, and an alias only ever on a scored version.

@@ -25,10 +25,12 @@ hard cap on the wire belongs in a reverse proxy in front (nginx ``client_max_bod
 
 The model is logged as code (:data:`SERVED_MODEL_FILE`, MLflow "models from code"), not pickled.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import mlflow.pyfunc
 
@@ -42,8 +44,16 @@ INPUT_EXAMPLE_TEXT = "셀에 수식을 입력하려면 먼저 등호(=)를 입�
 #: ``max_text_chars``: characters per text, = ``validate.max_chars`` (every document the pipeline keeps can be
 #: served); ``max_request_bytes``: UTF-8 bytes of all texts of one request (2 MiB: a batch of 64 texts of
 #: 10,000 Hangul syllables, 3 bytes each, just fits).
-DEFAULT_CONFIG = {"max_batch_rows": 64, "max_length": 256, "max_windows": 1, "batch_size": 16, "torch_threads": None,
-                  "dtype": "fp32", "max_text_chars": 200_000, "max_request_bytes": 2 << 20}
+DEFAULT_CONFIG = {
+    "max_batch_rows": 64,
+    "max_length": 256,
+    "max_windows": 1,
+    "batch_size": 16,
+    "torch_threads": None,
+    "dtype": "fp32",
+    "max_text_chars": 200_000,
+    "max_request_bytes": 2 << 20,
+}
 
 
 def invalid_input(message: str):
@@ -53,8 +63,13 @@ def invalid_input(message: str):
     return MlflowException.invalid_parameter_value(message)
 
 
-def texts_from_input(model_input: Sequence[Any], *, max_batch_rows: int, max_text_chars: int | None = None,
-                     max_request_bytes: int | None = None) -> list[str]:
+def texts_from_input(
+    model_input: Sequence[Any],
+    *,
+    max_batch_rows: int,
+    max_text_chars: int | None = None,
+    max_request_bytes: int | None = None,
+) -> list[str]:
     """The texts of a request, checked.
 
     Args:
@@ -74,14 +89,17 @@ def texts_from_input(model_input: Sequence[Any], *, max_batch_rows: int, max_tex
             ``max_request_bytes`` bytes in all. The message names the first bad row (``row <i>``, 0-based).
     """
     if isinstance(model_input, (str, bytes)) or not isinstance(model_input, Sequence):
-        raise invalid_input(f"the input must be a list of texts, got {type(model_input).__name__}; "
-                            'send {"inputs": ["text", ...]}')
+        raise invalid_input(
+            f'the input must be a list of texts, got {type(model_input).__name__}; send {{"inputs": ["text", ...]}}'
+        )
     values = list(model_input)
     if not values:
         raise invalid_input("the batch has no rows; send at least one text")
     if len(values) > max_batch_rows:
-        raise invalid_input(f"the batch has {len(values)} rows, over the limit of {max_batch_rows} rows per request; "
-                            "split it into smaller batches")
+        raise invalid_input(
+            f"the batch has {len(values)} rows, over the limit of {max_batch_rows} rows per request; "
+            "split it into smaller batches"
+        )
     total_bytes = 0
     for i, value in enumerate(values):
         if value is None or (isinstance(value, float) and value != value):
@@ -91,12 +109,16 @@ def texts_from_input(model_input: Sequence[Any], *, max_batch_rows: int, max_tex
         if not value.strip():
             raise invalid_input(f"row {i}: the text is empty")
         if max_text_chars is not None and len(value) > max_text_chars:
-            raise invalid_input(f"row {i}: the text has {len(value)} characters, over the limit of {max_text_chars} "
-                                "characters per text; split the document")
+            raise invalid_input(
+                f"row {i}: the text has {len(value)} characters, over the limit of {max_text_chars} "
+                "characters per text; split the document"
+            )
         total_bytes += len(value.encode("utf-8"))
         if max_request_bytes is not None and total_bytes > max_request_bytes:
-            raise invalid_input(f"row {i}: the request's texts pass {max_request_bytes} bytes (UTF-8), the limit per "
-                                "request; split it into smaller batches")
+            raise invalid_input(
+                f"row {i}: the request's texts pass {max_request_bytes} bytes (UTF-8), the limit per "
+                "request; split it into smaller batches"
+            )
     return values
 
 
@@ -112,7 +134,9 @@ class TextClassifier(mlflow.pyfunc.PythonModel):
         from domainlm.common.compute import resolve
 
         self.config = {**DEFAULT_CONFIG, **(getattr(context, "model_config", None) or {})}
-        self.compute = resolve({"dtype": self.config.get("dtype") or "fp32", "threads": self.config.get("torch_threads")})
+        self.compute = resolve(
+            {"dtype": self.config.get("dtype") or "fp32", "threads": self.config.get("torch_threads")}
+        )
         self.compute.apply()
         self.model, self.tokenizer = load_classifier(context.artifacts[ARTIFACT_KEY])
         self.classes = classes_of(self.model)
@@ -136,18 +160,29 @@ class TextClassifier(mlflow.pyfunc.PythonModel):
         from domainlm.classify.model import predict_proba
 
         limit = self.config.get
-        texts = texts_from_input(model_input, max_batch_rows=int(limit("max_batch_rows")),
-                                 max_text_chars=_int_or_none(limit("max_text_chars")),
-                                 max_request_bytes=_int_or_none(limit("max_request_bytes")))
-        proba = predict_proba(self.model, self.tokenizer, texts, max_length=int(self.config["max_length"]),
-                              batch_size=int(self.config["batch_size"]), max_windows=int(self.config["max_windows"]),
-                              compute=self.compute)
+        texts = texts_from_input(
+            model_input,
+            max_batch_rows=int(limit("max_batch_rows")),
+            max_text_chars=_int_or_none(limit("max_text_chars")),
+            max_request_bytes=_int_or_none(limit("max_request_bytes")),
+        )
+        proba = predict_proba(
+            self.model,
+            self.tokenizer,
+            texts,
+            max_length=int(self.config["max_length"]),
+            batch_size=int(self.config["batch_size"]),
+            max_windows=int(self.config["max_windows"]),
+            compute=self.compute,
+        )
         best = proba.argmax(axis=1)
-        return pd.DataFrame({
-            "label": [self.classes[j] for j in best],
-            "score": [round(float(row[j]), 6) for row, j in zip(proba, best)],
-            "probabilities": [{c: round(float(p), 6) for c, p in zip(self.classes, row)} for row in proba],
-        })
+        return pd.DataFrame(
+            {
+                "label": [self.classes[j] for j in best],
+                "score": [round(float(row[j]), 6) for row, j in zip(proba, best)],
+                "probabilities": [{c: round(float(p), 6) for c, p in zip(self.classes, row)} for row in proba],
+            }
+        )
 
 
 def _int_or_none(value) -> int | None:

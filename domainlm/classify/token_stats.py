@@ -2,19 +2,23 @@
 and split, documents, tokens, mean/p50/p95/max document length in tokens, and the share of documents longer
 than the classifier's input and than the LM's context (so truncation is a measured choice, not a surprise).
 """
+
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
 
-def document_lengths(tokenizer, texts: Sequence[str], *, batch_docs: int = 256, desc: str = "token stats") -> np.ndarray:
+def document_lengths(
+    tokenizer, texts: Sequence[str], *, batch_docs: int = 256, desc: str = "token stats"
+) -> np.ndarray:
     """Tokens per document (no special tokens), int64 ``[len(texts)]``."""
     lengths: list[int] = []
     for start in tqdm(range(0, len(texts), batch_docs), desc=desc, unit="batch", leave=False):
-        enc = tokenizer(list(texts[start:start + batch_docs]), add_special_tokens=False, verbose=False)["input_ids"]
+        enc = tokenizer(list(texts[start : start + batch_docs]), add_special_tokens=False, verbose=False)["input_ids"]
         lengths.extend(len(ids) for ids in enc)
     return np.asarray(lengths, dtype=np.int64)
 
@@ -34,8 +38,16 @@ def length_summary(lengths: np.ndarray, *, max_text_tokens: int, context: int) -
     """
     n = int(lengths.size)
     if n == 0:
-        return {"docs": 0, "tokens": 0, "mean_tokens": 0.0, "p50_tokens": 0.0, "p95_tokens": 0.0, "max_tokens": 0,
-                "truncated_at_max_length": 0.0, "truncated_at_context": 0.0}
+        return {
+            "docs": 0,
+            "tokens": 0,
+            "mean_tokens": 0.0,
+            "p50_tokens": 0.0,
+            "p95_tokens": 0.0,
+            "max_tokens": 0,
+            "truncated_at_max_length": 0.0,
+            "truncated_at_context": 0.0,
+        }
     return {
         "docs": n,
         "tokens": int(lengths.sum()),
@@ -48,8 +60,14 @@ def length_summary(lengths: np.ndarray, *, max_text_tokens: int, context: int) -
     }
 
 
-def token_stats(tokenizer, texts: Mapping[str, Mapping[str, Sequence[str]]], *, max_length: int, context: int,
-                appends_eos: bool = True) -> dict[str, Any]:
+def token_stats(
+    tokenizer,
+    texts: Mapping[str, Mapping[str, Sequence[str]]],
+    *,
+    max_length: int,
+    context: int,
+    appends_eos: bool = True,
+) -> dict[str, Any]:
     """Token statistics for every domain and split, and for all domains together.
 
     Args:
@@ -74,9 +92,14 @@ def token_stats(tokenizer, texts: Mapping[str, Mapping[str, Sequence[str]]], *, 
             per[domain][split] = length_summary(lengths, max_text_tokens=max_text, context=context)
             pooled.setdefault(split, []).append(lengths)
     return {
-        "settings": {"classifier_max_length": int(max_length), "classifier_max_text_tokens": max_text,
-                     "lm_context": int(context)},
+        "settings": {
+            "classifier_max_length": int(max_length),
+            "classifier_max_text_tokens": max_text,
+            "lm_context": int(context),
+        },
         "domains": per,
-        "all": {s: length_summary(np.concatenate(parts), max_text_tokens=max_text, context=context)
-                for s, parts in pooled.items()},
+        "all": {
+            s: length_summary(np.concatenate(parts), max_text_tokens=max_text, context=context)
+            for s, parts in pooled.items()
+        },
     }

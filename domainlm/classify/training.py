@@ -17,13 +17,15 @@ With ``classifier.compile`` on, training and validation run the decoder layers c
 (:func:`domainlm.classify.model.compiled_layers`); the compiled code is cached in the process, so the gate's
 retries reuse the first attempt's compile.
 """
+
 from __future__ import annotations
 
 import logging
 import os
 import tempfile
 import time
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -118,8 +120,9 @@ def weighted_cross_entropy(weights: torch.Tensor | None) -> Callable[..., torch.
     return loss
 
 
-def training_arguments(output_dir: str | os.PathLike, settings: Mapping[str, Any], *, seed: int,
-                       use_cpu: bool | None = None, compute=None):
+def training_arguments(
+    output_dir: str | os.PathLike, settings: Mapping[str, Any], *, seed: int, use_cpu: bool | None = None, compute=None
+):
     """``transformers.TrainingArguments`` of one attempt: evaluate and checkpoint every epoch, keep the epoch with
     the best validation ``macro_f1``. ``settings``: epochs, batch_size, eval_batch_size, lr, weight_decay,
     warmup_steps (< 1: a fraction of the steps), grad_clip, logging_steps. ``compute`` (a
@@ -136,11 +139,20 @@ def training_arguments(output_dir: str | os.PathLike, settings: Mapping[str, Any
         warmup_steps=float(settings["warmup_steps"]),
         lr_scheduler_type="linear",
         max_grad_norm=float(settings["grad_clip"]),
-        eval_strategy="epoch", save_strategy="epoch", save_total_limit=1, save_only_model=True,
-        load_best_model_at_end=True, metric_for_best_model="macro_f1", greater_is_better=True,
-        logging_strategy="steps", logging_steps=int(settings["logging_steps"]),
+        eval_strategy="epoch",
+        save_strategy="epoch",
+        save_total_limit=1,
+        save_only_model=True,
+        load_best_model_at_end=True,
+        metric_for_best_model="macro_f1",
+        greater_is_better=True,
+        logging_strategy="steps",
+        logging_steps=int(settings["logging_steps"]),
         train_sampling_strategy="group_by_length",
-        seed=seed, data_seed=seed, dataloader_num_workers=0, report_to="none",
+        seed=seed,
+        data_seed=seed,
+        dataloader_num_workers=0,
+        report_to="none",
         bf16=bool(compute is not None and compute.bf16),
         use_cpu=(not torch.cuda.is_available()) if use_cpu is None else use_cpu,
     )
@@ -189,10 +201,19 @@ def _in_order_trainer():
     return InOrderEvalTrainer
 
 
-def train_attempt(lm_dir: str | os.PathLike, train: LabelledSplit, val: LabelledSplit, classes: Sequence[str],
-                  params: Mapping[str, Any], settings: Mapping[str, Any], *, seed: int,
-                  on_log: Callable[[int, dict[str, float]], None] | None = None,
-                  init_adapter: str | os.PathLike | None = None, compute=None):
+def train_attempt(
+    lm_dir: str | os.PathLike,
+    train: LabelledSplit,
+    val: LabelledSplit,
+    classes: Sequence[str],
+    params: Mapping[str, Any],
+    settings: Mapping[str, Any],
+    *,
+    seed: int,
+    on_log: Callable[[int, dict[str, float]], None] | None = None,
+    init_adapter: str | os.PathLike | None = None,
+    compute=None,
+):
     """Train one LoRA classifier on ``train`` and keep its best epoch by macro-F1 on ``val``.
 
     Args:
@@ -238,24 +259,38 @@ def train_attempt(lm_dir: str | os.PathLike, train: LabelledSplit, val: Labelled
         from transformers import set_seed
 
         set_seed(seed)
-        model, tokenizer = cls_model.load_adapter(lm_dir, classes, init_adapter, trainable=True, attn_implementation=attn)
+        model, tokenizer = cls_model.load_adapter(
+            lm_dir, classes, init_adapter, trainable=True, attn_implementation=attn
+        )
     else:
         base, tokenizer = cls_model.load_sequence_classifier(lm_dir, classes, attn_implementation=attn)
         model = cls_model.attach_lora(base, params["lora"], seed=seed)
     y_train = [label_id[lab] for lab in train.labels]
-    train_ds = WindowSampledDataset(cls_model.encode_windows(tokenizer, train.texts, max_length, n_train_windows),
-                                    y_train, seed=seed)
+    train_ds = WindowSampledDataset(
+        cls_model.encode_windows(tokenizer, train.texts, max_length, n_train_windows), y_train, seed=seed
+    )
     val_windows = cls_model.encode_windows(tokenizer, [val.texts[i] for i in val_rows], max_length, n_predict_windows)
     val_doc_of = [d for d, doc in enumerate(val_windows) for _ in doc]
     val_y = [label_id[val.labels[i]] for i in val_rows]
     val_ds = EncodedDataset([w for doc in val_windows for w in doc], [val_y[d] for d in val_doc_of])
     trainable, total = model.get_nb_trainable_parameters()
     weights = balanced_class_weights(y_train, len(classes)) if settings.get("class_weighted") else None
-    log.info("LoRA classifier%s: %d classes, %d trainable of %d parameters, %d train documents (1 of <= %d windows "
-             "per epoch) / %d val documents (%d windows) of <= %d tokens, %s epochs at lr %g%s",
-             " continued from " + str(init_adapter) if init_adapter is not None else "", len(classes), trainable, total,
-             len(train_ds), n_train_windows, len(val_rows), len(val_ds), max_length, settings["epochs"],
-             float(settings["lr"]), ", class-weighted loss" if weights is not None else "")
+    log.info(
+        "LoRA classifier%s: %d classes, %d trainable of %d parameters, %d train documents (1 of <= %d windows "
+        "per epoch) / %d val documents (%d windows) of <= %d tokens, %s epochs at lr %g%s",
+        " continued from " + str(init_adapter) if init_adapter is not None else "",
+        len(classes),
+        trainable,
+        total,
+        len(train_ds),
+        n_train_windows,
+        len(val_rows),
+        len(val_ds),
+        max_length,
+        settings["epochs"],
+        float(settings["lr"]),
+        ", class-weighted loss" if weights is not None else "",
+    )
 
     def compute_metrics(pred) -> dict[str, float]:
         logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
@@ -264,17 +299,24 @@ def train_attempt(lm_dir: str | os.PathLike, train: LabelledSplit, val: Labelled
         y_pred = [classes[i] for i in doc_logits.argmax(axis=1)]
         return {"macro_f1": macro_f1(y_true, y_pred)}
 
-    callbacks = [EarlyStoppingCallback(early_stopping_patience=int(params["train"].get("early_stopping_patience", 2))),
-                 epoch_callback(train_ds)]
+    callbacks = [
+        EarlyStoppingCallback(early_stopping_patience=int(params["train"].get("early_stopping_patience", 2))),
+        epoch_callback(train_ds),
+    ]
     if on_log is not None:
         callbacks.append(_log_callback(on_log))
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="train_classifier_ckpt_") as ckpt_dir:
-        trainer = _in_order_trainer()(model=model, args=training_arguments(ckpt_dir, settings, seed=seed, compute=compute),
-                          train_dataset=train_ds, eval_dataset=val_ds,
-                          data_collator=DataCollatorWithPadding(tokenizer, padding="longest"),
-                          compute_metrics=compute_metrics, compute_loss_func=weighted_cross_entropy(weights),
-                          callbacks=callbacks)
+        trainer = _in_order_trainer()(
+            model=model,
+            args=training_arguments(ckpt_dir, settings, seed=seed, compute=compute),
+            train_dataset=train_ds,
+            eval_dataset=val_ds,
+            data_collator=DataCollatorWithPadding(tokenizer, padding="longest"),
+            compute_metrics=compute_metrics,
+            compute_loss_func=weighted_cross_entropy(weights),
+            callbacks=callbacks,
+        )
         with cls_model.compiled_layers(model, enabled=bool(params.get("compile", False))) as n_compiled:
             result = trainer.train()
         state = trainer.state
@@ -282,18 +324,22 @@ def train_attempt(lm_dir: str | os.PathLike, train: LabelledSplit, val: Labelled
     model = trainer.model.eval()
     evals = [h for h in state.log_history if "eval_macro_f1" in h]
     best = max(evals, key=lambda h: h["eval_macro_f1"]) if evals else {"eval_macro_f1": float("nan"), "epoch": 0}
-    return model, tokenizer, {
-        "val_macro_f1": float(best["eval_macro_f1"]),
-        "best_epoch": float(best.get("epoch", 0.0)),
-        "epochs_run": float(state.epoch or 0.0),
-        "steps": int(state.global_step),
-        "train_loss": float(result.training_loss),
-        "train_s": train_s,
-        "trainable_params": int(trainable),
-        "total_params": int(total),
-        "val_docs_scored": len(val_rows),
-        "continued": int(init_adapter is not None),
-        "class_weighted": int(weights is not None),
-        "attn_implementation": attn,
-        "compiled_layers": int(n_compiled),
-    }
+    return (
+        model,
+        tokenizer,
+        {
+            "val_macro_f1": float(best["eval_macro_f1"]),
+            "best_epoch": float(best.get("epoch", 0.0)),
+            "epochs_run": float(state.epoch or 0.0),
+            "steps": int(state.global_step),
+            "train_loss": float(result.training_loss),
+            "train_s": train_s,
+            "trainable_params": int(trainable),
+            "total_params": int(total),
+            "val_docs_scored": len(val_rows),
+            "continued": int(init_adapter is not None),
+            "class_weighted": int(weights is not None),
+            "attn_implementation": attn,
+            "compiled_layers": int(n_compiled),
+        },
+    )

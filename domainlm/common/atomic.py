@@ -6,6 +6,7 @@ sibling path guarantees. The temporary name is hidden and carries the writer's p
 (``.<name>.<pid>.<random>.tmp``); one left behind by a writer that was killed (SIGKILL, OOM, power loss)
 is removed by the next :func:`atomic_path` for the same target once that pid is gone.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -14,8 +15,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 
 @contextlib.contextmanager
@@ -91,7 +93,7 @@ def remove_stale_temporaries(target: str | os.PathLike) -> list[Path]:
     if not target.parent.is_dir():
         return removed
     for tmp in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
-        pid = tmp.name[len(target.name) + 2:].split(".", 1)[0]
+        pid = tmp.name[len(target.name) + 2 :].split(".", 1)[0]
         if not pid.isdigit() or alive(int(pid)):
             continue
         if tmp.is_dir() and not tmp.is_symlink():

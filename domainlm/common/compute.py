@@ -19,14 +19,16 @@ Threads: OpenMP threads spin while they wait, so a 2-thread torch job on a 2-cor
 runs several times slower than 1 thread. The default (all cores) is right on an idle machine; set ``threads: 1``
 when the machine is shared.
 """
+
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +123,7 @@ class ComputePolicy:
         threadpool_limits(limits=self.threads)
 
     @contextlib.contextmanager
-    def applied(self) -> Iterator["ComputePolicy"]:
+    def applied(self) -> Iterator[ComputePolicy]:
         """:meth:`apply` for the block only; the previous torch and BLAS thread settings come back after it."""
         import torch
         from threadpoolctl import threadpool_limits
@@ -140,7 +142,9 @@ def autocast(policy: ComputePolicy | None) -> contextlib.AbstractContextManager:
     return policy.autocast() if policy is not None else contextlib.nullcontext()
 
 
-def resolve(cfg: Mapping[str, Any] | None, *, device: str | None = None, flags: set[str] | None = None) -> ComputePolicy:
+def resolve(
+    cfg: Mapping[str, Any] | None, *, device: str | None = None, flags: set[str] | None = None
+) -> ComputePolicy:
     """The policy for the ``compute`` params section ``cfg`` (``dtype``, ``threads``) on this machine.
 
     Args:

@@ -3,14 +3,16 @@
 Conventions: nested dicts of numbers with stable keys; rates are fractions in [0, 1];
 durations are seconds; names carry their unit (``docs_per_s``, ``peak_rss_mb``).
 """
+
 from __future__ import annotations
 
 import csv
 import io
 import os
 import resource
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from domainlm.common.atomic import write_json
 from domainlm.common.paths import METRICS_DIR

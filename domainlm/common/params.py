@@ -1,4 +1,5 @@
 """Read sections of ``params.yaml``, the one place a run's knobs live (DVC's params file)."""
+
 from __future__ import annotations
 
 import os

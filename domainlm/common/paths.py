@@ -2,6 +2,7 @@
 
 ``dvc.yaml`` names the same paths as deps and outs; stages take them from here, tests pass their own.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,19 +10,19 @@ from pathlib import Path
 PARAMS_FILE = Path("params.yaml")
 
 # ---- data half
-RAW_DIR = Path("data/raw")                        # corpus: <domain>.jsonl, MANIFEST.json
-VALIDATED_DIR = Path("data/validated")            # validate: <domain>.jsonl, rejects.jsonl
-DEDUP_DIR = Path("data/dedup")                    # dedup: <domain>.jsonl, removed.jsonl, candidates.json
-PARQUET_DIR = Path("data/parquet")                # parquet: <domain>.parquet, schema.txt
-SPLIT_DIR = Path("data/split")                    # split: <domain>/{train,val,test}.parquet
+RAW_DIR = Path("data/raw")  # corpus: <domain>.jsonl, MANIFEST.json
+VALIDATED_DIR = Path("data/validated")  # validate: <domain>.jsonl, rejects.jsonl
+DEDUP_DIR = Path("data/dedup")  # dedup: <domain>.jsonl, removed.jsonl, candidates.json
+PARQUET_DIR = Path("data/parquet")  # parquet: <domain>.parquet, schema.txt
+SPLIT_DIR = Path("data/split")  # split: <domain>/{train,val,test}.parquet
 LABELS_DIR = Path("data/labels")
-OVERRIDES_PATH = LABELS_DIR / "overrides.parquet"       # dvc add-ed label overrides (id, label)
-LABELS_PATH = LABELS_DIR / "split_labels.parquet"       # split: id, domain, split, source_label, label
+OVERRIDES_PATH = LABELS_DIR / "overrides.parquet"  # dvc add-ed label overrides (id, label)
+LABELS_PATH = LABELS_DIR / "split_labels.parquet"  # split: id, domain, split, source_label, label
 SPLITS = ("train", "val", "test")
 
 # ---- model half
 BASE_DIR = Path("models/base")
-LORA_DIR = Path("models/lora")                    # train_lora@<domain>: models/lora/<domain>/
+LORA_DIR = Path("models/lora")  # train_lora@<domain>: models/lora/<domain>/
 DIFF_DIR = Path("models/diff")
 MERGED_DIR = Path("models/merged")
 
@@ -45,9 +46,9 @@ REFINE_HISTORY_CSV = PLOTS_DIR / "refine_history.csv"
 EVAL_DIR = Path("eval")
 COMPARISON_MD = EVAL_DIR / "eval_prompt_comparison.md"
 REFERENCE_PERPLEXITY_JSON = EVAL_DIR / "reference_perplexity.json"  # evaluate_experts: base + experts
-LOG_DIR = Path("logs")                            # train_<domain>.log (DVC outs) + the two logs below
-RUN_LOG = LOG_DIR / "pipeline_run.log"            # one line per stage run (git-ignored, .dvcignore-d)
-ERROR_LOG = LOG_DIR / "pipeline_errors.log"       # stack trace of each failed stage run (likewise)
+LOG_DIR = Path("logs")  # train_<domain>.log (DVC outs) + the two logs below
+RUN_LOG = LOG_DIR / "pipeline_run.log"  # one line per stage run (git-ignored, .dvcignore-d)
+ERROR_LOG = LOG_DIR / "pipeline_errors.log"  # stack trace of each failed stage run (likewise)
 
 
 def split_path(root: str | Path, domain: str, split: str) -> Path:
@@ -65,13 +66,14 @@ def train_log_path(domain: str, root: str | Path = LOG_DIR) -> Path:
     """The HF Trainer log of ``train_lora@<domain>``: ``logs/train_<domain>.log``."""
     return Path(root) / f"train_{domain}.log"
 
+
 # ---- downstream classifier (train_classifier)
-CLASSIFIER_DIR = Path("models/classifier")        # model/ (adapter merged, serve-ready) and adapter/ (peft)
+CLASSIFIER_DIR = Path("models/classifier")  # model/ (adapter merged, serve-ready) and adapter/ (peft)
 TOKEN_STATS_JSON = METRICS_DIR / "token_stats.json"
-CLASSIFIER_ALERTS_JSON = METRICS_DIR / "classifier_alerts.json"          # evaluate owns alerts.json
-CLASSIFIER_CONFUSION_CSV = PLOTS_DIR / "classifier_confusion.csv"        # test rows: id, actual, predicted (LoRA)
+CLASSIFIER_ALERTS_JSON = METRICS_DIR / "classifier_alerts.json"  # evaluate owns alerts.json
+CLASSIFIER_CONFUSION_CSV = PLOTS_DIR / "classifier_confusion.csv"  # test rows: id, actual, predicted (LoRA)
 BASELINE_CONFUSION_CSV = PLOTS_DIR / "classifier_baseline_confusion.csv"  # the same for the TF-IDF baseline
 
 # ---- the deployed classifier (dvc add-ed input; replaced only by the round's promote, never by a stage)
-DEPLOYED_DIR = Path("models/deployed")            # model/, adapter/ (as models/classifier) + deployed.json
+DEPLOYED_DIR = Path("models/deployed")  # model/, adapter/ (as models/classifier) + deployed.json
 DEPLOYED_MANIFEST = DEPLOYED_DIR / "deployed.json"

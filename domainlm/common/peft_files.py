@@ -1,4 +1,5 @@
 """Files that peft writes, made byte-stable for DVC: shared by train_lora's experts and train_classifier's adapter."""
+
 from __future__ import annotations
 
 import json

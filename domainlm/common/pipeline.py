@@ -5,11 +5,12 @@ DVC re-runs a stage only when a declared dep changes (local files by MD5, ``s3:/
 A stage that reads an input its ``dvc.yaml`` entry does not list would be skipped by ``dvc repro``
 when that input grows: :func:`require_declared` turns that silent staleness into a clear error.
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import yaml
 
@@ -72,4 +73,5 @@ def require_declared(stage: str, inputs: Iterable[str], dvc_yaml: str | os.PathL
         lines = "\n".join(f"      - {m}" for m in missing)
         raise UndeclaredInputError(
             f"stage {stage!r} reads {missing}, which {dvc_yaml} does not list as deps of {stage!r}, so "
-            f"`dvc status` could not see them change. Add them under stages.{stage}.deps:\n{lines}")
+            f"`dvc status` could not see them change. Add them under stages.{stage}.deps:\n{lines}"
+        )

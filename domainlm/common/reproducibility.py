@@ -12,6 +12,7 @@
 ``python -m domainlm.common.reproducibility OTHER_CHECKOUT`` compares this checkout's ``dvc.lock`` and ``metrics/``
 with another's (a second clone after its own ``make repro``) and exits 1 when the promise is broken.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,8 +20,9 @@ import fnmatch
 import json
 import math
 import sys
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import yaml
 
@@ -59,8 +61,11 @@ def lock_outputs(lock_path: str | Path) -> dict[str, str]:
         FileNotFoundError: no such lock file.
     """
     lock = yaml.safe_load(Path(lock_path).read_text(encoding="utf-8")) or {}
-    return {f"{stage}:{out['path']}": str(out.get("md5"))
-            for stage, entry in (lock.get("stages") or {}).items() for out in entry.get("outs", [])}
+    return {
+        f"{stage}:{out['path']}": str(out.get("md5"))
+        for stage, entry in (lock.get("stages") or {}).items()
+        for out in entry.get("outs", [])
+    }
 
 
 def compare_locks(lock_a: str | Path, lock_b: str | Path, *, ignore: Iterable[str] = ()) -> list[str]:
@@ -71,8 +76,9 @@ def compare_locks(lock_a: str | Path, lock_b: str | Path, *, ignore: Iterable[st
     return [k for k in keys if a.get(k) != b.get(k) and not any(fnmatch.fnmatch(k, g) for g in ignore)]
 
 
-def compare_metrics(dir_a: str | Path, dir_b: str | Path,
-                    tolerances: Iterable[tuple[str, str, str, float]] = TOLERANCES) -> list[dict[str, Any]]:
+def compare_metrics(
+    dir_a: str | Path, dir_b: str | Path, tolerances: Iterable[tuple[str, str, str, float]] = TOLERANCES
+) -> list[dict[str, Any]]:
     """Every promised figure of two ``metrics/`` folders, with its difference and whether it is within tolerance.
 
     Returns:
@@ -90,12 +96,30 @@ def compare_metrics(dir_a: str | Path, dir_b: str | Path,
             for key in sorted(k for k in fa if fnmatch.fnmatch(k, key_glob)):
                 va, vb = fa[key], fb.get(key)
                 if vb is None:
-                    rows.append({"file": str(rel), "key": key, "a": va, "b": None, "diff": math.inf,
-                                 "tolerance": tol, "ok": False})
+                    rows.append(
+                        {
+                            "file": str(rel),
+                            "key": key,
+                            "a": va,
+                            "b": None,
+                            "diff": math.inf,
+                            "tolerance": tol,
+                            "ok": False,
+                        }
+                    )
                     continue
                 diff = abs(va - vb) / abs(va) if kind == "rel" and va else abs(va - vb)
-                rows.append({"file": str(rel), "key": key, "a": va, "b": vb, "diff": diff, "tolerance": tol,
-                             "ok": diff <= tol + 1e-12})
+                rows.append(
+                    {
+                        "file": str(rel),
+                        "key": key,
+                        "a": va,
+                        "b": vb,
+                        "diff": diff,
+                        "tolerance": tol,
+                        "ok": diff <= tol + 1e-12,
+                    }
+                )
     return rows
 
 
@@ -103,20 +127,27 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m domainlm.common.reproducibility", description=__doc__.splitlines()[0])
     ap.add_argument("other", help="another checkout (after its own dvc repro) to compare with this one")
     ap.add_argument("--here", default=".", help="this checkout (default: the current folder)")
-    ap.add_argument("--same-machine", action="store_true",
-                    help="also require identical dvc.lock output hashes (the same-machine promise)")
+    ap.add_argument(
+        "--same-machine",
+        action="store_true",
+        help="also require identical dvc.lock output hashes (the same-machine promise)",
+    )
     args = ap.parse_args(argv)
     here, other = Path(args.here), Path(args.other)
     rows = compare_metrics(here / "metrics", other / "metrics")
     bad = [r for r in rows if not r["ok"]]
     for r in rows:
-        print(f"{'ok ' if r['ok'] else 'OFF'} {r['file']:24s} {r['key']:40s} {r['a']!s:>12.10} {r['b']!s:>12.10} "
-              f"diff {r['diff']:.4g} (tol {r['tolerance']})")
+        print(
+            f"{'ok ' if r['ok'] else 'OFF'} {r['file']:24s} {r['key']:40s} {r['a']!s:>12.10} {r['b']!s:>12.10} "
+            f"diff {r['diff']:.4g} (tol {r['tolerance']})"
+        )
     differing = compare_locks(here / "dvc.lock", other / "dvc.lock", ignore=TIMED_OUTPUTS)
     timed = sorted(set(compare_locks(here / "dvc.lock", other / "dvc.lock")) - set(differing))
-    print(f"{len(rows) - len(bad)} of {len(rows)} figures within tolerance; "
-          f"{len(differing)} data/model outputs differ in dvc.lock{': ' + ', '.join(differing) if differing else ''}; "
-          f"{len(timed)} timed outputs (metrics, logs, report) differ, as they do on every run")
+    print(
+        f"{len(rows) - len(bad)} of {len(rows)} figures within tolerance; "
+        f"{len(differing)} data/model outputs differ in dvc.lock{': ' + ', '.join(differing) if differing else ''}; "
+        f"{len(timed)} timed outputs (metrics, logs, report) differ, as they do on every run"
+    )
     return int(bool(bad) or (args.same_machine and bool(differing)))
 
 

@@ -11,6 +11,7 @@ It gives every stage the same things, so ``stages/<name>.py`` holds only its own
 Both logs are git-ignored and listed in ``.dvcignore``: they are not DVC outputs, so a re-run never
 erases them, and they never change a stage's deps. This is seed 002's run log and error log.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -21,10 +22,11 @@ import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from domainlm.common import paths
 from domainlm.common.metrics import peak_rss_mb, write_metrics
@@ -45,8 +47,9 @@ def configure_logging(level: int = logging.INFO) -> None:
 def git_commit(cwd: str | os.PathLike | None = None) -> str:
     """The current git commit (``HEAD``), or ``"unknown"`` outside a git repository."""
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              timeout=10, cwd=cwd).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10, cwd=cwd
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
@@ -107,8 +110,14 @@ def append_line(path: Path, text: str) -> None:
 
 
 @contextlib.contextmanager
-def stage_run(name: str, *, logger: str | None = None, run_log: Path = paths.RUN_LOG,
-              error_log: Path = paths.ERROR_LOG, metrics_root: Path = paths.METRICS_DIR) -> Iterator[StageRun]:
+def stage_run(
+    name: str,
+    *,
+    logger: str | None = None,
+    run_log: Path = paths.RUN_LOG,
+    error_log: Path = paths.ERROR_LOG,
+    metrics_root: Path = paths.METRICS_DIR,
+) -> Iterator[StageRun]:
     """Run a stage body: one log format, timing, the run log and, on failure, the error log.
 
     Args:
@@ -121,7 +130,7 @@ def stage_run(name: str, *, logger: str | None = None, run_log: Path = paths.RUN
     """
     configure_logging()
     log = logging.getLogger(logger or f"stages.{name.split('@')[0]}")
-    started_utc = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    started_utc = datetime.now(UTC).isoformat(timespec="seconds")
     run = StageRun(name=name, log=log, started=time.perf_counter(), metrics_root=Path(metrics_root))
     status = "failed"
     try:
@@ -137,8 +146,13 @@ def stage_run(name: str, *, logger: str | None = None, run_log: Path = paths.RUN
         raise
     finally:
         append_line(Path(run_log), "\t".join([name, started_utc, f"{run.wall_s():.3f}", status, git_commit()]))
-        log.info("%s %s in %.1f s (peak RSS %.0f MiB)", name, "finished" if status == "ok" else "FAILED",
-                 run.wall_s(), peak_rss_mb())
+        log.info(
+            "%s %s in %.1f s (peak RSS %.0f MiB)",
+            name,
+            "finished" if status == "ok" else "FAILED",
+            run.wall_s(),
+            peak_rss_mb(),
+        )
 
 
 def disk_full_message(exc: OSError) -> str:
@@ -153,9 +167,11 @@ def disk_full_message(exc: OSError) -> str:
         st = os.statvfs(folder)
         free = f" ({st.f_bavail * st.f_frsize / 2**20:.1f} MiB free on that filesystem now)"
     what = "no space left on the device" if exc.errno == errno.ENOSPC else "the disk quota is exceeded"
-    return (f"{what} while writing {where}{free}. Outputs are written to a temporary beside the target and renamed "
-            "only when complete, so no partial output was left; free space (or move the output's folder to a larger "
-            "disk) and re-run `dvc repro`.")
+    return (
+        f"{what} while writing {where}{free}. Outputs are written to a temporary beside the target and renamed "
+        "only when complete, so no partial output was left; free space (or move the output's folder to a larger "
+        "disk) and re-run `dvc repro`."
+    )
 
 
 def fail(message: str) -> None:

@@ -1,8 +1,9 @@
 """Thread limits for compute: PyTorch's intra-op pool and the BLAS/OpenMP pools (threadpoolctl)."""
+
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 
 @contextlib.contextmanager

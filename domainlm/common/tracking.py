@@ -4,11 +4,13 @@ The tracking URI defaults to ``sqlite:///mlflow.db`` in the repository root (git
 ``MLFLOW_TRACKING_URI`` overrides it. ``mlflow ui --backend-store-uri sqlite:///mlflow.db``
 shows the runs.
 """
+
 from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from domainlm.common.metrics import flatten
 from domainlm.common.stage import git_commit
@@ -23,8 +25,9 @@ def tracking_uri() -> str:
 
 
 @contextlib.contextmanager
-def mlflow_run(stage: str, params: dict[str, Any] | None = None, *, nested: bool = False,
-              run_name: str | None = None) -> Iterator[Any]:
+def mlflow_run(
+    stage: str, params: dict[str, Any] | None = None, *, nested: bool = False, run_name: str | None = None
+) -> Iterator[Any]:
     """Open an MLflow run for a DVC stage and yield the ``mlflow`` module.
 
     Tags: ``dvc.stage`` = ``stage``, ``git.commit`` = HEAD. ``params`` are flattened with
@@ -34,7 +37,7 @@ def mlflow_run(stage: str, params: dict[str, Any] | None = None, *, nested: bool
 
     mlflow.set_tracking_uri(tracking_uri())
     mlflow.set_experiment(EXPERIMENT)
-    with mlflow.start_run(run_name=run_name or stage, nested=nested) as run:
+    with mlflow.start_run(run_name=run_name or stage, nested=nested):
         mlflow.set_tags({"dvc.stage": stage, "git.commit": git_commit()})
         if params:
             mlflow.log_params(flatten(params))

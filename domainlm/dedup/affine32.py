@@ -4,6 +4,7 @@ permutations, ``(a_k · h + b_k) mod 2**32``, with a running minimum per documen
 A module of its own so that numba (about 65 MiB resident) is imported only by the processes that sign
 documents. Compiled once, on import, for its one signature and cached on disk (``cache=True``).
 """
+
 from __future__ import annotations
 
 import numba

@@ -10,6 +10,7 @@ object store and no dashboard, its processes bound to 127.0.0.1 (``RAY_ENABLE_WI
 ``"auto"``, ``"ray://host:port"`` or a set ``RAY_ADDRESS`` join an existing cluster (then the input files
 and the work folder must be on storage every node mounts).
 """
+
 from __future__ import annotations
 
 import logging
@@ -17,8 +18,9 @@ import multiprocessing as mp
 import os
 import pickle
 import socket
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from tqdm import tqdm
 
@@ -63,7 +65,7 @@ class LocalEngine:
         self.workers = workers
         self.nodes: dict[str, int] = {}
 
-    def __enter__(self) -> "LocalEngine":
+    def __enter__(self) -> LocalEngine:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -127,8 +129,14 @@ class RayEngine:
 
     name = "ray"
 
-    def __init__(self, address: str | None, workers: int, object_store_mb: int = 512, ship_code: bool = True,
-                 package_dir: str | os.PathLike | None = None):
+    def __init__(
+        self,
+        address: str | None,
+        workers: int,
+        object_store_mb: int = 512,
+        ship_code: bool = True,
+        package_dir: str | os.PathLike | None = None,
+    ):
         self.address = address if address is not None else os.environ.get("RAY_ADDRESS") or None
         self.workers = workers
         self.object_store_mb = object_store_mb
@@ -138,7 +146,7 @@ class RayEngine:
         self._started_here = False
         self._saved_env: dict[str, str | None] = {}
 
-    def __enter__(self) -> "RayEngine":
+    def __enter__(self) -> RayEngine:
         if self.address is None:
             # a Ray started here: every Ray process binds to 127.0.0.1 (read when ray is first imported,
             # so set before), and its workers inherit this environment, so they import the project from
@@ -146,24 +154,39 @@ class RayEngine:
             self._saved_env = {k: os.environ.get(k) for k in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "PYTHONPATH")}
             os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
             os.environ["PYTHONPATH"] = os.pathsep.join(
-                [str(self.package_dir)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+                [str(self.package_dir)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+            )
         import ray
 
         if ray.is_initialized():
             _log.info("ray: using the Ray this process already joined")
         elif self.address is None:
-            ray.init(num_cpus=self.workers, object_store_memory=self.object_store_mb * 1024 * 1024,
-                     include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
-                     configure_logging=False, _node_ip_address="127.0.0.1")
+            ray.init(
+                num_cpus=self.workers,
+                object_store_memory=self.object_store_mb * 1024 * 1024,
+                include_dashboard=False,
+                log_to_driver=False,
+                logging_level=logging.WARNING,
+                configure_logging=False,
+                _node_ip_address="127.0.0.1",
+            )
             self._started_here = True
-            _log.info("ray: started a local Ray (%d CPUs, %d MiB object store, no dashboard, 127.0.0.1)",
-                      self.workers, self.object_store_mb)
+            _log.info(
+                "ray: started a local Ray (%d CPUs, %d MiB object store, no dashboard, 127.0.0.1)",
+                self.workers,
+                self.object_store_mb,
+            )
         else:
             # joining a cluster: ship the domainlm package to its workers (runtime_env py_modules) unless
             # dedup.ray.ship_code is false (the nodes already have this project on their path)
             runtime_env = {"py_modules": [str(self.package_dir / "domainlm")]} if self.ship_code else None
-            ray.init(address=self.address, runtime_env=runtime_env, log_to_driver=False,
-                     logging_level=logging.WARNING, configure_logging=False)
+            ray.init(
+                address=self.address,
+                runtime_env=runtime_env,
+                log_to_driver=False,
+                logging_level=logging.WARNING,
+                configure_logging=False,
+            )
             self._started_here = True
             _log.info("ray: joined the cluster at %s (%d nodes)", self.address, len(ray.nodes()))
         import ray.data
@@ -196,8 +219,9 @@ class RayEngine:
             return []
         items = [{"k": k, "task": pickle.dumps(t)} for k, t in enumerate(tasks)]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
-        out = ds.map_batches(_ray_batch, fn_kwargs={"fn": fn}, batch_size=1, batch_format="numpy",
-                             num_cpus=1, zero_copy_batch=False)
+        out = ds.map_batches(
+            _ray_batch, fn_kwargs={"fn": fn}, batch_size=1, batch_format="numpy", num_cpus=1, zero_copy_batch=False
+        )
         results: list[dict[str, Any] | None] = [None] * len(tasks)
         try:
             with tqdm(total=len(tasks), desc=desc, unit="task", leave=False) as bar:
@@ -237,6 +261,7 @@ def make_engine(engine: str, workers: int, ray_cfg: dict[str, Any] | None = None
         return LocalEngine(workers)
     if engine == "ray":
         cfg = ray_cfg or {}
-        return RayEngine(cfg.get("address"), workers, int(cfg.get("object_store_mb", 512)),
-                         bool(cfg.get("ship_code", True)))
+        return RayEngine(
+            cfg.get("address"), workers, int(cfg.get("object_store_mb", 512)), bool(cfg.get("ship_code", True))
+        )
     raise ValueError(f"dedup.engine must be one of {ENGINES}, got {engine!r}")

@@ -2,6 +2,7 @@
 folder atomically, and build ``metrics/dedup.json``. The algorithm is :mod:`domainlm.dedup.minhash_lsh`,
 its steps :mod:`domainlm.dedup.workflow`, where they run :mod:`domainlm.dedup.engines`.
 """
+
 from __future__ import annotations
 
 import csv
@@ -10,9 +11,10 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -30,9 +32,16 @@ def candidate_rows(outcome: DedupOutcome, threshold: float) -> list[dict[str, An
     "jaccard", "verified"}``, sorted by ``(a, b)``."""
     c = outcome.checked
     ids = outcome.ids
-    rows = [{"a": ids[i].as_py(), "b": ids[j].as_py(), "estimated_jaccard": est, "jaccard": jac,
-             "verified": jac >= threshold}
-            for i, j, est, jac in zip(c["a"].tolist(), c["b"].tolist(), c["estimated"].tolist(), c["jaccard"].tolist())]
+    rows = [
+        {
+            "a": ids[i].as_py(),
+            "b": ids[j].as_py(),
+            "estimated_jaccard": est,
+            "jaccard": jac,
+            "verified": jac >= threshold,
+        }
+        for i, j, est, jac in zip(c["a"].tolist(), c["b"].tolist(), c["estimated"].tolist(), c["jaccard"].tolist())
+    ]
     rows.sort(key=lambda r: (r["a"], r["b"]))
     return rows
 
@@ -73,8 +82,7 @@ def _copy_kept(src: str, dst, removed: np.ndarray) -> int:
     return written
 
 
-def write_outputs(outcome: DedupOutcome, out_dir: str | os.PathLike, domains: Sequence[str],
-                  threshold: float) -> None:
+def write_outputs(outcome: DedupOutcome, out_dir: str | os.PathLike, domains: Sequence[str], threshold: float) -> None:
     """Write the ``data/dedup`` folder atomically (built beside it, then swapped in).
 
     Files: ``<domain>.jsonl`` (kept records, their input lines unchanged, one file per domain even if
@@ -87,7 +95,7 @@ def write_outputs(outcome: DedupOutcome, out_dir: str | os.PathLike, domains: Se
         try:
             for spec in outcome.inputs:
                 lo = spec["first_doc"]
-                _copy_kept(spec["path"], handles[spec["domain"]], outcome.removed_mask[lo:lo + spec["docs"]])
+                _copy_kept(spec["path"], handles[spec["domain"]], outcome.removed_mask[lo : lo + spec["docs"]])
         finally:
             for fh in handles.values():
                 fh.close()
@@ -95,9 +103,14 @@ def write_outputs(outcome: DedupOutcome, out_dir: str | os.PathLike, domains: Se
             for row in outcome.removed:  # the JSONL form of domainlm.documents.jsonl.dumps
                 fh.write(json.dumps(row, ensure_ascii=False, separators=(",", ":")) + "\n")
         b = outcome.banding
-        header = {"num_perm": b["num_perm"], "threshold": b["threshold"], "bands": b["bands"], "rows": b["rows"],
-                  "candidate_pairs": outcome.stats["candidate_pairs"],
-                  "estimate_floor": outcome.stats["estimate_floor"]}
+        header = {
+            "num_perm": b["num_perm"],
+            "threshold": b["threshold"],
+            "bands": b["bands"],
+            "rows": b["rows"],
+            "candidate_pairs": outcome.stats["candidate_pairs"],
+            "estimate_floor": outcome.stats["estimate_floor"],
+        }
         _write_candidates(tmp / "candidates.json", header, candidate_rows(outcome, threshold))
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
@@ -108,27 +121,49 @@ def write_outputs(outcome: DedupOutcome, out_dir: str | os.PathLike, domains: Se
         (tmp / "dedup_log.csv").write_text(buf.getvalue(), encoding="utf-8")
 
 
-def build_metrics(outcome: DedupOutcome, wall_s: float, workers: int, engine: str, backend: str,
-                  peak_rss_tree_mb: float, nodes: int) -> dict[str, Any]:
+def build_metrics(
+    outcome: DedupOutcome, wall_s: float, workers: int, engine: str, backend: str, peak_rss_tree_mb: float, nodes: int
+) -> dict[str, Any]:
     """The ``metrics/dedup.json`` content (stable keys; rates in [0, 1]; seconds; MiB)."""
-    totals = {k: sum(c[k] for c in outcome.counts.values()) for k in ("before", "after", "exact_removed", "near_removed")}
+    totals = {
+        k: sum(c[k] for c in outcome.counts.values()) for k in ("before", "after", "exact_removed", "near_removed")
+    }
     before = totals["before"] or 1
     s = outcome.stats
     b = outcome.banding
     steps = s["steps"]
     keepers = s.get("keepers", totals["before"])
-    lsh = {k: b[k] for k in ("num_perm", "threshold", "bands", "rows", "perms_used", "p_candidate_at_threshold",
-                             "false_positive_area", "false_negative_area", "expected_false_candidate_rate",
-                             "expected_false_candidate_pairs_per_doc", "s_curve")}
+    lsh = {
+        k: b[k]
+        for k in (
+            "num_perm",
+            "threshold",
+            "bands",
+            "rows",
+            "perms_used",
+            "p_candidate_at_threshold",
+            "false_positive_area",
+            "false_negative_area",
+            "expected_false_candidate_rate",
+            "expected_false_candidate_pairs_per_doc",
+            "s_curve",
+        )
+    }
     return {
-        "totals": {**totals, "removed_rate": (totals["exact_removed"] + totals["near_removed"]) / before,
-                   "exact_removed_rate": totals["exact_removed"] / before,
-                   "near_removed_rate": totals["near_removed"] / before},
+        "totals": {
+            **totals,
+            "removed_rate": (totals["exact_removed"] + totals["near_removed"]) / before,
+            "exact_removed_rate": totals["exact_removed"] / before,
+            "near_removed_rate": totals["near_removed"] / before,
+        },
         "per_domain": outcome.counts,
         "bands": b["bands"],
         "rows": b["rows"],
-        "lsh": {**lsh, "background": b["background"],
-                "datasketch_default": datasketch_default_banding(b["num_perm"], b["threshold"])},
+        "lsh": {
+            **lsh,
+            "background": b["background"],
+            "datasketch_default": datasketch_default_banding(b["num_perm"], b["threshold"]),
+        },
         "candidate_pairs": s["candidate_pairs"],
         "candidate_pairs_per_doc": s["candidate_pairs"] / keepers if keepers else 0.0,
         "oversized_buckets": s.get("oversized_buckets", 0),
@@ -151,10 +186,18 @@ def build_metrics(outcome: DedupOutcome, wall_s: float, workers: int, engine: st
     }
 
 
-def deduplicate_domains(domains: Sequence[str], input_dir: str | os.PathLike, output_dir: str | os.PathLike, *,
-                        params: DedupParams, engine: str = "local", workers: int = 1,
-                        ray: dict[str, Any] | None = None, work_dir: str | os.PathLike | None = None,
-                        keep_work: bool = False) -> dict[str, Any]:
+def deduplicate_domains(
+    domains: Sequence[str],
+    input_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    *,
+    params: DedupParams,
+    engine: str = "local",
+    workers: int = 1,
+    ray: dict[str, Any] | None = None,
+    work_dir: str | os.PathLike | None = None,
+    keep_work: bool = False,
+) -> dict[str, Any]:
     """Deduplicate ``<input_dir>/<domain>.jsonl`` of every domain together and write ``output_dir``.
 
     Args:
@@ -187,8 +230,9 @@ def deduplicate_domains(domains: Sequence[str], input_dir: str | os.PathLike, ou
             outcome = flow.run()
             write_outputs(outcome, output_dir, domains, params.threshold)
             nodes = len(eng.nodes)
-        metrics = build_metrics(outcome, time.perf_counter() - t0, workers, engine, params.lsh_backend,
-                                rss.run_peak_mb, nodes)
+        metrics = build_metrics(
+            outcome, time.perf_counter() - t0, workers, engine, params.lsh_backend, rss.run_peak_mb, nodes
+        )
         metrics["resumed_steps"] = len(outcome.stats["resumed_steps"])
         if not keep_work:
             shutil.rmtree(flow.path, ignore_errors=True)
@@ -209,8 +253,14 @@ class DedupResult:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
-def deduplicate_records(records: Sequence[dict[str, Any]], params: DedupParams | None = None, *,
-                        engine: str = "local", workers: int = 1, ray: dict[str, Any] | None = None) -> DedupResult:
+def deduplicate_records(
+    records: Sequence[dict[str, Any]],
+    params: DedupParams | None = None,
+    *,
+    engine: str = "local",
+    workers: int = 1,
+    ray: dict[str, Any] | None = None,
+) -> DedupResult:
     """Deduplicate in-memory records through the real stage path (tests, benchmarks).
 
     Writes the records as ``<domain>.jsonl`` (domains in order of first appearance) to a temporary
@@ -236,9 +286,12 @@ def deduplicate_records(records: Sequence[dict[str, Any]], params: DedupParams |
             for fh in handles.values():
                 fh.close()
         out = Path(tmp) / "out"
-        metrics = deduplicate_domains(domains, inp, out, params=params, engine=engine, workers=workers, ray=ray,
-                                      work_dir=Path(tmp) / "work")
-        kept = [json.loads(line) for d in domains for line in (out / f"{d}.jsonl").read_text(encoding="utf-8").splitlines()]
+        metrics = deduplicate_domains(
+            domains, inp, out, params=params, engine=engine, workers=workers, ray=ray, work_dir=Path(tmp) / "work"
+        )
+        kept = [
+            json.loads(line) for d in domains for line in (out / f"{d}.jsonl").read_text(encoding="utf-8").splitlines()
+        ]
         removed = [json.loads(line) for line in (out / "removed.jsonl").read_text(encoding="utf-8").splitlines()]
         cands = json.loads((out / "candidates.json").read_text(encoding="utf-8"))["pairs"]
         return DedupResult(kept, removed, cands, metrics["per_domain"], metrics)

@@ -21,11 +21,13 @@ exact Jaccard of unrelated Korean documents is far from 0 (jamo 3-grams come fro
 and it, not the threshold alone, decides how many false candidate pairs a banding admits
 (:func:`choose_bands_rows`).
 """
+
 from __future__ import annotations
 
 import hashlib
 import math
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -37,6 +39,7 @@ _U64 = np.uint64
 
 # ------------------------------------------------------------------ banding (bands x rows)
 
+
 def candidate_probability(j: float | np.ndarray, bands: int, rows: int) -> float | np.ndarray:
     """LSH S-curve: probability that a pair with Jaccard ``j`` becomes a candidate pair.
 
@@ -46,7 +49,7 @@ def candidate_probability(j: float | np.ndarray, bands: int, rows: int) -> float
     """
     if isinstance(j, np.ndarray):
         return -np.expm1(bands * np.log1p(-(j.astype(np.float64) ** rows)))
-    return -math.expm1(bands * math.log1p(-(j ** rows))) if j < 1.0 else 1.0
+    return -math.expm1(bands * math.log1p(-(j**rows))) if j < 1.0 else 1.0
 
 
 def _integral(f, lo: float, hi: float, points: int = 128) -> float:
@@ -87,7 +90,7 @@ def false_candidate_rate(background: np.ndarray | None, threshold: float, bands:
 
 def _smallest_bands(threshold: float, rows: int, min_recall: float) -> int:
     """The fewest bands of ``rows`` rows (at least 2, datasketch's minimum) with P(threshold) >= min_recall."""
-    bands = max(2, math.ceil(math.log1p(-min_recall) / math.log1p(-(threshold ** rows))))
+    bands = max(2, math.ceil(math.log1p(-min_recall) / math.log1p(-(threshold**rows))))
     while bands > 2 and candidate_probability(threshold, bands - 1, rows) >= min_recall:
         bands -= 1  # guard against rounding in the closed form
     while candidate_probability(threshold, bands, rows) < min_recall:
@@ -95,8 +98,9 @@ def _smallest_bands(threshold: float, rows: int, min_recall: float) -> int:
     return bands
 
 
-def choose_bands_rows(num_perm: int, threshold: float, min_recall: float,
-                      background: np.ndarray | None = None) -> tuple[int, int]:
+def choose_bands_rows(
+    num_perm: int, threshold: float, min_recall: float, background: np.ndarray | None = None
+) -> tuple[int, int]:
     """Pick LSH bands ``b`` and rows ``r``: recall at the threshold first, then the fewest false candidates.
 
     Among ``(b, r)`` with ``b·r <= num_perm``, ``b >= 2`` and ``P(threshold) = 1 - (1 - t**r)**b >=
@@ -125,28 +129,34 @@ def choose_bands_rows(num_perm: int, threshold: float, min_recall: float,
         raise ValueError(f"dedup.min_recall_at_threshold must be in (0, 1), got {min_recall!r}")
     best: tuple[float, float, int, int] | None = None
     for rows in range(1, num_perm // 2 + 1):
-        if 2 * rows > num_perm or math.log1p(-min_recall) / math.log1p(-(threshold ** rows)) * rows > num_perm + rows:
+        if 2 * rows > num_perm or math.log1p(-min_recall) / math.log1p(-(threshold**rows)) * rows > num_perm + rows:
             continue  # even the closed-form least number of bands does not fit num_perm
         bands = _smallest_bands(threshold, rows, min_recall)
         if bands * rows > num_perm:
             continue
-        key = (false_candidate_rate(background, threshold, bands, rows),
-               -candidate_probability(threshold, bands, rows), bands, rows)
+        key = (
+            false_candidate_rate(background, threshold, bands, rows),
+            -candidate_probability(threshold, bands, rows),
+            bands,
+            rows,
+        )
         if best is None or key < best:
             best = key
     if best is None:
         raise ValueError(
             f"no bands x rows with b*r <= dedup.num_perm={num_perm} reaches "
-            f"dedup.min_recall_at_threshold={min_recall} at threshold {threshold}: raise num_perm")
+            f"dedup.min_recall_at_threshold={min_recall} at threshold {threshold}: raise num_perm"
+        )
     return best[2], best[3]
 
 
-def num_perm_for(max_rate: float, threshold: float, min_recall: float, background: np.ndarray | None,
-                 limit: int = 2048) -> int | None:
+def num_perm_for(
+    max_rate: float, threshold: float, min_recall: float, background: np.ndarray | None, limit: int = 2048
+) -> int | None:
     """The fewest permutations whose best banding keeps the false-candidate rate at or under ``max_rate``
     (the advice the stage logs when ``dedup.num_perm`` is too small for the corpus), or ``None`` up to ``limit``."""
     for rows in range(1, limit):
-        if math.log1p(-min_recall) / math.log1p(-(threshold ** rows)) * rows > limit + rows:
+        if math.log1p(-min_recall) / math.log1p(-(threshold**rows)) * rows > limit + rows:
             return None
         bands = _smallest_bands(threshold, rows, min_recall)
         if bands * rows > limit:
@@ -156,8 +166,9 @@ def num_perm_for(max_rate: float, threshold: float, min_recall: float, backgroun
     return None
 
 
-def banding_report(num_perm: int, threshold: float, bands: int, rows: int,
-                   background: np.ndarray | None = None, n_docs: int = 0) -> dict[str, Any]:
+def banding_report(
+    num_perm: int, threshold: float, bands: int, rows: int, background: np.ndarray | None = None, n_docs: int = 0
+) -> dict[str, Any]:
     """Numbers describing a banding: P(candidate) at the threshold, FP/FN areas, S-curve points, and the
     expected false candidates on the measured background.
 
@@ -186,8 +197,7 @@ def datasketch_default_banding(num_perm: int, threshold: float) -> dict[str, Any
     from datasketch import MinHashLSH
 
     lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
-    return {"bands": lsh.b, "rows": lsh.r,
-            "p_candidate_at_threshold": candidate_probability(threshold, lsh.b, lsh.r)}
+    return {"bands": lsh.b, "rows": lsh.r, "p_candidate_at_threshold": candidate_probability(threshold, lsh.b, lsh.r)}
 
 
 def background_summary(background: np.ndarray) -> dict[str, float]:
@@ -195,8 +205,13 @@ def background_summary(background: np.ndarray) -> dict[str, float]:
     if len(background) == 0:
         return {"pairs": 0, "j_median": 0.0, "j_p99": 0.0, "j_p999": 0.0, "j_max": 0.0}
     q = np.quantile(background, [0.5, 0.99, 0.999])
-    return {"pairs": int(len(background)), "j_median": float(q[0]), "j_p99": float(q[1]),
-            "j_p999": float(q[2]), "j_max": float(background.max())}
+    return {
+        "pairs": int(len(background)),
+        "j_median": float(q[0]),
+        "j_p99": float(q[1]),
+        "j_p999": float(q[2]),
+        "j_max": float(background.max()),
+    }
 
 
 def sample_pairs(k: int, max_pairs: int, seed: int) -> np.ndarray:
@@ -225,6 +240,7 @@ def sample_pairs(k: int, max_pairs: int, seed: int) -> np.ndarray:
 
 # ------------------------------------------------------------------ signatures
 
+
 def permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """datasketch's ``affine32`` permutation parameters ``(a, b)``, each ``uint32`` of shape ``(num_perm,)``.
 
@@ -246,8 +262,9 @@ def fmix32(h: np.ndarray) -> np.ndarray:
     return h ^ (h >> np.uint32(16))
 
 
-def signatures(hashes: np.ndarray, bounds: np.ndarray, perms: tuple[np.ndarray, np.ndarray],
-               out: np.ndarray | None = None) -> np.ndarray:
+def signatures(
+    hashes: np.ndarray, bounds: np.ndarray, perms: tuple[np.ndarray, np.ndarray], out: np.ndarray | None = None
+) -> np.ndarray:
     """MinHash signatures of many sets of 32-bit shingle hashes, equal to datasketch's.
 
     For set ``d`` (``hashes[bounds[d]:bounds[d + 1]]``) and permutation ``k``:
@@ -272,8 +289,9 @@ def signatures(hashes: np.ndarray, bounds: np.ndarray, perms: tuple[np.ndarray, 
     a, b = (np.ascontiguousarray(x, dtype=np.uint32) for x in perms)
     if out is None:
         out = np.full((len(bounds) - 1, len(a)), EMPTY_VALUE, dtype=np.uint32)
-    min_affine32(fmix32(np.ascontiguousarray(hashes, dtype=np.uint32)), np.ascontiguousarray(bounds, dtype=np.int64),
-                  a, b, out)
+    min_affine32(
+        fmix32(np.ascontiguousarray(hashes, dtype=np.uint32)), np.ascontiguousarray(bounds, dtype=np.int64), a, b, out
+    )
     return out
 
 
@@ -318,6 +336,7 @@ def band_keys(sigs: np.ndarray, bands: int, rows: int, docs: np.ndarray) -> np.n
 
 # ------------------------------------------------------------------ candidate pairs
 
+
 def pack_pairs(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Document-index pairs as ``uint64`` ``(a << 32) | b`` (indices below 2**32), sortable as pairs."""
     return (a.astype(_U64) << _U64(32)) | b.astype(_U64)
@@ -359,7 +378,7 @@ def bucket_pairs(keys: np.ndarray, docs: np.ndarray, max_bucket: int) -> tuple[n
         i, j = np.triu_indices(m, 1)
         parts.append(pack_pairs(members[:, i].ravel(), members[:, j].ravel()))
     for first, m in zip(starts[sizes > max_bucket].tolist(), oversized):
-        members = sdocs[first:first + m]
+        members = sdocs[first : first + m]
         parts.append(pack_pairs(np.full(m - 1, members[0]), members[1:]))
     if not parts:
         return np.empty(0, dtype=_U64), oversized
@@ -390,6 +409,7 @@ def estimate_floor(threshold: float, num_perm: int, sigmas: float) -> float:
 
 
 # ------------------------------------------------------------------ exact Jaccard, clusters
+
 
 def exact_key(normalized: str) -> bytes:
     """Exact-duplicate key: 16-byte BLAKE2b digest of a :func:`domainlm.korean.hangul.normalize_text`
@@ -480,8 +500,9 @@ def cluster(links: Iterable[tuple[int, int]]) -> list[list[int]]:
     return list(by_root.values())
 
 
-def choose_representatives(clusters: Sequence[Sequence[int]], shingle_counts: Mapping[int, int],
-                           ids: Sequence[str]) -> dict[int, int]:
+def choose_representatives(
+    clusters: Sequence[Sequence[int]], shingle_counts: Mapping[int, int], ids: Sequence[str]
+) -> dict[int, int]:
     """The cluster representative (the one document kept) of every clustered document.
 
     A cluster's representative has the most distinct shingles (the token count used here); ties
@@ -502,8 +523,13 @@ def choose_representatives(clusters: Sequence[Sequence[int]], shingle_counts: Ma
     return representative
 
 
-def removal_rows(ids: Sequence[str], domains: Sequence[str], keeper_of: np.ndarray,
-                 representative: Mapping[int, int], rep_jaccard: Mapping[int, float]) -> list[dict[str, Any]]:
+def removal_rows(
+    ids: Sequence[str],
+    domains: Sequence[str],
+    keeper_of: np.ndarray,
+    representative: Mapping[int, int],
+    rep_jaccard: Mapping[int, float],
+) -> list[dict[str, Any]]:
     """One row per removed document: every document that is not its cluster's representative.
 
     A document's cluster is that of its exact keeper (an exact group of one keeper is a cluster
@@ -532,17 +558,24 @@ def removal_rows(ids: Sequence[str], domains: Sequence[str], keeper_of: np.ndarr
     rows: list[dict[str, Any]] = []
     for i in removed.tolist():
         keeper, r = int(keeper_of[i]), int(rep[i])
-        rows.append({
-            "id": ids[i], "domain": domains[i], "kind": "exact" if keeper != i else "near",
-            "cluster_id": cluster_no[r], "representative_id": ids[r], "representative_domain": domains[r],
-            "jaccard": 1.0 if keeper == r else rep_jaccard[keeper],
-        })
+        rows.append(
+            {
+                "id": ids[i],
+                "domain": domains[i],
+                "kind": "exact" if keeper != i else "near",
+                "cluster_id": cluster_no[r],
+                "representative_id": ids[r],
+                "representative_domain": domains[r],
+                "jaccard": 1.0 if keeper == r else rep_jaccard[keeper],
+            }
+        )
     rows.sort(key=lambda row: (row["cluster_id"], row["id"]))
     return rows
 
 
-def domain_counts(domains: Sequence[str], before: Mapping[str, int],
-                  removed: Sequence[dict[str, Any]]) -> dict[str, dict[str, int]]:
+def domain_counts(
+    domains: Sequence[str], before: Mapping[str, int], removed: Sequence[dict[str, Any]]
+) -> dict[str, dict[str, int]]:
     """Per domain (in ``domains`` order): ``before``, ``after``, ``exact_removed``, ``near_removed``
     documents, with ``before == after + exact_removed + near_removed``.
 
@@ -550,8 +583,7 @@ def domain_counts(domains: Sequence[str], before: Mapping[str, int],
         domains: every domain, in output order. before: documents read per domain.
         removed: from :func:`removal_rows`.
     """
-    counts = {d: {"before": int(before.get(d, 0)), "after": 0, "exact_removed": 0, "near_removed": 0}
-              for d in domains}
+    counts = {d: {"before": int(before.get(d, 0)), "after": 0, "exact_removed": 0, "near_removed": 0} for d in domains}
     for row in removed:
         counts[row["domain"]][f"{row['kind']}_removed"] += 1
     for c in counts.values():

@@ -8,6 +8,7 @@ byte-identical outputs. The index is a shared, persistent alternative for teams 
 Redis; it inserts document by document from this process, so the ``sort`` backend is the one that
 scales out.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -39,7 +40,7 @@ def clear_index(config: dict[str, Any]) -> None:
     client = redis.Redis(**config["redis"])
     keys = list(client.scan_iter(match=config["basename"] + b"_*", count=1000))
     for i in range(0, len(keys), 1000):
-        client.delete(*keys[i:i + 1000])
+        client.delete(*keys[i : i + 1000])
     client.close()
 
 
@@ -82,8 +83,12 @@ def redis_band_pairs(work: Path, n: int, banding: dict[str, Any], params) -> lis
             docs_arr = np.array(members, dtype=np.int64)[order]
             pairs, oversized = mh.bucket_pairs(keys, docs_arr, params.max_bucket_size)
             save_npy(work / "bands" / f"{j:04d}.npy", pairs)
-            stats = {"pairs": int(len(pairs)), "oversized_buckets": len(oversized),
-                     "largest_oversized_bucket": int(max(oversized, default=0)), "skipped": 0}
+            stats = {
+                "pairs": int(len(pairs)),
+                "oversized_buckets": len(oversized),
+                "largest_oversized_bucket": int(max(oversized, default=0)),
+                "skipped": 0,
+            }
             save_json(work / "bands" / f"{j:04d}.json", stats)
             results.append(stats)
     finally:

@@ -32,6 +32,7 @@ keyed by that number, so tasks may run in any order, on any engine, and give the
 input files and the work folder must be readable (and the work folder writable) by every worker: on
 one machine any folder; on a Ray cluster of several machines, storage all nodes mount.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -42,9 +43,10 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -99,6 +101,7 @@ class DedupParams:
 
 # ------------------------------------------------------------------ reading documents
 
+
 def parse_record(line: bytes, path: str, lineno: int, domain: str) -> tuple[dict[str, Any], str, bytes]:
     """One validated JSONL line → ``(record, normalized text, exact key)``, checked as the stage requires.
 
@@ -118,16 +121,19 @@ def parse_record(line: bytes, path: str, lineno: int, domain: str) -> tuple[dict
         raise ValueError(f"{path}:{lineno}: record domain {rec.get('domain')!r} != file domain {domain!r}")
     for key in ("id", "text"):
         if not isinstance(rec.get(key), str):
-            raise ValueError(f"{path}:{lineno} (id {rec.get('id')!r}): field {key!r} must be a string, "
-                             f"got {type(rec.get(key)).__name__}")
+            raise ValueError(
+                f"{path}:{lineno} (id {rec.get('id')!r}): field {key!r} must be a string, "
+                f"got {type(rec.get(key)).__name__}"
+            )
     norm = normalize_text(rec["text"])
     if not norm:
         raise ValueError(f"record {rec['id']!r} ({domain}): text is empty after whitespace normalization")
     try:
         key = mh.exact_key(norm)
     except UnicodeEncodeError as err:  # a lone surrogate from a JSON escape
-        raise ValueError(f"record {rec['id']!r} ({domain}): text is not valid Unicode ({err.reason} "
-                         f"at character {err.start})") from err
+        raise ValueError(
+            f"record {rec['id']!r} ({domain}): text is not valid Unicode ({err.reason} at character {err.start})"
+        ) from err
     return rec, norm, key
 
 
@@ -181,6 +187,7 @@ def read_lines(path: str, offsets: np.ndarray, lengths: np.ndarray) -> list[byte
 
 # ------------------------------------------------------------------ the work folder
 
+
 class WorkDir:
     """The work folder of one run: a sub-folder named by a fingerprint of the inputs and params.
 
@@ -198,8 +205,13 @@ class WorkDir:
         Returns True when resuming."""
         self.root.mkdir(parents=True, exist_ok=True)
         for other in self.root.iterdir():  # only folders this class made: 20 hex digits holding steps/
-            if (other.is_dir() and other.name != self.path.name and len(other.name) == 20
-                    and all(c in "0123456789abcdef" for c in other.name) and (other / "steps").is_dir()):
+            if (
+                other.is_dir()
+                and other.name != self.path.name
+                and len(other.name) == 20
+                and all(c in "0123456789abcdef" for c in other.name)
+                and (other / "steps").is_dir()
+            ):
                 shutil.rmtree(other, ignore_errors=True)
         resuming = (self.path / "steps").is_dir() and any((self.path / "steps").iterdir())
         (self.path / "steps").mkdir(parents=True, exist_ok=True)
@@ -251,6 +263,7 @@ def fingerprint(inputs: Sequence[tuple[str, str]], params: DedupParams) -> str:
 
 # ------------------------------------------------------------------ memory of the process tree
 
+
 class TreeRss:
     """Samples the resident memory of this process and all its descendants (pool workers, Ray
     raylets and workers started here) every ``interval`` s on a thread; ``peak_mb`` since the last
@@ -296,7 +309,7 @@ class TreeRss:
         self.driver_peak_mb = 0.0
         self.peak_mb = self.sample()
 
-    def __enter__(self) -> "TreeRss":
+    def __enter__(self) -> TreeRss:
         self.sample()
         self._thread.start()
         return self
@@ -308,6 +321,7 @@ class TreeRss:
 
 
 # ------------------------------------------------------------------ task functions (run by an engine)
+
 
 def sign_task(task: dict[str, Any]) -> dict[str, Any]:
     """Signatures of one block of documents (step ``signatures``).
@@ -323,8 +337,8 @@ def sign_task(task: dict[str, Any]) -> dict[str, Any]:
     if out.exists():
         return {"docs": task["stop"] - task["start"], "skipped": 1}
     t0 = time.perf_counter()
-    offsets = np.load(work / "doc_offset.npy", mmap_mode="r")[task["start"]:task["stop"]]
-    lengths = np.load(work / "doc_length.npy", mmap_mode="r")[task["start"]:task["stop"]]
+    offsets = np.load(work / "doc_offset.npy", mmap_mode="r")[task["start"] : task["stop"]]
+    lengths = np.load(work / "doc_length.npy", mmap_mode="r")[task["start"] : task["stop"]]
     lines = read_lines(task["path"], offsets, lengths)
     ids, norms, his, los = [], [], [], []
     for k, line in enumerate(lines):
@@ -340,9 +354,9 @@ def sign_task(task: dict[str, Any]) -> dict[str, Any]:
     for s in range(0, len(docs), SIGN_BATCH):  # bounded scratch: the shingle arrays of SIGN_BATCH texts
         # jamo and word shingles signed in turn into the same rows (the MinHash of their union); repeats
         # kept, they do not change a minimum
-        jamo, jb, words, wb = shingle_id_parts_many(norms[s:s + SIGN_BATCH])
+        jamo, jb, words, wb = shingle_id_parts_many(norms[s : s + SIGN_BATCH])
         part = mh.signatures(to_hash32(jamo), jb, perms)
-        sigs[s:s + SIGN_BATCH] = mh.signatures(to_hash32(words), wb, perms, out=part)
+        sigs[s : s + SIGN_BATCH] = mh.signatures(to_hash32(words), wb, perms, out=part)
         shingles += int(jb[-1] + wb[-1])
     del norms
     keys = mh.band_keys(sigs, task["bands"], task["rows"], docs)
@@ -357,8 +371,14 @@ def sign_task(task: dict[str, Any]) -> dict[str, Any]:
             os.pwrite(fd, np.ascontiguousarray(keys[:, j]).tobytes(), (j * task["n"] + task["start"]) * 8)
     finally:
         os.close(fd)
-    table = pa.table({"doc": docs, "id": pa.array(ids, pa.string()),
-                      "exact_hi": np.array(his, dtype=np.uint64), "exact_lo": np.array(los, dtype=np.uint64)})
+    table = pa.table(
+        {
+            "doc": docs,
+            "id": pa.array(ids, pa.string()),
+            "exact_hi": np.array(his, dtype=np.uint64),
+            "exact_lo": np.array(los, dtype=np.uint64),
+        }
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     pq.write_table(table, tmp, compression="zstd")
@@ -380,8 +400,12 @@ def candidates_task(task: dict[str, Any]) -> dict[str, Any]:
     docs = np.flatnonzero(keeper_of == np.arange(n))
     pairs, oversized = mh.bucket_pairs(keys[docs], docs, task["max_bucket"])
     save_npy(out, pairs)
-    stats = {"pairs": int(len(pairs)), "oversized_buckets": len(oversized),
-             "largest_oversized_bucket": int(max(oversized, default=0)), "skipped": 0}
+    stats = {
+        "pairs": int(len(pairs)),
+        "oversized_buckets": len(oversized),
+        "largest_oversized_bucket": int(max(oversized, default=0)),
+        "skipped": 0,
+    }
     save_json(meta, stats)
     return stats
 
@@ -408,7 +432,7 @@ def read_rows(path: Path, rows: np.ndarray, width: int) -> np.ndarray:
     try:
         for s, e in zip(starts.tolist(), stops.tolist()):
             want = (e - s) * row_bytes
-            got = os.preadv(fd, [view[s * row_bytes:e * row_bytes]], int(rows[s]) * row_bytes)
+            got = os.preadv(fd, [view[s * row_bytes : e * row_bytes]], int(rows[s]) * row_bytes)
             if got != want:
                 raise OSError(f"{path}: short read ({got} of {want} bytes at row {int(rows[s])})")
     finally:
@@ -424,14 +448,14 @@ def estimate_task(task: dict[str, Any]) -> dict[str, Any]:
     if out.exists():
         with np.load(out) as z:
             return {"pairs": task["stop"] - task["start"], "kept": int(len(z["pairs"])), "skipped": 1}
-    packed = np.load(work / "candidates.npy", mmap_mode="r")[task["start"]:task["stop"]]
+    packed = np.load(work / "candidates.npy", mmap_mode="r")[task["start"] : task["stop"]]
     kept_pairs, kept_est = [], []
     for s in range(0, len(packed), 4096):  # 4096 pairs: at most 8192 signature rows held at once
-        part = np.asarray(packed[s:s + 4096])
+        part = np.asarray(packed[s : s + 4096])
         a, b = mh.unpack_pairs(part)
         rows, inverse = np.unique(np.concatenate((a, b)), return_inverse=True)
         sig = read_rows(work / "signatures.u32", rows, task["num_perm"])
-        est = mh.estimated_jaccard(sig[inverse[:len(a)]], sig[inverse[len(a):]])
+        est = mh.estimated_jaccard(sig[inverse[: len(a)]], sig[inverse[len(a) :]])
         keep = est >= task["floor"]
         kept_pairs.append(part[keep])
         kept_est.append(est[keep])
@@ -469,17 +493,23 @@ def verify_task(task: dict[str, Any]) -> dict[str, Any]:
     if out.exists():
         return {"pairs": task["stop"] - task["start"], "skipped": 1}
     with np.load(work / task["pairs_file"]) as z:
-        packed = z["pairs"][task["start"]:task["stop"]]
+        packed = z["pairs"][task["start"] : task["stop"]]
     a, b = mh.unpack_pairs(packed)
     sets = shingle_sets(work, np.concatenate((a, b)), task["inputs"])
     jac = np.array([mh.jaccard(sets[i], sets[j]) for i, j in zip(a.tolist(), b.tolist())], dtype=np.float64)
     docs = np.array(sorted(sets), dtype=np.int64)
-    save_npz(out, pairs=packed, jaccard=jac, docs=docs,
-             shingles=np.array([len(sets[d]) for d in docs.tolist()], dtype=np.int64))
+    save_npz(
+        out,
+        pairs=packed,
+        jaccard=jac,
+        docs=docs,
+        shingles=np.array([len(sets[d]) for d in docs.tolist()], dtype=np.int64),
+    )
     return {"pairs": int(len(packed)), "docs": int(len(docs)), "skipped": 0}
 
 
 # ------------------------------------------------------------------ the driver
+
 
 @dataclass
 class DedupOutcome:
@@ -526,8 +556,16 @@ class Workflow:
         rss: the process-tree memory sampler (per-step peaks).
     """
 
-    def __init__(self, inputs: Sequence[tuple[str, str]], params: DedupParams, engine, work_root: str | os.PathLike,
-                 rss: TreeRss | None = None, pair_chunk: int = 65536, verify_chunk: int = 2048):
+    def __init__(
+        self,
+        inputs: Sequence[tuple[str, str]],
+        params: DedupParams,
+        engine,
+        work_root: str | os.PathLike,
+        rss: TreeRss | None = None,
+        pair_chunk: int = 65536,
+        verify_chunk: int = 2048,
+    ):
         params.check()
         self.inputs = [(d, str(p)) for d, p in inputs]
         for _, path in self.inputs:
@@ -553,13 +591,24 @@ class Workflow:
             self.rss.reset()
         t0 = time.perf_counter()
         stats = fn()
-        stats = {**stats, "seconds": time.perf_counter() - t0,
-                 "peak_rss_mb": self.rss.peak_mb if self.rss else 0.0,
-                 "driver_peak_rss_mb": self.rss.driver_peak_mb if self.rss else 0.0, "resumed": 0}
+        stats = {
+            **stats,
+            "seconds": time.perf_counter() - t0,
+            "peak_rss_mb": self.rss.peak_mb if self.rss else 0.0,
+            "driver_peak_rss_mb": self.rss.driver_peak_mb if self.rss else 0.0,
+            "resumed": 0,
+        }
         self.work.mark(name, stats)
         self.step_stats[name] = stats
-        _log.info("step %s: %s", name, {k: (round(v, 3) if isinstance(v, float) else v) for k, v in stats.items()
-                                         if not isinstance(v, (dict, list))})
+        _log.info(
+            "step %s: %s",
+            name,
+            {
+                k: (round(v, 3) if isinstance(v, float) else v)
+                for k, v in stats.items()
+                if not isinstance(v, (dict, list))
+            },
+        )
         return stats
 
     @property
@@ -569,7 +618,7 @@ class Workflow:
     # -- steps
     def _index(self) -> dict[str, Any]:
         files, offs, lens = [], [], []
-        for f, (domain, path) in enumerate(self.inputs):
+        for f, (_domain, path) in enumerate(self.inputs):
             o, l_ = line_offsets(path)
             files.append(np.full(len(o), f, dtype=np.int32))
             offs.append(o)
@@ -585,8 +634,10 @@ class Workflow:
         self.n = int(len(self.doc_file))
         per_input = np.bincount(self.doc_file, minlength=len(self.inputs)).tolist()
         first = np.concatenate(([0], np.cumsum(per_input)[:-1])).tolist() if per_input else []
-        self.input_specs = [{"path": p, "domain": d, "first_doc": int(first[f]), "docs": int(per_input[f])}
-                            for f, (d, p) in enumerate(self.inputs)]
+        self.input_specs = [
+            {"path": p, "domain": d, "first_doc": int(first[f]), "docs": int(per_input[f])}
+            for f, (d, p) in enumerate(self.inputs)
+        ]
 
     def _background(self) -> dict[str, Any]:
         p = self.params
@@ -605,10 +656,16 @@ class Workflow:
         per_doc_rate = 2.0 * p.max_false_candidates_per_doc / max(self.n - 1, 1)
         if report["expected_false_candidate_pairs_per_doc"] > p.max_false_candidates_per_doc:
             advice = mh.num_perm_for(per_doc_rate, p.threshold, p.min_recall, bg)
-            _log.warning("banding %d x %d expects %.1f false candidate pairs per document at %d documents "
-                         "(dedup.max_false_candidates_per_doc = %s); dedup.num_perm: %s would keep it under",
-                         bands, rows, report["expected_false_candidate_pairs_per_doc"], self.n,
-                         p.max_false_candidates_per_doc, advice)
+            _log.warning(
+                "banding %d x %d expects %.1f false candidate pairs per document at %d documents "
+                "(dedup.max_false_candidates_per_doc = %s); dedup.num_perm: %s would keep it under",
+                bands,
+                rows,
+                report["expected_false_candidate_pairs_per_doc"],
+                self.n,
+                p.max_false_candidates_per_doc,
+                advice,
+            )
         save_json(self.work.file("banding.json"), report)
         return {"rows": int(len(bg)), "bands": bands, "banding_rows": rows}
 
@@ -624,19 +681,45 @@ class Workflow:
         tasks = []
         for spec in self.input_specs:
             for s, e in _chunks(spec["docs"], block):
-                tasks.append({"work": str(self.path), "block": len(tasks), "path": spec["path"],
-                              "domain": spec["domain"], "start": spec["first_doc"] + s, "stop": spec["first_doc"] + e,
-                              "first_line": s + 1, "n": n, "num_perm": p.num_perm, "perm_a": perm_a, "perm_b": perm_b,
-                              "bands": self.banding["bands"], "rows": self.banding["rows"]})
+                tasks.append(
+                    {
+                        "work": str(self.path),
+                        "block": len(tasks),
+                        "path": spec["path"],
+                        "domain": spec["domain"],
+                        "start": spec["first_doc"] + s,
+                        "stop": spec["first_doc"] + e,
+                        "first_line": s + 1,
+                        "n": n,
+                        "num_perm": p.num_perm,
+                        "perm_a": perm_a,
+                        "perm_b": perm_b,
+                        "bands": self.banding["bands"],
+                        "rows": self.banding["rows"],
+                    }
+                )
         results = self.engine.map(sign_task, tasks, "dedup: shingles + MinHash", inline=n < INLINE_DOCS)
-        return {"rows": n, "tasks": len(tasks), "block_docs": block,
-                "shingles": int(sum(r.get("shingles", 0) for r in results))}
+        return {
+            "rows": n,
+            "tasks": len(tasks),
+            "block_docs": block,
+            "shingles": int(sum(r.get("shingles", 0) for r in results)),
+        }
 
     def _ids(self) -> pa.Array:
         files = sorted((self.path / "blocks").glob("*.parquet"))
-        table = pa.concat_tables([pq.read_table(f, columns=["doc", "id", "exact_hi", "exact_lo"]) for f in files]) \
-            if files else pa.table({"doc": pa.array([], pa.int64()), "id": pa.array([], pa.string()),
-                                    "exact_hi": pa.array([], pa.uint64()), "exact_lo": pa.array([], pa.uint64())})
+        table = (
+            pa.concat_tables([pq.read_table(f, columns=["doc", "id", "exact_hi", "exact_lo"]) for f in files])
+            if files
+            else pa.table(
+                {
+                    "doc": pa.array([], pa.int64()),
+                    "id": pa.array([], pa.string()),
+                    "exact_hi": pa.array([], pa.uint64()),
+                    "exact_lo": pa.array([], pa.uint64()),
+                }
+            )
+        )
         order = np.argsort(table["doc"].to_numpy())
         return table.take(order)
 
@@ -647,10 +730,13 @@ class Workflow:
         sorted_ids = ids.take(pa.array(id_order))
         if len(sorted_ids) > 1:
             same = pc.equal(sorted_ids.slice(1), sorted_ids.slice(0, len(sorted_ids) - 1)).to_numpy(
-                zero_copy_only=False)
+                zero_copy_only=False
+            )
             if same.any():
-                raise ValueError(f"duplicate document id {sorted_ids[int(np.argmax(same))].as_py()!r}: "
-                                 "ids must be unique across all domains")
+                raise ValueError(
+                    f"duplicate document id {sorted_ids[int(np.argmax(same))].as_py()!r}: "
+                    "ids must be unique across all domains"
+                )
         rank = np.empty(len(id_order), dtype=np.int64)
         rank[id_order] = np.arange(len(id_order))
         keeper_of = mh.exact_keepers(table["exact_hi"].to_numpy(), table["exact_lo"].to_numpy(), rank)
@@ -666,25 +752,39 @@ class Workflow:
 
             results = redis_band_pairs(self.path, self.n, self.banding, p)
         else:
-            tasks = [{"work": str(self.path), "band": j, "n": self.n, "max_bucket": p.max_bucket_size}
-                     for j in range(bands)]
+            tasks = [
+                {"work": str(self.path), "band": j, "n": self.n, "max_bucket": p.max_bucket_size} for j in range(bands)
+            ]
             results = self.engine.map(candidates_task, tasks, "dedup: band buckets", inline=self.n < 10 * INLINE_DOCS)
         parts = [np.load(self.path / "bands" / f"{j:04d}.npy") for j in range(bands)]
         pairs = np.unique(np.concatenate(parts)) if parts else np.empty(0, np.uint64)
         del parts
         save_npy(self.work.file("candidates.npy"), pairs)
         keepers = int(self.step_stats["exact"]["keepers"])
-        return {"rows": int(len(pairs)), "band_pairs": int(sum(r["pairs"] for r in results)),
-                "candidate_pairs_per_doc": len(pairs) / keepers if keepers else 0.0,
-                "oversized_buckets": int(sum(r["oversized_buckets"] for r in results)),
-                "largest_oversized_bucket": int(max((r["largest_oversized_bucket"] for r in results), default=0))}
+        return {
+            "rows": int(len(pairs)),
+            "band_pairs": int(sum(r["pairs"] for r in results)),
+            "candidate_pairs_per_doc": len(pairs) / keepers if keepers else 0.0,
+            "oversized_buckets": int(sum(r["oversized_buckets"] for r in results)),
+            "largest_oversized_bucket": int(max((r["largest_oversized_bucket"] for r in results), default=0)),
+        }
 
     def _estimate(self) -> dict[str, Any]:
         p = self.params
         total = int(np.load(self.path / "candidates.npy", mmap_mode="r").shape[0])
         floor = mh.estimate_floor(p.threshold, p.num_perm, p.estimate_sigmas)
-        tasks = [{"work": str(self.path), "chunk": k, "start": s, "stop": e, "n": self.n, "num_perm": p.num_perm,
-                  "floor": floor} for k, (s, e) in enumerate(_chunks(total, self.pair_chunk))]
+        tasks = [
+            {
+                "work": str(self.path),
+                "chunk": k,
+                "start": s,
+                "stop": e,
+                "n": self.n,
+                "num_perm": p.num_perm,
+                "floor": floor,
+            }
+            for k, (s, e) in enumerate(_chunks(total, self.pair_chunk))
+        ]
         self.engine.map(estimate_task, tasks, "dedup: estimated Jaccard", inline=total < 10 * INLINE_DOCS)
         pairs, est = [], []
         for k in range(len(tasks)):
@@ -697,9 +797,18 @@ class Workflow:
         return {"rows": total, "kept": int(len(pairs_a)), "estimate_floor": floor}
 
     def _verify_pairs(self, pairs_file: str, folder: str, count: int, desc: str) -> tuple[np.ndarray, ...]:
-        tasks = [{"work": str(self.path), "chunk": k, "start": s, "stop": e, "pairs_file": pairs_file,
-                  "folder": folder, "inputs": self.input_specs}
-                 for k, (s, e) in enumerate(_chunks(count, self.verify_chunk))]
+        tasks = [
+            {
+                "work": str(self.path),
+                "chunk": k,
+                "start": s,
+                "stop": e,
+                "pairs_file": pairs_file,
+                "folder": folder,
+                "inputs": self.input_specs,
+            }
+            for k, (s, e) in enumerate(_chunks(count, self.verify_chunk))
+        ]
         self.engine.map(verify_task, tasks, desc, inline=count < INLINE_DOCS // 4)
         pairs, jac, docs, counts = [], [], [], []
         for k in range(len(tasks)):
@@ -749,8 +858,14 @@ class Workflow:
         sizes: dict[int, int] = {}
         for row in removed:
             sizes[row["cluster_id"]] = sizes.get(row["cluster_id"], 0) + 1
-        return {"rows": int(len(a)), "clusters": len(sizes), "largest_cluster": max(sizes.values(), default=-1) + 1,
-                "near_clusters": len(clusters), "rep_pairs_verified": int(len(missing)), "removed": len(removed)}
+        return {
+            "rows": int(len(a)),
+            "clusters": len(sizes),
+            "largest_cluster": max(sizes.values(), default=-1) + 1,
+            "near_clusters": len(clusters),
+            "rep_pairs_verified": int(len(missing)),
+            "removed": len(removed),
+        }
 
     def run(self) -> DedupOutcome:
         """Run every step not yet in the work folder; return the :class:`DedupOutcome`.
@@ -786,23 +901,35 @@ class Workflow:
         with np.load(self.path / "verified.npz") as z:
             pairs, jac = z["pairs"], z["jaccard"]
         a, b = mh.unpack_pairs(pairs)
-        checked = {"a": a, "b": b, "estimated": np.array([est[q] for q in pairs.tolist()], dtype=np.float64),
-                   "jaccard": jac}
+        checked = {
+            "a": a,
+            "b": b,
+            "estimated": np.array([est[q] for q in pairs.tolist()], dtype=np.float64),
+            "jaccard": jac,
+        }
         domains = [d for d, _ in self.inputs]
         before = {d: 0 for d in domains}
         for spec in self.input_specs:
             before[spec["domain"]] += spec["docs"]
         counts = mh.domain_counts(domains, before, removed)
-        stats = {k: v for s in ("exact", "candidates", "estimate", "verify", "cluster")
-                 for k, v in self.step_stats.get(s, {}).items() if k not in ("seconds", "peak_rss_mb", "resumed", "rows")}
+        stats = {
+            k: v
+            for s in ("exact", "candidates", "estimate", "verify", "cluster")
+            for k, v in self.step_stats.get(s, {}).items()
+            if k not in ("seconds", "peak_rss_mb", "resumed", "rows")
+        }
         stats["candidate_pairs"] = int(self.step_stats["candidates"]["rows"])
         stats["estimate_kept_pairs"] = int(self.step_stats["estimate"]["kept"])
         stats["verified_pairs"] = int(self.step_stats["verify"]["verified"])
-        stats["steps"] = {s: {k: v for k, v in self.step_stats[s].items() if isinstance(v, (int, float))}
-                          for s in STEPS if s in self.step_stats}
+        stats["steps"] = {
+            s: {k: v for k, v in self.step_stats[s].items() if isinstance(v, (int, float))}
+            for s in STEPS
+            if s in self.step_stats
+        }
         stats["resumed_steps"] = list(self.resumed)
-        return DedupOutcome(ids, domains, self.doc_file, self.input_specs, removed, removed_mask, checked, counts,
-                            self.banding, stats)
+        return DedupOutcome(
+            ids, domains, self.doc_file, self.input_specs, removed, removed_mask, checked, counts, self.banding, stats
+        )
 
 
 class _IdLookup:

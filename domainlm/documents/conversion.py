@@ -4,12 +4,13 @@ Reads with pyarrow's streaming JSON reader (``pyarrow.json.open_json``, explicit
 batch against the data contract, and writes :data:`~domainlm.documents.schema.DOC_SCHEMA` row groups
 with ``pyarrow.parquet.ParquetWriter.write_batch`` (Apache Arrow / Apache Parquet).
 """
+
 from __future__ import annotations
 
 import os
 import unicodedata
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -80,9 +81,7 @@ def to_doc_batch(batch: pa.RecordBatch, domain: str, path: str | os.PathLike, fi
         if col.null_count:
             i = pc.index(pc.is_null(col), True).as_py()
             rid = batch.column("id")[i].as_py()
-            raise BadDocumentError(
-                f"{path}: record {first_row + i} (id={rid!r}) has no {name!r} (missing or null)"
-            )
+            raise BadDocumentError(f"{path}: record {first_row + i} (id={rid!r}) has no {name!r} (missing or null)")
     wrong = pc.not_equal(batch.column("domain"), domain)
     if pc.any(wrong).as_py():
         i = pc.index(wrong, True).as_py()
@@ -130,8 +129,9 @@ def rebatch(batches: Iterable[pa.RecordBatch], rows: int) -> Iterator[pa.RecordB
         yield pa.Table.from_batches(buf).combine_chunks().to_batches()[0]
 
 
-def convert_domain(jsonl_path: str | os.PathLike, parquet_path: str | os.PathLike, domain: str,
-                   layout: ParquetLayout) -> dict[str, int]:
+def convert_domain(
+    jsonl_path: str | os.PathLike, parquet_path: str | os.PathLike, domain: str, layout: ParquetLayout
+) -> dict[str, int]:
     """Convert one domain's JSONL file to a Parquet file of :data:`DOC_SCHEMA` (atomic write).
 
     Records are streamed: at most one JSON block plus one row group is held in memory.
@@ -153,8 +153,11 @@ def convert_domain(jsonl_path: str | os.PathLike, parquet_path: str | os.PathLik
             yield to_doc_batch(raw, domain, jsonl_path, first)
             first += raw.num_rows
 
-    with atomic_path(parquet_path) as tmp, open_writer(tmp, layout) as writer, \
-            tqdm(desc=f"parquet {domain}", unit="doc", leave=False) as progress:
+    with (
+        atomic_path(parquet_path) as tmp,
+        open_writer(tmp, layout) as writer,
+        tqdm(desc=f"parquet {domain}", unit="doc", leave=False) as progress,
+    ):
         for batch in rebatch(doc_batches(), layout.row_group_rows):
             for i, rid in enumerate(batch.column("id").to_pylist()):
                 if rid in seen:

@@ -4,12 +4,14 @@ JSONL (local globs or ``s3://`` URIs through smart_open), one ``<domain>.jsonl``
 It also says which external inputs a source reads (:func:`external_inputs`), so the ``corpus`` stage can
 insist that ``dvc.yaml`` lists them as deps: otherwise ``dvc status`` could not see new data.
 """
+
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from tqdm import tqdm
 
@@ -100,8 +102,13 @@ def builtin_documents(domain: str, spec: dict[str, Any], cache_dir: Path) -> tup
     return docs, {"type": kind, "package": pkg.name, "version": pkg.version}
 
 
-def build_corpus(source_specs: dict[str, dict], domains: list[str], out_dir: Path, cache_dir: Path,
-                 max_docs_per_domain: int | None = None) -> dict[str, Any]:
+def build_corpus(
+    source_specs: dict[str, dict],
+    domains: list[str],
+    out_dir: Path,
+    cache_dir: Path,
+    max_docs_per_domain: int | None = None,
+) -> dict[str, Any]:
     """Write ``<out_dir>/<domain>.jsonl`` for every domain and return the manifest.
 
     ``max_docs_per_domain`` (or a source's own ``max_docs``) takes a deterministic slice.
@@ -139,8 +146,9 @@ def build_corpus(source_specs: dict[str, dict], domains: list[str], out_dir: Pat
         with target.open("w", encoding="utf-8") as fh:
             for doc in picked:
                 fh.write(dumps(doc.record()) + "\n")
-        entry.update({"documents": len(picked), "documents_available": len(docs),
-                      "chars": sum(len(d.text) for d in picked)})
+        entry.update(
+            {"documents": len(picked), "documents_available": len(docs), "chars": sum(len(d.text) for d in picked)}
+        )
         labels: dict[str, int] = {}
         for d in picked:
             labels[d.label or ""] = labels.get(d.label or "", 0) + 1
@@ -160,7 +168,7 @@ def external_inputs(source_specs: dict[str, dict]) -> list[str]:
     Built-in sources read packages pinned in ``params.yaml`` (``package``), which DVC tracks as params.
     """
     found = []
-    for domain, spec in sorted(source_specs.items()):
+    for _domain, spec in sorted(source_specs.items()):
         spec = spec or {}
         if spec.get("type") == "jsonl" and spec.get("uri"):
             root = input_root(spec["uri"])

@@ -5,6 +5,7 @@ go through :func:`domainlm.common.atomic.atomic_path`, so a crash never leaves a
 S3 endpoints other than AWS (MinIO, moto) are reached through the standard
 ``AWS_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL_S3`` environment variables, which boto3 reads.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -12,8 +13,9 @@ import fnmatch
 import glob
 import json
 import os
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from smart_open import open as sopen
 
@@ -126,7 +128,7 @@ class JsonlWriters:
         self._handles: dict[str, Any] = {}
         self.counts: dict[str, int] = {}
 
-    def __enter__(self) -> "JsonlWriters":
+    def __enter__(self) -> JsonlWriters:
         self._stack.__enter__()
         return self
 

@@ -6,6 +6,7 @@
   in document-file order (domains, then train/val/test): ``id``, ``domain``, ``split``,
   ``source_label`` (the label the document was ingested with) and ``label`` (after overrides).
 """
+
 from __future__ import annotations
 
 import os
@@ -24,9 +25,15 @@ NULL_LABEL_KEY = "_null"
 OVERRIDES_SCHEMA = pa.schema([pa.field("id", pa.string()), pa.field("label", pa.string())])
 #: The label table: one row per document, in document-file order (domains, then train/val/test).
 #: ``source_label`` is the label the document was ingested with, ``label`` the one after overrides.
-LABELS_SCHEMA = pa.schema([pa.field("id", pa.string()), pa.field("domain", pa.string()),
-                           pa.field("split", pa.string()), pa.field("source_label", pa.string()),
-                           pa.field("label", pa.string())])
+LABELS_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string()),
+        pa.field("domain", pa.string()),
+        pa.field("split", pa.string()),
+        pa.field("source_label", pa.string()),
+        pa.field("label", pa.string()),
+    ]
+)
 
 
 def duplicate_id(ids: pa.ChunkedArray | pa.Array) -> str | None:

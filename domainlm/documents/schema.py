@@ -5,12 +5,13 @@ checked on every read and write, and each file carries per-column codecs (:class
 ``<folder>/schema.txt`` (:data:`SCHEMA_FILE`) records the schema a folder of document files was
 written with.
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -65,7 +66,7 @@ class ParquetLayout:
     row_group_rows: int
 
     @classmethod
-    def from_params(cls, text_codec: str, default_codec: str, batch_rows: int) -> "ParquetLayout":
+    def from_params(cls, text_codec: str, default_codec: str, batch_rows: int) -> ParquetLayout:
         """``text`` gets ``text_codec``, every other column ``default_codec``.
 
         Raises:
@@ -185,9 +186,7 @@ def open_writer(path: str | os.PathLike, layout: ParquetLayout) -> pq.ParquetWri
     Dictionary (Parquet page) encoding is used for ``domain``, ``label`` and ``source`` only;
     the Arrow schema is stored in the footer, so readers get the dictionary type back.
     """
-    return pq.ParquetWriter(
-        str(path), DOC_SCHEMA, compression=dict(layout.codecs), use_dictionary=_DICTIONARY_COLUMNS
-    )
+    return pq.ParquetWriter(str(path), DOC_SCHEMA, compression=dict(layout.codecs), use_dictionary=_DICTIONARY_COLUMNS)
 
 
 def write_docs(path: str | os.PathLike, table: pa.Table, layout: ParquetLayout) -> int:

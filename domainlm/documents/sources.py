@@ -13,6 +13,7 @@ never needed); the .deb files are fetched with ``apt-get download`` and unpacked
 lands in a cache folder, so a second run needs no registry. A source that cannot be had raises
 :class:`SourceUnavailable` with a message naming the source and how to get it or leave it out.
 """
+
 from __future__ import annotations
 
 import html.parser
@@ -21,9 +22,9 @@ import shutil
 import subprocess
 import sys
 import zipfile
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 KONLPY_REQUIREMENT = "konlpy==0.6.0"
 
@@ -71,7 +72,7 @@ class FetchedPackage:
 
 # --------------------------------------------------------------------------------------------- fetching
 def _leave_out_hint(domain: str) -> str:
-    return (f"or leave the source out: remove '{domain}' from corpus.sources and from domains in params.yaml")
+    return f"or leave the source out: remove '{domain}' from corpus.sources and from domains in params.yaml"
 
 
 def fetch_wheel(requirement: str, cache_dir: Path, domain: str) -> FetchedPackage:
@@ -85,7 +86,18 @@ def fetch_wheel(requirement: str, cache_dir: Path, domain: str) -> FetchedPackag
     found = sorted(wheels.glob(f"{name}-{version}-*.whl"))
     if not found:
         wheels.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", str(wheels), requirement]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "-q",
+            "-d",
+            str(wheels),
+            requirement,
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         found = sorted(wheels.glob(f"{name}-{version}-*.whl"))
         if proc.returncode != 0 or not found:
@@ -123,8 +135,12 @@ def fetch_deb(package: str, cache_dir: Path, domain: str) -> FetchedPackage:
             )
     deb = found[-1]
     if shutil.which("dpkg-deb") is None:
-        raise SourceUnavailable(f"corpus source '{domain}' needs dpkg-deb to unpack {deb.name}; install dpkg, {_leave_out_hint(domain)}")
-    version = subprocess.run(["dpkg-deb", "-f", str(deb), "Version"], capture_output=True, text=True, check=True).stdout.strip()
+        raise SourceUnavailable(
+            f"corpus source '{domain}' needs dpkg-deb to unpack {deb.name}; install dpkg, {_leave_out_hint(domain)}"
+        )
+    version = subprocess.run(
+        ["dpkg-deb", "-f", str(deb), "Version"], capture_output=True, text=True, check=True
+    ).stdout.strip()
     root = cache_dir / "unpacked" / f"{package}_{version.replace(':', '%3a')}"
     if not (root / ".complete").exists():
         if root.exists():
@@ -154,8 +170,30 @@ class _HtmlText(html.parser.HTMLParser):
     SKIP_TAGS = {"head", "script", "style", "header", "footer", "aside", "nav", "noscript"}
     SKIP_CLASSES = {"navheader", "navfooter"}
     SKIP_IDS = {"DEBUG", "SearchFrame", "DonationFrame", "TopLeftHeader"}
-    BLOCK_TAGS = {"p", "div", "br", "li", "tr", "td", "th", "h1", "h2", "h3", "h4", "h5", "h6", "pre",
-                  "table", "dt", "dd", "section", "blockquote", "ul", "ol", "dl"}
+    BLOCK_TAGS = {
+        "p",
+        "div",
+        "br",
+        "li",
+        "tr",
+        "td",
+        "th",
+        "h1",
+        "h2",
+        "h3",
+        "h4",
+        "h5",
+        "h6",
+        "pre",
+        "table",
+        "dt",
+        "dd",
+        "section",
+        "blockquote",
+        "ul",
+        "ol",
+        "dl",
+    }
 
     def __init__(self) -> None:
         super().__init__(convert_charrefs=True)
@@ -225,7 +263,7 @@ def split_constitution(text: str) -> list[tuple[str, str]]:
         end = marks[i + 1].start() if i + 1 < len(marks) else len(text)
         if m.start() < addenda_at <= end:
             end = addenda_at
-        body = clean_lines(_CHAPTER.sub("", text[m.start():end]))
+        body = clean_lines(_CHAPTER.sub("", text[m.start() : end]))
         part = "addenda-art" if m.start() > addenda_at else "art"
         num = f"{int(m.group(1)):03d}" + (f"-{m.group(2)}" if m.group(2) else "")
         docs.append((f"{part}-{num}", body))
@@ -248,12 +286,18 @@ def kobill_documents(wheel: FetchedPackage, domain: str) -> Iterator[Document]:
         members = sorted(n for n in zf.namelist() if n.startswith("konlpy/data/corpus/kobill/") and n.endswith(".txt"))
         for member in members:
             text = clean_lines(zf.read(member).decode("utf-8"))
-            yield Document(id=f"{domain}-{Path(member).stem}", text=text, domain=domain, label=domain,
-                           source=f"{wheel.name}=={wheel.version}:{member}")
+            yield Document(
+                id=f"{domain}-{Path(member).stem}",
+                text=text,
+                domain=domain,
+                label=domain,
+                source=f"{wheel.name}=={wheel.version}:{member}",
+            )
 
 
-def _html_pages(pkg: FetchedPackage, domain: str, base: Path, paths: Iterable[Path],
-                key: Callable[[Path], tuple[str, str]]) -> Iterator[Document]:
+def _html_pages(
+    pkg: FetchedPackage, domain: str, base: Path, paths: Iterable[Path], key: Callable[[Path], tuple[str, str]]
+) -> Iterator[Document]:
     """One document per HTML page under ``base`` of an unpacked Debian package.
 
     ``key(path)`` gives the page's (id suffix, label). Raises :class:`SourceUnavailable` when ``base``
@@ -264,8 +308,13 @@ def _html_pages(pkg: FetchedPackage, domain: str, base: Path, paths: Iterable[Pa
     for path in paths:
         suffix, label = key(path)
         text = html_to_text(path.read_text(encoding="utf-8", errors="replace"))
-        yield Document(id=f"{domain}-{suffix}", text=text, domain=domain, label=label,
-                       source=f"{pkg.name}={pkg.version}:{path.relative_to(pkg.root).as_posix()}")
+        yield Document(
+            id=f"{domain}-{suffix}",
+            text=text,
+            domain=domain,
+            label=label,
+            source=f"{pkg.name}={pkg.version}:{path.relative_to(pkg.root).as_posix()}",
+        )
 
 
 def libreoffice_help_documents(pkg: FetchedPackage, domain: str) -> Iterator[Document]:

@@ -5,6 +5,7 @@ its own; rare labels and unstratifiable domains are handled explicitly (see :fun
 split is decided on ids and labels alone; the documents are then streamed into the split files
 (:func:`write_split_files`), so memory does not grow with the texts.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -12,8 +13,8 @@ import logging
 import math
 import os
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -84,8 +85,9 @@ def _label_codes(labels: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return pc.fill_null(enc.indices.cast(pa.int64()), -1).to_numpy(zero_copy_only=False)
 
 
-def _hold_out(idx: np.ndarray, strata: np.ndarray, n_out: int, seed: int
-              ) -> tuple[np.ndarray, np.ndarray, bool, np.ndarray]:
+def _hold_out(
+    idx: np.ndarray, strata: np.ndarray, n_out: int, seed: int
+) -> tuple[np.ndarray, np.ndarray, bool, np.ndarray]:
     """Split ``idx`` into (kept, held_out) with ``len(held_out) == n_out``.
 
     Stratified when possible; returns (kept, held_out, stratified, rare rows forced into kept).
@@ -102,8 +104,9 @@ def _hold_out(idx: np.ndarray, strata: np.ndarray, n_out: int, seed: int
     return kept, out, False, idx[:0]
 
 
-def split_indices(labels: pa.ChunkedArray | pa.Array, domain: str, *, seed: int, val_size: float,
-                  test_size: float) -> SplitResult:
+def split_indices(
+    labels: pa.ChunkedArray | pa.Array, domain: str, *, seed: int, val_size: float, test_size: float
+) -> SplitResult:
     """Stratified train/val/test split of one domain's rows (scikit-learn ``train_test_split``).
 
     Two seeded hold-out steps: test (``ceil(test_size * n)`` docs) from all rows, then val
@@ -141,8 +144,7 @@ def split_indices(labels: pa.ChunkedArray | pa.Array, domain: str, *, seed: int,
     )
     for step, ok in result.stratified.items():
         if not ok:
-            log.warning("split %s: %s hold-out not stratified (more labels than held-out or train docs)",
-                        domain, step)
+            log.warning("split %s: %s hold-out not stratified (more labels than held-out or train docs)", domain, step)
     return result
 
 
@@ -152,8 +154,9 @@ def label_counts(labels: pa.ChunkedArray | pa.Array) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def split_domain(table: pa.Table, domain: str, *, seed: int, val_size: float, test_size: float
-                 ) -> tuple[dict[str, pa.Table], SplitResult]:
+def split_domain(
+    table: pa.Table, domain: str, *, seed: int, val_size: float, test_size: float
+) -> tuple[dict[str, pa.Table], SplitResult]:
     """Split one domain's table into ``{"train", "val", "test"}`` tables (same columns as ``table``).
 
     ``table`` needs ``id`` and ``label`` only; the split stage passes just those two columns and streams
@@ -211,8 +214,9 @@ def split_codes(result: SplitResult, n: int) -> np.ndarray:
     return codes
 
 
-def write_split_files(src: str | os.PathLike, out_paths: Mapping[str, str | os.PathLike], codes: np.ndarray,
-                      layout: ParquetLayout) -> dict[str, int]:
+def write_split_files(
+    src: str | os.PathLike, out_paths: Mapping[str, str | os.PathLike], codes: np.ndarray, layout: ParquetLayout
+) -> dict[str, int]:
     """Stream one domain's document Parquet file into one file per split, in bounded memory.
 
     Reads ``src`` one row group at a time (:func:`~domainlm.documents.schema.iter_doc_batches`) and routes
@@ -256,7 +260,7 @@ def write_split_files(src: str | os.PathLike, out_paths: Mapping[str, str | os.P
 
         offset = 0
         for batch in iter_doc_batches(src, batch_rows=rows_per_group):
-            part = codes[offset:offset + batch.num_rows]
+            part = codes[offset : offset + batch.num_rows]
             if len(part) != batch.num_rows:
                 raise ValueError(f"{src}: more rows than split codes ({len(codes)})")
             table = pa.Table.from_batches([batch])

@@ -5,6 +5,7 @@ and only the set of seen ids grows. Kept records are NFC-normalized (Unicode TR1
 a missing value set to null. Invariant, per input file: kept + rejected = lines read (datatrove-style
 stats carried with the stream).
 """
+
 from __future__ import annotations
 
 import json
@@ -13,9 +14,10 @@ import re
 import time
 import unicodedata
 from collections import Counter, defaultdict
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from tqdm import tqdm
 
@@ -31,11 +33,23 @@ EXCERPT_CHARS = 120
 
 # Every reason a line can be rejected for, in the order the checks run.
 REASONS = (
-    "invalid_utf8", "invalid_json", "not_an_object",
-    "missing_id", "missing_text", "missing_domain",
-    "wrong_type_id", "wrong_type_text", "wrong_type_domain", "wrong_type_label", "wrong_type_source",
-    "bad_domain_name", "unknown_domain",
-    "empty_text", "text_too_short", "text_too_long", "duplicate_id",
+    "invalid_utf8",
+    "invalid_json",
+    "not_an_object",
+    "missing_id",
+    "missing_text",
+    "missing_domain",
+    "wrong_type_id",
+    "wrong_type_text",
+    "wrong_type_domain",
+    "wrong_type_label",
+    "wrong_type_source",
+    "bad_domain_name",
+    "unknown_domain",
+    "empty_text",
+    "text_too_short",
+    "text_too_long",
+    "duplicate_id",
 )
 
 
@@ -142,11 +156,17 @@ def validate_stream(uris: Iterable[str], validator: Validator) -> Iterator[tuple
             try:
                 yield uri, line_no, validator.check(raw), None
             except Rejected as rej:
-                yield uri, line_no, None, {"file": uri, "line": line_no, "reason": rej.reason,
-                                           "detail": rej.detail, "excerpt": excerpt(raw)}
+                yield (
+                    uri,
+                    line_no,
+                    None,
+                    {"file": uri, "line": line_no, "reason": rej.reason, "detail": rej.detail, "excerpt": excerpt(raw)},
+                )
 
 
-def validate_files(inputs: list[str], out_dir: Path, validator: Validator, preview_per_domain: int = 5) -> dict[str, Any]:
+def validate_files(
+    inputs: list[str], out_dir: Path, validator: Validator, preview_per_domain: int = 5
+) -> dict[str, Any]:
     """Validate every line of ``inputs`` (globs or URIs) into ``out_dir`` and return the metrics dict.
 
     Writes ``<domain>.jsonl`` (one per domain of ``validator.domains``, even if empty, plus any
@@ -175,8 +195,11 @@ def validate_files(inputs: list[str], out_dir: Path, validator: Validator, previ
     preview: dict[str, list[dict]] = defaultdict(list)
     t0 = time.perf_counter()
     chars = 0
-    with JsonlWriters(lambda d: out_dir / f"{d}.jsonl") as writers, \
-            atomic_path(out_dir / "rejects.jsonl") as rej_tmp, rej_tmp.open("w", encoding="utf-8") as rej_fh:
+    with (
+        JsonlWriters(lambda d: out_dir / f"{d}.jsonl") as writers,
+        atomic_path(out_dir / "rejects.jsonl") as rej_tmp,
+        rej_tmp.open("w", encoding="utf-8") as rej_fh,
+    ):
         for domain in sorted(validator.domains or ()):
             writers.ensure(domain)
         for uri, _, rec, reject in tqdm(validate_stream(uris, validator), desc="validate", unit="line"):
@@ -194,17 +217,28 @@ def validate_files(inputs: list[str], out_dir: Path, validator: Validator, previ
                 by_reason[reject["reason"]] += 1
                 rej_fh.write(dumps(reject) + "\n")
     for uri, s in per_file.items():
-        assert s.kept + s.rejected == s.lines_read, f"{uri}: kept {s.kept} + rejected {s.rejected} != read {s.lines_read}"
+        assert s.kept + s.rejected == s.lines_read, (
+            f"{uri}: kept {s.kept} + rejected {s.rejected} != read {s.lines_read}"
+        )
     write_json(out_dir / "sample_preview.json", dict(sorted(preview.items())))
     wall = time.perf_counter() - t0
     lines = sum(s.lines_read for s in per_file.values())
     kept = sum(s.kept for s in per_file.values())
     return {
-        "totals": {"files": len(per_file), "lines_read": lines, "kept": kept, "rejected": lines - kept,
-                   "reject_rate": (lines - kept) / lines if lines else 0.0, "chars_kept": chars},
+        "totals": {
+            "files": len(per_file),
+            "lines_read": lines,
+            "kept": kept,
+            "rejected": lines - kept,
+            "reject_rate": (lines - kept) / lines if lines else 0.0,
+            "chars_kept": chars,
+        },
         "by_reason": {r: by_reason.get(r, 0) for r in REASONS},
         "by_domain": {d: {"kept": by_domain.get(d, 0)} for d in sorted(set(by_domain) | set(validator.domains or ()))},
         "by_file": {Path(u).name if not u.startswith("s3://") else u: vars(s) for u, s in sorted(per_file.items())},
-        "perf": {"wall_s": round(wall, 3), "lines_per_s": round(lines / wall, 1) if wall else 0.0,
-                 "peak_rss_mb": round(peak_rss_mb(), 1)},
+        "perf": {
+            "wall_s": round(wall, 3),
+            "lines_per_s": round(lines / wall, 1) if wall else 0.0,
+            "peak_rss_mb": round(peak_rss_mb(), 1),
+        },
     }

@@ -9,6 +9,7 @@ definition, used by tests and benchmarks) and 64-bit integer ids computed with n
 (the fast path the ``dedup`` stage uses). Both forms describe the same set: the id map is
 injective for jamo n-grams and a 63-bit hash for word n-grams.
 """
+
 from __future__ import annotations
 
 import unicodedata
@@ -83,6 +84,7 @@ def decompose(text: str) -> str:
 
 # ---------------------------------------------------------------- string shingles (reference)
 
+
 def jamo_ngrams(text: str, n: int = JAMO_NGRAM) -> list[str]:
     """Character n-grams of the jamo-decomposed normalized text, in order (duplicates kept).
 
@@ -94,7 +96,7 @@ def jamo_ngrams(text: str, n: int = JAMO_NGRAM) -> list[str]:
         return []
     if len(jamo) < n:
         return [jamo]
-    return [jamo[i:i + n] for i in range(len(jamo) - n + 1)]
+    return [jamo[i : i + n] for i in range(len(jamo) - n + 1)]
 
 
 def word_ngrams(text: str, n: int = WORD_NGRAM) -> list[str]:
@@ -108,7 +110,7 @@ def word_ngrams(text: str, n: int = WORD_NGRAM) -> list[str]:
         return []
     if len(words) < n:
         return [" ".join(words)]
-    return [" ".join(words[i:i + n]) for i in range(len(words) - n + 1)]
+    return [" ".join(words[i : i + n]) for i in range(len(words) - n + 1)]
 
 
 def shingle_strings(text: str, jamo_n: int = JAMO_NGRAM, word_n: int = WORD_NGRAM) -> set[tuple[str, str]]:
@@ -119,11 +121,11 @@ def shingle_strings(text: str, jamo_n: int = JAMO_NGRAM, word_n: int = WORD_NGRA
     its jamo n-grams still has two shingles. Reference definition of :func:`shingle_ids`
     (one id per element, same set sizes and Jaccard), used by tests and benchmarks.
     """
-    return ({("jamo", g) for g in jamo_ngrams(text, jamo_n)}
-            | {("word", g) for g in word_ngrams(text, word_n)})
+    return {("jamo", g) for g in jamo_ngrams(text, jamo_n)} | {("word", g) for g in word_ngrams(text, word_n)}
 
 
 # ---------------------------------------------------------------- integer shingles (fast path)
+
 
 def fmix64(x: np.ndarray) -> np.ndarray:
     """MurmurHash3's 64-bit finalizer (Appleby), a fixed avalanching bijection on ``uint64``.
@@ -236,7 +238,7 @@ def pack_jamo_ngrams(jamo: np.ndarray, n: int = JAMO_NGRAM) -> np.ndarray:
     packed = cps[:count].copy()
     for k in range(1, n):
         packed <<= _U64(_CODE_POINT_BITS)
-        packed |= cps[k:k + count]
+        packed |= cps[k : k + count]
     return packed
 
 
@@ -276,7 +278,7 @@ def word_ngram_ids(cps: np.ndarray, n: int = WORD_NGRAM) -> np.ndarray:
     ends[:-1] = space_at
     ends[-1] = m
     k = min(n, len(starts))
-    first, last = starts[:len(starts) - k + 1], ends[k - 1:]
+    first, last = starts[: len(starts) - k + 1], ends[k - 1 :]
     power, inverse = _poly_powers(m + 1)
     prefix = np.empty(m + 1, dtype=_U64)
     prefix[0] = 0
@@ -344,6 +346,7 @@ def to_hash32(ids: np.ndarray) -> np.ndarray:
 
 # ---------------------------------------------------------------- many texts at once (the dedup fast path)
 
+
 def _segment_bounds(lengths: np.ndarray) -> np.ndarray:
     """``int64`` bounds ``(k + 1,)`` of segments of the given lengths laid end to end: ``[0, l0, l0 + l1, ...]``."""
     bounds = np.zeros(len(lengths) + 1, dtype=np.int64)
@@ -371,7 +374,7 @@ def _pack_many(values: np.ndarray, starts: np.ndarray, ends: np.ndarray, n: int)
         packed = cps[:span].copy()
         for k in range(1, n):
             packed <<= _U64(_CODE_POINT_BITS)
-            packed |= cps[k:k + span]
+            packed |= cps[k : k + span]
         valid = np.ones(span, dtype=bool)
         for j in range(1, n):  # an n-gram starting at end - j runs past the segment's end
             at = ends[lengths > 0] - j
@@ -382,11 +385,13 @@ def _pack_many(values: np.ndarray, starts: np.ndarray, ends: np.ndarray, n: int)
         full = lengths >= n
         out[np.repeat(full, counts)] = packed[valid]
     for d in np.flatnonzero((lengths < n) & (lengths > 0)):  # shorter than n: one id for the whole segment
-        out[bounds[d]] = pack_jamo_ngrams(values[starts[d]:ends[d]], n)[0]
+        out[bounds[d]] = pack_jamo_ngrams(values[starts[d] : ends[d]], n)[0]
     return out, bounds
 
 
-def _word_ngram_ids_many(cps: np.ndarray, starts: np.ndarray, ends: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+def _word_ngram_ids_many(
+    cps: np.ndarray, starts: np.ndarray, ends: np.ndarray, n: int
+) -> tuple[np.ndarray, np.ndarray]:
     """:func:`word_ngram_ids` of every text ``cps[starts[d]:ends[d]]`` at once; ids concatenated in
     text order, with the ``(k + 1,)`` bounds of each text's ids."""
     m = len(cps)
@@ -424,8 +429,9 @@ def _word_ngram_ids_many(cps: np.ndarray, starts: np.ndarray, ends: np.ndarray, 
     return fmix64((prefix[last] - prefix[first]) * inverse[first]) | _WORD_FLAG, bounds
 
 
-def shingle_id_parts_many(texts: list[str], jamo_n: int = JAMO_NGRAM, word_n: int = WORD_NGRAM
-                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def shingle_id_parts_many(
+    texts: list[str], jamo_n: int = JAMO_NGRAM, word_n: int = WORD_NGRAM
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The jamo n-gram ids and the word n-gram ids of many normalized texts, as two segmented arrays.
 
     Returns:
@@ -446,8 +452,9 @@ def shingle_id_parts_many(texts: list[str], jamo_n: int = JAMO_NGRAM, word_n: in
     return jamo_ids, jb, word_ids, wb
 
 
-def raw_shingle_ids_many(texts: list[str], jamo_n: int = JAMO_NGRAM,
-                         word_n: int = WORD_NGRAM) -> tuple[np.ndarray, np.ndarray]:
+def raw_shingle_ids_many(
+    texts: list[str], jamo_n: int = JAMO_NGRAM, word_n: int = WORD_NGRAM
+) -> tuple[np.ndarray, np.ndarray]:
     """:func:`raw_shingle_ids` of many normalized texts in a few numpy passes over their joined code points.
 
     The same ids, per text, as :func:`raw_shingle_ids` (tests check this): jamo n-grams and word
@@ -495,8 +502,9 @@ def segment_unique_sorted(values: np.ndarray, bounds: np.ndarray) -> tuple[np.nd
     return (keys & _U64(0xFFFFFFFF)).astype(np.uint32), out_bounds
 
 
-def shingle_hashes_many(texts: list[str], jamo_n: int = JAMO_NGRAM, word_n: int = WORD_NGRAM,
-                        distinct: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def shingle_hashes_many(
+    texts: list[str], jamo_n: int = JAMO_NGRAM, word_n: int = WORD_NGRAM, distinct: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
     """32-bit shingle hashes of many normalized texts (the MinHash input).
 
     With ``distinct`` (the default), per text equal to ``unique_sorted(to_hash32(raw_shingle_ids(text)))``;

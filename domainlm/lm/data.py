@@ -4,12 +4,13 @@ Byte-level BPE (Radford et al. 2019, GPT-2) trained with the HF ``tokenizers`` l
 concatenates documents separated by EOS and cuts fixed-length blocks (HF ``run_clm`` ``group_texts``),
 except that the last partial block is right-padded and masked instead of dropped.
 """
+
 from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import pyarrow.parquet as pq
 import torch
@@ -45,9 +46,17 @@ def read_domain_texts(root: str | os.PathLike, domains: Sequence[str], split: st
     return {d: read_texts(split_path(root, d, split)) for d in domains}
 
 
-def train_bpe_tokenizer(texts: Iterable[str], *, vocab_size: int, min_frequency: int = 2,
-                        bos_token: str = "<s>", eos_token: str = "</s>", pad_token: str = "<pad>",
-                        unk_token: str = "<unk>", model_max_length: int = 1024):
+def train_bpe_tokenizer(
+    texts: Iterable[str],
+    *,
+    vocab_size: int,
+    min_frequency: int = 2,
+    bos_token: str = "<s>",
+    eos_token: str = "</s>",
+    pad_token: str = "<pad>",
+    unk_token: str = "<unk>",
+    model_max_length: int = 1024,
+):
     """Train a byte-level BPE tokenizer and wrap it for transformers.
 
     The normalizer is Unicode NFC, so decomposed Hangul jamo sequences (NFD, e.g. from macOS file
@@ -74,21 +83,35 @@ def train_bpe_tokenizer(texts: Iterable[str], *, vocab_size: int, min_frequency:
     specials = [pad_token, bos_token, eos_token, unk_token]
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     if vocab_size < len(alphabet) + len(specials):
-        raise ValueError(f"tokenizer vocab_size={vocab_size} is below the byte alphabet "
-                         f"({len(alphabet)}) plus {len(specials)} special tokens")
+        raise ValueError(
+            f"tokenizer vocab_size={vocab_size} is below the byte alphabet "
+            f"({len(alphabet)}) plus {len(specials)} special tokens"
+        )
     tok = Tokenizer(models.BPE(unk_token=unk_token))
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
-                                  initial_alphabet=alphabet, show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=specials,
+        initial_alphabet=alphabet,
+        show_progress=False,
+    )
     tok.train_from_iterator(texts, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos_token, eos_token=eos_token,
-                                   pad_token=pad_token, unk_token=unk_token, model_max_length=model_max_length)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=bos_token,
+        eos_token=eos_token,
+        pad_token=pad_token,
+        unk_token=unk_token,
+        model_max_length=model_max_length,
+    )
 
 
-def pack_blocks(tokenizer, texts: Sequence[str], block_size: int, *, batch_docs: int = 256,
-                desc: str = "tokenize") -> dict[str, torch.Tensor]:
+def pack_blocks(
+    tokenizer, texts: Sequence[str], block_size: int, *, batch_docs: int = 256, desc: str = "tokenize"
+) -> dict[str, torch.Tensor]:
     """Tokenize ``texts`` and pack them into fixed-length causal-LM blocks.
 
     Each document's ids are followed by ``eos``; the stream is cut every ``block_size`` tokens
@@ -117,7 +140,9 @@ def pack_blocks(tokenizer, texts: Sequence[str], block_size: int, *, batch_docs:
         raise ValueError("tokenizer needs both an eos and a pad token")
     stream: list[int] = []
     for start in tqdm(range(0, len(texts), batch_docs), desc=desc, unit="batch", leave=False):
-        for ids in tokenizer(list(texts[start:start + batch_docs]), add_special_tokens=False, verbose=False)["input_ids"]:
+        for ids in tokenizer(list(texts[start : start + batch_docs]), add_special_tokens=False, verbose=False)[
+            "input_ids"
+        ]:
             stream.extend(ids)
             stream.append(eos)
     n_blocks = math.ceil(len(stream) / block_size)
@@ -125,7 +150,7 @@ def pack_blocks(tokenizer, texts: Sequence[str], block_size: int, *, batch_docs:
     ids = torch.tensor(stream + [pad] * n_pad, dtype=torch.long).view(n_blocks, block_size)
     mask = torch.ones_like(ids)
     if n_pad:
-        mask[-1, block_size - n_pad:] = 0
+        mask[-1, block_size - n_pad :] = 0
     labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
@@ -194,7 +219,7 @@ def mean_nll(model, blocks: dict[str, torch.Tensor], *, batch_size: int = 16, de
     total, count = 0.0, 0
     n = blocks["input_ids"].shape[0]
     for start in tqdm(range(0, n, batch_size), desc=desc, unit="batch", leave=False):
-        batch = {k: v[start:start + batch_size].to(device) for k, v in blocks.items()}
+        batch = {k: v[start : start + batch_size].to(device) for k, v in blocks.items()}
         k = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         if k == 0:
             continue

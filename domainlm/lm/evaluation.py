@@ -8,6 +8,7 @@ rouge-score's default tokenizer lowercases and then replaces every character out
 with a space, so Korean text tokenizes to nothing and scores 0; :class:`UnicodeWordTokenizer`
 fixes that for every script.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -16,9 +17,10 @@ import math
 import random
 import re
 import unicodedata
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -143,8 +145,9 @@ def sliding_windows(n_tokens: int, max_length: int, stride: int) -> list[tuple[i
 
 
 @torch.inference_mode()
-def sliding_window_nll(model, input_ids: torch.Tensor, max_length: int, stride: int,
-                       batch_size: int = 8, desc: str | None = None) -> tuple[float, int]:
+def sliding_window_nll(
+    model, input_ids: torch.Tensor, max_length: int, stride: int, batch_size: int = 8, desc: str | None = None
+) -> tuple[float, int]:
     """Summed negative log-likelihood (nats) and number of scored tokens of a token stream.
 
     Follows the Hugging Face perplexity recipe (transformers docs, "Perplexity of fixed-length
@@ -168,7 +171,7 @@ def sliding_window_nll(model, input_ids: torch.Tensor, max_length: int, stride: 
     groups: dict[int, list[tuple[int, int, int]]] = {}
     for w in windows:
         groups.setdefault(w[1] - w[0], []).append(w)
-    batches = [group[i:i + batch_size] for group in groups.values() for i in range(0, len(group), batch_size)]
+    batches = [group[i : i + batch_size] for group in groups.values() for i in range(0, len(group), batch_size)]
     for batch in tqdm(batches, desc=desc, unit="batch", leave=False, disable=desc is None):
         x = torch.stack([input_ids[b:e] for b, e, _ in batch]).to(device)
         logits = model(input_ids=x).logits[:, :-1].float()
@@ -176,13 +179,14 @@ def sliding_window_nll(model, input_ids: torch.Tensor, max_length: int, stride: 
         length = x.shape[1]
         for row, (_, _, n_targets) in enumerate(batch):
             first = max(length - n_targets, 1)  # token index of the first target in the window
-            nll_sum += float(nll[row, first - 1:].sum())
+            nll_sum += float(nll[row, first - 1 :].sum())
             n_scored += length - first
     return nll_sum, n_scored
 
 
-def perplexity(model, input_ids: torch.Tensor, max_length: int, stride: int, batch_size: int = 8,
-               desc: str | None = None) -> dict[str, float]:
+def perplexity(
+    model, input_ids: torch.Tensor, max_length: int, stride: int, batch_size: int = 8, desc: str | None = None
+) -> dict[str, float]:
     """Token-weighted perplexity ``exp(Σ NLL / N)`` of a token stream (see :func:`sliding_window_nll`).
 
     Returns ``{"perplexity", "nll_per_token" (nats), "tokens"}``.
@@ -191,8 +195,9 @@ def perplexity(model, input_ids: torch.Tensor, max_length: int, stride: int, bat
     return {"perplexity": math.exp(nll_sum / n), "nll_per_token": nll_sum / n, "tokens": n}
 
 
-def continuation_pairs(tokenizer, texts: Iterable[str], n_docs: int, prompt_tokens: int,
-                       reference_tokens: int) -> tuple[list[list[int]], list[list[int]], int]:
+def continuation_pairs(
+    tokenizer, texts: Iterable[str], n_docs: int, prompt_tokens: int, reference_tokens: int
+) -> tuple[list[list[int]], list[list[int]], int]:
     """Prompt/reference token pairs from the first ``n_docs`` documents long enough for both.
 
     prompt = a document's first ``prompt_tokens`` tokens, reference = the next ``reference_tokens``.
@@ -218,8 +223,9 @@ def continuation_pairs(tokenizer, texts: Iterable[str], n_docs: int, prompt_toke
 
 
 @torch.inference_mode()
-def greedy_continuations(model, prompts: Sequence[Sequence[int]], new_tokens: int, batch_size: int = 16,
-                         pad_token_id: int | None = None) -> list[list[int]]:
+def greedy_continuations(
+    model, prompts: Sequence[Sequence[int]], new_tokens: int, batch_size: int = 16, pad_token_id: int | None = None
+) -> list[list[int]]:
     """Greedy-decode exactly ``new_tokens`` tokens after each prompt (transformers ``generate``,
     ``do_sample=False``, ``min_new_tokens = max_new_tokens`` so every continuation has the
     reference's length). Prompts of equal length are batched without padding.
@@ -232,8 +238,13 @@ def greedy_continuations(model, prompts: Sequence[Sequence[int]], new_tokens: in
     """
     from transformers import GenerationConfig
 
-    config = GenerationConfig(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                              pad_token_id=pad_token_id, eos_token_id=model.config.eos_token_id)
+    config = GenerationConfig(
+        do_sample=False,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        pad_token_id=pad_token_id,
+        eos_token_id=model.config.eos_token_id,
+    )
     device = next(model.parameters()).device
     by_length: dict[int, list[int]] = {}
     for i, p in enumerate(prompts):
@@ -242,7 +253,7 @@ def greedy_continuations(model, prompts: Sequence[Sequence[int]], new_tokens: in
     with limit_threads(1, blas=False):
         for length, idx in by_length.items():
             for start in range(0, len(idx), batch_size):
-                chunk = idx[start:start + batch_size]
+                chunk = idx[start : start + batch_size]
                 x = torch.tensor([list(prompts[i]) for i in chunk], dtype=torch.long, device=device)
                 generated = model.generate(input_ids=x, attention_mask=torch.ones_like(x), generation_config=config)
                 for row, i in enumerate(chunk):
@@ -333,27 +344,43 @@ class PerplexityProbe:
     batch_size: int
 
     @classmethod
-    def from_params(cls, cfg: Mapping[str, Any], tokenizer, texts: Mapping[str, list[str]], context: int) -> "PerplexityProbe":
+    def from_params(
+        cls, cfg: Mapping[str, Any], tokenizer, texts: Mapping[str, list[str]], context: int
+    ) -> PerplexityProbe:
         """Streams of at most ``max_tokens_per_domain`` tokens; ``max_length`` defaults to ``context``
         (the model's ``max_position_embeddings``), ``stride`` to half of it."""
         max_length = int(cfg.get("max_length") or context)
-        return cls(streams={d: token_stream(tokenizer, t, cfg.get("max_tokens_per_domain")) for d, t in texts.items()},
-                   max_length=max_length, stride=int(cfg.get("stride") or max_length // 2),
-                   batch_size=int(cfg.get("batch_size", 8)))
+        return cls(
+            streams={d: token_stream(tokenizer, t, cfg.get("max_tokens_per_domain")) for d, t in texts.items()},
+            max_length=max_length,
+            stride=int(cfg.get("stride") or max_length // 2),
+            batch_size=int(cfg.get("batch_size", 8)),
+        )
 
     def run(self, model, name: str) -> dict[str, float]:
         """``{domain: perplexity}`` of ``model`` on every stream."""
-        return {d: perplexity(model, ids, self.max_length, self.stride, self.batch_size, desc=f"ppl {name}/{d}")["perplexity"]
-                for d, ids in self.streams.items()}
+        return {
+            d: perplexity(model, ids, self.max_length, self.stride, self.batch_size, desc=f"ppl {name}/{d}")[
+                "perplexity"
+            ]
+            for d, ids in self.streams.items()
+        }
 
     def fingerprint(self) -> dict[str, Any]:
         """What a perplexity depends on besides the model: ``max_length``, ``stride`` and, per domain, the stream's
         token count and the SHA-256 of its int64 token ids. Two probes with equal fingerprints score the same
         tokens the same way (:func:`check_reference`)."""
-        return {"max_length": self.max_length, "stride": self.stride,
-                "streams": {d: {"tokens": int(ids.numel()),
-                                "sha256": hashlib.sha256(ids.to(torch.int64).numpy().tobytes()).hexdigest()}
-                            for d, ids in sorted(self.streams.items())}}
+        return {
+            "max_length": self.max_length,
+            "stride": self.stride,
+            "streams": {
+                d: {
+                    "tokens": int(ids.numel()),
+                    "sha256": hashlib.sha256(ids.to(torch.int64).numpy().tobytes()).hexdigest(),
+                }
+                for d, ids in sorted(self.streams.items())
+            },
+        }
 
 
 def reference_record(probe: PerplexityProbe, ppl: Mapping[str, Mapping[str, float]]) -> dict[str, Any]:
@@ -362,7 +389,9 @@ def reference_record(probe: PerplexityProbe, ppl: Mapping[str, Mapping[str, floa
     return {"probe": probe.fingerprint(), "perplexity": {m: dict(per) for m, per in ppl.items()}}
 
 
-def check_reference(reference: Mapping[str, Any], probe: PerplexityProbe, domains: Sequence[str]) -> dict[str, dict[str, float]]:
+def check_reference(
+    reference: Mapping[str, Any], probe: PerplexityProbe, domains: Sequence[str]
+) -> dict[str, dict[str, float]]:
     """The reference perplexities of ``reference`` (:func:`reference_record`) after checking they were measured on
     ``probe``'s token streams and windows, with the base and an expert for every domain.
 
@@ -376,8 +405,10 @@ def check_reference(reference: Mapping[str, Any], probe: PerplexityProbe, domain
     mine, theirs = probe.fingerprint(), reference.get("probe") or {}
     if mine != theirs:
         differ = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
-        raise ValueError(f"the reference perplexities were measured on other token streams or windows ({differ} "
-                         "differ): re-run evaluate_experts (dvc repro evaluate_experts)")
+        raise ValueError(
+            f"the reference perplexities were measured on other token streams or windows ({differ} "
+            "differ): re-run evaluate_experts (dvc repro evaluate_experts)"
+        )
     ppl = reference.get("perplexity") or {}
     missing = [m for m in ["base", *(f"expert_{d}" for d in domains)] if set(ppl.get(m) or {}) != set(domains)]
     if missing:
@@ -385,8 +416,13 @@ def check_reference(reference: Mapping[str, Any], probe: PerplexityProbe, domain
     return {m: dict(per) for m, per in ppl.items()}
 
 
-def continuation_scores(tokenizer, texts: Mapping[str, list[str]], models: Mapping[str, Any], cont: Mapping[str, Any],
-                        bleu_tokenize: str = "char") -> dict[str, Any]:
+def continuation_scores(
+    tokenizer,
+    texts: Mapping[str, list[str]],
+    models: Mapping[str, Any],
+    cont: Mapping[str, Any],
+    bleu_tokenize: str = "char",
+) -> dict[str, Any]:
     """Greedy continuations of every model on each domain's first ``n_docs`` long-enough test
     documents, scored against the documents' own next tokens.
 
@@ -399,14 +435,23 @@ def continuation_scores(tokenizer, texts: Mapping[str, list[str]], models: Mappi
         ValueError: a domain has no document with ``prompt_tokens + new_tokens`` tokens.
     """
     k, m = int(cont.get("prompt_tokens", 32)), int(cont.get("new_tokens", 32))
-    out: dict[str, Any] = {"scores": {"bleu": {}, "chrf": {}, "rougeL": {}}, "samples": {}, "pairs": {}, "too_short": {}}
+    out: dict[str, Any] = {
+        "scores": {"bleu": {}, "chrf": {}, "rougeL": {}},
+        "samples": {},
+        "pairs": {},
+        "too_short": {},
+    }
     for d, doc_texts in texts.items():
         prompts, refs, out["too_short"][d] = continuation_pairs(tokenizer, doc_texts, int(cont.get("n_docs", 8)), k, m)
         out["pairs"][d] = len(prompts)
         if not prompts:
-            raise ValueError(f"no {d} test document has {k + m} tokens: lower evaluate.continuation prompt_tokens/new_tokens")
+            raise ValueError(
+                f"no {d} test document has {k + m} tokens: lower evaluate.continuation prompt_tokens/new_tokens"
+            )
         ref_text = [tokenizer.decode(r, skip_special_tokens=True) for r in refs]
-        rows = [{"prompt": tokenizer.decode(p, skip_special_tokens=True), "reference": r} for p, r in zip(prompts, ref_text)]
+        rows = [
+            {"prompt": tokenizer.decode(p, skip_special_tokens=True), "reference": r} for p, r in zip(prompts, ref_text)
+        ]
         for name, model in models.items():
             gen = greedy_continuations(model, prompts, m, int(cont.get("batch_size", 16)), tokenizer.pad_token_id)
             hyps = [tokenizer.decode(g, skip_special_tokens=True) for g in gen]
@@ -425,12 +470,18 @@ def _cell(text: str) -> str:
 
 def comparison_markdown(samples: Mapping[str, list[dict[str, str]]], settings: Mapping[str, Any]) -> str:
     """Markdown: per domain a table of prompt, reference, base and merged continuation."""
-    lines = ["# Base vs merged: greedy continuations", "",
-             f"Prompt = a test document's first {settings['prompt_tokens']} tokens; reference = its next "
-             f"{settings['new_tokens']} tokens; both models decode {settings['new_tokens']} tokens greedily.", ""]
+    lines = [
+        "# Base vs merged: greedy continuations",
+        "",
+        f"Prompt = a test document's first {settings['prompt_tokens']} tokens; reference = its next "
+        f"{settings['new_tokens']} tokens; both models decode {settings['new_tokens']} tokens greedily.",
+        "",
+    ]
     for domain, rows in samples.items():
         lines += [f"## {domain}", "", "| prompt | reference | base | merged |", "|---|---|---|---|"]
-        lines += [f"| {_cell(r['prompt'])} | {_cell(r['reference'])} | {_cell(r['base'])} | {_cell(r['merged'])} |"
-                  for r in rows]
+        lines += [
+            f"| {_cell(r['prompt'])} | {_cell(r['reference'])} | {_cell(r['base'])} | {_cell(r['merged'])} |"
+            for r in rows
+        ]
         lines.append("")
     return "\n".join(lines)

@@ -5,13 +5,15 @@ domain, and the merge must keep enough of the experts' gains (thresholds in ``pa
 model is then registered as a new version whose alias is ``champion`` (passed) or ``challenger`` (failed),
 and the verdict is written to ``metrics/alerts.json``.
 """
+
 from __future__ import annotations
 
 import logging
 import os
-from datetime import datetime, timezone
+from collections.abc import Mapping
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from domainlm.common.atomic import write_json
 from domainlm.common.tracking import ensure_registered_model
@@ -19,8 +21,9 @@ from domainlm.common.tracking import ensure_registered_model
 log = logging.getLogger(__name__)
 
 
-def check_gate(ppl: Mapping[str, Mapping[str, float]], retained: Mapping[str, float],
-               gate: Mapping[str, Any]) -> list[dict[str, Any]]:
+def check_gate(
+    ppl: Mapping[str, Mapping[str, float]], retained: Mapping[str, float], gate: Mapping[str, Any]
+) -> list[dict[str, Any]]:
     """Failing figures of the quality gate; an empty list means PASS.
 
     Rules (each skipped when its threshold is null in params):
@@ -41,24 +44,49 @@ def check_gate(ppl: Mapping[str, Mapping[str, float]], retained: Mapping[str, fl
     domains = list(retained)
     for d in domains:
         if ppl[f"expert_{d}"][d] >= ppl["base"][d]:
-            failures.append({"rule": "expert_below_base", "metric": f"perplexity.expert_{d}.{d}",
-                             "value": ppl[f"expert_{d}"][d], "threshold": ppl["base"][d]})
+            failures.append(
+                {
+                    "rule": "expert_below_base",
+                    "metric": f"perplexity.expert_{d}.{d}",
+                    "value": ppl[f"expert_{d}"][d],
+                    "threshold": ppl["base"][d],
+                }
+            )
     mean_gain = sum(retained.values()) / len(retained)
     if gate.get("min_mean_retained_gain") is not None and mean_gain < gate["min_mean_retained_gain"]:
-        failures.append({"rule": "min_mean_retained_gain", "metric": "mean_retained_gain",
-                         "value": mean_gain, "threshold": float(gate["min_mean_retained_gain"])})
+        failures.append(
+            {
+                "rule": "min_mean_retained_gain",
+                "metric": "mean_retained_gain",
+                "value": mean_gain,
+                "threshold": float(gate["min_mean_retained_gain"]),
+            }
+        )
     for d in domains:
         if gate.get("max_perplexity") is not None and ppl["merged"][d] > gate["max_perplexity"]:
-            failures.append({"rule": "max_perplexity", "metric": f"perplexity.merged.{d}",
-                             "value": ppl["merged"][d], "threshold": float(gate["max_perplexity"])})
+            failures.append(
+                {
+                    "rule": "max_perplexity",
+                    "metric": f"perplexity.merged.{d}",
+                    "value": ppl["merged"][d],
+                    "threshold": float(gate["max_perplexity"]),
+                }
+            )
         if gate.get("merged_below_base") and ppl["merged"][d] >= ppl["base"][d]:
-            failures.append({"rule": "merged_below_base", "metric": f"perplexity.merged.{d}",
-                             "value": ppl["merged"][d], "threshold": ppl["base"][d]})
+            failures.append(
+                {
+                    "rule": "merged_below_base",
+                    "metric": f"perplexity.merged.{d}",
+                    "value": ppl["merged"][d],
+                    "threshold": ppl["base"][d],
+                }
+            )
     return failures
 
 
-def register_merged(mlflow, model_dir: str | Path, model_name: str, passed: bool,
-                    tags: Mapping[str, str] | None = None) -> dict[str, Any]:
+def register_merged(
+    mlflow, model_dir: str | Path, model_name: str, passed: bool, tags: Mapping[str, str] | None = None
+) -> dict[str, Any]:
     """Log ``model_dir`` as the active run's ``model`` artifact folder, register it as a new
     version of ``model_name`` and point alias ``champion`` (gate passed) or ``challenger``
     (failed) at it. A failed gate leaves the existing ``champion`` alias where it was.
@@ -83,8 +111,16 @@ def register_merged(mlflow, model_dir: str | Path, model_name: str, passed: bool
     return {"name": model_name, "version": int(version.version), "alias": alias, "source": source}
 
 
-def record_verdict(mlflow, failures: list[dict[str, Any]], *, mean_retained_gain: float, model_dir: str | Path,
-                   model_name: str, thresholds: Mapping[str, Any], alerts_json: str | os.PathLike) -> dict[str, Any]:
+def record_verdict(
+    mlflow,
+    failures: list[dict[str, Any]],
+    *,
+    mean_retained_gain: float,
+    model_dir: str | Path,
+    model_name: str,
+    thresholds: Mapping[str, Any],
+    alerts_json: str | os.PathLike,
+) -> dict[str, Any]:
     """Publish the gate's verdict: tag the active MLflow run (``gate`` = passed | failed; ``gate.alert``
     lists the failures), register ``model_dir`` (:func:`register_merged`), write ``alerts_json``
     (``{"gate", "time" (UTC, ISO 8601), "model", "thresholds", "failures"}``) and log the verdict.
@@ -100,16 +136,32 @@ def record_verdict(mlflow, failures: list[dict[str, Any]], *, mean_retained_gain
     verdict = "passed" if passed else "failed"
     mlflow.set_tag("gate", verdict)
     if failures:
-        mlflow.set_tag("gate.alert", "; ".join(f"{f['metric']}={f['value']:.4g} vs {f['threshold']:.4g} ({f['rule']})"
-                                              for f in failures))
-    registered = register_merged(mlflow, model_dir, model_name, passed,
-                                 tags={"gate": verdict, "mean_retained_gain": f"{mean_retained_gain:.4f}"})
-    write_json(alerts_json, {
-        "gate": verdict, "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "model": registered, "thresholds": dict(thresholds), "failures": failures,
-    })
-    log.log(logging.INFO if passed else logging.WARNING, "gate %s: mean retained gain %.3f; %s v%s is now %r",
-            verdict.upper(), mean_retained_gain, model_name, registered["version"], registered["alias"])
+        mlflow.set_tag(
+            "gate.alert",
+            "; ".join(f"{f['metric']}={f['value']:.4g} vs {f['threshold']:.4g} ({f['rule']})" for f in failures),
+        )
+    registered = register_merged(
+        mlflow, model_dir, model_name, passed, tags={"gate": verdict, "mean_retained_gain": f"{mean_retained_gain:.4f}"}
+    )
+    write_json(
+        alerts_json,
+        {
+            "gate": verdict,
+            "time": datetime.now(UTC).isoformat(timespec="seconds"),
+            "model": registered,
+            "thresholds": dict(thresholds),
+            "failures": failures,
+        },
+    )
+    log.log(
+        logging.INFO if passed else logging.WARNING,
+        "gate %s: mean retained gain %.3f; %s v%s is now %r",
+        verdict.upper(),
+        mean_retained_gain,
+        model_name,
+        registered["version"],
+        registered["alias"],
+    )
     for f in failures:
         log.warning("gate: %s = %.4g fails %s (threshold %.4g)", f["metric"], f["value"], f["rule"], f["threshold"])
     return registered

@@ -6,6 +6,7 @@ train with periodic evaluation, keep the adapter with the best validation loss (
 al. 2020) is used as ``train_lora.deepspeed.enabled`` says (:func:`deepspeed_config`): by default on a GPU
 only, with ``true`` also on DeepSpeed's CPU accelerator (:mod:`domainlm.lm.zero`); rank 0 alone writes.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -17,8 +18,9 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -35,9 +37,14 @@ def lora_config(lora_params: Mapping[str, Any]):
     """``peft.LoraConfig`` for a causal LM from the ``train_lora.lora`` params (r, lora_alpha, lora_dropout, target_modules)."""
     from peft import LoraConfig, TaskType
 
-    return LoraConfig(task_type=TaskType.CAUSAL_LM, r=int(lora_params["r"]), lora_alpha=float(lora_params["lora_alpha"]),
-                      lora_dropout=float(lora_params["lora_dropout"]), target_modules=list(lora_params["target_modules"]),
-                      bias="none")
+    return LoraConfig(
+        task_type=TaskType.CAUSAL_LM,
+        r=int(lora_params["r"]),
+        lora_alpha=float(lora_params["lora_alpha"]),
+        lora_dropout=float(lora_params["lora_dropout"]),
+        target_modules=list(lora_params["target_modules"]),
+        bias="none",
+    )
 
 
 def attach_lora(base_model, lora_params: Mapping[str, Any], *, seed: int):
@@ -84,8 +91,10 @@ def deepspeed_config(ds_params: Mapping[str, Any] | None) -> dict | None:
     cuda = torch.cuda.is_available()
     if enabled == "auto":
         if not cuda:
-            log.warning("no CUDA device: training on CPU without DeepSpeed (deepspeed.enabled: auto uses it on GPU "
-                        "only; set it to true for ZeRO on the CPU accelerator)")
+            log.warning(
+                "no CUDA device: training on CPU without DeepSpeed (deepspeed.enabled: auto uses it on GPU "
+                "only; set it to true for ZeRO on the CPU accelerator)"
+            )
             return None
         try:
             import deepspeed  # noqa: F401
@@ -96,13 +105,16 @@ def deepspeed_config(ds_params: Mapping[str, Any] | None) -> dict | None:
     if not cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read once, at deepspeed's first get_accelerator()
     import deepspeed  # noqa: F401  (enabled: true: an import error is the user's to see)
+
     if cuda:
         return copy.deepcopy(dict(config))
     from deepspeed.accelerator import get_accelerator
 
     if get_accelerator().device_name() != "cpu":
-        raise RuntimeError(f"no CUDA device but DeepSpeed chose the {get_accelerator().device_name()!r} accelerator "
-                           f"(DS_ACCELERATOR={os.environ.get('DS_ACCELERATOR')!r}); unset it or set it to cpu")
+        raise RuntimeError(
+            f"no CUDA device but DeepSpeed chose the {get_accelerator().device_name()!r} accelerator "
+            f"(DS_ACCELERATOR={os.environ.get('DS_ACCELERATOR')!r}); unset it or set it to cpu"
+        )
     zero.ensure_build_tools()
     adapted, changes = zero.cpu_config(config)
     for ch in changes:
@@ -117,9 +129,17 @@ def planned_steps(n_train_blocks: int, train_params: Mapping[str, Any]) -> int:
     return max(1, min(int(train_params["max_steps"]), by_epochs))
 
 
-def training_arguments(output_dir: str | os.PathLike, train_params: Mapping[str, Any], *, max_steps: int, seed: int,
-                       deepspeed: dict | None = None, use_cpu: bool | None = None,
-                       accelerator_config: dict | None = None, compute=None):
+def training_arguments(
+    output_dir: str | os.PathLike,
+    train_params: Mapping[str, Any],
+    *,
+    max_steps: int,
+    seed: int,
+    deepspeed: dict | None = None,
+    use_cpu: bool | None = None,
+    accelerator_config: dict | None = None,
+    compute=None,
+):
     """``transformers.TrainingArguments`` for one adapter: eval + checkpoint every ``eval_steps``, keep the best by eval loss.
 
     With ``deepspeed`` set, ``bf16`` follows the config's ``bf16.enabled`` so that the
@@ -148,13 +168,26 @@ def training_arguments(output_dir: str | os.PathLike, train_params: Mapping[str,
         warmup_steps=float(train_params["warmup_steps"]),
         lr_scheduler_type="cosine",
         max_grad_norm=float(train_params["grad_clip"]),
-        eval_strategy="steps", eval_steps=eval_steps, eval_on_start=True,
-        save_strategy="steps", save_steps=eval_steps, save_total_limit=1, save_only_model=deepspeed is None,
-        load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False,
-        logging_strategy="steps", logging_steps=int(train_params["logging_steps"]),
-        include_num_input_tokens_seen="non_padding", label_names=["labels"],
-        seed=seed, data_seed=seed, dataloader_num_workers=0,
-        report_to="none", bf16=bf16, deepspeed=deepspeed,
+        eval_strategy="steps",
+        eval_steps=eval_steps,
+        eval_on_start=True,
+        save_strategy="steps",
+        save_steps=eval_steps,
+        save_total_limit=1,
+        save_only_model=deepspeed is None,
+        load_best_model_at_end=True,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+        logging_strategy="steps",
+        logging_steps=int(train_params["logging_steps"]),
+        include_num_input_tokens_seen="non_padding",
+        label_names=["labels"],
+        seed=seed,
+        data_seed=seed,
+        dataloader_num_workers=0,
+        report_to="none",
+        bf16=bf16,
+        deepspeed=deepspeed,
         gradient_checkpointing=bool(train_params.get("gradient_checkpointing", False)),
         gradient_checkpointing_kwargs={"use_reentrant": False},
         use_cpu=(not torch.cuda.is_available()) if use_cpu is None else use_cpu,
@@ -196,15 +229,25 @@ def json_lines_log(fh, mlflow=None):
             self.fh.write(json.dumps(record) + "\n")
             self.fh.flush()
             if self.mlflow is not None:
-                self.mlflow.log_metrics({k: float(v) for k, v in logs.items() if isinstance(v, (int, float))},
-                                        step=state.global_step)
+                self.mlflow.log_metrics(
+                    {k: float(v) for k, v in logs.items() if isinstance(v, (int, float))}, step=state.global_step
+                )
 
     return JsonLinesLog(fh, mlflow)
 
 
-def train_adapter(base_dir: str | os.PathLike, train_texts: Sequence[str], val_texts: Sequence[str],
-                  params: Mapping[str, Any], out_dir: str | os.PathLike, log_path: str | os.PathLike,
-                  *, mlflow=None, callbacks: Sequence = (), compute=None) -> dict[str, Any]:
+def train_adapter(
+    base_dir: str | os.PathLike,
+    train_texts: Sequence[str],
+    val_texts: Sequence[str],
+    params: Mapping[str, Any],
+    out_dir: str | os.PathLike,
+    log_path: str | os.PathLike,
+    *,
+    mlflow=None,
+    callbacks: Sequence = (),
+    compute=None,
+) -> dict[str, Any]:
     """Train one LoRA adapter on ``train_texts``, keep the best by validation loss, save it to ``out_dir``.
 
     Texts are packed into blocks of the base's context length (``model.config.max_position_embeddings``
@@ -240,15 +283,23 @@ def train_adapter(base_dir: str | os.PathLike, train_texts: Sequence[str], val_t
     if train_params.get("context_length"):
         block_size = min(block_size, int(train_params["context_length"]))
     train_blocks = lm_data.pack_blocks(tokenizer, train_texts, block_size, desc="tokenize train")
-    val_blocks = lm_data.evenly_spaced_blocks(lm_data.pack_blocks(tokenizer, val_texts, block_size, desc="tokenize val"),
-                                              train_params.get("eval_max_blocks"))
+    val_blocks = lm_data.evenly_spaced_blocks(
+        lm_data.pack_blocks(tokenizer, val_texts, block_size, desc="tokenize val"), train_params.get("eval_max_blocks")
+    )
 
     model = attach_lora(base, params["lora"], seed=seed)
     trainable, total = model.get_nb_trainable_parameters()
     steps = planned_steps(int(train_blocks["input_ids"].shape[0]), train_params)
     ds = deepspeed_config(params.get("deepspeed"))
-    log.info("LoRA: %d trainable of %d parameters; %d train blocks of %d tokens; %d steps; DeepSpeed %s",
-             trainable, total, train_blocks["input_ids"].shape[0], block_size, steps, "on" if ds else "off")
+    log.info(
+        "LoRA: %d trainable of %d parameters; %d train blocks of %d tokens; %d steps; DeepSpeed %s",
+        trainable,
+        total,
+        train_blocks["input_ids"].shape[0],
+        block_size,
+        steps,
+        "on" if ds else "off",
+    )
     ds_on_cpu = ds is not None and not torch.cuda.is_available()
     if ds is not None:
         zero.launch_env()
@@ -259,18 +310,31 @@ def train_adapter(base_dir: str | os.PathLike, train_texts: Sequence[str], val_t
     main = zero.is_main_process()  # rank 0 alone writes the log, the adapter and (in the stage) the metrics
     probe_base = zero.frozen_digest(model) if os.environ.get(zero.PROBE_ENV) else ""
 
-    ckpt_dir = zero.shared_tempdir("train_lora_ckpt_") if ds is not None else tempfile.mkdtemp(prefix="train_lora_ckpt_")
+    ckpt_dir = (
+        zero.shared_tempdir("train_lora_ckpt_") if ds is not None else tempfile.mkdtemp(prefix="train_lora_ckpt_")
+    )
     log_file = atomic_path(log_path) if main else contextlib.nullcontext(Path(os.devnull))
     try:
         with log_file as tmp_log, tmp_log.open("w", encoding="utf-8") as fh:
             callback = json_lines_log(fh, mlflow if main else None)
-            args = training_arguments(ckpt_dir, train_params, max_steps=steps, seed=seed, deepspeed=ds,
-                                      use_cpu=False if ds_on_cpu else None,
-                                      accelerator_config=zero.accelerator_config() if ds_on_cpu else None,
-                                      compute=compute)
-            trainer = Trainer(model=model, args=args, data_collator=default_data_collator,
-                              train_dataset=lm_data.BlockDataset(train_blocks),
-                              eval_dataset=lm_data.BlockDataset(val_blocks), callbacks=[callback, *callbacks])
+            args = training_arguments(
+                ckpt_dir,
+                train_params,
+                max_steps=steps,
+                seed=seed,
+                deepspeed=ds,
+                use_cpu=False if ds_on_cpu else None,
+                accelerator_config=zero.accelerator_config() if ds_on_cpu else None,
+                compute=compute,
+            )
+            trainer = Trainer(
+                model=model,
+                args=args,
+                data_collator=default_data_collator,
+                train_dataset=lm_data.BlockDataset(train_blocks),
+                eval_dataset=lm_data.BlockDataset(val_blocks),
+                callbacks=[callback, *callbacks],
+            )
             result = trainer.train()
             best_step = int(trainer.state.best_global_step or 0)
             tokens_seen = int(trainer.state.num_input_tokens_seen)
@@ -287,9 +351,13 @@ def train_adapter(base_dir: str | os.PathLike, train_texts: Sequence[str], val_t
         zero.finish()
         return {}
     with autocast(compute if ds is None else None):  # under DeepSpeed, validation in the dtype it trained in
-        val_nll, _ = lm_data.mean_nll(model, val_blocks, batch_size=int(train_params["eval_batch_size"]), desc="val adapter")
+        val_nll, _ = lm_data.mean_nll(
+            model, val_blocks, batch_size=int(train_params["eval_batch_size"]), desc="val adapter"
+        )
         with model.disable_adapter():
-            base_nll, _ = lm_data.mean_nll(model, val_blocks, batch_size=int(train_params["eval_batch_size"]), desc="val base")
+            base_nll, _ = lm_data.mean_nll(
+                model, val_blocks, batch_size=int(train_params["eval_batch_size"]), desc="val base"
+            )
     with atomic_path(out_dir, is_dir=True) as tmp:
         model.save_pretrained(tmp)
         sort_adapter_config(Path(tmp) / "adapter_config.json")
@@ -298,10 +366,16 @@ def train_adapter(base_dir: str | os.PathLike, train_texts: Sequence[str], val_t
         zero.finish()
     return {
         "train_loss": float(result.training_loss),
-        "val_loss": val_nll, "val_perplexity": math.exp(val_nll),
-        "base_val_loss": base_nll, "base_val_perplexity": math.exp(base_nll),
-        "best_step": best_step, "steps": int(trainer.state.global_step),
-        "tokens_seen": tokens_seen, "tokens_per_s": tokens_seen / step_s if step_s else 0.0,
-        "trainable_params": int(trainable), "total_params": int(total), "train_s": step_s,
+        "val_loss": val_nll,
+        "val_perplexity": math.exp(val_nll),
+        "base_val_loss": base_nll,
+        "base_val_perplexity": math.exp(base_nll),
+        "best_step": best_step,
+        "steps": int(trainer.state.global_step),
+        "tokens_seen": tokens_seen,
+        "tokens_per_s": tokens_seen / step_s if step_s else 0.0,
+        "trainable_params": int(trainable),
+        "total_params": int(total),
+        "train_s": step_s,
         "deepspeed": int(ds is not None),
     }

@@ -8,12 +8,14 @@ and ``weights[domain]`` is a float. Adding a method is adding one function decor
 :func:`register`. Deltas are combined densely in float32 and the result is cast back to each base
 tensor's dtype; keys no task vector touches are returned unchanged (same tensor objects).
 """
+
 from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
@@ -29,16 +31,23 @@ MERGE_METHODS: dict[str, MergeFn] = {}
 
 def register(name: str) -> Callable[[MergeFn], MergeFn]:
     """Decorator adding a merge function to :data:`MERGE_METHODS` under ``name``."""
+
     def deco(fn: MergeFn) -> MergeFn:
         if name in MERGE_METHODS:
             raise ValueError(f"merge method {name!r} registered twice")
         MERGE_METHODS[name] = fn
         return fn
+
     return deco
 
 
-def merge(method: str, base: Mapping[str, Tensor], task_vectors: Mapping[str, Mapping[str, Tensor]],
-          weights: Mapping[str, float], **options) -> StateDict:
+def merge(
+    method: str,
+    base: Mapping[str, Tensor],
+    task_vectors: Mapping[str, Mapping[str, Tensor]],
+    weights: Mapping[str, float],
+    **options,
+) -> StateDict:
     """Run the registered merge ``method``.
 
     Raises:
@@ -50,8 +59,9 @@ def merge(method: str, base: Mapping[str, Tensor], task_vectors: Mapping[str, Ma
     return MERGE_METHODS[method](base, task_vectors, weights, **options)
 
 
-def check_inputs(base: Mapping[str, Tensor], task_vectors: Mapping[str, Mapping[str, Tensor]],
-                 weights: Mapping[str, float]) -> list[str]:
+def check_inputs(
+    base: Mapping[str, Tensor], task_vectors: Mapping[str, Mapping[str, Tensor]], weights: Mapping[str, float]
+) -> list[str]:
     """Validate merge inputs and return the sorted union of the keys the task vectors touch.
 
     Raises:
@@ -69,8 +79,10 @@ def check_inputs(base: Mapping[str, Tensor], task_vectors: Mapping[str, Mapping[
             if key not in base:
                 raise ValueError(f"task vector of {domain!r} has key {key!r} that the base model lacks")
             if tuple(delta.shape) != tuple(base[key].shape):
-                raise ValueError(f"task vector of {domain!r}: {key} has shape {tuple(delta.shape)}, "
-                                 f"base has {tuple(base[key].shape)}")
+                raise ValueError(
+                    f"task vector of {domain!r}: {key} has shape {tuple(delta.shape)}, "
+                    f"base has {tuple(base[key].shape)}"
+                )
             keys.add(key)
     return sorted(keys)
 
@@ -88,8 +100,13 @@ def _sorted_domains(task_vectors: Mapping[str, Mapping[str, Tensor]]) -> list[st
 
 
 @register("linear")
-def linear(base: Mapping[str, Tensor], task_vectors: Mapping[str, Mapping[str, Tensor]],
-           weights: Mapping[str, float], *, lam: float = 1.0) -> StateDict:
+def linear(
+    base: Mapping[str, Tensor],
+    task_vectors: Mapping[str, Mapping[str, Tensor]],
+    weights: Mapping[str, float],
+    *,
+    lam: float = 1.0,
+) -> StateDict:
     """Task arithmetic: θ = θ_base + λ·Σᵢ wᵢ·Δᵢ (Ilharco et al. 2023, "Editing Models with Task Arithmetic").
 
     Args:
@@ -134,8 +151,14 @@ def trim_top_magnitude(delta: Tensor, density: float) -> Tensor:
 
 
 @register("ties")
-def ties(base: Mapping[str, Tensor], task_vectors: Mapping[str, Mapping[str, Tensor]],
-         weights: Mapping[str, float], *, lam: float = 1.0, density: float = 0.2) -> StateDict:
+def ties(
+    base: Mapping[str, Tensor],
+    task_vectors: Mapping[str, Mapping[str, Tensor]],
+    weights: Mapping[str, float],
+    *,
+    lam: float = 1.0,
+    density: float = 0.2,
+) -> StateDict:
     """TIES-Merging: trim, elect sign, disjoint mean, then scale by λ (Yadav et al. 2023, NeurIPS).
 
     For each key: τ̂ᵢ = trim(wᵢ·Δᵢ, density); γ = sign(Σᵢ τ̂ᵢ) (the sign with the larger total
@@ -152,10 +175,13 @@ def ties(base: Mapping[str, Tensor], task_vectors: Mapping[str, Mapping[str, Ten
     keys = check_inputs(base, task_vectors, weights)
     deltas: StateDict = {}
     for key in keys:
-        trimmed = torch.stack([
-            trim_top_magnitude(float(weights[d]) * task_vectors[d][key].float(), density)
-            for d in _sorted_domains(task_vectors) if key in task_vectors[d]
-        ])
+        trimmed = torch.stack(
+            [
+                trim_top_magnitude(float(weights[d]) * task_vectors[d][key].float(), density)
+                for d in _sorted_domains(task_vectors)
+                if key in task_vectors[d]
+            ]
+        )
         elected = torch.sign(trimmed.sum(dim=0))
         agree = (torch.sign(trimmed) == elected) & (trimmed != 0)
         count = agree.sum(dim=0).clamp(min=1)
@@ -164,8 +190,15 @@ def ties(base: Mapping[str, Tensor], task_vectors: Mapping[str, Mapping[str, Ten
 
 
 @register("dare")
-def dare(base: Mapping[str, Tensor], task_vectors: Mapping[str, Mapping[str, Tensor]],
-         weights: Mapping[str, float], *, lam: float = 1.0, drop_rate: float = 0.9, seed: int = 0) -> StateDict:
+def dare(
+    base: Mapping[str, Tensor],
+    task_vectors: Mapping[str, Mapping[str, Tensor]],
+    weights: Mapping[str, float],
+    *,
+    lam: float = 1.0,
+    drop_rate: float = 0.9,
+    seed: int = 0,
+) -> StateDict:
     """DARE then task arithmetic: drop each Δ entry with probability p, rescale survivors by 1/(1−p),
     then :func:`linear` (Yu et al. 2024, "Language Models are Super Mario").
 
@@ -231,7 +264,7 @@ def delta_l2_norm(merged: Mapping[str, Tensor], base: Mapping[str, Tensor], keys
     total = 0.0
     for key in keys:
         total += float((merged[key].double() - base[key].double()).pow(2).sum())
-    return total ** 0.5
+    return total**0.5
 
 
 # ------------------------------------------------------------ the merge stage: params, report, output
@@ -260,8 +293,12 @@ def method_options(cfg: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     return method, {"lam": float(cfg.get("lam", 1.0)), **(cfg.get(method) or {})}
 
 
-def merge_report(base: Mapping[str, torch.Tensor], merged: Mapping[str, torch.Tensor],
-                 task_vectors: Mapping[str, StateDict], weights: Mapping[str, float]) -> dict[str, Any]:
+def merge_report(
+    base: Mapping[str, torch.Tensor],
+    merged: Mapping[str, torch.Tensor],
+    task_vectors: Mapping[str, StateDict],
+    weights: Mapping[str, float],
+) -> dict[str, Any]:
     """Norms of the merge: ‖θ_merged − θ_base‖₂ over the touched keys, and per domain its weight,
     ‖Δᵢ‖₂ and the cosine between Δᵢ and the merged update (float64 accumulation).
 
@@ -277,7 +314,8 @@ def merge_report(base: Mapping[str, torch.Tensor], merged: Mapping[str, torch.Te
         norm = sum(float(t.double().pow(2).sum()) for t in tv.values()) ** 0.5
         dot = sum(float((tv[k].double() * update[k]).sum()) for k in tv)
         per_domain[domain] = {
-            "weight": float(weights[domain]), "task_vector_l2_norm": norm,
+            "weight": float(weights[domain]),
+            "task_vector_l2_norm": norm,
             "cosine_to_merged_update": dot / (norm * update_norm) if norm > 0 and update_norm > 0 else 0.0,
         }
     return {"merged_update_l2_norm": delta_l2_norm(merged, base, keys), "n_tensors": len(keys), "domains": per_domain}

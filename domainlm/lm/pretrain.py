@@ -5,6 +5,7 @@ Pretraining is a nanoGPT-style loop (Karpathy 2022) in :func:`pretrain`: packed 
 + cosine decay (``transformers.get_cosine_schedule_with_warmup``), gradient clipping; the model is
 ``transformers.Qwen2ForCausalLM``. :func:`build` runs the whole recipe (tokenizer, blocks, model, loop).
 """
+
 from __future__ import annotations
 
 import logging
@@ -12,8 +13,9 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -76,12 +78,13 @@ def batches(n_blocks: int, batch_size: int, seed: int):
         order = torch.cat([carry, torch.randperm(n_blocks, generator=gen)])
         full = (len(order) // batch_size) * batch_size
         for start in range(0, full, batch_size):
-            yield order[start:start + batch_size]
+            yield order[start : start + batch_size]
         carry = order[full:]
 
 
-def pretrain(model, blocks: Mapping[str, torch.Tensor], train_params: Mapping[str, Any], *, seed: int,
-             on_log=None, compute=None) -> dict[str, float]:
+def pretrain(
+    model, blocks: Mapping[str, torch.Tensor], train_params: Mapping[str, Any], *, seed: int, on_log=None, compute=None
+) -> dict[str, float]:
     """Pretrain ``model`` in place on packed blocks for ``train_params['steps']`` optimizer steps.
 
     AdamW (weight decay on matrices only, as in nanoGPT), ``get_cosine_schedule_with_warmup``
@@ -112,9 +115,12 @@ def pretrain(model, blocks: Mapping[str, torch.Tensor], train_params: Mapping[st
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": float(train_params["weight_decay"])},
-         {"params": no_decay, "weight_decay": 0.0}],
-        lr=float(train_params["lr"]), betas=tuple(train_params.get("betas", (0.9, 0.95))),
+        [
+            {"params": decay, "weight_decay": float(train_params["weight_decay"])},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=float(train_params["lr"]),
+        betas=tuple(train_params.get("betas", (0.9, 0.95))),
     )
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(train_params["warmup_steps"]), steps)
     stream = batches(int(blocks["input_ids"].shape[0]), bs, seed)
@@ -144,12 +150,17 @@ def pretrain(model, blocks: Mapping[str, torch.Tensor], train_params: Mapping[st
             final_loss, recent = mean_loss, []
     train_s = time.perf_counter() - t0
     model.eval()
-    return {"final_loss": final_loss, "tokens_seen": tokens_seen,
-            "tokens_per_s": tokens_seen / train_s, "train_s": train_s}
+    return {
+        "final_loss": final_loss,
+        "tokens_seen": tokens_seen,
+        "tokens_per_s": tokens_seen / train_s,
+        "train_s": train_s,
+    }
 
 
-def val_perplexities(model, tokenizer, val_texts: Mapping[str, Sequence[str]], block_size: int,
-                     batch_size: int, *, compute=None) -> dict[str, float]:
+def val_perplexities(
+    model, tokenizer, val_texts: Mapping[str, Sequence[str]], block_size: int, batch_size: int, *, compute=None
+) -> dict[str, float]:
     """Perplexity ``exp(token-weighted mean NLL)`` of ``model`` on each domain's texts, packed into blocks
     (forward passes under ``compute``'s autocast; the NLL itself is summed in fp32)."""
     out = {}
@@ -179,11 +190,15 @@ def build(train_texts: Mapping[str, Sequence[str]], params: Mapping[str, Any], *
     tok_params = params["tokenizer"]
     pooled = [t for texts in train_texts.values() for t in texts]
     log.info("training byte-level BPE (vocab %s) on %d documents", tok_params["vocab_size"], len(pooled))
-    tokenizer = lm_data.train_bpe_tokenizer(pooled, vocab_size=int(tok_params["vocab_size"]),
-                                            min_frequency=int(tok_params.get("min_frequency", 2)),
-                                            model_max_length=block_size)
-    blocks = lm_data.concat_blocks([lm_data.pack_blocks(tokenizer, texts, block_size, desc=f"tokenize {d}")
-                                    for d, texts in train_texts.items()])
+    tokenizer = lm_data.train_bpe_tokenizer(
+        pooled,
+        vocab_size=int(tok_params["vocab_size"]),
+        min_frequency=int(tok_params.get("min_frequency", 2)),
+        model_max_length=block_size,
+    )
+    blocks = lm_data.concat_blocks(
+        [lm_data.pack_blocks(tokenizer, texts, block_size, desc=f"tokenize {d}") for d, texts in train_texts.items()]
+    )
     set_seed(seed)
     model = Qwen2ForCausalLM(qwen2_config(tokenizer, params["model"]))
     stats = pretrain(model, blocks, params["train"], seed=seed, on_log=on_log, compute=compute)
@@ -218,11 +233,16 @@ def check_causal_lm_folder(path: str | os.PathLike) -> None:
     if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         raise FileNotFoundError(f"base_model.path {str(path)!r} has no tokenizer files")
     config = AutoConfig.from_pretrained(path, local_files_only=True)
-    causal_classes = {c for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() for c in ((v,) if isinstance(v, str) else v)}
+    causal_classes = {
+        c for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() for c in ((v,) if isinstance(v, str) else v)
+    }
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or (
-            config.architectures and not set(config.architectures) & causal_classes):
-        raise ValueError(f"base_model.path {str(path)!r} holds a {config.model_type!r} model with architectures "
-                         f"{config.architectures}, which is not a causal LM")
+        config.architectures and not set(config.architectures) & causal_classes
+    ):
+        raise ValueError(
+            f"base_model.path {str(path)!r} holds a {config.model_type!r} model with architectures "
+            f"{config.architectures}, which is not a causal LM"
+        )
 
 
 def copy_checkpoint(src: str | os.PathLike, out_dir: str | os.PathLike) -> Path:

@@ -3,12 +3,14 @@ from peft's ``get_delta_weight`` (B·A·scaling, ``fan_in_fan_out`` respected; H
 Ilharco et al. 2023 task vectors), with their statistics, pairwise cosine similarities and the
 training summary the ``diff`` stage writes.
 """
+
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -97,8 +99,9 @@ def task_vector(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike) -> 
     return lora_task_vector(model, names)
 
 
-def task_vector_stats(tv: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor] | None = None,
-                      top_k: int = 5) -> dict[str, Any]:
+def task_vector_stats(
+    tv: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor] | None = None, top_k: int = 5
+) -> dict[str, Any]:
     """Summary numbers of one task vector.
 
     Returns:
@@ -126,11 +129,15 @@ def task_vector_stats(tv: Mapping[str, torch.Tensor], base: Mapping[str, torch.T
             base_sq += float(base[key].double().pow(2).sum())
     top = sorted(norms.items(), key=lambda kv: kv[1], reverse=True)[:top_k]
     stats: dict[str, Any] = {
-        "l2_norm": sq ** 0.5, "max": vmax, "min": vmin, "mean_abs": abs_sum / max(n, 1),
-        "n_params": n, "n_tensors": len(tv),
+        "l2_norm": sq**0.5,
+        "max": vmax,
+        "min": vmin,
+        "mean_abs": abs_sum / max(n, 1),
+        "n_params": n,
+        "n_tensors": len(tv),
     }
     if base is not None:
-        stats["relative_l2_norm"] = (sq ** 0.5) / base_sq ** 0.5 if base_sq > 0 else 0.0
+        stats["relative_l2_norm"] = (sq**0.5) / base_sq**0.5 if base_sq > 0 else 0.0
     stats["top_tensor_l2_norms"] = dict(top)
     return stats
 

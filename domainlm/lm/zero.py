@@ -13,6 +13,7 @@ With ``enabled: true`` on a machine without CUDA, DeepSpeed runs on its CPU acce
 (``DS_ACCELERATOR=cpu``; without oneCCL its communication backend is gloo) and the keys listed by
 :func:`cpu_config` are changed, each for a stated reason; every other key passes through as shipped.
 """
+
 from __future__ import annotations
 
 import copy
@@ -21,11 +22,10 @@ import json
 import logging
 import os
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
-
-import torch
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -103,9 +103,12 @@ def cpu_config(config: Mapping[str, Any]) -> tuple[dict, list[ConfigChange]]:
     """
     out = copy.deepcopy(dict(config))
     rules = [
-        ("bf16.enabled", False,
-         "transformers refuses TrainingArguments(bf16=True) without CUDA unless use_cpu=True, and use_cpu=True "
-         "bypasses DeepSpeed; the Trainer requires this key to equal its bf16 argument, so ZeRO on CPU runs fp32"),
+        (
+            "bf16.enabled",
+            False,
+            "transformers refuses TrainingArguments(bf16=True) without CUDA unless use_cpu=True, and use_cpu=True "
+            "bypasses DeepSpeed; the Trainer requires this key to equal its bf16 argument, so ZeRO on CPU runs fp32",
+        ),
     ]
     changes = []
     for key, used, reason in rules:
@@ -136,8 +139,10 @@ def launch_env() -> dict[str, str]:
     if all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")):
         return {}
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) != 1:
-        raise RuntimeError("WORLD_SIZE is set but RANK, LOCAL_RANK, MASTER_ADDR or MASTER_PORT is not: "
-                           "launch with torchrun or the deepspeed launcher")
+        raise RuntimeError(
+            "WORLD_SIZE is set but RANK, LOCAL_RANK, MASTER_ADDR or MASTER_PORT is not: "
+            "launch with torchrun or the deepspeed launcher"
+        )
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -170,8 +175,10 @@ def ensure_build_tools() -> None:
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         raise RuntimeError("DeepSpeed's CPU ops are built with a C++ compiler: apt-get install g++")
     if not (Path(sysconfig.get_paths()["include"]) / "Python.h").exists():
-        raise RuntimeError(f"DeepSpeed's CPU ops need the Python headers ({sysconfig.get_paths()['include']}/Python.h): "
-                           "apt-get install python3-dev")
+        raise RuntimeError(
+            f"DeepSpeed's CPU ops need the Python headers ({sysconfig.get_paths()['include']}/Python.h): "
+            "apt-get install python3-dev"
+        )
 
 
 def init_cpu_process_group():
@@ -197,8 +204,10 @@ def init_cpu_process_group():
     os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
     state = PartialState(backend="gloo")
     if state.distributed_type != DistributedType.DEEPSPEED or state.num_processes != int(os.environ["WORLD_SIZE"]):
-        raise RuntimeError(f"accelerate set up {state.distributed_type} with {state.num_processes} processes, "
-                           f"expected DeepSpeed with WORLD_SIZE={os.environ['WORLD_SIZE']}")
+        raise RuntimeError(
+            f"accelerate set up {state.distributed_type} with {state.num_processes} processes, "
+            f"expected DeepSpeed with WORLD_SIZE={os.environ['WORLD_SIZE']}"
+        )
     return state
 
 
@@ -311,4 +320,3 @@ def _accelerator_name() -> str | None:
     except Exception:  # deepspeed not importable: no accelerator to name
         return None
     return get_accelerator().device_name()
-

@@ -5,12 +5,13 @@ Out-of-fold probabilities (k-fold cross-fitting) follow confident learning (Nort
 temperature scaling is Guo et al.'s (ICML 2017); the stacker is Wolpert's stacked generalization (Neural Networks,
 1992).
 """
+
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
 
 import numpy as np
 from sklearn.linear_model import LogisticRegression
@@ -24,6 +25,7 @@ log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------ cross-fitting and voting
+
 
 def assign_folds(y: np.ndarray, k: int, seed: int) -> np.ndarray:
     """Fold id in ``[0, k)`` for every row, stratified by label (scikit-learn StratifiedKFold,
@@ -63,8 +65,15 @@ class OutOfFold:
     trained_on: list[np.ndarray]
 
 
-def _fit_and_score(member: Member, y: np.ndarray, train_idx: np.ndarray, test_idx: np.ndarray, n_classes: int,
-                   seed: int, threads: int | None) -> tuple[np.ndarray, float]:
+def _fit_and_score(
+    member: Member,
+    y: np.ndarray,
+    train_idx: np.ndarray,
+    test_idx: np.ndarray,
+    n_classes: int,
+    seed: int,
+    threads: int | None,
+) -> tuple[np.ndarray, float]:
     """One fold of one member: fit on ``train_idx``, score ``test_idx``; ``(proba, seconds)``. Runs in this
     process or in a joblib worker, on at most ``threads`` compute threads."""
     from domainlm.common.threads import limit_threads
@@ -78,8 +87,16 @@ def _fit_and_score(member: Member, y: np.ndarray, train_idx: np.ndarray, test_id
     return proba, time.perf_counter() - t0
 
 
-def cross_fit(members: Sequence[Member], y: np.ndarray, folds: np.ndarray, n_classes: int, *, seed: int = 0,
-              workers: int = 1, threads: int | None = None) -> tuple[dict[str, OutOfFold], dict[str, float]]:
+def cross_fit(
+    members: Sequence[Member],
+    y: np.ndarray,
+    folds: np.ndarray,
+    n_classes: int,
+    *,
+    seed: int = 0,
+    workers: int = 1,
+    threads: int | None = None,
+) -> tuple[dict[str, OutOfFold], dict[str, float]]:
     """Cross-fit every member: for each member and fold f, fit on the rows outside f and score the rows in f.
 
     No row is ever scored by a model that was trained on it, so the probabilities estimate how
@@ -111,20 +128,23 @@ def cross_fit(members: Sequence[Member], y: np.ndarray, folds: np.ndarray, n_cla
     splits = [(np.flatnonzero(folds != f), np.flatnonzero(folds == f)) for f in range(k)]
     jobs = [(m, f) for m in range(len(members)) for f in range(k)]
     if int(workers) == 1:
-        results = [_fit_and_score(members[m], y, *splits[f], n_classes, seed + f, threads)
-                   for m, f in tqdm(jobs, desc="cross-fitting (member x fold)", leave=False)]
+        results = [
+            _fit_and_score(members[m], y, *splits[f], n_classes, seed + f, threads)
+            for m, f in tqdm(jobs, desc="cross-fitting (member x fold)", leave=False)
+        ]
     else:
         from joblib import Parallel, delayed
 
         done = Parallel(n_jobs=int(workers), backend="loky", return_as="generator")(
-            delayed(_fit_and_score)(members[m], y, *splits[f], n_classes, seed + f, threads) for m, f in jobs)
+            delayed(_fit_and_score)(members[m], y, *splits[f], n_classes, seed + f, threads) for m, f in jobs
+        )
         results = list(tqdm(done, total=len(jobs), desc="cross-fitting (member x fold)", leave=False))
     oof: dict[str, OutOfFold] = {}
     seconds: dict[str, float] = {}
     for m, member in enumerate(members):
         proba = np.full((len(y), n_classes), np.nan, dtype=np.float64)
         scored_by = np.full(len(y), -1, dtype=np.int64)
-        for f, (train_idx, test_idx) in enumerate(splits):
+        for f, (_train_idx, test_idx) in enumerate(splits):
             fold_proba, secs = results[m * k + f]
             proba[test_idx] = fold_proba
             scored_by[test_idx] = f
@@ -205,8 +225,16 @@ def soft_vote(probas: dict[str, np.ndarray], weights: dict[str, float]) -> np.nd
 COMBINERS = ("soft_vote", "stack")
 
 
-def stack(probas: dict[str, np.ndarray], y: np.ndarray, folds: np.ndarray, n_classes: int, *, C: float = 1.0,
-          seed: int = 0, max_iter: int = 3000) -> np.ndarray:
+def stack(
+    probas: dict[str, np.ndarray],
+    y: np.ndarray,
+    folds: np.ndarray,
+    n_classes: int,
+    *,
+    C: float = 1.0,
+    seed: int = 0,
+    max_iter: int = 3000,
+) -> np.ndarray:
     """Cross-fitted stacking (Wolpert 1992, "stacked generalization"): a multinomial logistic regression
     (scikit-learn, L2, lbfgs) on the members' out-of-fold probabilities, side by side, fitted against ``y``.
 
@@ -281,9 +309,19 @@ class EnsembleResult:
     combiner: str = "soft_vote"
 
 
-def cross_fit_ensemble(members: Iterable[Member], y: np.ndarray, n_classes: int, *, folds: int,
-                       seed: int, calibrate: bool = True, combiner: str = "soft_vote",
-                       stack_C: float = 1.0, workers: int = 1, threads: int | None = None) -> EnsembleResult:
+def cross_fit_ensemble(
+    members: Iterable[Member],
+    y: np.ndarray,
+    n_classes: int,
+    *,
+    folds: int,
+    seed: int,
+    calibrate: bool = True,
+    combiner: str = "soft_vote",
+    stack_C: float = 1.0,
+    workers: int = 1,
+    threads: int | None = None,
+) -> EnsembleResult:
     """Cross-fit every member on the same folds (:func:`cross_fit`: ``workers`` processes of ``threads``
     threads; the same probabilities for any ``workers``), calibrate each by temperature scaling, and combine them.
 
@@ -317,8 +355,13 @@ def cross_fit_ensemble(members: Iterable[Member], y: np.ndarray, n_classes: int,
         temps[member.name] = fit_temperature(raw, y) if calibrate else 1.0
         calibrated[member.name] = apply_temperature(raw, temps[member.name]) if calibrate else raw
         free_memory()
-        log.info("%s: out-of-fold accuracy %.4f, temperature %.2f, %.1fs", member.name, acc[member.name],
-                 temps[member.name], secs[member.name])
+        log.info(
+            "%s: out-of-fold accuracy %.4f, temperature %.2f, %.1fs",
+            member.name,
+            acc[member.name],
+            temps[member.name],
+            secs[member.name],
+        )
     baseline = float(np.bincount(y, minlength=n_classes).max() / len(y))
     weights = accuracy_weights(acc, baseline)
     if combiner == "stack":

@@ -7,12 +7,14 @@ regression member, a compact token-id matrix for the LSTM and BiLSTM members, an
 of the frozen merged LM (Hugging Face transformers) for its head. :func:`run_in_batches` halves the batch size
 when a batch runs out of memory.
 """
+
 from __future__ import annotations
 
 import gc
 import logging
 import re
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -33,6 +35,7 @@ WORD_PATTERN = r"(?u)\b\w+\b"
 
 # ------------------------------------------------------------------ memory: OOM back-off
 
+
 def is_out_of_memory(exc: BaseException) -> bool:
     """True for an allocator failure: ``torch.OutOfMemoryError`` (CUDA) or a ``RuntimeError``
     whose message says ``out of memory`` / ``can't allocate memory`` (PyTorch's CPU allocator)."""
@@ -50,8 +53,7 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def run_in_batches(step: Callable[[int, int], None], n: int, batch_size: int, *,
-                   desc: str | None = None) -> int:
+def run_in_batches(step: Callable[[int, int], None], n: int, batch_size: int, *, desc: str | None = None) -> int:
     """Call ``step(start, stop)`` over ``range(n)`` in consecutive batches, halving on OOM.
 
     When a batch runs out of memory (:func:`is_out_of_memory`) the memory is freed, the batch
@@ -95,9 +97,15 @@ def run_in_batches(step: Callable[[int, int], None], n: int, batch_size: int, *,
 
 # ------------------------------------------------------------------ features
 
-def lexical_counts(texts: Sequence[str], *, word_ngrams: tuple[int, int] = (1, 2),
-                   jamo_ngrams: tuple[int, int] = (2, 4), min_df: int = 2,
-                   jamo_weight: float = 0.1) -> tuple[sp.csr_matrix, np.ndarray]:
+
+def lexical_counts(
+    texts: Sequence[str],
+    *,
+    word_ngrams: tuple[int, int] = (1, 2),
+    jamo_ngrams: tuple[int, int] = (2, 4),
+    min_df: int = 2,
+    jamo_weight: float = 0.1,
+) -> tuple[sp.csr_matrix, np.ndarray]:
     """Word n-gram and jamo n-gram counts of ``texts`` (scikit-learn ``CountVectorizer``).
 
     Words are :data:`WORD_PATTERN` tokens, lower-cased. Jamo n-grams are character n-grams
@@ -133,8 +141,14 @@ def lexical_counts(texts: Sequence[str], *, word_ngrams: tuple[int, int] = (1, 2
     return x, names
 
 
-def char_tfidf(texts: Sequence[str], *, analyzer: str = "char_wb", ngrams: tuple[int, int] = (1, 3),
-               min_df: int = 2, sublinear_tf: bool = True) -> sp.csr_matrix:
+def char_tfidf(
+    texts: Sequence[str],
+    *,
+    analyzer: str = "char_wb",
+    ngrams: tuple[int, int] = (1, 3),
+    min_df: int = 2,
+    sublinear_tf: bool = True,
+) -> sp.csr_matrix:
     """Character n-gram TF-IDF of ``texts`` (scikit-learn ``TfidfVectorizer``, l2-normalised rows).
 
     The same features as the classifier's baseline (:mod:`domainlm.classify.baseline`): character n-grams need
@@ -157,13 +171,19 @@ def char_tfidf(texts: Sequence[str], *, analyzer: str = "char_wb", ngrams: tuple
         raise ValueError("char_tfidf needs at least one text")
     if analyzer not in ("char", "char_wb"):
         raise ValueError(f"refine.tfidf.analyzer must be 'char' or 'char_wb', got {analyzer!r}")
-    vec = TfidfVectorizer(analyzer=analyzer, ngram_range=tuple(ngrams), min_df=min(min_df, len(texts)),
-                          sublinear_tf=sublinear_tf, dtype=np.float64)
+    vec = TfidfVectorizer(
+        analyzer=analyzer,
+        ngram_range=tuple(ngrams),
+        min_df=min(min_df, len(texts)),
+        sublinear_tf=sublinear_tf,
+        dtype=np.float64,
+    )
     return vec.fit_transform(list(texts)).tocsr()
 
 
-def token_matrix(token_ids: Sequence[Sequence[int]], *, min_count: int = 2,
-                 max_len: int = 128) -> tuple[np.ndarray, np.ndarray, int]:
+def token_matrix(
+    token_ids: Sequence[Sequence[int]], *, min_count: int = 2, max_len: int = 128
+) -> tuple[np.ndarray, np.ndarray, int]:
     """Pack tokenised documents into a padded matrix over a compact vocabulary.
 
     The tokenizer's ids (e.g. a 150k-entry BPE vocabulary) are remapped to ``2..V+1`` for ids seen
@@ -183,7 +203,7 @@ def token_matrix(token_ids: Sequence[Sequence[int]], *, min_count: int = 2,
     lengths = np.ones(len(truncated), dtype=np.int64)
     for r, toks in enumerate(truncated):
         if toks:
-            ids[r, :len(toks)] = [lut.get(int(t), 1) for t in toks]
+            ids[r, : len(toks)] = [lut.get(int(t), 1) for t in toks]
             lengths[r] = len(toks)
         else:
             ids[r, 0] = 1
@@ -191,8 +211,15 @@ def token_matrix(token_ids: Sequence[Sequence[int]], *, min_count: int = 2,
 
 
 @torch.no_grad()
-def embed_mean_pooled(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], *, max_tokens: int = 256,
-                      batch_size: int = 16, desc: str | None = "embed") -> tuple[np.ndarray, int]:
+def embed_mean_pooled(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    texts: Sequence[str],
+    *,
+    max_tokens: int = 256,
+    batch_size: int = 16,
+    desc: str | None = "embed",
+) -> tuple[np.ndarray, int]:
     """Mean-pooled last hidden states of a frozen causal LM (Hugging Face transformers).
 
     Texts are tokenised with truncation to ``max_tokens``, processed longest first (so the
@@ -219,8 +246,8 @@ def embed_mean_pooled(model: torch.nn.Module, tokenizer: Any, texts: Sequence[st
         ids = torch.zeros((len(rows), width), dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for j, r in enumerate(rows):
-            ids[j, :len(enc[r])] = torch.tensor(enc[r])
-            mask[j, :len(enc[r])] = 1
+            ids[j, : len(enc[r])] = torch.tensor(enc[r])
+            mask[j, : len(enc[r])] = 1
         hidden = body(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state.float()
         m = mask.to(device).unsqueeze(-1).float()
         pooled = ((hidden * m).sum(1) / m.sum(1)).cpu().numpy()

@@ -7,6 +7,7 @@ label quality score). Labels live in the SQLite ``sentences`` table (:mod:`domai
 loop also writes the review queue of least confident rows and promotes refined labels to the label
 overrides (:mod:`domainlm.documents.labels`).
 """
+
 from __future__ import annotations
 
 import csv
@@ -15,9 +16,10 @@ import io
 import logging
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -37,6 +39,7 @@ log = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------ the update rule
 
+
 def threshold(iteration: int, tau0: float, step: float, tau_max: float) -> float:
     """Confidence threshold of iteration ``t`` (0-based): ``τ_t = min(τ0 + step·t, τ_max)``.
 
@@ -54,8 +57,9 @@ def threshold(iteration: int, tau0: float, step: float, tau_max: float) -> float
     return min(tau0 + step * iteration, tau_max)
 
 
-def select_changes(y: np.ndarray, proba: np.ndarray, tau: float, max_change_fraction: float,
-                   max_self_confidence: float = 1.0) -> np.ndarray:
+def select_changes(
+    y: np.ndarray, proba: np.ndarray, tau: float, max_change_fraction: float, max_self_confidence: float = 1.0
+) -> np.ndarray:
     """The new labels after one iteration.
 
     A row is a candidate when the ensemble's predicted label ``argmax proba`` differs from its
@@ -119,8 +123,12 @@ def feature_change_rate(before: dict[int, frozenset[str]], after: dict[int, froz
 # ------------------------------------------------------------------ the loop
 
 #: Sub-sections of ``refine`` and the member settings they hold.
-_MEMBER_SECTIONS = {"lexical": mem.LexicalConfig, "tfidf": mem.TfidfConfig, "lstm": mem.LSTMConfig,
-                    "transformer": mem.TransformerConfig}
+_MEMBER_SECTIONS = {
+    "lexical": mem.LexicalConfig,
+    "tfidf": mem.TfidfConfig,
+    "lstm": mem.LSTMConfig,
+    "transformer": mem.TransformerConfig,
+}
 
 
 @dataclass
@@ -165,7 +173,7 @@ class RefineConfig:
     transformer: mem.TransformerConfig = field(default_factory=mem.TransformerConfig)
 
     @classmethod
-    def from_params(cls, p: dict[str, Any]) -> "RefineConfig":
+    def from_params(cls, p: dict[str, Any]) -> RefineConfig:
         """Pick this dataclass's fields out of the ``refine`` params: each present key cast to its
         default's type (``threads`` and ``workers`` may be null), sub-sections through their own ``from_params``;
         missing keys keep their default, other keys are ignored."""
@@ -207,8 +215,11 @@ HISTORY_FIELDS_HEAD = ["iteration", "tau", "rows_changed", "label_change_rate"]
 
 def history_fields(member_names: Sequence[str]) -> list[str]:
     """Column order of the history CSV (``plots/refine_history.csv`` in the pipeline) for these members."""
-    return (HISTORY_FIELDS_HEAD + [f"val_accuracy_{m}" for m in member_names]
-            + ["val_accuracy_ensemble", "lexical_feature_change_rate"])
+    return (
+        HISTORY_FIELDS_HEAD
+        + [f"val_accuracy_{m}" for m in member_names]
+        + ["val_accuracy_ensemble", "lexical_feature_change_rate"]
+    )
 
 
 def write_history(path: str | Path, rows: list[dict[str, float]], fields: list[str]) -> None:
@@ -221,10 +232,18 @@ def write_history(path: str | Path, rows: list[dict[str, float]], fields: list[s
     write_text(path, buf.getvalue())
 
 
-def refine(db: sqlite_utils.Database, members: Sequence[mem.Member], lexical: mem.LexicalNB | None,
-           cfg: RefineConfig, *, splits: np.ndarray, classes: Sequence[str], snapshot_dir: str | Path,
-           history_path: str | Path,
-           on_iteration: Callable[[int, dict[str, float]], None] | None = None) -> RefineResult:
+def refine(
+    db: sqlite_utils.Database,
+    members: Sequence[mem.Member],
+    lexical: mem.LexicalNB | None,
+    cfg: RefineConfig,
+    *,
+    splits: np.ndarray,
+    classes: Sequence[str],
+    snapshot_dir: str | Path,
+    history_path: str | Path,
+    on_iteration: Callable[[int, dict[str, float]], None] | None = None,
+) -> RefineResult:
     """Run refinement iterations on the ``sentences`` table until convergence or the cap.
 
     Iteration t: read the current labels; cross-fit every member with ``cfg.folds`` folds
@@ -267,25 +286,40 @@ def refine(db: sqlite_utils.Database, members: Sequence[mem.Member], lexical: me
         if unknown:
             raise ValueError(f"labels {unknown} are not in the label space {classes}")
         y = np.array([index[c] for c in current], dtype=np.int64)
-        round_ = ens.cross_fit_ensemble(members, y, len(classes), folds=cfg.folds, seed=cfg.seed + t,
-                                        combiner=cfg.combiner, stack_C=cfg.stack_C, workers=workers, threads=cfg.threads)
+        round_ = ens.cross_fit_ensemble(
+            members,
+            y,
+            len(classes),
+            folds=cfg.folds,
+            seed=cfg.seed + t,
+            combiner=cfg.combiner,
+            stack_C=cfg.stack_C,
+            workers=workers,
+            threads=cfg.threads,
+        )
         tau = threshold(t, cfg.tau0, cfg.tau_step, cfg.tau_max)
         new = select_changes(y, round_.proba, tau, cfg.max_change_fraction, cfg.max_self_confidence)
         conf = round_.proba[np.arange(len(y)), new]
         changed = new != y
-        updates = (store.RowUpdate(ids[i], float(conf[i]), classes[new[i]] if changed[i] else None)
-                   for i in range(len(y)))
+        updates = (
+            store.RowUpdate(ids[i], float(conf[i]), classes[new[i]] if changed[i] else None) for i in range(len(y))
+        )
         n_changed = store.apply_updates(db, updates, t)
         store.write_snapshot(db, snapshot_dir / f"iter_{t}.parquet")
 
         if lexical is not None and n_changed:
             k = cfg.top_k_features
-            fcr = feature_change_rate(lexical.top_features(y, len(classes), k),
-                                      lexical.top_features(new, len(classes), k))
+            fcr = feature_change_rate(
+                lexical.top_features(y, len(classes), k), lexical.top_features(new, len(classes), k)
+            )
         else:
             fcr = 0.0 if lexical is not None else float("nan")
-        row: dict[str, float] = {"iteration": t, "tau": round(tau, 6), "rows_changed": n_changed,
-                                 "label_change_rate": n_changed / len(y)}
+        row: dict[str, float] = {
+            "iteration": t,
+            "tau": round(tau, 6),
+            "rows_changed": n_changed,
+            "label_change_rate": n_changed / len(y),
+        }
         for name, oof in round_.members.items():
             row[f"val_accuracy_{name}"] = _accuracy(oof.proba, y, val)
         row["val_accuracy_ensemble"] = _accuracy(round_.proba, y, val)
@@ -293,8 +327,15 @@ def refine(db: sqlite_utils.Database, members: Sequence[mem.Member], lexical: me
         rows.append(row)
         write_history(history_path, rows, fields)
         result.iterations.append(Iteration(row, round_, new))
-        log.info("iteration %d: tau %.2f, %d labels changed (%.4f), ensemble val accuracy %.4f, %.1fs",
-                 t, tau, n_changed, row["label_change_rate"], row["val_accuracy_ensemble"], time.perf_counter() - t0)
+        log.info(
+            "iteration %d: tau %.2f, %d labels changed (%.4f), ensemble val accuracy %.4f, %.1fs",
+            t,
+            tau,
+            n_changed,
+            row["label_change_rate"],
+            row["val_accuracy_ensemble"],
+            time.perf_counter() - t0,
+        )
         if on_iteration is not None:
             on_iteration(t, row)
         if row["label_change_rate"] < cfg.epsilon:
@@ -310,26 +351,39 @@ def _accuracy(proba: np.ndarray, y: np.ndarray, mask: np.ndarray) -> float:
 
 # ------------------------------------------------------------------ review queue and promotion
 
-def review_queue(db: sqlite_utils.Database, proba: np.ndarray, classes: Sequence[str], size: int,
-                 top: int = 3) -> list[dict[str, Any]]:
+
+def review_queue(
+    db: sqlite_utils.Database, proba: np.ndarray, classes: Sequence[str], size: int, top: int = 3
+) -> list[dict[str, Any]]:
     """The ``size`` rows with the lowest confidence in their current label, lowest first.
 
     Each record: id, domain, split, original_label, current_label, confidence, the ensemble's
     ``suggestions`` (its ``top`` labels with probabilities, from the last iteration's out-of-fold
     ``proba``, rows in load order) and the text, for a person or an LLM to relabel.
     """
-    rows = db.execute(f"SELECT rowid, id, domain, split, original_label, current_label, confidence, text "
-                      f"FROM {store.TABLE} ORDER BY confidence ASC, rowid ASC LIMIT ?", [size]).fetchall()
+    rows = db.execute(
+        f"SELECT rowid, id, domain, split, original_label, current_label, confidence, text "
+        f"FROM {store.TABLE} ORDER BY confidence ASC, rowid ASC LIMIT ?",
+        [size],
+    ).fetchall()
     rowids = [r[0] for r in db.execute(f"SELECT rowid FROM {store.TABLE} ORDER BY rowid").fetchall()]
     position = {rid: i for i, rid in enumerate(rowids)}
     out = []
     for rowid, id_, domain, split, orig, cur, conf, text in rows:
         p = proba[position[rowid]]
         best = np.argsort(-p, kind="stable")[:top]
-        out.append({"id": id_, "domain": domain, "split": split, "original_label": orig, "current_label": cur,
-                    "confidence": conf,
-                    "suggestions": [{"label": classes[j], "probability": round(float(p[j]), 6)} for j in best],
-                    "text": text})
+        out.append(
+            {
+                "id": id_,
+                "domain": domain,
+                "split": split,
+                "original_label": orig,
+                "current_label": cur,
+                "confidence": conf,
+                "suggestions": [{"label": classes[j], "probability": round(float(p[j]), 6)} for j in best],
+                "text": text,
+            }
+        )
     return out
 
 
@@ -343,8 +397,9 @@ def promote_lock_path(overrides_path: str | Path) -> Path:
     return overrides_path.with_name(overrides_path.name + ".lock")
 
 
-def promote(db_path: str | Path, overrides_path: str | Path = OVERRIDES_PATH, *,
-            lock_timeout_s: float = PROMOTE_LOCK_TIMEOUT_S) -> dict[str, int]:
+def promote(
+    db_path: str | Path, overrides_path: str | Path = OVERRIDES_PATH, *, lock_timeout_s: float = PROMOTE_LOCK_TIMEOUT_S
+) -> dict[str, int]:
     """Write the refined labels to the label-override file the split stage applies.
 
     Rows whose ``current_label`` differs from ``original_label`` become ``(id, label)``
@@ -381,8 +436,10 @@ def promote(db_path: str | Path, overrides_path: str | Path = OVERRIDES_PATH, *,
         try:
             lock.acquire(timeout=lock_timeout_s)
         except Timeout:
-            raise TimeoutError(f"another promote has held {lock_path} for over {lock_timeout_s:.0f} s; "
-                               "check that no promote is running and try again") from None
+            raise TimeoutError(
+                f"another promote has held {lock_path} for over {lock_timeout_s:.0f} s; "
+                "check that no promote is running and try again"
+            ) from None
     try:
         return _promote_locked(db_path, Path(overrides_path))
     finally:
@@ -404,8 +461,10 @@ def _promote_locked(db_path: Path, overrides_path: Path) -> dict[str, int]:
                 merged[i] = lab
                 kept += 1
     ids = sorted(merged)
-    table = pa.table({"id": pa.array(ids, pa.string()), "label": pa.array([merged[i] for i in ids], pa.string())},
-                     schema=OVERRIDES_SCHEMA)
+    table = pa.table(
+        {"id": pa.array(ids, pa.string()), "label": pa.array([merged[i] for i in ids], pa.string())},
+        schema=OVERRIDES_SCHEMA,
+    )
     with atomic_path(overrides_path) as tmp:
         pq.write_table(table, tmp)
     return {"new": new.num_rows, "kept": kept, "rows": table.num_rows}

@@ -5,13 +5,15 @@ Members mirror the lexicon/LSTM/BiLSTM/BERT ensembles of Korean text classificat
 normalises document lengths as Rennie et al. (ICML 2003) do. Their features come from
 :mod:`domainlm.refine.features`; :mod:`domainlm.refine.ensemble` cross-fits and combines them.
 """
+
 from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 import scipy.sparse as sp
@@ -24,8 +26,8 @@ from sklearn.preprocessing import StandardScaler
 from domainlm.common.compute import autocast
 from domainlm.refine.features import char_tfidf, embed_mean_pooled, lexical_counts, run_in_batches, token_matrix
 
-
 # ------------------------------------------------------------------ members
+
 
 class Member(Protocol):
     """One ensemble member. Its features are fixed at construction (texts never change during
@@ -63,8 +65,9 @@ class LexicalNB:
 
     name = "lexical"
 
-    def __init__(self, counts: sp.csr_matrix, feature_names: np.ndarray, *, alpha: float = 0.03,
-                 doc_tokens: float = 20.0):
+    def __init__(
+        self, counts: sp.csr_matrix, feature_names: np.ndarray, *, alpha: float = 0.03, doc_tokens: float = 20.0
+    ):
         """Args: ``counts`` from :func:`lexical_counts` (rows = documents), its ``feature_names``,
         the Lidstone smoothing ``alpha`` and the normalised document length ``doc_tokens``."""
         if counts.shape[1] != len(feature_names):
@@ -158,9 +161,20 @@ class LSTMMember:
     (PyTorch). A batch that runs out of memory is retried at half the batch size
     (:func:`run_in_batches`); the smaller size is kept for the rest of the run."""
 
-    def __init__(self, ids: np.ndarray, lengths: np.ndarray, vocab_size: int, *, bidirectional: bool,
-                 embed_dim: int = 32, hidden: int = 32, epochs: int = 8, batch_size: int = 64,
-                 lr: float = 1e-2, device: str | None = None):
+    def __init__(
+        self,
+        ids: np.ndarray,
+        lengths: np.ndarray,
+        vocab_size: int,
+        *,
+        bidirectional: bool,
+        embed_dim: int = 32,
+        hidden: int = 32,
+        epochs: int = 8,
+        batch_size: int = 64,
+        lr: float = 1e-2,
+        device: str | None = None,
+    ):
         self.name = "bilstm" if bidirectional else "lstm"
         self.ids, self.lengths, self.vocab_size = ids, lengths, vocab_size
         self.bidirectional = bidirectional
@@ -170,13 +184,16 @@ class LSTMMember:
 
     def build_model(self, n_classes: int) -> RecurrentClassifier:
         """A freshly initialised network on this member's device."""
-        return RecurrentClassifier(self.vocab_size, n_classes, embed_dim=self.embed_dim, hidden=self.hidden,
-                                   bidirectional=self.bidirectional).to(self.device)
+        return RecurrentClassifier(
+            self.vocab_size, n_classes, embed_dim=self.embed_dim, hidden=self.hidden, bidirectional=self.bidirectional
+        ).to(self.device)
 
     def _batch(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         width = int(self.lengths[rows].max())
-        return (torch.from_numpy(self.ids[rows, :width]).to(self.device),
-                torch.from_numpy(self.lengths[rows]).to(self.device))
+        return (
+            torch.from_numpy(self.ids[rows, :width]).to(self.device),
+            torch.from_numpy(self.lengths[rows]).to(self.device),
+        )
 
     def fit(self, train_idx, y, n_classes, seed):
         torch.manual_seed(seed)
@@ -187,7 +204,7 @@ class LSTMMember:
         for _ in range(self.epochs):
             order = train_idx[rng.permutation(len(train_idx))]
 
-            def step(start: int, stop: int) -> None:
+            def step(start: int, stop: int, order=order) -> None:
                 opt.zero_grad(set_to_none=True)
                 rows = order[start:stop]
                 ids, lengths = self._batch(rows)
@@ -229,6 +246,7 @@ class EmbeddingHead:
 
 
 # ------------------------------------------------------------------ the members, built from params
+
 
 class MemberParams:
     """Base of the members' config dataclasses: :meth:`from_params` reads one ``refine.<member>`` section."""
@@ -304,10 +322,17 @@ class TransformerConfig(MemberParams):
     max_iter: int = 300
 
 
-def build_members(texts: Sequence[str], tokenizer: Any, lm: Any, *, lexical: LexicalConfig = LexicalConfig(),
-                  tfidf: TfidfConfig = TfidfConfig(), lstm: LSTMConfig = LSTMConfig(),
-                  transformer: TransformerConfig = TransformerConfig(), compute=None,
-                  ) -> tuple[list[Member], LexicalNB, dict[str, float]]:
+def build_members(
+    texts: Sequence[str],
+    tokenizer: Any,
+    lm: Any,
+    *,
+    lexical: LexicalConfig = LexicalConfig(),
+    tfidf: TfidfConfig = TfidfConfig(),
+    lstm: LSTMConfig = LSTMConfig(),
+    transformer: TransformerConfig = TransformerConfig(),
+    compute=None,
+) -> tuple[list[Member], LexicalNB, dict[str, float]]:
     """Compute every member's features once (texts never change during refinement) and build
     the five members: lexical NB, char TF-IDF logistic regression, LSTM, BiLSTM, and the frozen-LM head.
 
@@ -332,28 +357,40 @@ def build_members(texts: Sequence[str], tokenizer: Any, lm: Any, *, lexical: Lex
     """
     secs: dict[str, float] = {}
     t0 = time.perf_counter()
-    counts, names = lexical_counts(texts, word_ngrams=lexical.word_ngrams, jamo_ngrams=lexical.jamo_ngrams,
-                                   min_df=lexical.min_df, jamo_weight=lexical.jamo_weight)
+    counts, names = lexical_counts(
+        texts,
+        word_ngrams=lexical.word_ngrams,
+        jamo_ngrams=lexical.jamo_ngrams,
+        min_df=lexical.min_df,
+        jamo_weight=lexical.jamo_weight,
+    )
     lexical_member = LexicalNB(counts, names, alpha=lexical.alpha, doc_tokens=lexical.doc_tokens)
     secs["lexical_features_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    tfidf_member = CharTfidfLR(char_tfidf(texts, analyzer=tfidf.analyzer, ngrams=tfidf.ngrams, min_df=tfidf.min_df,
-                                          sublinear_tf=tfidf.sublinear_tf),
-                               C=tfidf.C, max_iter=tfidf.max_iter, tol=tfidf.tol)
+    tfidf_member = CharTfidfLR(
+        char_tfidf(
+            texts, analyzer=tfidf.analyzer, ngrams=tfidf.ngrams, min_df=tfidf.min_df, sublinear_tf=tfidf.sublinear_tf
+        ),
+        C=tfidf.C,
+        max_iter=tfidf.max_iter,
+        tol=tfidf.tol,
+    )
     secs["tfidf_features_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     enc = tokenizer(list(texts), truncation=True, max_length=lstm.max_tokens, add_special_tokens=False)["input_ids"]
     ids, lengths, vocab = token_matrix(enc, min_count=lstm.min_token_count, max_len=lstm.max_tokens)
     secs["tokenize_s"] = time.perf_counter() - t0
-    lstm_kw = dict(embed_dim=lstm.embed_dim, hidden=lstm.hidden, epochs=lstm.epochs, batch_size=lstm.batch_size,
-                   lr=lstm.lr)
+    lstm_kw = dict(
+        embed_dim=lstm.embed_dim, hidden=lstm.hidden, epochs=lstm.epochs, batch_size=lstm.batch_size, lr=lstm.lr
+    )
 
     t0 = time.perf_counter()
-    with autocast(compute), (compute.applied() if compute is not None else contextlib.nullcontext()):
-        emb, _ = embed_mean_pooled(lm, tokenizer, texts, max_tokens=transformer.max_tokens,
-                                   batch_size=transformer.batch_size)
+    with autocast(compute), compute.applied() if compute is not None else contextlib.nullcontext():
+        emb, _ = embed_mean_pooled(
+            lm, tokenizer, texts, max_tokens=transformer.max_tokens, batch_size=transformer.batch_size
+        )
     secs["embed_s"] = time.perf_counter() - t0
     members: list[Member] = [
         lexical_member,

@@ -3,14 +3,15 @@
 One row per labelled document of the split outputs. Each refinement iteration changes labels in
 one transaction (``Database.atomic()``), so a crash part-way leaves the table as it was.
 """
+
 from __future__ import annotations
 
 import datetime as dt
 import logging
 import os
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -36,13 +37,14 @@ COLUMNS = {
     "label_last_updated": str,
     "updated_iteration": int,
 }
-SNAPSHOT_SCHEMA = pa.schema([pa.field("id", pa.string()), pa.field("current_label", pa.string()),
-                             pa.field("confidence", pa.float64())])
+SNAPSHOT_SCHEMA = pa.schema(
+    [pa.field("id", pa.string()), pa.field("current_label", pa.string()), pa.field("confidence", pa.float64())]
+)
 
 
 def utc_now() -> str:
     """The current time as ISO-8601 UTC with seconds, e.g. ``2024-05-01T12:00:00+00:00``."""
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
 def split_files(split_root: str | os.PathLike, domains: Iterable[str]) -> list[tuple[str, Path]]:
@@ -71,8 +73,9 @@ class LoadReport:
     per_split: dict[str, int] | None = None
 
 
-def iter_split_rows(files: list[tuple[str, Path]], chunksize: int, report: LoadReport,
-                    labels: Mapping[str, str | None] | None = None) -> Iterator[dict]:
+def iter_split_rows(
+    files: list[tuple[str, Path]], chunksize: int, report: LoadReport, labels: Mapping[str, str | None] | None = None
+) -> Iterator[dict]:
     """Yield one ``sentences`` row per labelled document, reading each parquet file in
     record batches of ``chunksize`` rows (pyarrow), so memory stays bounded.
 
@@ -96,8 +99,9 @@ def iter_split_rows(files: list[tuple[str, Path]], chunksize: int, report: LoadR
             for rec in batch.to_pylist():
                 if labels is not None:
                     if rec["id"] not in labels:
-                        raise ValueError(f"{path}: document id {rec['id']!r} has no row in the label table "
-                                         "(re-run the split stage)")
+                        raise ValueError(
+                            f"{path}: document id {rec['id']!r} has no row in the label table (re-run the split stage)"
+                        )
                     rec["label"] = labels[rec["id"]]
                 if rec["label"] is None:
                     report.unlabelled += 1
@@ -107,9 +111,17 @@ def iter_split_rows(files: list[tuple[str, Path]], chunksize: int, report: LoadR
                 seen.add(rec["id"])
                 report.rows += 1
                 report.per_split[split] += 1
-                yield {"id": rec["id"], "text": rec["text"], "domain": rec["domain"], "split": split,
-                       "original_label": rec["label"], "current_label": rec["label"], "confidence": None,
-                       "label_last_updated": now, "updated_iteration": None}
+                yield {
+                    "id": rec["id"],
+                    "text": rec["text"],
+                    "domain": rec["domain"],
+                    "split": split,
+                    "original_label": rec["label"],
+                    "current_label": rec["label"],
+                    "confidence": None,
+                    "label_last_updated": now,
+                    "updated_iteration": None,
+                }
     if report.unlabelled:
         log.warning("%d documents have no label and are not refined", report.unlabelled)
 
@@ -165,8 +177,13 @@ def read_labels(db: sqlite_utils.Database) -> Labels:
     """Read every row of ``sentences`` in load order (``rowid``)."""
     rows = db.execute(f"SELECT id, text, split, original_label, current_label FROM {TABLE} ORDER BY rowid").fetchall()
     cols = list(zip(*rows)) if rows else [(), (), (), (), ()]
-    return Labels(np.array(cols[0], dtype=object), list(cols[1]), np.array(cols[2], dtype=object),
-                  np.array(cols[3], dtype=object), np.array(cols[4], dtype=object))
+    return Labels(
+        np.array(cols[0], dtype=object),
+        list(cols[1]),
+        np.array(cols[2], dtype=object),
+        np.array(cols[3], dtype=object),
+        np.array(cols[4], dtype=object),
+    )
 
 
 def read_current(db: sqlite_utils.Database) -> tuple[np.ndarray, np.ndarray]:
@@ -184,8 +201,9 @@ class RowUpdate:
     label: str | None = None
 
 
-def apply_updates(db: sqlite_utils.Database, updates: Iterable[RowUpdate], iteration: int,
-                  now: str | None = None) -> int:
+def apply_updates(
+    db: sqlite_utils.Database, updates: Iterable[RowUpdate], iteration: int, now: str | None = None
+) -> int:
     """Write one iteration's results in ONE transaction (sqlite-utils ``Database.atomic()``).
 
     Every update sets ``confidence``; an update with a ``label`` also sets ``current_label``,
@@ -208,7 +226,9 @@ def apply_updates(db: sqlite_utils.Database, updates: Iterable[RowUpdate], itera
             else:
                 cur = db.execute(
                     f"UPDATE {TABLE} SET current_label = ?, confidence = ?, label_last_updated = ?, "
-                    f"updated_iteration = ? WHERE id = ?", [u.label, u.confidence, now, iteration, u.id])
+                    f"updated_iteration = ? WHERE id = ?",
+                    [u.label, u.confidence, now, iteration, u.id],
+                )
                 changed += 1
             if cur.rowcount != 1:
                 raise KeyError(f"sentence id {u.id!r} is not in the {TABLE} table")
@@ -218,9 +238,14 @@ def apply_updates(db: sqlite_utils.Database, updates: Iterable[RowUpdate], itera
 def write_snapshot(db: sqlite_utils.Database, path: str | os.PathLike) -> Path:
     """Write ``id, current_label, confidence`` of every row (load order) to a parquet file, atomically."""
     rows = db.execute(f"SELECT id, current_label, confidence FROM {TABLE} ORDER BY rowid").fetchall()
-    table = pa.table({"id": pa.array([r[0] for r in rows], pa.string()),
-                      "current_label": pa.array([r[1] for r in rows], pa.string()),
-                      "confidence": pa.array([r[2] for r in rows], pa.float64())}, schema=SNAPSHOT_SCHEMA)
+    table = pa.table(
+        {
+            "id": pa.array([r[0] for r in rows], pa.string()),
+            "current_label": pa.array([r[1] for r in rows], pa.string()),
+            "confidence": pa.array([r[2] for r in rows], pa.float64()),
+        },
+        schema=SNAPSHOT_SCHEMA,
+    )
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
     return Path(path)
@@ -228,6 +253,9 @@ def write_snapshot(db: sqlite_utils.Database, path: str | os.PathLike) -> Path:
 
 def changed_labels(db: sqlite_utils.Database) -> pa.Table:
     """Rows whose ``current_label`` differs from ``original_label``: ``id, label`` strings, by id."""
-    rows = db.execute(f"SELECT id, current_label FROM {TABLE} WHERE current_label != original_label ORDER BY id").fetchall()
-    return pa.table({"id": pa.array([r[0] for r in rows], pa.string()),
-                     "label": pa.array([r[1] for r in rows], pa.string())})
+    rows = db.execute(
+        f"SELECT id, current_label FROM {TABLE} WHERE current_label != original_label ORDER BY id"
+    ).fetchall()
+    return pa.table(
+        {"id": pa.array([r[0] for r in rows], pa.string()), "label": pa.array([r[1] for r in rows], pa.string())}
+    )

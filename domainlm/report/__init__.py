@@ -11,13 +11,14 @@
 The report's own paths (relative to the repository root; ``dvc.yaml`` names them as the ``report``
 stage's deps and outs):
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 
 REPORTS_DIR = Path("reports")
-SOURCE_NOTEBOOK = REPORTS_DIR / "summary.ipynb"               # the source, without outputs
-EXECUTED_NOTEBOOK = REPORTS_DIR / "summary.executed.ipynb"    # the same, executed, outputs included
+SOURCE_NOTEBOOK = REPORTS_DIR / "summary.ipynb"  # the source, without outputs
+EXECUTED_NOTEBOOK = REPORTS_DIR / "summary.executed.ipynb"  # the same, executed, outputs included
 REPORT_MD = REPORTS_DIR / "report.md"
-FIGURES_DIR = REPORTS_DIR / "figures"                         # <name>.png, linked from report.md
-METRICS_NAME = "report"                                       # metrics/report.json
+FIGURES_DIR = REPORTS_DIR / "figures"  # <name>.png, linked from report.md
+METRICS_NAME = "report"  # metrics/report.json

@@ -4,23 +4,25 @@ Figures are built with the object-oriented API (``matplotlib.figure.Figure``, no
 they need no display and no GUI backend; :func:`png_bytes` renders one to PNG. Every axis is
 labelled with its unit. Colours: one per domain, the same in every figure (:func:`domain_colors`).
 """
+
 from __future__ import annotations
 
 import io
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
 from matplotlib import colormaps
 from matplotlib.colors import TwoSlopeNorm
-from matplotlib.ticker import MaxNLocator
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
 from domainlm.report import tables
 
-DPI = 100          # PNG resolution: with a 256-colour palette, 10-40 KB per figure
+DPI = 100  # PNG resolution: with a 256-colour palette, 10-40 KB per figure
 
 
 def domain_colors(domains: Sequence[str]) -> dict[str, Any]:
@@ -65,17 +67,25 @@ def data_funnel(funnel: list[dict[str, Any]], reasons: Mapping[str, int]) -> Fig
     """
     fig = Figure(figsize=(10, 4), layout="constrained")
     ax, ax_r = fig.subplots(1, 2, width_ratios=[2.6, 1])
-    steps = [("lines_read", "lines read"), ("validated", "kept by validation"), ("deduplicated", "after dedup"),
-             ("train", "train"), ("val", "val"), ("test", "test")]
+    steps = [
+        ("lines_read", "lines read"),
+        ("validated", "kept by validation"),
+        ("deduplicated", "after dedup"),
+        ("train", "train"),
+        ("val", "val"),
+        ("test", "test"),
+    ]
     x = np.arange(len(funnel))
     width = 0.8 / len(steps)
     cmap = colormaps["viridis"]
     for k, (key, label) in enumerate(steps):
         values = [r[key] if r[key] is not None else np.nan for r in funnel]
-        bars = ax.bar(x + (k - (len(steps) - 1) / 2) * width, values, width, label=label,
-                      color=cmap(k / (len(steps) - 1)))
-        ax.bar_label(bars, labels=["" if np.isnan(v) else f"{int(v)}" for v in values], fontsize=6, rotation=90,
-                     padding=2)
+        bars = ax.bar(
+            x + (k - (len(steps) - 1) / 2) * width, values, width, label=label, color=cmap(k / (len(steps) - 1))
+        )
+        ax.bar_label(
+            bars, labels=["" if np.isnan(v) else f"{int(v)}" for v in values], fontsize=6, rotation=90, padding=2
+        )
     ax.set_yscale("log")
     ax.set_ylim(0.5, max(r["lines_read"] or r["validated"] for r in funnel) * 6)
     ax.set_xticks(x, [r["domain"] for r in funnel])
@@ -96,8 +106,9 @@ def data_funnel(funnel: list[dict[str, Any]], reasons: Mapping[str, int]) -> Fig
 
 
 # ------------------------------------------------------------------------------------------ 2
-def dedup_s_curve(bands: int, rows: int, threshold: float, default_bands: int, default_rows: int,
-                  num_perm: int | None = None) -> Figure:
+def dedup_s_curve(
+    bands: int, rows: int, threshold: float, default_bands: int, default_rows: int, num_perm: int | None = None
+) -> Figure:
     """Figure 2: P(candidate | J) = 1 − (1 − J^r)^b for the pipeline's banding and datasketch's default.
 
     Args:
@@ -111,15 +122,22 @@ def dedup_s_curve(bands: int, rows: int, threshold: float, default_bands: int, d
     ax = fig.subplots()
     j = np.linspace(0, 1, 401)
     perms = f" ({bands * rows} of {num_perm} permutations)" if num_perm else ""
-    curves = [(bands, rows, f"this pipeline: b={bands} bands × r={rows} rows{perms}", "tab:blue", "-"),
-              (default_bands, default_rows, f"datasketch default: b={default_bands} × r={default_rows}", "tab:orange",
-               "--")]
+    curves = [
+        (bands, rows, f"this pipeline: b={bands} bands × r={rows} rows{perms}", "tab:blue", "-"),
+        (default_bands, default_rows, f"datasketch default: b={default_bands} × r={default_rows}", "tab:orange", "--"),
+    ]
     for b, r, label, color, ls in curves:
         ax.plot(j, tables.p_candidate(j, b, r), color=color, ls=ls, lw=2, label=label)
         p = float(tables.p_candidate(threshold, b, r))
         ax.plot([threshold], [p], "o", color=color)
-        ax.annotate(f"{p:.3f}", (threshold, p), textcoords="offset points", xytext=(-34, 4 if p > 0.5 else -12),
-                    color=color, fontsize=9)
+        ax.annotate(
+            f"{p:.3f}",
+            (threshold, p),
+            textcoords="offset points",
+            xytext=(-34, 4 if p > 0.5 else -12),
+            color=color,
+            fontsize=9,
+        )
     ax.axvline(threshold, color="grey", ls=":", lw=1.5, label=f"threshold J = {threshold:g}")
     ax.set_xlim(0, 1)
     ax.set_ylim(-0.02, 1.02)
@@ -144,12 +162,19 @@ def storage(storage_rows: list[dict[str, Any]], io_speed: pd.DataFrame | None) -
     axes = fig.subplots(1, 2 if io_speed is not None else 1, squeeze=False)[0]
     ax = axes[0]
     x = np.arange(len(storage_rows))
-    for k, (key, label, color) in enumerate([("jsonl_bytes", "JSONL", "tab:gray"),
-                                             ("parquet_bytes", "Parquet", "tab:green")]):
+    for k, (key, label, color) in enumerate(
+        [("jsonl_bytes", "JSONL", "tab:gray"), ("parquet_bytes", "Parquet", "tab:green")]
+    ):
         ax.bar(x + (k - 0.5) * 0.38, [r[key] for r in storage_rows], 0.38, label=label, color=color)
     for i, r in enumerate(storage_rows):
-        ax.annotate(f"{r['compression_ratio']:.1f}× smaller", (i, r["jsonl_bytes"]), textcoords="offset points",
-                    xytext=(0, 4), ha="center", fontsize=8)
+        ax.annotate(
+            f"{r['compression_ratio']:.1f}× smaller",
+            (i, r["jsonl_bytes"]),
+            textcoords="offset points",
+            xytext=(0, 4),
+            ha="center",
+            fontsize=8,
+        )
     ax.set_yscale("log")
     ax.set_ylim(top=max(r["jsonl_bytes"] for r in storage_rows) * 4)
     ax.set_xticks(x, [r["domain"] for r in storage_rows])
@@ -195,7 +220,7 @@ def lora_loss(train_loss: pd.DataFrame, lora_rows: list[dict[str, Any]]) -> Figu
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("loss (nats/token)")
         ax.grid(alpha=0.3)
-    for ax in axes[len(lora_rows):]:
+    for ax in axes[len(lora_rows) :]:
         ax.set_visible(False)
     axes[0].legend(fontsize=7)
     fig.suptitle("LoRA fine-tuning per domain")
@@ -243,8 +268,15 @@ def perplexity(matrix: pd.DataFrame, gains: list[dict[str, Any]], gate_min_mean:
     norm = TwoSlopeNorm(vmin=-lim, vcenter=0.0, vmax=lim)
     im = ax.imshow(change, cmap="coolwarm", norm=norm, aspect="auto")
     for (i, j), v in np.ndenumerate(values):
-        ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=8,
-                color="white" if abs(change[i, j]) > 0.6 * lim else "black")
+        ax.text(
+            j,
+            i,
+            f"{v:.0f}",
+            ha="center",
+            va="center",
+            fontsize=8,
+            color="white" if abs(change[i, j]) > 0.6 * lim else "black",
+        )
     ax.set_xticks(range(len(matrix.columns)), matrix.columns)
     ax.set_yticks(range(len(matrix.index)), matrix.index)
     ax.set_xlabel("test split of domain")
@@ -261,8 +293,9 @@ def perplexity(matrix: pd.DataFrame, gains: list[dict[str, Any]], gate_min_mean:
     if gate_min_mean is not None:
         ax_g.axhline(gate_min_mean, color="tab:red", ls="--", lw=1.2, label=f"gate: mean ≥ {gate_min_mean:g}")
     ax_g.axhline(1.0, color="grey", ls=":", lw=1, label="1 = as good as the expert")
-    ax_g.set_ylim(min(0.0, min(g["retained_gain"] for g in gains) * 1.2),
-                  max(1.1, max(g["retained_gain"] for g in gains)) * 1.4)
+    ax_g.set_ylim(
+        min(0.0, min(g["retained_gain"] for g in gains) * 1.2), max(1.1, max(g["retained_gain"] for g in gains)) * 1.4
+    )
     ax_g.set_xlabel("domain")
     ax_g.set_ylabel("retained gain (share of the expert's drop)")
     ax_g.set_title("Merged model: retained gain")
@@ -304,8 +337,7 @@ def refine_history(history: pd.DataFrame) -> Figure:
     for c in members:
         name = c.removeprefix("val_accuracy_")
         ensemble = name == "ensemble"
-        ax_acc.plot(it, history[c], "o-", lw=2.5 if ensemble else 1.2, color="black" if ensemble else None,
-                    label=name)
+        ax_acc.plot(it, history[c], "o-", lw=2.5 if ensemble else 1.2, color="black" if ensemble else None, label=name)
     ax_acc.set_xticks(it)
     ax_acc.set_xlabel("iteration")
     ax_acc.set_ylabel("validation accuracy (fraction)")
@@ -332,7 +364,9 @@ def classifier(classifier_metrics: Mapping[str, Any]) -> Figure:
     ax, ax_f1 = fig.subplots(1, 2, width_ratios=[1.5, 1])
     im = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
     for (i, j), v in np.ndenumerate(counts):
-        ax.text(j, i, f"{int(v)}", ha="center", va="center", fontsize=8, color="white" if share[i, j] > 0.6 else "black")
+        ax.text(
+            j, i, f"{int(v)}", ha="center", va="center", fontsize=8, color="white" if share[i, j] > 0.6 else "black"
+        )
     ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
     ax.set_yticks(range(len(labels)), labels)
     ax.set_xlabel("predicted label")

@@ -16,6 +16,7 @@ with a note:
   ``lora.confusion`` as ``{actual: {predicted: documents}}`` (what
   ``domainlm.classify.metrics.score`` returns) is accepted in place of ``lora.confusion_matrix``.
 """
+
 from __future__ import annotations
 
 import json
@@ -37,17 +38,39 @@ BASE_MODEL_JSON = paths.METRICS_DIR / "base_model.json"
 MERGE_JSON = paths.METRICS_DIR / "merge.json"
 EVALUATE_JSON = paths.METRICS_DIR / "evaluate.json"
 REFINE_JSON = paths.METRICS_DIR / "refine.json"
-CLASSIFIER_JSON = paths.METRICS_DIR / "classifier.json"   # optional
-IO_SPEED_CSV = Path("benchmarks/results/io_speed.csv")     # optional (make bench)
+CLASSIFIER_JSON = paths.METRICS_DIR / "classifier.json"  # optional
+IO_SPEED_CSV = Path("benchmarks/results/io_speed.csv")  # optional (make bench)
 
-REQUIRED_FILES = (VALIDATE_JSON, DEDUP_JSON, PARQUET_JSON, SPLIT_JSON, BASE_MODEL_JSON, MERGE_JSON,
-                  EVALUATE_JSON, paths.ALERTS_JSON, REFINE_JSON, paths.COSINE_CSV, paths.PERPLEXITY_CSV,
-                  paths.TRAIN_LOSS_CSV, paths.REFINE_HISTORY_CSV, paths.COMPARISON_MD)
-REQUIRED_DIRS = (paths.TRAIN_METRICS_DIR, paths.DIFF_METRICS_DIR)   # one <domain>.json per domain
+REQUIRED_FILES = (
+    VALIDATE_JSON,
+    DEDUP_JSON,
+    PARQUET_JSON,
+    SPLIT_JSON,
+    BASE_MODEL_JSON,
+    MERGE_JSON,
+    EVALUATE_JSON,
+    paths.ALERTS_JSON,
+    REFINE_JSON,
+    paths.COSINE_CSV,
+    paths.PERPLEXITY_CSV,
+    paths.TRAIN_LOSS_CSV,
+    paths.REFINE_HISTORY_CSV,
+    paths.COMPARISON_MD,
+)
+REQUIRED_DIRS = (paths.TRAIN_METRICS_DIR, paths.DIFF_METRICS_DIR)  # one <domain>.json per domain
 OPTIONAL_FILES = (IO_SPEED_CSV, CLASSIFIER_JSON)
 
-IO_SPEED_COLUMNS = ("loader", "columns", "bytes_on_disk", "docs", "median_s", "docs_per_s",
-                    "speedup_vs_jsonl", "cpu_count", "load_avg_1m_at_start")
+IO_SPEED_COLUMNS = (
+    "loader",
+    "columns",
+    "bytes_on_disk",
+    "docs",
+    "median_s",
+    "docs_per_s",
+    "speedup_vs_jsonl",
+    "cpu_count",
+    "load_avg_1m_at_start",
+)
 
 
 @dataclass
@@ -118,15 +141,21 @@ def check_classifier(obj: dict[str, Any]) -> dict[str, Any]:
             nested = obj["lora"]["confusion"]
             labels = sorted(set(nested) | {p for row in nested.values() for p in row})
             obj["lora"]["confusion_matrix"] = {
-                "labels": labels, "matrix": [[int(nested.get(a, {}).get(p, 0)) for p in labels] for a in labels]}
+                "labels": labels,
+                "matrix": [[int(nested.get(a, {}).get(p, 0)) for p in labels] for a in labels],
+            }
         labels = list(obj["lora"]["confusion_matrix"]["labels"])
         matrix = obj["lora"]["confusion_matrix"]["matrix"]
     except (KeyError, TypeError, AttributeError) as exc:
-        raise ValueError(f"metrics/classifier.json lacks {exc}: expected lora.macro_f1, baseline.macro_f1, "
-                         "lora.confusion_matrix.{labels, matrix}") from exc
+        raise ValueError(
+            f"metrics/classifier.json lacks {exc}: expected lora.macro_f1, baseline.macro_f1, "
+            "lora.confusion_matrix.{labels, matrix}"
+        ) from exc
     if len(matrix) != len(labels) or any(len(row) != len(labels) for row in matrix):
-        raise ValueError(f"metrics/classifier.json: confusion matrix must be {len(labels)} x {len(labels)} "
-                         "(one row and one column per label)")
+        raise ValueError(
+            f"metrics/classifier.json: confusion matrix must be {len(labels)} x {len(labels)} "
+            "(one row and one column per label)"
+        )
     for name, f1 in (("lora", lora_f1), ("baseline", base_f1)):
         if not 0.0 <= f1 <= 1.0:
             raise ValueError(f"metrics/classifier.json: {name}.macro_f1 = {f1} is not in [0, 1]")
@@ -150,8 +179,9 @@ def load_inputs(root: str | os.PathLike = ".") -> ReportInputs:
     absent = [str(p) for p in REQUIRED_FILES if not (root / p).is_file()]
     absent += [f"{d}/*.json" for d in REQUIRED_DIRS if not any((root / d).glob("*.json"))]
     if absent:
-        raise FileNotFoundError(f"report inputs missing under {root}: {', '.join(absent)} "
-                                "(run the pipeline first: dvc repro)")
+        raise FileNotFoundError(
+            f"report inputs missing under {root}: {', '.join(absent)} (run the pipeline first: dvc repro)"
+        )
     split = _json(root / SPLIT_JSON)
     missing: list[str] = []
 

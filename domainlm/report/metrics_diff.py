@@ -11,6 +11,7 @@ hands it to the notebook as a parameter (an ``injected-parameters`` cell, paperm
 so the executed notebook shows exactly what it was given. Writing it to a file under ``metrics/``
 or ``eval/`` instead would make the stage's own output one of its inputs.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,9 @@ log = logging.getLogger(__name__)
 def head_commit(cwd: str | os.PathLike = ".") -> str | None:
     """The short hash of ``HEAD`` in ``cwd``, or None outside a git repository or before the first commit."""
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=cwd, capture_output=True, text=True,
-                             timeout=30)
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=30
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     if out.returncode != 0:
@@ -36,8 +38,9 @@ def head_commit(cwd: str | os.PathLike = ".") -> str | None:
     return out.stdout.strip() or None
 
 
-def dvc_metrics_diff(rev: str = "HEAD", cwd: str | os.PathLike = ".",
-                     exclude: tuple[str, ...] = ()) -> dict[str, Any] | None:
+def dvc_metrics_diff(
+    rev: str = "HEAD", cwd: str | os.PathLike = ".", exclude: tuple[str, ...] = ()
+) -> dict[str, Any] | None:
     """``dvc metrics diff <rev> --json`` in ``cwd``, parsed: ``{file: {metric: {"old", "new", "diff"}}}``.
 
     Runs DVC with this interpreter (``python -m dvc``), so the venv's DVC answers. Only metrics that

@@ -10,6 +10,7 @@
   ``ExtractOutputPreprocessor`` turns each PNG output into a file named by the output's
   ``filename`` metadata, and the template writes the output's ``alt`` metadata as alt text.
 """
+
 from __future__ import annotations
 
 import copy
@@ -18,21 +19,22 @@ import os
 import pprint
 import re
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import nbformat
 from jinja2 import DictLoader
-from traitlets.config import Config
 from jupyter_client.kernelspec import KernelSpec, KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
 from nbclient import NotebookClient
 from nbconvert.exporters import MarkdownExporter
 from nbformat import NotebookNode
+from traitlets.config import Config
 
 import domainlm
 
-PACKAGE_ROOT = Path(domainlm.__file__).resolve().parents[1]   # the folder holding domainlm/, for the kernel's path
+PACKAGE_ROOT = Path(domainlm.__file__).resolve().parents[1]  # the folder holding domainlm/, for the kernel's path
 KERNEL_NAME = "python3"
 
 # nbconvert's markdown template, with the figure's alt text instead of "png".
@@ -74,8 +76,9 @@ def inject_parameters(nb: NotebookNode, parameters: Mapping[str, Any]) -> Notebo
     """
     nb = copy.deepcopy(nb)
     lines = ["# Injected by the report stage (domainlm.report.notebook.inject_parameters)"]
-    lines += [f"{name} = {pprint.pformat(_plain(value), width=110, sort_dicts=True)}"
-              for name, value in parameters.items()]
+    lines += [
+        f"{name} = {pprint.pformat(_plain(value), width=110, sort_dicts=True)}" for name, value in parameters.items()
+    ]
     cell = nbformat.v4.new_code_cell("\n".join(lines), metadata={"tags": ["injected-parameters"]})
     cell["id"] = "injected-parameters"
     at = next((i + 1 for i, c in enumerate(nb.cells) if "parameters" in c.get("metadata", {}).get("tags", [])), 0)
@@ -88,8 +91,9 @@ def _plain(value: Any) -> Any:
     return json.loads(json.dumps(value))
 
 
-def execute(nb: NotebookNode, cwd: str | os.PathLike, *, timeout_s: int = 300,
-            startup_timeout_s: int = 120) -> NotebookNode:
+def execute(
+    nb: NotebookNode, cwd: str | os.PathLike, *, timeout_s: int = 300, startup_timeout_s: int = 120
+) -> NotebookNode:
     """Run every cell of ``nb`` in a fresh kernel started in ``cwd``; return the notebook with outputs.
 
     Args:
@@ -110,12 +114,23 @@ def execute(nb: NotebookNode, cwd: str | os.PathLike, *, timeout_s: int = 300,
     # IPC transport: kernel and client talk over Unix sockets (no TCP port at all). The socket path
     # prefix must be absolute, since the kernel starts in ``cwd`` and the client does not.
     with tempfile.TemporaryDirectory(prefix="report-kernel-") as sockets:
-        km = AsyncKernelManager(kernel_name=KERNEL_NAME, kernel_spec_manager=ThisInterpreterKernelSpecs(),
-                                transport="ipc", ip=str(Path(sockets) / "kernel"))
-        client = NotebookClient(nb, km=km, timeout=timeout_s, startup_timeout=startup_timeout_s,
-                                kernel_name=KERNEL_NAME, record_timing=False, allow_errors=False,
-                                resources={"metadata": {"path": str(cwd)}})
-        client.owns_km = True   # nbclient shuts down only kernels it owns: make it shut this one down too
+        km = AsyncKernelManager(
+            kernel_name=KERNEL_NAME,
+            kernel_spec_manager=ThisInterpreterKernelSpecs(),
+            transport="ipc",
+            ip=str(Path(sockets) / "kernel"),
+        )
+        client = NotebookClient(
+            nb,
+            km=km,
+            timeout=timeout_s,
+            startup_timeout=startup_timeout_s,
+            kernel_name=KERNEL_NAME,
+            record_timing=False,
+            allow_errors=False,
+            resources={"metadata": {"path": str(cwd)}},
+        )
+        client.owns_km = True  # nbclient shuts down only kernels it owns: make it shut this one down too
         client.execute(env=env)
     return nb
 
@@ -135,11 +150,17 @@ def export_markdown(nb: NotebookNode, figures_dirname: str) -> tuple[str, dict[s
         ValueError: when two figures have the same file name.
     """
     config = Config({"ExtractOutputPreprocessor": {"enabled": True, "extract_output_types": {"image/png"}}})
-    exporter = MarkdownExporter(config=config, extra_loaders=[DictLoader({"report.md.j2": _TEMPLATE})],
-                                template_file="report.md.j2", exclude_input=True, exclude_input_prompt=True,
-                                exclude_output_prompt=True)
-    body, resources = exporter.from_notebook_node(nb, resources={"output_files_dir": figures_dirname,
-                                                                 "unique_key": "figure"})
+    exporter = MarkdownExporter(
+        config=config,
+        extra_loaders=[DictLoader({"report.md.j2": _TEMPLATE})],
+        template_file="report.md.j2",
+        exclude_input=True,
+        exclude_input_prompt=True,
+        exclude_output_prompt=True,
+    )
+    body, resources = exporter.from_notebook_node(
+        nb, resources={"output_files_dir": figures_dirname, "unique_key": "figure"}
+    )
     files: dict[str, bytes] = {}
     for name, data in (resources.get("outputs") or {}).items():
         base = Path(name).name
@@ -152,4 +173,3 @@ def export_markdown(nb: NotebookNode, figures_dirname: str) -> tuple[str, dict[s
 def write(nb: NotebookNode, path: str | os.PathLike) -> None:
     """Write ``nb`` to ``path`` (nbformat 4, UTF-8); callers make it atomic."""
     Path(path).write_text(nbformat.writes(nb) + "\n", encoding="utf-8")
-

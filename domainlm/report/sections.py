@@ -5,11 +5,13 @@ shows the result with :func:`show`.
 A section whose optional input is missing comes back with ``present=False``: it shows only a
 "Left out" note, so the report says what it could not show instead of failing.
 """
+
 from __future__ import annotations
 
 import base64
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Union
+from typing import Any
 
 from matplotlib.figure import Figure
 
@@ -26,7 +28,7 @@ class FigureBlock:
     figure: Figure
 
 
-Block = Union[str, FigureBlock]
+Block = str | FigureBlock
 
 
 @dataclass
@@ -72,8 +74,16 @@ TITLES = {
     "limits": "Limits and what to improve",
 }
 
-FIGURE_NAMES = ("fig1_data_funnel", "fig2_dedup_s_curve", "fig3_parquet_vs_jsonl", "fig4_lora_loss",
-                "fig5_task_vector_cosine", "fig6_perplexity", "fig7_refine_history", "fig8_classifier")
+FIGURE_NAMES = (
+    "fig1_data_funnel",
+    "fig2_dedup_s_curve",
+    "fig3_parquet_vs_jsonl",
+    "fig4_lora_loss",
+    "fig5_task_vector_cosine",
+    "fig6_perplexity",
+    "fig7_refine_history",
+    "fig8_classifier",
+)
 
 
 def _section(key: str, *blocks: Block) -> Section:
@@ -86,9 +96,22 @@ def _left_out(key: str, reason: str) -> Section:
 
 def headline(inp: ReportInputs) -> Section:
     """The headline table (one row per first-asked number, with its source file)."""
-    return _section("headline", narrative.headline(inp.validate, inp.dedup, inp.split, inp.parquet, inp.base_model,
-                                                   inp.train_lora, inp.evaluate, inp.alerts, inp.refine,
-                                                   inp.classifier, inp.domains))
+    return _section(
+        "headline",
+        narrative.headline(
+            inp.validate,
+            inp.dedup,
+            inp.split,
+            inp.parquet,
+            inp.base_model,
+            inp.train_lora,
+            inp.evaluate,
+            inp.alerts,
+            inp.refine,
+            inp.classifier,
+            inp.domains,
+        ),
+    )
 
 
 def gate(inp: ReportInputs) -> Section:
@@ -107,10 +130,15 @@ def funnel(inp: ReportInputs) -> Section:
     """Figure 1 and the per-domain document counts, lines read to train/val/test."""
     rows = tables.funnel_rows(inp.validate, inp.dedup, inp.split, inp.domains)
     reasons = tables.removal_reasons(inp.validate, inp.dedup)
-    return _section("funnel",
-                    FigureBlock(FIGURE_NAMES[0], "Documents per domain at each step of the data pipeline (log scale), "
-                                "and the documents removed by reason", figures.data_funnel(rows, reasons)),
-                    narrative.funnel(rows, reasons, inp.validate))
+    return _section(
+        "funnel",
+        FigureBlock(
+            FIGURE_NAMES[0],
+            "Documents per domain at each step of the data pipeline (log scale), and the documents removed by reason",
+            figures.data_funnel(rows, reasons),
+        ),
+        narrative.funnel(rows, reasons, inp.validate),
+    )
 
 
 def small_domains(inp: ReportInputs) -> Section:
@@ -122,47 +150,73 @@ def small_domains(inp: ReportInputs) -> Section:
 def dedup(inp: ReportInputs) -> Section:
     """Figure 2: the LSH banding S-curve against datasketch's default, and what the candidates became."""
     d = inp.dedup
-    fig = figures.dedup_s_curve(d["bands"], d["rows"], d["lsh"]["threshold"], d["lsh"]["datasketch_default"]["bands"],
-                                d["lsh"]["datasketch_default"]["rows"], d["lsh"].get("num_perm"))
-    return _section("dedup",
-                    FigureBlock(FIGURE_NAMES[1], "Probability that a pair becomes an LSH candidate against its Jaccard "
-                                "similarity, for this pipeline's banding and datasketch's default", fig),
-                    narrative.dedup(d))
+    fig = figures.dedup_s_curve(
+        d["bands"],
+        d["rows"],
+        d["lsh"]["threshold"],
+        d["lsh"]["datasketch_default"]["bands"],
+        d["lsh"]["datasketch_default"]["rows"],
+        d["lsh"].get("num_perm"),
+    )
+    return _section(
+        "dedup",
+        FigureBlock(
+            FIGURE_NAMES[1],
+            "Probability that a pair becomes an LSH candidate against its Jaccard "
+            "similarity, for this pipeline's banding and datasketch's default",
+            fig,
+        ),
+        narrative.dedup(d),
+    )
 
 
 def storage(inp: ReportInputs) -> Section:
     """Figure 3: bytes per domain, JSONL vs Parquet (and load speed, when measured)."""
     rows = tables.storage_rows(inp.parquet, inp.domains)
-    alt = "Bytes on disk per domain, JSONL vs Parquet" + (", and documents loaded per second per loader"
-                                                         if inp.io_speed is not None else "")
-    return _section("storage", FigureBlock(FIGURE_NAMES[2], alt, figures.storage(rows, inp.io_speed)),
-                    narrative.storage(rows, inp.parquet))
+    alt = "Bytes on disk per domain, JSONL vs Parquet" + (
+        ", and documents loaded per second per loader" if inp.io_speed is not None else ""
+    )
+    return _section(
+        "storage",
+        FigureBlock(FIGURE_NAMES[2], alt, figures.storage(rows, inp.io_speed)),
+        narrative.storage(rows, inp.parquet),
+    )
 
 
 def load_speed(inp: ReportInputs) -> Section:
     """The load-speed table of ``benchmarks/results/io_speed.csv``; left out when it is absent."""
     if inp.io_speed is None:
-        return _left_out("load_speed", f"`{IO_SPEED_CSV}` does not exist (it is written by `make bench`), so the "
-                         "figure above shows sizes only.")
+        return _left_out(
+            "load_speed",
+            f"`{IO_SPEED_CSV}` does not exist (it is written by `make bench`), so the figure above shows sizes only.",
+        )
     return _section("load_speed", narrative.load_speed(inp.io_speed))
 
 
 def lora(inp: ReportInputs) -> Section:
     """Figure 4: LoRA training and validation loss per domain, and the per-domain run table."""
     rows = tables.lora_rows(inp.train_lora, inp.domains)
-    return _section("lora",
-                    FigureBlock(FIGURE_NAMES[3], "LoRA training and validation loss per domain against the optimizer "
-                                "step", figures.lora_loss(inp.train_loss, rows)),
-                    narrative.lora(rows))
+    return _section(
+        "lora",
+        FigureBlock(
+            FIGURE_NAMES[3],
+            "LoRA training and validation loss per domain against the optimizer step",
+            figures.lora_loss(inp.train_loss, rows),
+        ),
+        narrative.lora(rows),
+    )
 
 
 def task_vectors(inp: ReportInputs) -> Section:
     """Figure 5: the task-vector cosine heatmap, norms and the merge's settings."""
     matrix = tables.cosine_matrix(inp.cosine, inp.domains)
-    return _section("task_vectors",
-                    FigureBlock(FIGURE_NAMES[4], "Cosine similarity between the domains' task vectors",
-                                figures.cosine_heatmap(matrix)),
-                    narrative.task_vectors(matrix, inp.task_vectors, inp.merge, inp.domains))
+    return _section(
+        "task_vectors",
+        FigureBlock(
+            FIGURE_NAMES[4], "Cosine similarity between the domains' task vectors", figures.cosine_heatmap(matrix)
+        ),
+        narrative.task_vectors(matrix, inp.task_vectors, inp.merge, inp.domains),
+    )
 
 
 def perplexity(inp: ReportInputs) -> Section:
@@ -170,10 +224,15 @@ def perplexity(inp: ReportInputs) -> Section:
     matrix = tables.perplexity_matrix(inp.perplexity, inp.domains)
     gains = tables.gain_rows(inp.evaluate, inp.domains)
     gate_min = (inp.alerts.get("thresholds") or {}).get("min_mean_retained_gain")
-    return _section("perplexity",
-                    FigureBlock(FIGURE_NAMES[5], "Test perplexity of every model on every domain, and the merged "
-                                "model's retained gain per domain", figures.perplexity(matrix, gains, gate_min)),
-                    narrative.perplexity(gains, inp.evaluate))
+    return _section(
+        "perplexity",
+        FigureBlock(
+            FIGURE_NAMES[5],
+            "Test perplexity of every model on every domain, and the merged model's retained gain per domain",
+            figures.perplexity(matrix, gains, gate_min),
+        ),
+        narrative.perplexity(gains, inp.evaluate),
+    )
 
 
 def continuations(inp: ReportInputs) -> Section:
@@ -185,41 +244,77 @@ def continuations(inp: ReportInputs) -> Section:
 
 def refine(inp: ReportInputs) -> Section:
     """Figure 7: label-refinement history (change rate, τ, accuracy per iteration)."""
-    return _section("refine",
-                    FigureBlock(FIGURE_NAMES[6], "Label change rate, confidence threshold and validation accuracy per "
-                                "refinement iteration", figures.refine_history(inp.refine_history)),
-                    narrative.refine(inp.refine, inp.refine_history))
+    return _section(
+        "refine",
+        FigureBlock(
+            FIGURE_NAMES[6],
+            "Label change rate, confidence threshold and validation accuracy per refinement iteration",
+            figures.refine_history(inp.refine_history),
+        ),
+        narrative.refine(inp.refine, inp.refine_history),
+    )
 
 
 def classifier(inp: ReportInputs) -> Section:
     """Figure 8: the classifier's confusion matrix and macro-F1 vs baseline; left out when absent."""
     if inp.classifier is None:
-        return _left_out("classifier", f"`{CLASSIFIER_JSON}` does not exist yet (`train_classifier` has not "
-                         "run); its confusion matrix and macro-F1 against the baseline will appear here once it does.")
-    return _section("classifier",
-                    FigureBlock(FIGURE_NAMES[7], "Confusion matrix of the domain classifier, and its macro-F1 against "
-                                "the baseline", figures.classifier(inp.classifier)),
-                    narrative.classifier(inp.classifier))
+        return _left_out(
+            "classifier",
+            f"`{CLASSIFIER_JSON}` does not exist yet (`train_classifier` has not "
+            "run); its confusion matrix and macro-F1 against the baseline will appear here once it does.",
+        )
+    return _section(
+        "classifier",
+        FigureBlock(
+            FIGURE_NAMES[7],
+            "Confusion matrix of the domain classifier, and its macro-F1 against the baseline",
+            figures.classifier(inp.classifier),
+        ),
+        narrative.classifier(inp.classifier),
+    )
 
 
 def limits(inp: ReportInputs) -> Section:
     """Limits and suggestions, each triggered by a number shown above."""
-    return _section("limits", narrative.limits(
-        small=tables.small_domains(inp.split, inp.train_lora, inp.evaluate, inp.domains),
-        gains=tables.gain_rows(inp.evaluate, inp.domains),
-        lora_rows=tables.lora_rows(inp.train_lora, inp.domains),
-        cosine_pairs=tables.off_diagonal(tables.cosine_matrix(inp.cosine, inp.domains)),
-        continuation_rows=tables.continuation_rows(tables.parse_comparison(inp.comparison_md)),
-        base_model=inp.base_model, merge=inp.merge, dedup_metrics=inp.dedup, refine_metrics=inp.refine,
-        io_speed=inp.io_speed, classifier_metrics=inp.classifier))
+    return _section(
+        "limits",
+        narrative.limits(
+            small=tables.small_domains(inp.split, inp.train_lora, inp.evaluate, inp.domains),
+            gains=tables.gain_rows(inp.evaluate, inp.domains),
+            lora_rows=tables.lora_rows(inp.train_lora, inp.domains),
+            cosine_pairs=tables.off_diagonal(tables.cosine_matrix(inp.cosine, inp.domains)),
+            continuation_rows=tables.continuation_rows(tables.parse_comparison(inp.comparison_md)),
+            base_model=inp.base_model,
+            merge=inp.merge,
+            dedup_metrics=inp.dedup,
+            refine_metrics=inp.refine,
+            io_speed=inp.io_speed,
+            classifier_metrics=inp.classifier,
+        ),
+    )
 
 
-def build_all(inp: ReportInputs, metrics_diff: Mapping[str, Any] | None = None,
-              diff_base: str | None = None) -> list[Section]:
+def build_all(
+    inp: ReportInputs, metrics_diff: Mapping[str, Any] | None = None, diff_base: str | None = None
+) -> list[Section]:
     """Every section in report order (what the notebook shows, for use without a kernel)."""
-    return [headline(inp), gate(inp), changes(metrics_diff, diff_base), funnel(inp), small_domains(inp), dedup(inp),
-            storage(inp), load_speed(inp), lora(inp), task_vectors(inp), perplexity(inp), continuations(inp),
-            refine(inp), classifier(inp), limits(inp)]
+    return [
+        headline(inp),
+        gate(inp),
+        changes(metrics_diff, diff_base),
+        funnel(inp),
+        small_domains(inp),
+        dedup(inp),
+        storage(inp),
+        load_speed(inp),
+        lora(inp),
+        task_vectors(inp),
+        perplexity(inp),
+        continuations(inp),
+        refine(inp),
+        classifier(inp),
+        limits(inp),
+    ]
 
 
 def show(section: Section) -> None:
@@ -236,7 +331,9 @@ def show(section: Section) -> None:
     for block in section.blocks:
         if isinstance(block, FigureBlock):
             png = figures.png_bytes(block.figure)
-            publish_display_data({"image/png": base64.b64encode(png).decode("ascii"), "text/plain": block.alt},
-                                 metadata={"filename": f"{block.name}.png", "alt": block.alt})
+            publish_display_data(
+                {"image/png": base64.b64encode(png).decode("ascii"), "text/plain": block.alt},
+                metadata={"filename": f"{block.name}.png", "alt": block.alt},
+            )
         else:
             display(Markdown(block))

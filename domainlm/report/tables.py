@@ -3,10 +3,12 @@
 Each function takes plain data (metrics dicts, DataFrames, lists) and returns rows (lists of dicts)
 or small DataFrames; nothing here reads files or draws.
 """
+
 from __future__ import annotations
 
 import re
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -36,18 +38,20 @@ def funnel_rows(validate: Mapping, dedup: Mapping, split: Mapping, domains: Iter
         by_file = validate.get("by_file", {}).get(f"{d}.jsonl")
         dd = dedup["per_domain"][d]
         sp = split["domains"][d]
-        rows.append({
-            "domain": d,
-            "lines_read": by_file["lines_read"] if by_file else None,
-            "rejected": by_file["rejected"] if by_file else None,
-            "validated": validate["by_domain"].get(d, {}).get("kept", 0),   # absent: every line rejected
-            "exact_removed": dd["exact_removed"],
-            "near_removed": dd["near_removed"],
-            "deduplicated": dd["after"],
-            "train": sp["train"]["docs"],
-            "val": sp["val"]["docs"],
-            "test": sp["test"]["docs"],
-        })
+        rows.append(
+            {
+                "domain": d,
+                "lines_read": by_file["lines_read"] if by_file else None,
+                "rejected": by_file["rejected"] if by_file else None,
+                "validated": validate["by_domain"].get(d, {}).get("kept", 0),  # absent: every line rejected
+                "exact_removed": dd["exact_removed"],
+                "near_removed": dd["near_removed"],
+                "deduplicated": dd["after"],
+                "train": sp["train"]["docs"],
+                "val": sp["val"]["docs"],
+                "test": sp["test"]["docs"],
+            }
+        )
     return rows
 
 
@@ -63,8 +67,9 @@ def removal_reasons(validate: Mapping, dedup: Mapping) -> dict[str, int]:
     return dict(sorted(((k, v) for k, v in reasons.items() if v), key=lambda kv: -kv[1]))
 
 
-def small_domains(split: Mapping, train_lora: Mapping, evaluate: Mapping, domains: Iterable[str],
-                  min_train_docs: int = MIN_TRAIN_DOCS) -> list[dict[str, Any]]:
+def small_domains(
+    split: Mapping, train_lora: Mapping, evaluate: Mapping, domains: Iterable[str], min_train_docs: int = MIN_TRAIN_DOCS
+) -> list[dict[str, Any]]:
     """Domains with fewer than ``min_train_docs`` training documents (see :data:`MIN_TRAIN_DOCS`).
 
     Returns:
@@ -77,9 +82,17 @@ def small_domains(split: Mapping, train_lora: Mapping, evaluate: Mapping, domain
         sp = split["domains"][d]
         if sp["train"]["docs"] < min_train_docs:
             tl = train_lora.get(d, {})
-            out.append({"domain": d, "train": sp["train"]["docs"], "val": sp["val"]["docs"],
-                        "test": sp["test"]["docs"], "test_tokens": tokens.get(d),
-                        "lora_steps": tl.get("steps"), "lora_tokens_seen": tl.get("tokens_seen")})
+            out.append(
+                {
+                    "domain": d,
+                    "train": sp["train"]["docs"],
+                    "val": sp["val"]["docs"],
+                    "test": sp["test"]["docs"],
+                    "test_tokens": tokens.get(d),
+                    "lora_steps": tl.get("steps"),
+                    "lora_tokens_seen": tl.get("tokens_seen"),
+                }
+            )
     return out
 
 
@@ -91,11 +104,16 @@ def p_candidate(jaccard: np.ndarray | float, bands: int, rows: int) -> np.ndarra
 
 def storage_rows(parquet: Mapping, domains: Iterable[str]) -> list[dict[str, Any]]:
     """Bytes on disk per domain: JSONL (after dedup) vs Parquet, and their ratio (JSONL / Parquet)."""
-    return [{"domain": d, "rows": parquet["domains"][d]["rows"],
-             "jsonl_bytes": parquet["domains"][d]["jsonl_bytes"],
-             "parquet_bytes": parquet["domains"][d]["parquet_bytes"],
-             "compression_ratio": parquet["domains"][d]["jsonl_bytes"] / parquet["domains"][d]["parquet_bytes"]}
-            for d in domains]
+    return [
+        {
+            "domain": d,
+            "rows": parquet["domains"][d]["rows"],
+            "jsonl_bytes": parquet["domains"][d]["jsonl_bytes"],
+            "parquet_bytes": parquet["domains"][d]["parquet_bytes"],
+            "compression_ratio": parquet["domains"][d]["jsonl_bytes"] / parquet["domains"][d]["parquet_bytes"],
+        }
+        for d in domains
+    ]
 
 
 def lora_rows(train_lora: Mapping, domains: Iterable[str]) -> list[dict[str, Any]]:
@@ -103,11 +121,21 @@ def lora_rows(train_lora: Mapping, domains: Iterable[str]) -> list[dict[str, Any
     rows = []
     for d in domains:
         m = train_lora[d]
-        rows.append({"domain": d, "steps": m["steps"], "best_step": m["best_step"],
-                     "train_loss": m["train_loss"], "val_loss": m["val_loss"], "base_val_loss": m["base_val_loss"],
-                     "base_val_perplexity": m["base_val_perplexity"], "val_perplexity": m["val_perplexity"],
-                     "tokens_seen": m["tokens_seen"], "train_s": m["train_s"],
-                     "still_improving": m["best_step"] == m["steps"]})
+        rows.append(
+            {
+                "domain": d,
+                "steps": m["steps"],
+                "best_step": m["best_step"],
+                "train_loss": m["train_loss"],
+                "val_loss": m["val_loss"],
+                "base_val_loss": m["base_val_loss"],
+                "base_val_perplexity": m["base_val_perplexity"],
+                "val_perplexity": m["val_perplexity"],
+                "tokens_seen": m["tokens_seen"],
+                "train_s": m["train_s"],
+                "still_improving": m["best_step"] == m["steps"],
+            }
+        )
     return rows
 
 
@@ -131,8 +159,17 @@ def gain_rows(evaluate: Mapping, domains: Iterable[str]) -> list[dict[str, Any]]
     """
     ppl = evaluate["perplexity"]
     tokens = evaluate.get("tokens", {}).get("perplexity_stream", {})
-    return [{"domain": d, "base": ppl["base"][d], "expert": ppl[f"expert_{d}"][d], "merged": ppl["merged"][d],
-             "retained_gain": evaluate["retained_gain"][d], "test_tokens": tokens.get(d)} for d in domains]
+    return [
+        {
+            "domain": d,
+            "base": ppl["base"][d],
+            "expert": ppl[f"expert_{d}"][d],
+            "merged": ppl["merged"][d],
+            "retained_gain": evaluate["retained_gain"][d],
+            "test_tokens": tokens.get(d),
+        }
+        for d in domains
+    ]
 
 
 def cosine_matrix(cosine: pd.DataFrame, domains: list[str]) -> pd.DataFrame:
@@ -144,7 +181,7 @@ def cosine_matrix(cosine: pd.DataFrame, domains: list[str]) -> pd.DataFrame:
 def off_diagonal(matrix: pd.DataFrame) -> list[tuple[str, str, float]]:
     """The pairs (a, b, value) above the diagonal of a square table, largest value first."""
     names = list(matrix.index)
-    pairs = [(a, b, float(matrix.loc[a, b])) for i, a in enumerate(names) for b in names[i + 1:]]
+    pairs = [(a, b, float(matrix.loc[a, b])) for i, a in enumerate(names) for b in names[i + 1 :]]
     return sorted(pairs, key=lambda p: -p[2])
 
 
@@ -181,12 +218,13 @@ def distinct_ngram_ratio(text: str, n: int = 4) -> float | None:
     A repetition measure for generated text (distinct-n, Li et al. 2016, on characters, which suits
     Korean without a tokenizer). None when ``text`` is shorter than ``n``.
     """
-    grams = [text[i:i + n] for i in range(len(text) - n + 1)]
+    grams = [text[i : i + n] for i in range(len(text) - n + 1)]
     return len(set(grams)) / len(grams) if grams else None
 
 
-def continuation_rows(comparison: Mapping[str, list[Mapping[str, str]]], columns=("reference", "base", "merged"),
-                      n: int = 4) -> list[dict[str, Any]]:
+def continuation_rows(
+    comparison: Mapping[str, list[Mapping[str, str]]], columns=("reference", "base", "merged"), n: int = 4
+) -> list[dict[str, Any]]:
     """Per domain: examples shown and the mean distinct character n-gram ratio of each column."""
     rows = []
     for domain, examples in comparison.items():
@@ -203,8 +241,12 @@ def is_run_cost(key: str) -> bool:
     """True for a metric that measures the run (seconds, MiB, throughput, worker count), not its result."""
     parts = key.split(".")
     last = parts[-1]
-    return (bool(_RUN_COST_SECTIONS.intersection(parts[:-1])) or last in _RUN_COST_NAMES
-            or last.endswith(("_s", "_mb")) or "peak_rss" in last)
+    return (
+        bool(_RUN_COST_SECTIONS.intersection(parts[:-1]))
+        or last in _RUN_COST_NAMES
+        or last.endswith(("_s", "_mb"))
+        or "peak_rss" in last
+    )
 
 
 def change_rows(metrics_diff: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> tuple[list[dict[str, Any]], int]:
@@ -234,6 +276,10 @@ def change_rows(metrics_diff: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> 
             numeric = isinstance(old, (int, float)) and isinstance(new, (int, float))
             rel = diff / abs(old) if numeric and diff is not None and old else None
             rows.append({"file": file, "metric": key, "old": old, "new": new, "diff": diff, "relative": rel})
-    rows.sort(key=lambda r: (-(abs(r["relative"]) if r["relative"] is not None else float("inf")),
-                             -abs(r["diff"]) if isinstance(r["diff"], (int, float)) else 0.0))
+    rows.sort(
+        key=lambda r: (
+            -(abs(r["relative"]) if r["relative"] is not None else float("inf")),
+            -abs(r["diff"]) if isinstance(r["diff"], (int, float)) else 0.0,
+        )
+    )
     return rows, n_cost

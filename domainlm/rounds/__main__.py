@@ -1,6 +1,7 @@
 """``python -m domainlm.rounds <command>``: ``round`` (the daily round), ``promote`` (decide and promote from the
 last ``dvc repro``), ``serve`` / ``stop`` (serve ``models/deployed``), ``bootstrap`` (the empty ``models/deployed``).
 Run from the repository root."""
+
 from __future__ import annotations
 
 import argparse
@@ -32,8 +33,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "round":
             from domainlm.rounds.daily import run_round
 
-            result = run_round(deploy=not args.no_deploy, push=not args.no_push, host=args.host,
-                               ports=[int(p) for p in args.ports.split(",")])
+            result = run_round(
+                deploy=not args.no_deploy,
+                push=not args.no_push,
+                host=args.host,
+                ports=[int(p) for p in args.ports.split(",")],
+            )
             print(json.dumps(result.as_dict(), ensure_ascii=False), flush=True)
             return result.exit_code
         if args.command == "promote":
@@ -46,8 +51,9 @@ def main(argv: list[str] | None = None) -> int:
             from domainlm.rounds.daily import serving_config
             from domainlm.rounds.server import deploy
 
-            state = deploy(paths.DEPLOYED_DIR, serving_config(), host=args.host,
-                           ports=[int(p) for p in args.ports.split(",")])
+            state = deploy(
+                paths.DEPLOYED_DIR, serving_config(), host=args.host, ports=[int(p) for p in args.ports.split(",")]
+            )
             print(json.dumps(state), flush=True)
             return 0
         if args.command == "stop":

@@ -10,6 +10,7 @@ model, or found nothing new; 2 when the gate failed (``train_classifier`` wrote 
 committed and tagged, nothing is promoted); 1 on an error, including another round holding the lock. A second run
 with no new data runs no stage, commits nothing and creates no tag.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -20,9 +21,10 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 from domainlm.classify.deployed import read_manifest
 from domainlm.common import params as P
@@ -36,8 +38,15 @@ EXIT_OK, EXIT_ERROR, EXIT_GATE_FAILED = 0, 1, 2
 LOCK_FILE = Path(".cache/round.lock")
 CLASSIFIER_METRICS = paths.METRICS_DIR / "classifier.json"
 #: What a round commits (those that exist): DVC's lock and pointers, metrics, plots, the report, the eval table.
-COMMITTED = ("dvc.lock", "models/deployed.dvc", "data/labels/overrides.parquet.dvc", "metrics", "plots", "reports",
-             "eval")
+COMMITTED = (
+    "dvc.lock",
+    "models/deployed.dvc",
+    "data/labels/overrides.parquet.dvc",
+    "metrics",
+    "plots",
+    "reports",
+    "eval",
+)
 #: ...and every ``.gitignore`` DVC writes beside an output (git pathspec).
 GITIGNORES = ":(glob)**/.gitignore"
 
@@ -63,8 +72,15 @@ class RoundResult:
         return EXIT_GATE_FAILED if self.decision.action == GATE_FAILED else EXIT_OK
 
     def as_dict(self) -> dict[str, Any]:
-        return {"decision": self.decision.as_dict(), "ran": self.ran, "commit": self.commit, "tag": self.tag,
-                "served": self.served, "seconds": round(self.seconds, 1), "exit_code": self.exit_code}
+        return {
+            "decision": self.decision.as_dict(),
+            "ran": self.ran,
+            "commit": self.commit,
+            "tag": self.tag,
+            "served": self.served,
+            "seconds": round(self.seconds, 1),
+            "exit_code": self.exit_code,
+        }
 
 
 class RoundLock:
@@ -79,7 +95,7 @@ class RoundLock:
         self.path = Path(path)
         self.fd: int | None = None
 
-    def __enter__(self) -> "RoundLock":
+    def __enter__(self) -> RoundLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -146,8 +162,11 @@ def pending_changes(cwd: str | os.PathLike = ".") -> list[str]:
 def next_tag(day: dt.date, cwd: str | os.PathLike = ".") -> str:
     """``round-YYYYMMDD-N``, N one more than the day's highest existing tag (1 for the first)."""
     prefix = f"round-{day:%Y%m%d}-"
-    numbers = [int(t[len(prefix):]) for t in sh(["git", "tag", "--list", f"{prefix}*"], cwd=cwd).stdout.split()
-               if t[len(prefix):].isdigit()]
+    numbers = [
+        int(t[len(prefix) :])
+        for t in sh(["git", "tag", "--list", f"{prefix}*"], cwd=cwd).stdout.split()
+        if t[len(prefix) :].isdigit()
+    ]
     return f"{prefix}{max(numbers, default=0) + 1}"
 
 
@@ -179,12 +198,22 @@ def decide_and_promote(*, dvc: str = "dvc", promote: bool = True) -> Decision:
     test_sha = split_sha256(test)
     manifest = read_manifest(paths.DEPLOYED_DIR)
     if manifest is not None and int(manifest["version"]) == int(metrics["registry"]["version"]):
-        return Decision(KEEP, f"v{manifest['version']} is already deployed", float(metrics["lora"]["macro_f1"]),
-                        float(manifest["test_macro_f1"]), int(manifest["version"]))
+        return Decision(
+            KEEP,
+            f"v{manifest['version']} is already deployed",
+            float(metrics["lora"]["macro_f1"]),
+            float(manifest["test_macro_f1"]),
+            int(manifest["version"]),
+        )
 
     def rescore() -> float:
-        return promotion.rescore_deployed(paths.DEPLOYED_DIR, test.texts, test.labels, max_length=int(cfg["max_length"]),
-                                          batch_size=int((cfg.get("train") or {}).get("eval_batch_size", 16)))
+        return promotion.rescore_deployed(
+            paths.DEPLOYED_DIR,
+            test.texts,
+            test.labels,
+            max_length=int(cfg["max_length"]),
+            batch_size=int((cfg.get("train") or {}).get("eval_batch_size", 16)),
+        )
 
     decision = promotion.decide(metrics, manifest, test_sha256=test_sha, rescore=rescore)
     log.info("decision: %s: %s", decision.action, decision.reason)
@@ -194,9 +223,17 @@ def decide_and_promote(*, dvc: str = "dvc", promote: bool = True) -> Decision:
     if decision.action == PROMOTE and promote:
         config = json.loads((paths.CLASSIFIER_DIR / "model" / "config.json").read_text(encoding="utf-8"))
         classes = [config["id2label"][str(i)] for i in range(len(config["id2label"]))]
-        promotion.promote(metrics=metrics, client=client, model_name=model_name, test_sha256=test_sha,
-                          classifier_dir=paths.CLASSIFIER_DIR, deployed_dir=paths.DEPLOYED_DIR,
-                          merged_dir=paths.MERGED_DIR, classes=classes, dvc=dvc)
+        promotion.promote(
+            metrics=metrics,
+            client=client,
+            model_name=model_name,
+            test_sha256=test_sha,
+            classifier_dir=paths.CLASSIFIER_DIR,
+            deployed_dir=paths.DEPLOYED_DIR,
+            merged_dir=paths.MERGED_DIR,
+            classes=classes,
+            dvc=dvc,
+        )
     return decision
 
 
@@ -208,12 +245,23 @@ def serving_config() -> dict[str, Any]:
     cfg = P.section("classifier")
     _, n_predict_windows = windows_params(cfg)
     dtype = (P.load_params().get("compute") or {}).get("dtype") or "fp32"
-    return {"max_length": int(cfg["max_length"]), "max_windows": n_predict_windows, **(cfg.get("serving") or {}),
-            "dtype": dtype}
+    return {
+        "max_length": int(cfg["max_length"]),
+        "max_windows": n_predict_windows,
+        **(cfg.get("serving") or {}),
+        "dtype": dtype,
+    }
 
 
-def run_round(*, deploy: bool = True, push: bool = True, host: str = "127.0.0.1", ports: Sequence[int] = (5077, 5078),
-              dvc: str = "dvc", today: dt.date | None = None) -> RoundResult:
+def run_round(
+    *,
+    deploy: bool = True,
+    push: bool = True,
+    host: str = "127.0.0.1",
+    ports: Sequence[int] = (5077, 5078),
+    dvc: str = "dvc",
+    today: dt.date | None = None,
+) -> RoundResult:
     """One round in the current directory (the repository root), under :class:`RoundLock`.
 
     Raises:
@@ -236,7 +284,7 @@ def run_round(*, deploy: bool = True, push: bool = True, host: str = "127.0.0.1"
         sh(["git", "add", "-A", "--", *existing])
         commit = tag = None
         if sh(["git", "diff", "--cached", "--quiet", "--", *existing], check=False).returncode != 0:
-            tag = next_tag(today or dt.datetime.now(dt.timezone.utc).date())
+            tag = next_tag(today or dt.datetime.now(dt.UTC).date())
             message = f"{tag}: {decision.action}: {decision.reason}\n\nstages run: {', '.join(ran) or 'none'}"
             sh(["git", "commit", "-q", "-m", message, "--", *existing])
             commit = sh(["git", "rev-parse", "HEAD"]).stdout.strip()
@@ -248,4 +296,3 @@ def run_round(*, deploy: bool = True, push: bool = True, host: str = "127.0.0.1"
 
             served = deploy_server(paths.DEPLOYED_DIR, serving_config(), host=host, ports=ports)
         return RoundResult(decision, ran, commit, tag, served, time.monotonic() - started)
-

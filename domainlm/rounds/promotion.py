@@ -10,6 +10,7 @@ model's test macro-F1 is at least the deployed model's **on the current test spl
 that split comes from, in order: its manifest (same ``test_sha256``); attempt 0 of this run when ``train_classifier``
 started from it; else re-scoring it (:func:`rescore_deployed`).
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -18,9 +19,10 @@ import logging
 import os
 import shutil
 import subprocess
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from domainlm.classify.deployed import MANIFEST, tree_sha256
 from domainlm.common.atomic import atomic_path
@@ -78,8 +80,9 @@ def start_case(metrics: Mapping[str, Any]) -> str:
     return str(start.get("case", "fresh"))
 
 
-def decide(metrics: Mapping[str, Any], manifest: Mapping[str, Any] | None, *, test_sha256: str,
-           rescore: Callable[[], float]) -> Decision:
+def decide(
+    metrics: Mapping[str, Any], manifest: Mapping[str, Any] | None, *, test_sha256: str, rescore: Callable[[], float]
+) -> Decision:
     """Decide from ``metrics/classifier.json`` and the deployed manifest.
 
     Args:
@@ -98,12 +101,22 @@ def decide(metrics: Mapping[str, Any], manifest: Mapping[str, Any] | None, *, te
     version = int(metrics["registry"]["version"])
     case = start_case(metrics)
     if case == "deployed_kept":
-        return Decision(KEEP, "the deployed model passed the gate on the current test split; nothing trained",
-                        new_f1, new_f1, version)
+        return Decision(
+            KEEP,
+            "the deployed model passed the gate on the current test split; nothing trained",
+            new_f1,
+            new_f1,
+            version,
+        )
     if not int(metrics["gate"]["passed"]):
-        return Decision(GATE_FAILED, f"the gate failed after {metrics['gate'].get('attempts')} attempt(s) "
-                                     f"(best test macro-F1 {new_f1:.4f} < {metrics['gate'].get('min_f1')})",
-                        new_f1, None, version)
+        return Decision(
+            GATE_FAILED,
+            f"the gate failed after {metrics['gate'].get('attempts')} attempt(s) "
+            f"(best test macro-F1 {new_f1:.4f} < {metrics['gate'].get('min_f1')})",
+            new_f1,
+            None,
+            version,
+        )
     if manifest is None:
         return Decision(PROMOTE, "the gate passed and nothing is deployed yet", new_f1, None, version)
     if manifest.get("test_sha256") == test_sha256:
@@ -115,10 +128,22 @@ def decide(metrics: Mapping[str, Any], manifest: Mapping[str, Any] | None, *, te
     else:
         deployed_f1, how = float(rescore()), "re-scored on the current test split"
     if new_f1 >= deployed_f1:
-        return Decision(PROMOTE, f"the gate passed and test macro-F1 {new_f1:.4f} >= the deployed v"
-                                 f"{manifest['version']}'s {deployed_f1:.4f} ({how})", new_f1, deployed_f1, version)
-    return Decision(KEEP, f"the gate passed but test macro-F1 {new_f1:.4f} < the deployed v{manifest['version']}'s "
-                          f"{deployed_f1:.4f} ({how}); the deployed model stays", new_f1, deployed_f1, version)
+        return Decision(
+            PROMOTE,
+            f"the gate passed and test macro-F1 {new_f1:.4f} >= the deployed v"
+            f"{manifest['version']}'s {deployed_f1:.4f} ({how})",
+            new_f1,
+            deployed_f1,
+            version,
+        )
+    return Decision(
+        KEEP,
+        f"the gate passed but test macro-F1 {new_f1:.4f} < the deployed v{manifest['version']}'s "
+        f"{deployed_f1:.4f} ({how}); the deployed model stays",
+        new_f1,
+        deployed_f1,
+        version,
+    )
 
 
 def rescore_deployed(deployed_dir: str | os.PathLike, texts, labels, *, max_length: int, batch_size: int = 16) -> float:
@@ -136,18 +161,34 @@ def rescore_deployed(deployed_dir: str | os.PathLike, texts, labels, *, max_leng
     return macro_f1(list(labels), [classes[j] for j in proba.argmax(axis=1)])
 
 
-def build_manifest(*, registry_name: str, version: int, run_id: str, test_macro_f1: float, test_sha256: str,
-                   merged_dir: str | os.PathLike, classes, date: dt.datetime | None = None) -> dict[str, Any]:
+def build_manifest(
+    *,
+    registry_name: str,
+    version: int,
+    run_id: str,
+    test_macro_f1: float,
+    test_sha256: str,
+    merged_dir: str | os.PathLike,
+    classes,
+    date: dt.datetime | None = None,
+) -> dict[str, Any]:
     """The ``deployed.json`` of a promoted model (keys :data:`domainlm.classify.deployed.MANIFEST_KEYS`)."""
-    date = date or dt.datetime.now(dt.timezone.utc)
-    return {"registry_name": registry_name, "version": int(version), "run_id": run_id,
-            "test_macro_f1": round(float(test_macro_f1), 6), "test_sha256": test_sha256,
-            "merged_lm_sha256": tree_sha256(merged_dir), "classes": list(classes),
-            "date": date.strftime("%Y-%m-%dT%H:%M:%SZ")}
+    date = date or dt.datetime.now(dt.UTC)
+    return {
+        "registry_name": registry_name,
+        "version": int(version),
+        "run_id": run_id,
+        "test_macro_f1": round(float(test_macro_f1), 6),
+        "test_sha256": test_sha256,
+        "merged_lm_sha256": tree_sha256(merged_dir),
+        "classes": list(classes),
+        "date": date.strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
 
 
-def replace_deployed(classifier_dir: str | os.PathLike, deployed_dir: str | os.PathLike,
-                     manifest: Mapping[str, Any]) -> Path:
+def replace_deployed(
+    classifier_dir: str | os.PathLike, deployed_dir: str | os.PathLike, manifest: Mapping[str, Any]
+) -> Path:
     """Copy ``<classifier_dir>/{model,adapter}`` and write ``manifest`` into a sibling of ``deployed_dir``, then
     rename it onto ``deployed_dir`` (the old folder is removed only after the rename).
 
@@ -172,9 +213,19 @@ def set_champion(client, model_name: str, version: int) -> None:
     client.set_registered_model_alias(model_name, CHAMPION, str(int(version)))
 
 
-def promote(*, metrics: Mapping[str, Any], client, model_name: str, test_sha256: str, classifier_dir: str | os.PathLike,
-            deployed_dir: str | os.PathLike, merged_dir: str | os.PathLike, classes, repo: str | os.PathLike = ".",
-            dvc: str = "dvc") -> dict[str, Any]:
+def promote(
+    *,
+    metrics: Mapping[str, Any],
+    client,
+    model_name: str,
+    test_sha256: str,
+    classifier_dir: str | os.PathLike,
+    deployed_dir: str | os.PathLike,
+    merged_dir: str | os.PathLike,
+    classes,
+    repo: str | os.PathLike = ".",
+    dvc: str = "dvc",
+) -> dict[str, Any]:
     """Promote this run's classifier: ``champion`` alias → its registry version, ``models/deployed`` replaced,
     ``dvc add`` (updates ``models/deployed.dvc``), ``dvc commit train_classifier`` (records the new folder as that
     stage's dep in ``dvc.lock``). Returns the new manifest.
@@ -185,9 +236,15 @@ def promote(*, metrics: Mapping[str, Any], client, model_name: str, test_sha256:
     """
     version = int(metrics["registry"]["version"])
     run_id = client.get_model_version(model_name, str(version)).run_id
-    manifest = build_manifest(registry_name=model_name, version=version, run_id=run_id,
-                              test_macro_f1=float(metrics["lora"]["macro_f1"]), test_sha256=test_sha256,
-                              merged_dir=merged_dir, classes=classes)
+    manifest = build_manifest(
+        registry_name=model_name,
+        version=version,
+        run_id=run_id,
+        test_macro_f1=float(metrics["lora"]["macro_f1"]),
+        test_sha256=test_sha256,
+        merged_dir=merged_dir,
+        classes=classes,
+    )
     replace_deployed(classifier_dir, deployed_dir, manifest)
     set_champion(client, model_name, version)
     subprocess.run([dvc, "add", "-q", str(deployed_dir)], cwd=repo, check=True)
@@ -195,6 +252,12 @@ def promote(*, metrics: Mapping[str, Any], client, model_name: str, test_sha256:
     # the next `dvc repro` would re-run it only because the promote replaced its input (and re-score the model it
     # just produced). Its outputs stand: models/classifier holds the very model now deployed.
     subprocess.run([dvc, "commit", "-f", "-q", CLASSIFIER_STAGE], cwd=repo, check=True)
-    log.info("promoted %s v%d (test macro-F1 %.4f) into %s; champion -> v%d", model_name, version,
-             manifest["test_macro_f1"], deployed_dir, version)
+    log.info(
+        "promoted %s v%d (test macro-F1 %.4f) into %s; champion -> v%d",
+        model_name,
+        version,
+        manifest["test_macro_f1"],
+        deployed_dir,
+        version,
+    )
     return manifest

@@ -10,6 +10,7 @@ answers 200, records it in ``.cache/serve/server.json`` (what clients and a fron
 server with SIGTERM: uvicorn stops accepting, finishes the requests in flight, and exits. ``mlflow models serve``
 resolves its model once, at start (shared/conventions.md), so a new model always means a new process.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,9 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from domainlm.classify.deployed import MANIFEST, read_manifest, tree_sha256
 from domainlm.common.atomic import alive, atomic_path, write_json
@@ -36,7 +38,9 @@ STATE_FILE = SERVE_DIR / "server.json"
 DEFAULT_PORTS = (5077, 5078)
 
 
-def build_pyfunc(deployed_dir: str | os.PathLike, out_root: str | os.PathLike, serving_config: Mapping[str, Any]) -> Path:
+def build_pyfunc(
+    deployed_dir: str | os.PathLike, out_root: str | os.PathLike, serving_config: Mapping[str, Any]
+) -> Path:
     """Save ``<deployed_dir>/model`` as an MLflow pyfunc model folder under ``out_root`` (once per deployed content).
 
     Returns:
@@ -63,11 +67,16 @@ def build_pyfunc(deployed_dir: str | os.PathLike, out_root: str | os.PathLike, s
         shutil.copytree(code_root, package, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         out.rmdir()  # save_model wants to create the folder itself
         mlflow.pyfunc.save_model(
-            path=str(out), python_model=str(SERVED_MODEL_FILE),
-            artifacts={ARTIFACT_KEY: str(Path(deployed_dir) / "model")}, code_paths=[str(package)],
+            path=str(out),
+            python_model=str(SERVED_MODEL_FILE),
+            artifacts={ARTIFACT_KEY: str(Path(deployed_dir) / "model")},
+            code_paths=[str(package)],
             # no signature argument: MLflow infers it from predict's type hint (list[str], domainlm.classify.serving)
-            model_config=dict(serving_config), input_example=[INPUT_EXAMPLE_TEXT], pip_requirements=pip_requirements(),
-            metadata={"deployed": {k: manifest[k] for k in ("registry_name", "version", "run_id", "test_macro_f1")}})
+            model_config=dict(serving_config),
+            input_example=[INPUT_EXAMPLE_TEXT],
+            pip_requirements=pip_requirements(),
+            metadata={"deployed": {k: manifest[k] for k in ("registry_name", "version", "run_id", "test_macro_f1")}},
+        )
     return target
 
 
@@ -81,18 +90,45 @@ def read_state(state_file: str | os.PathLike = STATE_FILE) -> dict[str, Any] | N
     return state if alive(int(state["pid"])) else None
 
 
-def start_server(model_path: str | os.PathLike, *, host: str, port: int, log_path: str | os.PathLike,
-                 workers: int = 1, timeout_s: int = 60) -> subprocess.Popen:
+def start_server(
+    model_path: str | os.PathLike,
+    *,
+    host: str,
+    port: int,
+    log_path: str | os.PathLike,
+    workers: int = 1,
+    timeout_s: int = 60,
+) -> subprocess.Popen:
     """Start ``mlflow models serve -m <model_path> --env-manager local`` in its own session (process group), its
     output appended to ``log_path``. Returns at once; :func:`wait_ready` waits for it."""
     mlflow_cli = Path(sys.executable).with_name("mlflow")
-    cmd = [str(mlflow_cli), "models", "serve", "-m", str(Path(model_path).resolve()), "--env-manager", "local",
-           "-h", host, "-p", str(port), "--workers", str(workers), "--timeout", str(timeout_s)]
+    cmd = [
+        str(mlflow_cli),
+        "models",
+        "serve",
+        "-m",
+        str(Path(model_path).resolve()),
+        "--env-manager",
+        "local",
+        "-h",
+        host,
+        "-p",
+        str(port),
+        "--workers",
+        str(workers),
+        "--timeout",
+        str(timeout_s),
+    ]
     Path(log_path).parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as out:
-        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, env={**os.environ, "HF_HUB_OFFLINE": "1",
-                                                             "TRANSFORMERS_OFFLINE": "1"})
+        return subprocess.Popen(
+            cmd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
+        )
 
 
 def ping(url: str, timeout_s: float = 2.0) -> bool:
@@ -144,9 +180,17 @@ def stop_server(pid: int, *, grace_s: float = 30.0) -> None:
         pass
 
 
-def deploy(deployed_dir: str | os.PathLike, serving_config: Mapping[str, Any], *, host: str = "127.0.0.1",
-           ports: Sequence[int] = DEFAULT_PORTS, serve_dir: str | os.PathLike = SERVE_DIR, workers: int = 1,
-           timeout_s: int = 60, ready_timeout_s: float = 180.0) -> dict[str, Any]:
+def deploy(
+    deployed_dir: str | os.PathLike,
+    serving_config: Mapping[str, Any],
+    *,
+    host: str = "127.0.0.1",
+    ports: Sequence[int] = DEFAULT_PORTS,
+    serve_dir: str | os.PathLike = SERVE_DIR,
+    workers: int = 1,
+    timeout_s: int = 60,
+    ready_timeout_s: float = 180.0,
+) -> dict[str, Any]:
     """Serve ``deployed_dir``: start the new server on the port of ``ports`` the old one does not use, wait for
     ``/ping``, record it in ``<serve_dir>/server.json``, then stop the old server. A server already serving this
     exact content is left running.
@@ -170,16 +214,29 @@ def deploy(deployed_dir: str | os.PathLike, serving_config: Mapping[str, Any], *
         return {**old, "replaced_pid": None}
     port = next(p for p in ports if not old or int(p) != int(old["port"]))
     url = f"http://{host}:{port}"
-    proc = start_server(model_path, host=host, port=port, log_path=serve_dir / f"server-{port}.log", workers=workers,
-                        timeout_s=timeout_s)
+    proc = start_server(
+        model_path,
+        host=host,
+        port=port,
+        log_path=serve_dir / f"server-{port}.log",
+        workers=workers,
+        timeout_s=timeout_s,
+    )
     try:
         wait_ready(url, proc, ready_timeout_s)
     except BaseException:
         stop_server(proc.pid, grace_s=5)
         raise
     manifest = read_manifest(deployed_dir) or {}
-    state = {"pid": proc.pid, "host": host, "port": port, "url": url, "model_path": str(model_path.resolve()),
-             "version": manifest.get("version"), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    state = {
+        "pid": proc.pid,
+        "host": host,
+        "port": port,
+        "url": url,
+        "model_path": str(model_path.resolve()),
+        "version": manifest.get("version"),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     write_json(state_file, state)
     if old:
         stop_server(int(old["pid"]))
