@@ -66,7 +66,8 @@ def run(
             max_tokens_per_domain, bleu_tokenize, continuation, gate, registry).
         mlflow: the ``mlflow`` module inside an active run.
         compute: the compute policy (:mod:`domainlm.common.compute`): the perplexity passes run under its autocast
-            (None = fp32). Greedy decoding stays fp32 on one thread (:func:`~domainlm.lm.evaluation.greedy_continuations`).
+            (None = fp32). Greedy decoding stays fp32 on one thread
+            (:func:`~domainlm.lm.evaluation.greedy_continuations`).
 
     Returns:
         metrics: ``perplexity`` ({model: {domain: ppl}}), ``retained_gain``, ``mean_retained_gain``,

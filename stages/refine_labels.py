@@ -48,7 +48,8 @@ def run(
     history_path: str | Path,
     compute=None,
 ) -> dict[str, Any]:
-    """The whole stage, on at most ``cfg.threads`` compute threads (torch + BLAS); the LM embedding pass on ``compute``'s.
+    """The whole stage, on at most ``cfg.threads`` compute threads (torch + BLAS); the LM embedding pass on
+    ``compute``'s.
 
     Loads the ``sentences`` table (texts from the split outputs, labels from the split stage's
     label table), builds the five ensemble members on the frozen merged LM, runs the refinement
@@ -75,8 +76,8 @@ def run(
         ``iterations``, ``converged`` (0/1), ``labels_changed``, ``label_change_rate`` (fraction),
         ``mean_confidence``, ``review_queue_rows``, ``final_iteration`` (its history row, NaNs left
         out), the last round's member ``weights``, ``temperatures`` and out-of-fold accuracy
-        ``oof_accuracy``, durations in seconds (``load_s``, ``lexical_features_s``, ``tfidf_features_s``, ``tokenize_s``,
-        ``embed_s``, ``refine_s``, ``wall_s``) and ``peak_rss_mb`` (MiB).
+        ``oof_accuracy``, durations in seconds (``load_s``, ``lexical_features_s``, ``tfidf_features_s``,
+        ``tokenize_s``, ``embed_s``, ``refine_s``, ``wall_s``) and ``peak_rss_mb`` (MiB).
 
     Raises:
         FileNotFoundError: when a split output, the label table or the merged model is missing.

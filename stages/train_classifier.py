@@ -1,6 +1,6 @@
 """train_classifier: a LoRA sequence classifier on the merged LM (peft ``SEQ_CLS``, Hu et al. 2021) trained on the
 refined labels, scored on the test split's source labels against a char TF-IDF baseline (scikit-learn), gated on
-macro-F1 with bounded retries that continue the previous model (seed 003), alerted, and registered in MLflow so that
+macro-F1 with bounded retries that continue the previous model (a warm start), alerted, and registered in MLflow so that
 the champion never regresses. When a compatible model is deployed (``models/deployed``), it is scored first and kept
 when it passes; otherwise the retries fine-tune it further.
 
@@ -80,7 +80,8 @@ def run(
     ``out_dir`` (``model/``, ``adapter/``)
     atomically; write one CSV row per test document for the LoRA model and the baseline (``dvc plots``
     confusion matrices); bootstrap both test macro-F1s and their difference
-    (:func:`domainlm.classify.metrics.macro_f1_intervals`, ``classifier.bootstrap``); register the model (champion or challenger, :mod:`domainlm.classify.registry`); write
+    (:func:`domainlm.classify.metrics.macro_f1_intervals`, ``classifier.bootstrap``); register the model (champion
+    or challenger, :mod:`domainlm.classify.registry`); write
     ``alerts_json`` and POST its alerts to ``classifier.alert.webhook_url`` when set.
 
     Args:
@@ -162,7 +163,7 @@ def run(
     base_scores = {**score(test.labels, base_proba, classes), "train_s": time.perf_counter() - t0}
     log.info("TF-IDF baseline: test accuracy %.4f, macro-F1 %.4f", base_scores["accuracy"], base_scores["macro_f1"])
 
-    # ---- the deployed model first (seed 003, step 2), when it fits this label space and this merged LM
+    # ---- the deployed model first (scored before any training), when it fits this label space and this merged LM
     manifest = dep.read_manifest(deployed_dir) if deployed_dir is not None else None
     ok, reason = dep.compatible(manifest, classes=classes, merged_lm_sha256=dep.tree_sha256(lm_dir))
     log.info("deployed model: %s%s", reason, f" (v{manifest['version']})" if manifest else "")

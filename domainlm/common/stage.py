@@ -9,7 +9,7 @@ It gives every stage the same things, so ``stages/<name>.py`` holds only its own
 - the stack trace of a failed run appended to ``logs/pipeline_errors.log``.
 
 Both logs are git-ignored and listed in ``.dvcignore``: they are not DVC outputs, so a re-run never
-erases them, and they never change a stage's deps. This is seed 002's run log and error log.
+erases them, and they never change a stage's deps.
 """
 
 from __future__ import annotations
