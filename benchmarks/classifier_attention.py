@@ -4,11 +4,12 @@ after the epoch), on this checkout's ``data/split``, label table and ``models/me
 train_classifier`` first).
 
 The two kernels alternate, one epoch each, for ``--rounds`` rounds, so a slow spell of the machine hits both. Each
-row records the seconds of ``trainer.train()`` (steps + validation), the epoch's validation macro-F1, and the CPU
-time the hypervisor stole meanwhile (``steal`` of ``/proc/stat``, in seconds summed over cores): a row with a large
-steal was not timed on an idle machine. Writes ``benchmarks/results/classifier_attention.csv``. Every other
-setting comes from params.yaml: the committed CSV is session 8's (uncompiled, batch 16); since session 10 both
-kernels run in compiled decoder layers at batch 32 (``classifier.compile``).
+row records the seconds of ``trainer.train()`` (steps + validation), the epoch's validation macro-F1, and the steal
+time meanwhile (CPU time a virtual machine's host gave to other guests: ``steal`` of ``/proc/stat``, in seconds
+summed over cores): a row with a large steal was not timed on an idle machine. Writes
+``benchmarks/results/classifier_attention.csv``. Every other setting comes from params.yaml. The committed CSV was
+measured uncompiled at batch 16 (``classifier.compile: false``, ``classifier.train.batch_size: 16``); with
+params.yaml's defaults both kernels run in compiled decoder layers at batch 32 (``classifier.compile``).
 
     python benchmarks/classifier_attention.py [--rounds 2]
 """

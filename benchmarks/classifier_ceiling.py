@@ -4,7 +4,8 @@ Runs the stage's own code (``domainlm.classify.training.train_attempt``, ``gate.
 ``model.predict_proba``) on this checkout's ``data/split``, ``data/labels/split_labels.parquet`` and
 ``models/merged`` (run ``dvc repro refine_labels`` first), with ``classifier`` params overridden per run, and appends
 one row per attempt to ``benchmarks/results/classifier_ceiling.jsonl``: val and test macro-F1 (test on source
-labels, as the gate scores it), epochs, seconds.
+labels, as the gate scores it), epochs, seconds. After each row it rewrites the file's ``.meta.json`` sidecar
+(hardware, commit, date): the sidecar describes the latest run.
 
     python benchmarks/classifier_ceiling.py NAME '{"windows": {"train": 8, "predict": 8}}' [MAX_RETRIES]
 
@@ -26,7 +27,7 @@ os.chdir(ROOT)
 logging.basicConfig(level=logging.WARNING)
 import tempfile  # noqa: E402
 
-from measure import deep_update, gate_attempts  # noqa: E402
+from measure import deep_update, gate_attempts, write_meta  # noqa: E402
 
 from domainlm.classify.data import class_list, read_splits  # noqa: E402
 from domainlm.common import params as P  # noqa: E402
@@ -95,3 +96,4 @@ for at in gate_attempts(cfg, splits, classes, compute, WORK / name, retries):
     print(json.dumps(r), flush=True)
     with open(OUT, "a") as f:
         f.write(json.dumps({**r, "over": {**over, **({"cap": CAP} if CAP else {})}}) + "\n")
+    write_meta(OUT)

@@ -327,7 +327,8 @@ def main() -> None:
             )
             rows.append(row)
             print(
-                f"{workload:10s} {attn:5s} {dtype} {threads} thr: {row['step_ms']:8.1f} ms/step, {row['tokens_per_s']:8.0f} tok/s, "
+                f"{workload:10s} {attn:5s} {dtype} {threads} thr: {row['step_ms']:8.1f} ms/step, "
+                f"{row['tokens_per_s']:8.0f} tok/s, "
                 f"{row['achieved_gflop_s']:7.1f} GFLOP/s ({100 * row['utilisation']:.1f}% of {rule})",
                 flush=True,
             )

@@ -7,7 +7,8 @@ stage, as the stage requires), and runs ``dvc repro split``: corpus → validate
 For every stage it records the wall time (between DVC's ``Running stage`` lines) and the peak of the
 summed RSS of the stage's process tree (the stage's ``python -m stages.<name>`` and everything under it,
 sampled every 0.2 s with psutil), next to the wall time and peak RSS each stage writes into its own
-metrics file. Writes ``benchmarks/results/data_half_scale.{json,csv}``.
+metrics file. Writes ``benchmarks/results/data_half_scale.{json,csv}``, each with its ``.meta.json`` sidecar
+(hardware, commit, date).
 
 Run from the repository root: ``python benchmarks/data_half_scale.py [--docs 1000000]``.
 """
@@ -36,6 +37,7 @@ import psutil  # noqa: E402
 import yaml  # noqa: E402
 from conftest import make_pipeline_repo  # noqa: E402
 from dedup_scale import DOMAINS, generate  # noqa: E402
+from measure import write_meta  # noqa: E402
 
 from domainlm.common.atomic import atomic_path, write_json  # noqa: E402
 from domainlm.common.metrics import rows_to_csv  # noqa: E402
@@ -178,6 +180,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         write_json(args.out.with_suffix(".json"), results)
         with atomic_path(args.out.with_suffix(".csv")) as out:
             out.write_text(rows_to_csv(rows), encoding="utf-8")
+        write_meta(args.out.with_suffix(".json"))
+        write_meta(args.out.with_suffix(".csv"))
         for row in rows:
             print(json.dumps(row), flush=True)
         return results

@@ -6,7 +6,8 @@ shingles of :func:`domainlm.korean.hangul.shingle_strings` — an implementation
 integer shingle ids the stage uses. Baseline, measured in the same run: plain datasketch
 (``MinHash.update_batch`` over the same shingles as UTF-8 strings with the default SHA1
 hashfunc, ``MinHashLSH`` with its default banding, one process) on the office_help pages.
-Writes ``benchmarks/results/dedup_quality.{json,csv}``.
+Writes ``benchmarks/results/dedup_quality.{json,csv}``, each with its ``.meta.json`` sidecar (hardware, commit,
+date).
 
 Timed runs come first (before the brute force fills the heap); each repeat runs every
 method once in a rotated order, so background load from other processes hits all alike,
@@ -42,6 +43,8 @@ from tqdm import tqdm
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script: make the `domainlm` package importable
     sys.path.insert(0, str(REPO))
+
+from measure import write_meta
 
 from domainlm.common.atomic import atomic_path, write_json
 from domainlm.common.params import domains as param_domains
@@ -341,6 +344,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 "",
             ]
         )
+    write_meta(args.out.with_suffix(".json"))
+    write_meta(args.out.with_suffix(".csv"))
     print(
         f"office_help: baseline recall {b['recall']:.3f} precision {b['precision']:.3f} {b['docs_per_s']:.0f} docs/s | "
         f"ours recall {o['recall']:.3f} precision {o['precision']:.3f} {o['docs_per_s']:.0f} docs/s "

@@ -1,5 +1,5 @@
 """Benchmark dedup at corpus scale: 10k, 100k and 1M synthetic Korean documents, both engines, against
-plain datasketch and against the dedup code of commit bc056d9 (before this streaming rewrite).
+plain datasketch and against the dedup code of commit bc056d9 (in memory, not streaming: the reference point).
 
 Corpus (seeded, :func:`generate`): every document joins 6-20 lines drawn from the bundled corpus's
 validated documents (about 1.5 KB); 9% of the documents are planted near-duplicate variants of an
@@ -14,7 +14,7 @@ truth / truth, precision = found ∩ truth / found.
 Every run is its own process; its wall time is the stage's own ``wall_s`` (read, dedup, write), its
 peak memory the largest sum of RSS over the process and all its descendants (pool workers, Ray's
 raylet, GCS and workers), sampled every 0.2 s with psutil. Runs are sequential. Writes
-``benchmarks/results/dedup_scale.{csv,json}``.
+``benchmarks/results/dedup_scale.{csv,json}``, each with its ``.meta.json`` sidecar (hardware, commit, date).
 
 Run from the repository root after ``dvc repro validate``:
 ``python benchmarks/dedup_scale.py [--sizes 10000 100000 1000000] [--engines local ray]``.
@@ -41,6 +41,7 @@ if str(REPO) not in sys.path:  # run as a script: make the `domainlm` package im
 
 import numpy as np  # noqa: E402
 import psutil  # noqa: E402
+from measure import write_meta  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from domainlm.common.atomic import atomic_path, write_json  # noqa: E402
@@ -485,6 +486,8 @@ def _write(out: Path, rows: list[dict[str, Any]], digests: dict[int, dict[str, A
     write_json(out.with_suffix(".json"), results)
     with atomic_path(out.with_suffix(".csv")) as tmp:
         tmp.write_text(rows_to_csv(rows), encoding="utf-8")
+    write_meta(out.with_suffix(".json"))
+    write_meta(out.with_suffix(".csv"))
     return results
 
 

@@ -20,7 +20,7 @@ the files ``--epochs`` times. Medians of wall and CPU time (``time.process_time`
 the loader's process, less sensitive than wall time to other jobs on a shared machine) are
 reported, with speed-ups against the ``jsonl`` baseline measured in the same run. Every run must
 see the same documents and characters, or the benchmark aborts. Writes
-benchmarks/results/io_speed.csv.
+benchmarks/results/io_speed.csv and its ``.meta.json`` sidecar (hardware, commit, date).
 
 Run from the repository root: ``python benchmarks/io_speed.py [--repeats 7]``.
 """
@@ -247,12 +247,15 @@ def main(argv: list[str] | None = None) -> Path:
         r["speedup_vs_jsonl"] = round(base["median_s"] / r["median_s"], 3)
         r["cpu_speedup_vs_jsonl"] = round(base["median_cpu_s"] / r["median_cpu_s"], 3)
         r["size_ratio_vs_jsonl"] = round(r["bytes_on_disk"] / base["bytes_on_disk"], 4)
+    from measure import write_meta
+
     from domainlm.common.atomic import atomic_path
 
     with atomic_path(args.out) as tmp, tmp.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+    write_meta(args.out)
     for r in rows:
         print(
             f"{r['loader']:>13}: {r['median_s'] * 1000:8.1f} ms median ({r['median_cpu_s'] * 1000:.1f} ms CPU), "

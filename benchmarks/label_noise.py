@@ -21,10 +21,10 @@ ours to cleanlab. Bars: at 20% noise final accuracy >= 0.95, precision >= 0.90 a
 labels broken than cleanlab. Each row names the ensemble's ``combiner`` (``refine.combiner``: the
 accuracy-weighted ``soft_vote`` or the cross-fitted ``stack``er); the ceiling's ``detail`` also gives each
 member's first-round accuracy against the truth, the figure the combined ensemble should beat. Writes
-``--out`` (default ``benchmarks/results/label_noise.csv``). Committed results: ``label_noise.csv`` (seed 0)
-and ``label_noise_seed1.csv`` (seed 1) for the five-member ensemble with the params' defaults;
-``label_noise_4members.csv``, the four-member ensemble before the char TF-IDF member (soft vote and stacker,
-seed 0, ``max_iterations`` 4, ``tau0`` 0.35, ``max_change_fraction`` 0.2).
+``--out`` (default ``benchmarks/results/label_noise.csv``) and its ``.meta.json`` sidecar (hardware, commit,
+date). Committed results: ``label_noise.csv`` (seed 0) and ``label_noise_seed1.csv`` (seed 1) for the
+five-member ensemble with the params' defaults; ``label_noise_4members.csv``, the four-member ensemble without the
+char TF-IDF member (soft vote and stacker, seed 0, ``max_iterations`` 4, ``tau0`` 0.35, ``max_change_fraction`` 0.2).
 
 Run from the repository root after ``dvc repro merge`` (needs data/split and models/merged):
 ``python benchmarks/label_noise.py [--rates 0.1 0.2 0.3] [--seed 0] [tau0=0.6 lstm.epochs=6 ...]``
@@ -50,6 +50,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+from measure import write_meta  # noqa: E402
 
 from domainlm.common import paths  # noqa: E402
 from domainlm.common.params import domains as param_domains  # noqa: E402
@@ -324,6 +326,7 @@ def _main(argv: list[str] | None, cfg: loop.RefineConfig) -> int:
         w.writeheader()
         for r in out_rows:
             w.writerow({k: (f"{r[k]:.6g}" if isinstance(r.get(k), float) else r.get(k, "")) for k in FIELDS})
+    write_meta(args.out)
     log.info("wrote %s", args.out)
 
     bar = [r for r in out_rows if r["noise_rate"] == 0.2]

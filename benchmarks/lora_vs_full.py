@@ -9,7 +9,8 @@ else a randomly initialised Qwen2 with the ``base_model.model`` sizes; the block
 ``data/split/*/train.parquet`` when they exist, else random token ids (throughput does not depend
 on the text).
 
-Writes benchmarks/results/lora_vs_full.csv: one row per mode plus ratios LoRA / full.
+Writes benchmarks/results/lora_vs_full.csv: one row per mode plus ratios LoRA / full; its ``.meta.json``
+sidecar records the hardware, commit and date.
 Usage: ``python benchmarks/lora_vs_full.py [--repeats 3] [--steps 8] [--warmup 2]``.
 """
 
@@ -206,12 +207,15 @@ def main() -> None:
             "source": lora["source"],
         }
     )
+    from measure import write_meta
+
     from domainlm.common.atomic import atomic_path
 
     with atomic_path(RESULTS) as tmp, tmp.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+    write_meta(RESULTS)
     for row in rows:
         print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()})
     print(f"wrote {RESULTS.relative_to(ROOT)}")

@@ -1,5 +1,6 @@
 """What the benchmarks share: the set-up of an alternating run on the built pipeline, train_classifier's gate
-attempts outside the stage, the CPU time the hypervisor stole during a measurement, and writing a result table.
+attempts outside the stage, the steal time of a virtual machine during a measurement (CPU time its host gave to
+other guests), and writing a result table with a ``.meta.json`` sidecar that records the hardware, commit and date.
 
 Imported by the benchmark scripts, which run as ``python benchmarks/<name>.py`` (this folder is then on
 ``sys.path``).
@@ -9,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import logging
 import os
+import subprocess
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -105,19 +108,89 @@ def gate_attempts(
 
 
 def steal_s(stat: str | Path = "/proc/stat") -> float:
-    """CPU seconds stolen by the hypervisor since boot, summed over cores (the ``steal`` column of ``/proc/stat``'s
-    ``cpu`` line, in USER_HZ = 100 ticks per second); 0 where the kernel does not report it. A difference over a
-    timed run tells whether the machine was really idle."""
+    """Steal time since boot in CPU seconds, summed over cores: time a virtual machine's CPUs were ready to run but
+    the host ran something else (the ``steal`` column of ``/proc/stat``'s ``cpu`` line, in USER_HZ = 100 ticks per
+    second); 0 where the kernel does not report it. A difference over a timed run tells whether the machine was
+    really idle."""
     fields = Path(stat).read_text().splitlines()[0].split()
     return int(fields[8]) / 100.0 if len(fields) > 8 else 0.0
 
 
-def write_csv(path: str | Path, rows: Sequence[dict[str, Any]]) -> Path:
-    """Write ``rows`` (dicts with the same keys, the first row's order) as a CSV with a header; returns the path."""
+META_FLAGS = ("avx512f", "avx512_bf16", "amx_bf16")
+
+
+def _git(*args: str) -> str:
+    """``git <args>`` in the repository root, stripped; ``""`` when git fails or is missing."""
+    try:
+        return subprocess.run(
+            ["git", *args], cwd=ROOT, capture_output=True, text=True, check=True, timeout=30
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def machine_meta(cpuinfo: str | Path = "/proc/cpuinfo") -> dict[str, Any]:
+    """The machine a benchmark runs on: ``cpu_model`` (``model name`` of ``cpuinfo``; None where it has none),
+    ``cores`` (``os.cpu_count()``), ``flags`` (``{flag: bool}`` for :data:`META_FLAGS`) and ``hardware``, the
+    same in one line (``"Intel(R) Xeon(R) Platinum 8480+, 2 cores, AVX-512, AVX512-BF16, AMX-BF16"``)."""
+    model, flags = None, set()
+    try:
+        text = Path(cpuinfo).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and model is None:
+            model = value.strip() or None
+        elif key.strip() == "flags" and not flags:
+            flags = set(value.split())
+    have = {f: f in flags for f in META_FLAGS}
+    names = {"avx512f": "AVX-512", "avx512_bf16": "AVX512-BF16", "amx_bf16": "AMX-BF16"}
+    cores = os.cpu_count()
+    parts = [model or "CPU model not recorded", f"{cores} cores"] + [names[f] for f in META_FLAGS if have[f]]
+    if not flags:
+        parts.append("CPU flags not recorded")
+    elif not have["avx512_bf16"] and not have["amx_bf16"]:
+        parts.append("no bf16 instructions")
+    return {"hardware": ", ".join(parts), "cpu_model": model, "cores": cores, "flags": have}
+
+
+def write_meta(result_path: str | Path, **extra: Any) -> Path:
+    """Write ``<result_path>.meta.json`` beside a benchmark result: the hardware (:func:`machine_meta`), ``commit``
+    (``git rev-parse --short HEAD``), ``dirty`` (tracked files outside ``benchmarks/results/`` differ from that
+    commit), ``date`` (UTC, ISO 8601, seconds), ``python`` and ``torch`` versions (torch None when not installed),
+    then ``extra``. The docs' benchmark page reads it (``docs/scripts/tables.py``). Returns the sidecar's path."""
+    import platform
+    from datetime import UTC, datetime
+    from importlib import metadata
+
+    try:
+        torch_version = metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        torch_version = None
+    meta = {
+        **machine_meta(),
+        "commit": _git("rev-parse", "--short", "HEAD") or None,
+        "dirty": bool(_git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results")),
+        "date": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "python": platform.python_version(),
+        "torch": torch_version,
+        **extra,
+    }
+    path = Path(result_path)
+    meta_path = path.with_name(path.name + ".meta.json")
+    meta_path.write_text(json.dumps(meta, indent=2, default=str) + "\n", encoding="utf-8")
+    return meta_path
+
+
+def write_csv(path: str | Path, rows: Sequence[dict[str, Any]], **meta: Any) -> Path:
+    """Write ``rows`` (dicts with the same keys, the first row's order) as a CSV with a header, and its
+    ``.meta.json`` sidecar (:func:`write_meta`, with ``meta`` added); returns the CSV's path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
+    write_meta(path, **meta)
     return path

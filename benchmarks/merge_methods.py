@@ -6,7 +6,8 @@ every ``--lams`` value — is merged from the same task vectors (models/diff) an
 evaluate stage's perplexity probe (same test token streams, windows and caps, domainlm.lm.evaluation).
 Reports per domain the merged perplexity and retained gain (ppl_base − ppl_merged) / (ppl_base −
 ppl_expert), their mean, its ratio to the baseline's, how many domains the merge beats the base
-on, and the merge's wall time. Writes benchmarks/results/merge_methods.csv.
+on, and the merge's wall time. Writes benchmarks/results/merge_methods.csv and its ``.meta.json`` sidecar
+(hardware, commit, date).
 
 Run from the repository root (it reads params.yaml, models/ and data/split/ of the current directory)
 after ``dvc repro diff``: ``python benchmarks/merge_methods.py [--lams 0.25 0.5]``.
@@ -28,6 +29,7 @@ RESULTS = ROOT / "benchmarks" / "results" / "merge_methods.csv"
 
 
 def main() -> None:
+    from measure import write_meta
     from transformers import AutoTokenizer
 
     from domainlm.common import params as P
@@ -118,6 +120,7 @@ def main() -> None:
         # reference rows: the base, and each expert on its own domain (the gain a merge can retain)
         writer.writerow({"method": "base", **{f"ppl_{d}": ppl_base[d] for d in domains}})
         writer.writerow({"method": "expert_own_domain", **{f"ppl_{d}": ppl_expert[d] for d in domains}})
+    write_meta(RESULTS)
     print(f"wrote {RESULTS}")
 
 

@@ -1,4 +1,4 @@
-"""The memory floor of a local Ray, as the dedup engine starts it (issue 19): what Ray's own processes hold before
+"""The memory floor of a local Ray, as the dedup engine starts it: what Ray's own processes hold before
 any document is read, per setting, so the Ray engine's peak RSS in ``dedup_scale.csv`` can be split into Ray's
 floor and the work.
 
@@ -9,7 +9,7 @@ rows so the worker processes and Ray Data's executor exist, then a pause. The pa
 largest sum: the sum of RSS (what ``dedup_scale.py`` reports; it counts a shared page once per process that maps
 it, e.g. the object store's shared memory and the shared libraries), the sum of PSS (each shared page split among
 the processes that map it: the tree's real share of memory) and the three largest processes by RSS. Writes
-``benchmarks/results/ray_floor.csv``.
+``benchmarks/results/ray_floor.csv`` and its ``.meta.json`` sidecar (hardware, commit, date).
 
     python benchmarks/ray_floor.py
 """
@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import psutil
+from measure import write_meta
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "ray_floor.csv"
@@ -122,6 +123,7 @@ def main() -> None:
         writer.writeheader()
         writer.writerows(rows)
     os.replace(tmp, OUT)
+    write_meta(OUT)
     print(f"wrote {OUT}")
 
 

@@ -14,7 +14,8 @@
    ``stages.merge.run`` (linear, λ 0.5) and one ``stages.evaluate.run`` pass (short test streams and
    continuations) handle it, each stage's wall seconds and peak RSS recorded.
 
-Writes benchmarks/results/real_shape.csv (one row per training case, then one per model-half stage).
+Writes benchmarks/results/real_shape.csv (one row per training case, then one per model-half stage) and
+real_shape.json (the model half's details), each with its ``.meta.json`` sidecar (hardware, commit, date).
 Usage: ``python benchmarks/real_shape.py [--steps 3] [--context 512] [--work DIR]`` (about 15 min on 2 cores).
 """
 
@@ -35,6 +36,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from measure import write_meta  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results" / "real_shape.csv"
 
 QWEN2_05B = {
@@ -441,6 +444,7 @@ def main() -> None:
                 )
             if args.layers == 24:
                 RESULTS.with_suffix(".json").write_text(json.dumps(half["detail"], indent=1, default=float) + "\n")
+                write_meta(RESULTS.with_suffix(".json"))
         fields = list(dict.fromkeys(k for r in rows for k in r))
         if args.layers != 24:
             print(json.dumps(rows, indent=1))
@@ -452,6 +456,7 @@ def main() -> None:
             w.writeheader()
             w.writerows(rows)
         os.replace(tmp, RESULTS)
+        write_meta(RESULTS)
         print(RESULTS.read_text())
     finally:
         if args.work is None:

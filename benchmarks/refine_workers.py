@@ -4,7 +4,8 @@ Runs the stage's own ``run`` (``stages/refine_labels.py``) on this checkout's ``
 ``models/merged`` with ``refine`` params as in ``params.yaml`` but ``workers`` set to 1 and to 2 in turn (outputs
 and MLflow runs go to a temporary folder; set ``MLFLOW_TRACKING_URI`` to keep them out of ``mlflow.db``). Each row:
 the refinement loop's seconds (``refine_s``), the stage's (``wall_s``), the labels it changed (the same for every
-worker count: each fold is seeded alike wherever it runs) and the CPU seconds the hypervisor stole meanwhile.
+worker count: each fold is seeded alike wherever it runs) and the steal time meanwhile (CPU seconds a virtual
+machine's host gave to other guests).
 Writes ``benchmarks/results/refine_workers.csv``.
 
     MLFLOW_TRACKING_URI=sqlite:////tmp/bench_mlflow.db python benchmarks/refine_workers.py [--rounds 2]

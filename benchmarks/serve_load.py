@@ -1,6 +1,7 @@
 """Load on the served classifier: ``mlflow models serve`` on 127.0.0.1, N requests at concurrency c, mixing valid
 batches with invalid bodies (numbers, null, blank text, a DataFrame-form body, malformed JSON, a batch over the row
-limit, a binary body). Writes ``benchmarks/results/serve_load.csv``, one row per ``--workers`` value.
+limit, a binary body). Writes ``benchmarks/results/serve_load.csv``, one row per ``--workers`` value, and its
+``.meta.json`` sidecar (hardware, commit, date).
 
 Figures per row: requests/s over the whole run, p50/p99 latency (ms) of the valid requests, counts by HTTP status,
 the 5xx count, requests that got no answer at all (connection errors, timeouts), whether the server still answered
@@ -14,7 +15,7 @@ untrained weights, registered through the project's own :func:`domainlm.classify
 temporary SQLite store. Latency depends on the shapes, not on the weights' values.
 
 Bounded: every request has a client timeout, the run sends exactly N requests, the server listens on 127.0.0.1 only
-and is stopped at the end. Run it alone on the machine (under the CPU lock here).
+and is stopped at the end. Run it alone on the machine: other CPU work moves the latencies.
 
     python benchmarks/serve_load.py --requests 2000 --concurrency 16 --workers 1 2 --timeouts 60 1
 """
@@ -42,6 +43,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from measure import write_meta  # noqa: E402
+
 OUT = ROOT / "benchmarks" / "results" / "serve_load.csv"
 MODEL_NAME = "domain-lm-classifier"
 CLASSES = ["law", "bill", "faq", "calc", "writer", "impress"]
@@ -326,6 +329,7 @@ def main() -> None:
         writer.writeheader()
         writer.writerows(rows)
     os.replace(tmp_out, args.out)
+    write_meta(args.out)
     print(f"wrote {args.out}")
 
 

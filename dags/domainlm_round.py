@@ -40,7 +40,9 @@ with DAG(
 ) as dag:
     BashOperator(
         task_id="round",
-        bash_command=f"cd {shlex.quote(str(REPO))} && exec {shlex.quote(str(PYTHON))} -m domainlm.rounds round {ROUND_ARGS}",
+        bash_command=(
+            f"cd {shlex.quote(str(REPO))} && exec {shlex.quote(str(PYTHON))} -m domainlm.rounds round {ROUND_ARGS}"
+        ),
         env={
             "PATH": f"{PYTHON.parent}:/usr/local/bin:/usr/bin:/bin",
             "HF_HUB_OFFLINE": "1",

@@ -11,4 +11,9 @@ Sub-packages, one per concern:
 - :mod:`domainlm.lm`: language-model data, pre-training, LoRA, task vectors, merging and evaluation.
 - :mod:`domainlm.refine`: the label-refinement ensemble, the SQLite ``sentences`` store and the
   self-training loop.
+
+:mod:`domainlm.cli` is the ``domainlm`` command: the stages' entry points, the daily round, the model server, the
+label overrides, the reproducibility check and the benchmarks, each with ``--help``.
 """
+
+__version__ = "0.9.0"

@@ -6,6 +6,7 @@ validation perplexity on every domain. The recipe lives in :mod:`domainlm.lm.pre
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -14,7 +15,7 @@ from domainlm.common import params as P
 from domainlm.common import paths
 from domainlm.common.compute import resolve
 from domainlm.common.metrics import peak_rss_mb
-from domainlm.common.stage import stage_run
+from domainlm.common.stage import parse_stage_args, stage_run
 from domainlm.common.tracking import mlflow_run
 from domainlm.lm import data as lm_data
 from domainlm.lm.pretrain import build, copy_checkpoint, save_hf_folder, val_perplexities
@@ -92,7 +93,8 @@ def run(
     return metrics
 
 
-def main() -> None:
+def main(argv: Sequence[str] = ()) -> None:
+    parse_stage_args("base_model", __doc__, argv)
     with stage_run("base_model") as st:
         cfg = P.section("base_model")
         compute = st.use_compute(resolve(P.load_params().get("compute")))
@@ -112,4 +114,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -7,6 +7,8 @@ debian-faq-ko (:mod:`domainlm.documents.sources`); ``type: jsonl`` sources strea
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +16,7 @@ from domainlm.common import params as P
 from domainlm.common import paths
 from domainlm.common.atomic import atomic_path
 from domainlm.common.pipeline import UndeclaredInputError, require_declared
-from domainlm.common.stage import fail, stage_run
+from domainlm.common.stage import fail, parse_stage_args, stage_run
 from domainlm.documents import sources
 from domainlm.documents.corpus import build_corpus, external_inputs
 
@@ -36,7 +38,8 @@ def run(
         return build_corpus(source_specs, domains, tmp, Path(cache_dir).expanduser(), max_docs_per_domain)
 
 
-def main() -> None:
+def main(argv: Sequence[str] = ()) -> None:
+    parse_stage_args("corpus", __doc__, argv)
     with stage_run("corpus") as st:
         cfg = P.section("corpus")
         specs = cfg.get("sources") or {}
@@ -74,4 +77,4 @@ def corpus_metrics(manifest: dict[str, Any]) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

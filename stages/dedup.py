@@ -10,12 +10,13 @@ folder (:mod:`domainlm.dedup.workflow`) on a local process pool or on Ray (:mod:
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
 from typing import Any
 
 from domainlm.common import params as P
 from domainlm.common import paths
-from domainlm.common.stage import stage_run
+from domainlm.common.stage import parse_stage_args, stage_run
 from domainlm.dedup.engines import resolve_workers
 from domainlm.dedup.files import deduplicate_domains
 from domainlm.dedup.workflow import DedupParams
@@ -96,8 +97,9 @@ def run(
     )
 
 
-def main() -> None:
+def main(argv: Sequence[str] = ()) -> None:
     """DVC entry point: params ``domains`` + ``dedup`` -> data/dedup/, metrics/dedup.json."""
+    parse_stage_args("dedup", __doc__, argv)
     with stage_run("dedup") as st:
         cfg = P.section("dedup")
         for key in REQUIRED_PARAMS:
@@ -154,4 +156,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

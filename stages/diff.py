@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,7 +23,7 @@ from domainlm.common import params as P
 from domainlm.common import paths
 from domainlm.common.atomic import atomic_path, write_text
 from domainlm.common.metrics import peak_rss_mb, rows_to_csv
-from domainlm.common.stage import stage_run
+from domainlm.common.stage import parse_stage_args, stage_run
 from domainlm.common.tracking import mlflow_run
 from domainlm.lm.merging import StateDict, load_causal_lm
 from domainlm.lm.task_vectors import pairwise_cosine, task_vector, task_vector_stats, training_summary
@@ -71,7 +72,8 @@ def run(
     return {"task_vectors": stats, "cosine": cosine}
 
 
-def main() -> None:
+def main(argv: Sequence[str] = ()) -> None:
+    parse_stage_args("diff", __doc__, argv)
     with stage_run("diff") as st:
         cfg = P.section("diff")
         domains = P.required_domains("diff")
@@ -103,4 +105,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

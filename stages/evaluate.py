@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -21,7 +22,7 @@ from domainlm.common import paths
 from domainlm.common.atomic import write_text
 from domainlm.common.compute import autocast, resolve
 from domainlm.common.metrics import flatten_numbers, peak_rss_mb, rows_to_csv
-from domainlm.common.stage import stage_run
+from domainlm.common.stage import parse_stage_args, stage_run
 from domainlm.common.tracking import mlflow_run
 from domainlm.lm.evaluation import (
     PerplexityProbe,
@@ -157,7 +158,8 @@ def run(
     return metrics
 
 
-def main() -> None:
+def main(argv: Sequence[str] = ()) -> None:
+    parse_stage_args("evaluate", __doc__, argv)
     with stage_run("evaluate") as st:
         cfg = P.section("evaluate")
         domains = P.required_domains("evaluate")
@@ -182,4 +184,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

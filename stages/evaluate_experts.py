@@ -13,6 +13,7 @@ Perplexity follows the Hugging Face sliding-window recipe (:mod:`domainlm.lm.eva
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -21,7 +22,7 @@ from domainlm.common import params as P
 from domainlm.common import paths
 from domainlm.common.atomic import write_json
 from domainlm.common.compute import autocast, resolve
-from domainlm.common.stage import stage_run
+from domainlm.common.stage import parse_stage_args, stage_run
 from domainlm.lm.evaluation import PerplexityProbe, expert_states, read_test_split, reference_record
 from domainlm.lm.merging import load_causal_lm, load_task_vectors
 
@@ -80,7 +81,8 @@ def run(
     }
 
 
-def main() -> None:
+def main(argv: Sequence[str] = ()) -> None:
+    parse_stage_args("evaluate_experts", __doc__, argv)
     with stage_run("evaluate_experts") as st:
         cfg = P.section("evaluate")
         domains = P.required_domains("evaluate_experts")
@@ -98,4 +100,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -8,14 +8,15 @@ adding cross terms). ``metrics/merge.json`` records the method, λ, weights and 
 from __future__ import annotations
 
 import os
+import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from domainlm.common import params as P
 from domainlm.common import paths
 from domainlm.common.metrics import peak_rss_mb
-from domainlm.common.stage import stage_run
+from domainlm.common.stage import parse_stage_args, stage_run
 from domainlm.common.tracking import mlflow_run
 from domainlm.lm.merging import (
     load_causal_lm,
@@ -71,7 +72,8 @@ def run(
     }
 
 
-def main() -> None:
+def main(argv: Sequence[str] = ()) -> None:
+    parse_stage_args("merge", __doc__, argv)
     with stage_run("merge") as st:
         cfg = P.section("merge")
         domains = P.required_domains("merge")
@@ -97,4 +99,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

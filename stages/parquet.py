@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,7 +19,7 @@ from domainlm.common import params as P
 from domainlm.common import paths
 from domainlm.common.atomic import atomic_path, write_text
 from domainlm.common.metrics import peak_rss_mb
-from domainlm.common.stage import stage_run
+from domainlm.common.stage import parse_stage_args, stage_run
 from domainlm.documents.conversion import convert_domain
 from domainlm.documents.schema import SCHEMA_FILE, ParquetLayout, schema_text
 
@@ -97,8 +98,9 @@ def _ratio(a: int, b: int) -> float:
     return round(a / b, 4) if b else 0.0
 
 
-def main() -> None:
+def main(argv: Sequence[str] = ()) -> None:
     """DVC entry point: params ``domains`` + ``parquet`` -> data/parquet/, metrics/parquet.json."""
+    parse_stage_args("parquet", __doc__, argv)
     with stage_run("parquet") as st:
         cfg = P.section("parquet")
         metrics = run(
@@ -121,4 +123,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -7,12 +7,12 @@ confident learning (Northcutt et al., JAIR 2021): :mod:`domainlm.refine.loop` ov
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import logging
 import math
 import shutil
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,7 +25,7 @@ from domainlm.common import params as P
 from domainlm.common import paths
 from domainlm.common.compute import resolve
 from domainlm.common.metrics import peak_rss_mb
-from domainlm.common.stage import configure_logging, stage_run
+from domainlm.common.stage import configure_logging, stage_parser, stage_run
 from domainlm.common.threads import limit_threads
 from domainlm.common.tracking import mlflow_run
 from domainlm.documents.jsonl import write_records
@@ -188,9 +188,9 @@ def _isnan(v: Any) -> bool:
     return isinstance(v, float) and math.isnan(v)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] = ()) -> None:
     """``python -m stages.refine_labels`` runs the stage; ``... promote`` writes the overrides."""
-    parser = argparse.ArgumentParser(prog="python -m stages.refine_labels", description=__doc__)
+    parser = stage_parser("refine_labels", __doc__)
     parser.add_argument(
         "command",
         nargs="?",
@@ -238,4 +238,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

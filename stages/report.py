@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from domainlm.common import paths
 from domainlm.common.atomic import atomic_path, write_text
-from domainlm.common.stage import stage_run
+from domainlm.common.stage import parse_stage_args, stage_run
 from domainlm.report import (
     EXECUTED_NOTEBOOK,
     FIGURES_DIR,
@@ -103,7 +104,8 @@ def run(
     }
 
 
-def main() -> None:
+def main(argv: Sequence[str] = ()) -> None:
+    parse_stage_args("report", __doc__, argv)
     with stage_run("report") as st:
         # Checked: `dvc metrics diff` runs fine inside `dvc repro` (DVC unlocks the repo while a stage's
         # command runs); see domainlm/report/metrics_diff.py.
@@ -136,4 +138,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

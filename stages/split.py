@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,7 +24,7 @@ from domainlm.common import params as P
 from domainlm.common import paths
 from domainlm.common.atomic import atomic_path
 from domainlm.common.metrics import peak_rss_mb
-from domainlm.common.stage import stage_run
+from domainlm.common.stage import parse_stage_args, stage_run
 from domainlm.documents.labels import LABELS_SCHEMA, apply_overrides, read_overrides, write_label_table
 from domainlm.documents.schema import SCHEMA_FILE, check_schema_file, read_docs, read_layout
 from domainlm.documents.splitting import split_codes, split_domain, split_metrics, write_split_files
@@ -140,9 +141,10 @@ def run(
     return metrics
 
 
-def main() -> None:
+def main(argv: Sequence[str] = ()) -> None:
     """DVC entry point: params ``domains`` + ``split`` -> data/split/, data/labels/split_labels.parquet,
     metrics/split.json."""
+    parse_stage_args("split", __doc__, argv)
     with stage_run("split") as st:
         cfg = P.section("split")
         metrics = run(
@@ -165,4 +167,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -24,8 +25,8 @@ from domainlm.classify.baseline import baseline_proba, fit_baseline
 from domainlm.classify.data import (
     class_list,
     count_label_overrides,
-    files_sha256,
     read_splits,
+    split_files_sha256,
     split_sha256,
     split_texts,
 )
@@ -40,13 +41,13 @@ from domainlm.classify.model import (
     save_classifier,
 )
 from domainlm.classify.token_stats import token_stats
-from domainlm.classify.training import train_attempt, windows_params
+from domainlm.classify.training import scoring_kwargs, train_attempt, windows_params
 from domainlm.common import params as P
 from domainlm.common import paths
 from domainlm.common.atomic import atomic_path, scratch_folder, write_json, write_text
 from domainlm.common.compute import resolve
 from domainlm.common.metrics import flatten_numbers, rows_to_csv
-from domainlm.common.stage import git_commit, stage_run
+from domainlm.common.stage import git_commit, parse_stage_args, stage_run
 from domainlm.common.tracking import mlflow_run
 
 STAGE = "train_classifier"
@@ -169,18 +170,10 @@ def run(
     log.info("deployed model: %s%s", reason, f" (v{manifest['version']})" if manifest else "")
 
     t0 = time.perf_counter()
-    eval_batch = int(cfg["train"]["eval_batch_size"])
+    scoring = scoring_kwargs(cfg, compute)
 
     def predict(model, tok, texts):
-        return predict_proba(
-            model,
-            tok,
-            texts,
-            max_length=max_length,
-            batch_size=eval_batch,
-            max_windows=n_predict_windows,
-            compute=compute,
-        )
+        return predict_proba(model, tok, texts, **scoring)
 
     with scratch_folder(out_dir.parent, "attempts") as work:  # a killed run's folder is removed by the next
 
@@ -277,7 +270,6 @@ def run(
         labels=test.labels,
         batch_rows=int(serving_cfg.get("max_batch_rows", 64)),
     )
-    data_files = [p for d in domains for p in sorted((Path(split_dir) / d).glob("*.parquet"))] + [Path(labels_path)]
     commit = git_commit()
     if kept.source == "deployed":  # kept as deployed: nothing new to register, the deployed version stays champion
         alias, registered = registry.CHAMPION, {"version": int(manifest["version"])}
@@ -297,7 +289,7 @@ def run(
             serving_config=serving_cfg,
             tags={
                 "git_commit": commit,
-                "data_sha256": files_sha256(data_files),
+                "data_sha256": split_files_sha256(split_dir, labels_path, domains),
                 "test_sha256": test_sha,
                 "label_overrides": overrides,
                 "macro_f1": registry.score_tag(kept.macro_f1),
@@ -531,7 +523,8 @@ def _ratio(a: float, b: float) -> float | None:
     return float(a) / float(b) if b else None
 
 
-def main() -> None:
+def main(argv: Sequence[str] = ()) -> None:
+    parse_stage_args("train_classifier", __doc__, argv)
     with stage_run(STAGE) as st:
         cfg = P.section("classifier")
         domains = P.required_domains(STAGE)
@@ -567,4 +560,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -18,7 +18,7 @@ from domainlm.common import params as P
 from domainlm.common import paths
 from domainlm.common.compute import resolve
 from domainlm.common.metrics import peak_rss_mb
-from domainlm.common.stage import configure_logging, stage_run
+from domainlm.common.stage import configure_logging, parse_stage_args, stage_run
 from domainlm.common.tracking import mlflow_run
 from domainlm.lm import data as lm_data
 from domainlm.lm import zero
@@ -69,11 +69,8 @@ def run(
     return metrics
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if len(argv) != 1:
-        raise SystemExit("usage: python -m stages.train_lora <domain>")
-    domain = argv[0]
+def main(argv: Sequence[str] = ()) -> None:
+    domain = parse_stage_args("train_lora", __doc__, argv, domain=True).domain
     if not zero.is_main_process():  # a DeepSpeed rank > 0: trains its share of each batch, writes nothing
         configure_logging()
         compute = resolve(P.load_params().get("compute"))
@@ -113,4 +110,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

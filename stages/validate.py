@@ -7,6 +7,7 @@ per-step stats: kept + rejected = lines read, per file).
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,7 +15,7 @@ from domainlm.common import params as P
 from domainlm.common import paths
 from domainlm.common.atomic import atomic_path
 from domainlm.common.pipeline import UndeclaredInputError, require_declared
-from domainlm.common.stage import fail, stage_run
+from domainlm.common.stage import fail, parse_stage_args, stage_run
 from domainlm.documents.jsonl import input_root
 from domainlm.documents.validation import Validator, validate_files
 
@@ -49,8 +50,9 @@ def run(
         return validate_files(list(inputs), tmp, validator, int(preview_per_domain))
 
 
-def main() -> None:
+def main(argv: Sequence[str] = ()) -> None:
     """DVC entry point: params ``domains`` + ``validate`` -> data/validated/, metrics/validate.json."""
+    parse_stage_args("validate", __doc__, argv)
     with stage_run("validate") as st:
         cfg = P.section("validate")
         inputs = list(cfg.get("inputs") or [str(paths.RAW_DIR / "*.jsonl")])
@@ -78,4 +80,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -85,7 +85,8 @@ def write_labelled_splits(
     root, *, counts: dict[str, int] = COUNTS, overrides: dict[str, str] | None = None, labels_path=None
 ) -> tuple[Path, Path]:
     """``<root>/split/<domain>/{train,val,test}.parquet`` (ids ``<label>-<split>-<i>``) and the label table
-    (``<root>/labels.parquet`` unless ``labels_path``) with ``overrides`` applied. Returns ``(split_dir, labels_path)``."""
+    (``<root>/labels.parquet`` unless ``labels_path``) with ``overrides`` applied. Returns ``(split_dir,
+    labels_path)``."""
     root = Path(root)
     split_dir = root / "split"
     for domain in DOMAINS:

@@ -18,7 +18,8 @@ if str(ROOT) not in sys.path:
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
-# Every Ray process the tests start binds to 127.0.0.1 (shared/conventions.md, Scale-out); Ray reads this on import.
+# Every Ray process the tests start binds to 127.0.0.1 (on Linux, Ray otherwise binds to the machine's interface
+# address, even for an address of 127.0.0.1); Ray reads this on import.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
@@ -56,7 +57,8 @@ def redis_server():
     exe = shutil.which("redis-server")
     if exe is None:
         pytest.fail(
-            "redis-server is not installed: run `make test` (it apt-installs redis-server) or `apt-get install redis-server`"
+            "redis-server is not installed: run `make test` (it apt-installs redis-server) "
+            "or `apt-get install redis-server`"
         )
     port = free_port()
     proc = subprocess.Popen(

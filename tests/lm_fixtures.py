@@ -65,7 +65,8 @@ TRAIN_TEXTS = {d: korean_docs(d, 12) for d in WORDS}  # pretraining texts of the
 
 
 def doc_table(domain: str, ids: list[str], texts: list[str], labels: list[str | None] | None = None) -> pa.Table:
-    """Documents in the pipeline's schema (:data:`domainlm.documents.schema.DOC_SCHEMA`); label = domain unless given."""
+    """Documents in the pipeline's schema (:data:`domainlm.documents.schema.DOC_SCHEMA`); label = domain unless
+    given."""
     return pa.table(
         {
             "id": ids,

@@ -1,7 +1,8 @@
-"""The Airflow DAG ``domainlm_daily_round`` under real Airflow, in its own virtualenv (``dags/requirements-airflow.txt``,
-cached under ``.cache/airflow-venv`` and rebuilt when the pins change), on SQLite, offline: ``airflow db migrate``
-then ``airflow dags test``. The task runs the round through the project's python in a small git + DVC repository
-whose pipeline is up to date, so the round runs ``dvc repro``, finds nothing new and exits 0."""
+"""The Airflow DAG ``domainlm_daily_round`` under real Airflow, in its own virtualenv
+(``dags/requirements-airflow.txt``, cached under ``.cache/airflow-venv`` and rebuilt when the pins change), on
+SQLite, offline: ``airflow db migrate`` then ``airflow dags test``. The task runs the round through the project's
+python in a small git + DVC repository whose pipeline is up to date, so the round runs ``dvc repro``, finds nothing
+new and exits 0."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Serving (seed 003's deployment; strict input, issue 19): the registered champion served by the real
+"""Serving (the deployed model's endpoint; strict input): the registered champion served by the real
 ``mlflow models serve`` on a free 127.0.0.1 port, offline (``--env-manager local``): Korean texts get a label and
 every class's probability; every row that is not a non-empty string (a number, null, NaN, a boolean, a list, an
 object, blank text), a text or request over its limit, a DataFrame-form request, malformed JSON and a binary body
@@ -44,7 +44,8 @@ def post(url: str, payload, *, content_type: str = "application/json") -> tuple[
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """Register a tiny classifier as champion in a sqlite store, then serve ``models:/…@champion``. Yields the base URL."""
+    """Register a tiny classifier as champion in a sqlite store, then serve ``models:/…@champion``. Yields the base
+    URL."""
     root = tmp_path_factory.mktemp("serving")
     split_dir, labels_path = write_labelled_splits(root)
     lm_dir = build_tiny_lm(root / "lm")
@@ -191,7 +192,8 @@ TYPE_REFUSED = "Failed to validate data against type hint `list[str]`"
         (
             json.dumps({"inputs": ["헌법", "헌" * (MAX_TEXT_CHARS + 1)]}),
             [
-                f"row 1: the text has {MAX_TEXT_CHARS + 1} characters, over the limit of {MAX_TEXT_CHARS} characters per text"
+                f"row 1: the text has {MAX_TEXT_CHARS + 1} characters, "
+                f"over the limit of {MAX_TEXT_CHARS} characters per text"
             ],
         ),
         (json.dumps({"inputs": ["헌" * 300] * 4}), [f"row 3: the request's texts pass {MAX_REQUEST_BYTES} bytes"]),

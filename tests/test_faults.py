@@ -1,4 +1,4 @@
-"""Faults (issue 19): SIGKILL at any long stage, a second `dvc repro` while one runs, a full disk.
+"""Faults: SIGKILL at any long stage, a second `dvc repro` while one runs, a full disk.
 
 Every kill goes to the whole process group of a real `dvc repro` (DVC, the stage and whatever it started) in a
 temporary git repo on a slice of the real corpus with tiny models. After the kill, what each stage guarantees is

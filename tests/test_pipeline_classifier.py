@@ -2,7 +2,7 @@
 
 - ``dvc exp run -S classifier.gate.min_f1=0.99`` re-runs only train_classifier, spends every retry (one nested MLflow
   run per attempt), writes and records the alert, and leaves the registry's champion where it was.
-- New data arrives (seed 003's daily run): documents appended to the faq domain's ``type: jsonl`` source make
+- New data arrives (as in the daily round): documents appended to the faq domain's ``type: jsonl`` source make
   ``dvc repro`` re-run the stages that read that domain: train_lora@faq, not the other domains' adapters (the
   whole-corpus stages corpus … split, diff, merge, evaluate, refine_labels and train_classifier read every domain,
   so they re-run too), and the classifier gets a new registry version.

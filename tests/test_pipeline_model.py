@@ -116,7 +116,7 @@ def test_changing_one_domains_data_retrains_only_that_adapter(model_repo, tmp_pa
 
 
 def test_promote_then_repro_relabels_without_retraining_the_models(model_repo):
-    """The round trip of issue 4: a label fixed in ``sentences`` (by the loop or by a reviewer working
+    """The label round trip: a label fixed in ``sentences`` (by the loop or by a reviewer working
     through review_queue.jsonl) is promoted to the dvc-tracked overrides file, and the next
     ``dvc repro`` re-runs split (whose label table applies it) and refine_labels, and nothing else:
     the document files are unchanged, so the base model, the adapters and the evaluation stay up

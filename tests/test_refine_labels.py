@@ -760,7 +760,7 @@ def test_stage_end_to_end(tmp_path, monkeypatch):
     assert {"refine/review_queue.jsonl", f"refine/iter_{metrics['iterations'] - 1}.parquet"} <= artifacts
 
 
-# ------------------------------------------------------------------ the cross-fitted stacker (issue 11, item 10)
+# ------------------------------------------------------------------ the cross-fitted stacker
 
 
 def _complementary_members(n_per_class: int = 60, seed: int = 0):

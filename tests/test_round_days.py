@@ -1,4 +1,4 @@
-"""Three days of the daily round (seed 003) on a small slice of the real corpus, under real DVC (local remote), MLflow
+"""Three days of the daily round on a small slice of the real corpus, under real DVC (local remote), MLflow
 (SQLite) and ``mlflow models serve`` on 127.0.0.1: ``python -m domainlm.rounds round`` each day.
 
 - Day 1: the first round trains, promotes (``champion`` alias, ``models/deployed``), pushes, commits, tags and serves.

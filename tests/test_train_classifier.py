@@ -634,8 +634,8 @@ def test_choose_alias_never_lets_the_champion_regress():
     assert registry.choose_alias(True, 0.8, {"how": "tag", "macro_f1": 0.8}) == "champion"  # ties promote
     assert registry.choose_alias(True, 0.79, {"how": "tag", "macro_f1": 0.8}) == "challenger"
     assert registry.choose_alias(True, 0.99, {"how": "unavailable", "macro_f1": None}) == "challenger"
-    # A re-run that reproduces the champion's predictions ties with it, whether the champion's tag was written
-    # rounded to 6 decimals (as before full-precision tags) or in full.
+    # A re-run that reproduces the champion's predictions ties with it, whether the champion's tag holds the score
+    # rounded to 6 decimals (as older registries' tags do) or in full.
     reproduced = 0.7543107963518088
     assert registry.choose_alias(True, reproduced, {"how": "tag", "macro_f1": 0.754311}) == "champion"
     tag = registry.score_tag(reproduced)

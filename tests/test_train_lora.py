@@ -1,4 +1,5 @@
-"""train_lora stage (domainlm.lm.lora): LoRA freezes the base, best adapter by val loss is kept, determinism, DeepSpeed config, main()."""
+"""train_lora stage (domainlm.lm.lora): LoRA freezes the base, best adapter by val loss is kept, determinism,
+DeepSpeed config, main()."""
 
 from __future__ import annotations
 

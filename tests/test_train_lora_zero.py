@@ -101,7 +101,8 @@ def test_enabled_true_without_cuda_adapts_the_config_and_says_why(monkeypatch, c
 
 @no_cuda
 def test_transformers_refuses_bf16_without_cuda_unless_use_cpu(tmp_path):
-    """The reason for the bf16 change: use_cpu=False (which DeepSpeed needs) and bf16=True cannot go together here."""
+    """Why ZeRO on CPU sets ``bf16.enabled`` to False: use_cpu=False (which DeepSpeed needs) and bf16=True cannot go
+    together without CUDA."""
     from transformers import TrainingArguments
 
     with pytest.raises(ValueError, match="bf16"):
@@ -122,7 +123,8 @@ def test_launch_env_makes_a_world_of_one_on_loopback(monkeypatch):
 
 # ------------------------------------------------------------------------------------------------- two CPU ranks
 def torchrun(args: list[str], cwd: Path, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
-    """``torchrun --nproc_per_node 2 --master_addr 127.0.0.1 --master_port <free> <args>`` with the venv first on PATH."""
+    """``torchrun --nproc_per_node 2 --master_addr 127.0.0.1 --master_port <free> <args>`` with the venv first on
+    PATH."""
     full = dict(os.environ)
     full.update(
         {

@@ -174,6 +174,13 @@ def files_sha256(files: Iterable[str | os.PathLike]) -> str:
     return h.hexdigest()
 
 
+def split_files_sha256(split_dir: str | os.PathLike, labels_path: str | os.PathLike, domains: Sequence[str]) -> str:
+    """The registry's ``data_sha256`` tag of a split folder: :func:`files_sha256` of every domain's Parquet files (in
+    ``domains`` order, each folder's files sorted by name) followed by the label table ``labels_path``."""
+    files = [p for d in domains for p in sorted((Path(split_dir) / d).glob("*.parquet"))] + [Path(labels_path)]
+    return files_sha256(files)
+
+
 def split_sha256(split: LabelledSplit) -> str:
     """SHA-256 over the (id, label, text) rows of a split, in order (hex, 64 chars).
 

@@ -5,8 +5,8 @@ Layout: ``model/`` and ``adapter/`` exactly as ``models/classifier`` (:func:`dom
 and ``deployed.json`` (:data:`MANIFEST_KEYS`). A folder whose manifest has ``version: null`` (a fresh clone's
 bootstrap) means "nothing deployed yet".
 
-``train_classifier`` scores the deployed model first (seed 003, step 2) when it is :func:`compatible`: same class
-list, and built on the same merged LM (:func:`tree_sha256` of ``models/merged``).
+``train_classifier`` scores the deployed model first (the champion/challenger baseline) when it is
+:func:`compatible`: same class list, and built on the same merged LM (:func:`tree_sha256` of ``models/merged``).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
-"""The classifier's quality gate (seed 003): macro-F1 on the test split's source labels must reach
+"""The classifier's quality gate: macro-F1 on the test split's source labels must reach
 ``classifier.gate.min_f1``; on failure, retrain up to ``classifier.gate.max_retries`` times. A retry continues
 fine-tuning the previous attempt's kept model (its LoRA matrices and score head) for ``classifier.gate.retry_epochs``
-epochs at ``classifier.gate.retry_lr``, with a class-weighted loss (seed 003's retrain); it is not a fresh run.
+epochs at ``classifier.gate.retry_lr``, with a class-weighted loss; it is not a fresh run.
 
 Attempt 0 is either a training from the merged LM or, when a compatible deployed model exists
 (:mod:`domainlm.classify.deployed`), that deployed model scored as it is (``initial``): kept when it passes, else the

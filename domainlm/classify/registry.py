@@ -1,5 +1,6 @@
 """The classifier's MLflow Model Registry entry (``classifier.registry.model_name``, default
-``domain-lm-classifier``): every run registers a new version; the champion never regresses (seed 004).
+``domain-lm-classifier``): every run registers a new version; the champion never regresses (MLflow's
+champion/challenger aliases).
 
 A version becomes ``champion`` only when it passed the gate *and* its test macro-F1 is at least the current
 champion's on the same test set; otherwise it becomes ``challenger`` (and the champion alias stays where it
@@ -89,8 +90,8 @@ def champion_macro_f1(
         return {"version": version, "macro_f1": None, "how": "unavailable"}
 
 
-#: Decimal places at which :func:`choose_alias` compares macro-F1 (the ``macro_f1`` tag of versions registered
-#: before full-precision tags was written with 6).
+#: Decimal places at which :func:`choose_alias` compares macro-F1 (older registries hold ``macro_f1`` tags rounded
+#: to 6 decimals; :func:`score_tag` writes the score in full).
 COMPARE_DECIMALS = 6
 
 

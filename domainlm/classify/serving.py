@@ -8,9 +8,9 @@ The input is declared as it is: ``predict``'s type hint ``list[str]`` is the mod
 ``[string (required)]`` from it). With a type-hint signature MLflow's scoring server hands the request's
 ``inputs`` list to the model as sent; with a column signature (``ColSpec("string", "text")``) its parser
 (``mlflow.utils.proto_json_utils._cast_schema_type``) runs ``numpy.array(values, dtype=str)`` on the
-``inputs`` form first, so ``12345`` arrived as ``"12345"`` and ``null`` as ``"None"`` and got a label with
-HTTP 200. Now MLflow checks every element against ``str`` and refuses a number, ``null``, ``NaN``, a boolean, a
-list or an object with HTTP 400, naming the offending value and its type; the DataFrame forms
+``inputs`` form first, so ``12345`` would arrive as ``"12345"`` and ``null`` as ``"None"`` and get a label with
+HTTP 200. With the type hint, MLflow checks every element against ``str`` and refuses a number, ``null``, ``NaN``,
+a boolean, a list or an object with HTTP 400, naming the offending value and its type; the DataFrame forms
 (``dataframe_records``, ``dataframe_split``) are refused with 400 too, since a type-hint model takes
 ``inputs`` only. From Python, ``model.predict(pandas.DataFrame({"text": [...]}))`` still works (MLflow turns a
 one-column frame into a list).

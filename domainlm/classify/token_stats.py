@@ -1,4 +1,4 @@
-"""Token statistics of the corpus under the base tokenizer (seed 000's pre-training look at the data): per domain
+"""Token statistics of the corpus under the base tokenizer (a look at the data before any training): per domain
 and split, documents, tokens, mean/p50/p95/max document length in tokens, and the share of documents longer
 than the classifier's input and than the LM's context (so truncation is a measured choice, not a surprise).
 """

@@ -11,7 +11,7 @@ the logits of up to ``classifier.windows.predict`` windows (:func:`domainlm.clas
 
 A retry of the gate (:mod:`domainlm.classify.gate`) continues from the previous attempt's kept model and trains
 with a class-weighted cross-entropy, weights ``n / (k · n_c)`` (inverse class frequency, scikit-learn's
-``compute_class_weight("balanced")``), passed to the Trainer as ``compute_loss_func`` (seed 003's retrain).
+``compute_class_weight("balanced")``), passed to the Trainer as ``compute_loss_func``.
 
 With ``classifier.compile`` on, training and validation run the decoder layers compiled by TorchInductor
 (:func:`domainlm.classify.model.compiled_layers`); the compiled code is cached in the process, so the gate's
@@ -184,6 +184,26 @@ def windows_params(params: Mapping[str, Any]) -> tuple[int, int]:
     if n_train < 1 or n_predict < 1:
         raise ValueError(f"classifier.windows.train and .predict must be >= 1, got {n_train} and {n_predict}")
     return n_train, n_predict
+
+
+def scoring_kwargs(params: Mapping[str, Any], compute=None) -> dict[str, Any]:
+    """The keyword arguments of :func:`domainlm.classify.model.predict_proba` with which every classifier is scored
+    (``train_classifier``'s attempts and test predictions, and the round's re-score of the deployed model), from the
+    ``classifier`` params section: ``max_length`` (tokens per window), ``batch_size`` (``train.eval_batch_size``,
+    windows per forward pass), ``max_windows`` (``windows.predict``, :func:`windows_params`) and ``compute`` (a
+    resolved :class:`domainlm.common.compute.ComputePolicy`, or None for fp32).
+
+    Raises:
+        KeyError: ``params`` lacks ``max_length`` or ``train.eval_batch_size``.
+        ValueError: a window count below 1.
+    """
+    _, n_predict = windows_params(params)
+    return {
+        "max_length": int(params["max_length"]),
+        "batch_size": int(params["train"]["eval_batch_size"]),
+        "max_windows": n_predict,
+        "compute": compute,
+    }
 
 
 def _in_order_trainer():

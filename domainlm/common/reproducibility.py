@@ -40,7 +40,8 @@ TOLERANCES: tuple[tuple[str, str, str, float], ...] = (
     ("classifier.json", "lora.macro_f1", "abs", 0.05),
     ("classifier.json", "lora.accuracy", "abs", 0.05),
     # the TF-IDF baseline's lbfgs runs on OpenBLAS, whose kernels are picked per CPU (or by OPENBLAS_CORETYPE): the
-    # Haswell kernels and this VM's own gave 0.7719 and 0.7736 (one test document of 265) on the same labels
+    # Haswell kernels and the kernels it picked itself gave 0.7719 and 0.7736 on one machine (one test document of
+    # 265), on the same labels
     ("classifier.json", "baseline.macro_f1", "abs", 0.05),
     ("refine.json", "label_change_rate", "abs", 0.02),
     ("dedup.json", "totals.*", "abs", 0.0),
@@ -123,17 +124,20 @@ def compare_metrics(
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m domainlm.common.reproducibility", description=__doc__.splitlines()[0])
-    ap.add_argument("other", help="another checkout (after its own dvc repro) to compare with this one")
-    ap.add_argument("--here", default=".", help="this checkout (default: the current folder)")
-    ap.add_argument(
-        "--same-machine",
-        action="store_true",
-        help="also require identical dvc.lock output hashes (the same-machine promise)",
-    )
-    args = ap.parse_args(argv)
-    here, other = Path(args.here), Path(args.other)
+def check(here: str | Path, other: str | Path, *, same_machine: bool = False) -> int:
+    """Compare two checkouts, print one line per metric and a summary, and return the exit status.
+
+    Args:
+        here: this checkout (its ``metrics/`` and ``dvc.lock``).
+        other: another checkout, after its own ``dvc repro``.
+        same_machine: also require identical ``dvc.lock`` hashes of every data and model output
+            (:func:`compare_locks` without :data:`TIMED_OUTPUTS`): the same-machine promise.
+
+    Returns:
+        0 when the promise holds, 1 when a figure is outside its tolerance (or, with ``same_machine``, an output
+        hash differs).
+    """
+    here, other = Path(here), Path(other)
     rows = compare_metrics(here / "metrics", other / "metrics")
     bad = [r for r in rows if not r["ok"]]
     for r in rows:
@@ -148,7 +152,22 @@ def main(argv: list[str] | None = None) -> int:
         f"{len(differing)} data/model outputs differ in dvc.lock{': ' + ', '.join(differing) if differing else ''}; "
         f"{len(timed)} timed outputs (metrics, logs, report) differ, as they do on every run"
     )
-    return int(bool(bad) or (args.same_machine and bool(differing)))
+    return int(bool(bad) or (same_machine and bool(differing)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m domainlm.common.reproducibility OTHER``: parse ``argv`` (default ``sys.argv[1:]``), then
+    :func:`check`."""
+    ap = argparse.ArgumentParser(prog="python -m domainlm.common.reproducibility", description=__doc__.splitlines()[0])
+    ap.add_argument("other", help="another checkout (after its own dvc repro) to compare with this one")
+    ap.add_argument("--here", default=".", help="this checkout (default: the current folder)")
+    ap.add_argument(
+        "--same-machine",
+        action="store_true",
+        help="also require identical dvc.lock output hashes (the same-machine promise)",
+    )
+    args = ap.parse_args(argv)
+    return check(args.here, args.other, same_machine=args.same_machine)
 
 
 if __name__ == "__main__":

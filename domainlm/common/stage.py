@@ -6,7 +6,9 @@ It gives every stage the same things, so ``stages/<name>.py`` holds only its own
 - wall time and peak RSS, added to the stage's metrics file under ``stage`` (seconds, MiB);
 - one line per run appended to ``logs/pipeline_run.log``: stage, start time (UTC, ISO 8601), wall s,
   ``ok`` or ``failed``, git commit (tab-separated);
-- the stack trace of a failed run appended to ``logs/pipeline_errors.log``.
+- the stack trace of a failed run appended to ``logs/pipeline_errors.log``;
+- one command line: :func:`parse_stage_args` answers ``--help`` and rejects arguments the stage does not take
+  before :func:`stage_run` starts, so neither is logged as a run.
 
 Both logs are git-ignored and listed in ``.dvcignore``: they are not DVC outputs, so a re-run never
 erases them, and they never change a stage's deps.
@@ -14,6 +16,7 @@ erases them, and they never change a stage's deps.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import errno
 import logging
@@ -22,7 +25,7 @@ import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -42,6 +45,43 @@ def configure_logging(level: int = logging.INFO) -> None:
     # Libraries that log every HTTP call or file at INFO would drown the stage's own lines.
     for noisy in ("httpx", "urllib3", "botocore", "filelock", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def stage_parser(name: str, doc: str | None) -> argparse.ArgumentParser:
+    """The argument parser of ``python -m stages.<name>``, with the module docstring as its description.
+
+    It declares no arguments: a stage that takes some adds them (``refine_labels`` adds ``promote``). ``--help`` prints
+    the usage and the description and exits 0.
+    """
+    return argparse.ArgumentParser(
+        prog=f"python -m stages.{name}",
+        description=doc,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+def parse_stage_args(name: str, doc: str | None, argv: Sequence[str], *, domain: bool = False) -> argparse.Namespace:
+    """Parse a stage entry point's command line. Call it before :func:`stage_run`.
+
+    Args:
+        name: the stage's module name under ``stages/`` (``train_lora``); the usage line reads
+            ``python -m stages.<name>``.
+        doc: the module docstring, shown by ``--help``.
+        argv: the arguments after the module name: ``sys.argv[1:]`` in ``__main__``, a list in a test. ``main()``
+            never reads ``sys.argv`` itself, so calling it inside pytest does not see pytest's arguments.
+        domain: the stage takes one positional ``domain`` (a ``foreach`` stage: ``python -m stages.train_lora law``).
+
+    Returns:
+        The parsed arguments (``.domain`` when ``domain`` is true).
+
+    Raises:
+        SystemExit: 0 after ``--help``; 2, with the usage line on stderr, for a missing or unknown argument.
+            Neither writes ``logs/pipeline_run.log``.
+    """
+    parser = stage_parser(name, doc)
+    if domain:
+        parser.add_argument("domain", help="one of params.yaml's domains")
+    return parser.parse_args(list(argv))
 
 
 def git_commit(cwd: str | os.PathLike | None = None) -> str:

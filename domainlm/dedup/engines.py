@@ -55,8 +55,8 @@ class LocalEngine:
     Each step gets a fresh pool, so no step's leftover heap stays resident during the next. Its
     processes come from a fork server (a fresh interpreter that has imported only the task functions'
     module; forking from it takes milliseconds), not from this process: a worker forked from here would
-    inherit, and be charged in resident memory for, everything this process has imported and holds. Every task argument and result is small (paths,
-    offsets and counts); the data stays in the work folder.
+    inherit, and be charged in resident memory for, everything this process has imported and holds. Every task
+    argument and result is small (paths, offsets and counts); the data stays in the work folder.
     """
 
     name = "local"

@@ -1,7 +1,6 @@
 """Real Korean text sources that packages ship, turned into documents.
 
-Four built-in source types read text written by people outside this project
-(see ``shared/corpus-sources.md`` for the provenance table):
+Four built-in source types read text written by people outside this project, each from a public package:
 
 - ``kolaw``: konlpy 0.6.0's ``kolaw/constitution.txt``, one document per article (제N조), plus the preamble.
 - ``kobill``: konlpy's ``kobill/*.txt``, one document per bill.
@@ -129,7 +128,8 @@ def fetch_deb(package: str, cache_dir: Path, domain: str) -> FetchedPackage:
         found = sorted(debs.glob(f"{package}_*.deb"))
         if proc.returncode != 0 or not found:
             raise SourceUnavailable(
-                f"corpus source '{domain}' needs the Debian package {package}, and `apt-get download {package}` failed:\n"
+                f"corpus source '{domain}' needs the Debian package {package}, "
+                f"and `apt-get download {package}` failed:\n"
                 f"{proc.stderr.strip()[-800:]}\nRun `apt-get update` (as root) and try again, "
                 f"put the .deb into {debs} by hand, {_leave_out_hint(domain)}"
             )

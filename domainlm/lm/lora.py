@@ -34,7 +34,8 @@ log = logging.getLogger(__name__)
 
 
 def lora_config(lora_params: Mapping[str, Any]):
-    """``peft.LoraConfig`` for a causal LM from the ``train_lora.lora`` params (r, lora_alpha, lora_dropout, target_modules)."""
+    """``peft.LoraConfig`` for a causal LM from the ``train_lora.lora`` params (r, lora_alpha, lora_dropout,
+    target_modules)."""
     from peft import LoraConfig, TaskType
 
     return LoraConfig(
@@ -123,7 +124,8 @@ def deepspeed_config(ds_params: Mapping[str, Any] | None) -> dict | None:
 
 
 def planned_steps(n_train_blocks: int, train_params: Mapping[str, Any]) -> int:
-    """Optimizer steps to run: ``min(max_steps, ceil(max_epochs · n_train_blocks / (batch_size · grad_accum)))``, at least 1."""
+    """Optimizer steps to run: ``min(max_steps, ceil(max_epochs · n_train_blocks / (batch_size · grad_accum)))``,
+    at least 1."""
     per_step = int(train_params["batch_size"]) * int(train_params.get("gradient_accumulation_steps", 1))
     by_epochs = math.ceil(float(train_params["max_epochs"]) * n_train_blocks / per_step)
     return max(1, min(int(train_params["max_steps"]), by_epochs))
@@ -140,7 +142,8 @@ def training_arguments(
     accelerator_config: dict | None = None,
     compute=None,
 ):
-    """``transformers.TrainingArguments`` for one adapter: eval + checkpoint every ``eval_steps``, keep the best by eval loss.
+    """``transformers.TrainingArguments`` for one adapter: eval + checkpoint every ``eval_steps``, keep the best by
+    eval loss.
 
     With ``deepspeed`` set, ``bf16`` follows the config's ``bf16.enabled`` so that the
     Trainer and the ZeRO config agree; the config's ``"auto"`` values are filled from these args.
@@ -207,7 +210,8 @@ def json_lines_log(fh, mlflow=None):
     from transformers import TrainerCallback
 
     class JsonLinesLog(TrainerCallback):
-        """Write one JSON line per Trainer log event (step, epoch, loss | eval_loss, lr, …) and time the training steps."""
+        """Write one JSON line per Trainer log event (step, epoch, loss | eval_loss, lr, …) and time the training
+        steps."""
 
         def __init__(self, fh, mlflow=None):
             self.fh, self.mlflow = fh, mlflow

@@ -154,7 +154,8 @@ def launch_env() -> dict[str, str]:
 
 
 def ensure_build_tools() -> None:
-    """Make sure DeepSpeed can JIT-build its CPU ops: ``shm_comm`` at start-up, ``cpu_adam`` for the offloaded optimizer.
+    """Make sure DeepSpeed can JIT-build its CPU ops: ``shm_comm`` at start-up, ``cpu_adam`` for the offloaded
+    optimizer.
 
     torch's ``cpp_extension`` runs ``ninja`` from ``PATH`` and the C++ compiler ``$CXX`` (default ``c++``)
     against the Python headers. The ``ninja`` wheel (a deepspeed requirement) puts its binary beside this
@@ -215,8 +216,8 @@ def init_gpu_process_group() -> None:
     """Initialise DeepSpeed's process group on CUDA (backend from its accelerator: NCCL) unless one exists.
 
     accelerate, when ``TrainingArguments`` sets it up for DeepSpeed, keeps an existing group; having it
-    before the Trainer lets :func:`shared_tempdir` name one checkpoint folder to every rank. Not run
-    here (no GPU): the CPU path is what the tests exercise.
+    before the Trainer lets :func:`shared_tempdir` name one checkpoint folder to every rank. The tests run
+    without a GPU, so they exercise the CPU path, not this one.
     """
     import deepspeed
     import torch.distributed as dist

@@ -325,16 +325,18 @@ def dedup(dedup_metrics: Mapping) -> str:
     return "\n".join(
         [
             f"MinHash with {count(lsh['num_perm'])} permutations, banded into b = {b} bands of r = {r} rows "
-            f"({count(b * r)} permutations used). A pair at the threshold J = {t:g} becomes a candidate with probability "
-            f"{ratio(p_ours)}; datasketch's default banding for the same threshold (b = {dflt['bands']}, r = {dflt['rows']}) "
-            f"gives {ratio(p_default)}, so it would miss {percent(1 - p_default, 0)} of the pairs right at the threshold. "
+            f"({count(b * r)} permutations used). A pair at the threshold J = {t:g} becomes a candidate with "
+            f"probability {ratio(p_ours)}; datasketch's default banding for the same threshold "
+            f"(b = {dflt['bands']}, r = {dflt['rows']}) gives {ratio(p_default)}, so it would miss "
+            f"{percent(1 - p_default, 0)} of the pairs right at the threshold. "
             f"The price is more false candidates below the threshold (area under the curve for J < {t:g}: "
             f"{ratio(lsh['false_positive_area'])}).",
             "",
             f"LSH proposed {count(dedup_metrics['candidate_pairs'])} candidate pairs; exact Jaccard verification kept "
             f"{count(dedup_metrics['verified_pairs'])} ({percent(dedup_metrics['verified_rate'])}), which union-find "
-            f"grouped into {count(dedup_metrics['clusters'])} clusters (largest: {count(dedup_metrics['largest_cluster'])} "
-            f"documents). {count(dedup_metrics['totals']['near_removed'])} near-duplicates were removed, "
+            f"grouped into {count(dedup_metrics['clusters'])} clusters "
+            f"(largest: {count(dedup_metrics['largest_cluster'])} documents). "
+            f"{count(dedup_metrics['totals']['near_removed'])} near-duplicates were removed, "
             f"{count(per[top]['near_removed'])} of them in `{top}`.",
         ]
     )

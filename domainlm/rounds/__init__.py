@@ -1,4 +1,4 @@
-"""The daily round (seed 003): ``dvc repro`` with the deployed model evaluated first, then decide, promote, push,
+"""The daily round: ``dvc repro`` with the deployed model evaluated first, then decide, promote, push,
 commit, tag and redeploy, under one lock. ``python -m domainlm.rounds --help`` lists the commands.
 
 - :mod:`domainlm.rounds.promotion`: the bootstrap ``models/deployed``, the promote decision and the promote itself.

@@ -1,6 +1,6 @@
-"""One round of the daily loop (seed 003), safe to schedule: ``python -m domainlm.rounds round`` (``make round``).
+"""One round of the daily loop, safe to schedule: ``python -m domainlm.rounds round`` (``make round``).
 
-Order (shared/conventions.md, "Rounds and deployment"): take the lock → ``dvc repro`` (``train_classifier`` scores the
+Order (data is pushed before the commit that names it): take the lock → ``dvc repro`` (``train_classifier`` scores the
 deployed model first and keeps it or fine-tunes from it) → :func:`domainlm.rounds.promotion.decide` → promote
 (``champion`` alias, ``models/deployed``, ``dvc add``) → ``dvc push`` → ``git commit`` of ``dvc.lock``, the ``.dvc``
 files, metrics, plots and the report → tag ``round-YYYYMMDD-N`` → deploy (:func:`domainlm.rounds.server.deploy`).
@@ -13,6 +13,7 @@ with no new data runs no stage, commits nothing and creates no tag.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import fcntl
 import json
@@ -183,21 +184,30 @@ def ensure_deployed(dvc: str = "dvc", cwd: str | os.PathLike = ".") -> None:
 def decide_and_promote(*, dvc: str = "dvc", promote: bool = True) -> Decision:
     """Read ``metrics/classifier.json`` and the current test split, :func:`decide`, and promote when it says so.
 
+    The registry versions it uses are this machine's (:func:`domainlm.rounds.promotion.ensure_version`): a promote
+    registers ``models/classifier`` here when this store lacks the version the metrics name, and a keep registers
+    ``models/deployed`` when it lacks the manifest's (:func:`domainlm.rounds.promotion.keep_champion`). The returned
+    decision carries the local ``version`` (after a promote) and ``champion_version``.
+
     Raises:
         FileNotFoundError: no ``metrics/classifier.json`` (``train_classifier`` has not run).
     """
     from mlflow import MlflowClient
 
-    from domainlm.classify.data import read_split, split_sha256
+    from domainlm.classify.data import read_split, split_files_sha256, split_sha256
     from domainlm.common.tracking import tracking_uri
 
     metrics = json.loads(CLASSIFIER_METRICS.read_text(encoding="utf-8"))
     cfg = P.section("classifier")
     model_name = (cfg.get("registry") or {}).get("model_name", "domain-lm-classifier")
-    test = read_split(paths.SPLIT_DIR, paths.LABELS_PATH, P.domains(), "test")
+    domains = P.domains()
+    test = read_split(paths.SPLIT_DIR, paths.LABELS_PATH, domains, "test")
     test_sha = split_sha256(test)
     manifest = read_manifest(paths.DEPLOYED_DIR)
-    if manifest is not None and int(manifest["version"]) == int(metrics["registry"]["version"]):
+    if manifest is not None and (
+        int(manifest["version"]) == int(metrics["registry"]["version"])
+        or promotion.same_model(paths.CLASSIFIER_DIR, paths.DEPLOYED_DIR)
+    ):
         return Decision(
             KEEP,
             f"v{manifest['version']} is already deployed",
@@ -207,23 +217,25 @@ def decide_and_promote(*, dvc: str = "dvc", promote: bool = True) -> Decision:
         )
 
     def rescore() -> float:
-        return promotion.rescore_deployed(
-            paths.DEPLOYED_DIR,
-            test.texts,
-            test.labels,
-            max_length=int(cfg["max_length"]),
-            batch_size=int((cfg.get("train") or {}).get("eval_batch_size", 16)),
-        )
+        from domainlm.classify.training import scoring_kwargs
+        from domainlm.common.compute import resolve
+
+        scoring = scoring_kwargs(cfg, resolve(P.load_params().get("compute")))
+        return promotion.rescore_deployed(paths.DEPLOYED_DIR, test.texts, test.labels, **scoring)
 
     decision = promotion.decide(metrics, manifest, test_sha256=test_sha, rescore=rescore)
     log.info("decision: %s: %s", decision.action, decision.reason)
     client = MlflowClient(tracking_uri=tracking_uri(), registry_uri=tracking_uri())
     if decision.action != PROMOTE and manifest is not None and promote:
-        promotion.set_champion(client, model_name, int(manifest["version"]))  # the deployed model stays champion
+        # the deployed model stays champion (registered here first when this store lacks it)
+        kept = promotion.keep_champion(
+            client, model_name, manifest, paths.DEPLOYED_DIR, serving_config=serving_config()
+        )
+        decision = dataclasses.replace(decision, champion_version=kept.version)
     if decision.action == PROMOTE and promote:
         config = json.loads((paths.CLASSIFIER_DIR / "model" / "config.json").read_text(encoding="utf-8"))
         classes = [config["id2label"][str(i)] for i in range(len(config["id2label"]))]
-        promotion.promote(
+        deployed = promotion.promote(
             metrics=metrics,
             client=client,
             model_name=model_name,
@@ -232,8 +244,17 @@ def decide_and_promote(*, dvc: str = "dvc", promote: bool = True) -> Decision:
             deployed_dir=paths.DEPLOYED_DIR,
             merged_dir=paths.MERGED_DIR,
             classes=classes,
+            serving_config=serving_config(),
+            data_sha256=split_files_sha256(paths.SPLIT_DIR, paths.LABELS_PATH, domains),
             dvc=dvc,
         )
+        version, reason = int(deployed["version"]), decision.reason
+        if version != decision.version:  # registered here (promotion.ensure_version); the metrics stay as they are
+            reason += (
+                f"; deployed as v{version}: this MLflow store does not hold the v{decision.version} that "
+                f"{CLASSIFIER_METRICS} names"
+            )
+        decision = dataclasses.replace(decision, reason=reason, version=version, champion_version=version)
     return decision
 
 

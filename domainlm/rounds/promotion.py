@@ -5,10 +5,17 @@ committed one, so ``dvc status`` stays clean). After ``dvc repro`` the round rea
 :func:`decide`\\ s; :func:`promote` then points the registry's ``champion`` alias at the new version, replaces
 ``models/deployed`` atomically (copy beside it, then rename) and runs ``dvc add models/deployed``.
 
-The rule (seed 003 step 4, and "the champion never regresses", seed 004): promote when the gate passed and the new
-model's test macro-F1 is at least the deployed model's **on the current test split**. The deployed model's score on
-that split comes from, in order: its manifest (same ``test_sha256``); attempt 0 of this run when ``train_classifier``
-started from it; else re-scoring it (:func:`rescore_deployed`).
+The rule ("the champion never regresses", as MLflow's champion/challenger aliases are used): promote when the gate
+passed and the new model's test macro-F1 is at least the deployed model's **on the current test split**. The
+deployed model's score on that split comes from, in order: its manifest (same ``test_sha256``); attempt 0 of this
+run when ``train_classifier`` started from it; else re-scoring it (:func:`rescore_deployed`).
+
+The MLflow registry (``mlflow.db``) is per machine unless ``MLFLOW_TRACKING_URI`` points at a shared
+``mlflow server``, so ``metrics/classifier.json`` (pulled with the pipeline's outputs) may name a version this store
+lacks, or one that holds another model here. The promote then registers the model in this store
+(:func:`ensure_version`, with :func:`domainlm.classify.registry.log_and_register`) and uses that local version for the
+alias and the manifest; ``metrics/classifier.json`` (a DVC output) is left as it is. Keeping the deployed model
+registers it the same way (:func:`keep_champion`).
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ import logging
 import os
 import shutil
 import subprocess
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -60,7 +67,10 @@ class Decision:
         new_macro_f1: this run's kept model's test macro-F1 (``None`` when no metrics).
         deployed_macro_f1: the deployed model's test macro-F1 on the current test split (``None``: nothing
             deployed, or not needed).
-        version: the registry version of this run's model.
+        version: the registry version of this run's model: the one ``metrics/classifier.json`` names, or after a
+            promote, the version in this machine's MLflow store (:func:`ensure_version`).
+        champion_version: the version the ``champion`` alias points at in this machine's store after the round
+            (``None``: not set by this round).
     """
 
     action: str
@@ -68,6 +78,7 @@ class Decision:
     new_macro_f1: float | None = None
     deployed_macro_f1: float | None = None
     version: int | None = None
+    champion_version: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -75,7 +86,8 @@ class Decision:
 
 def start_case(metrics: Mapping[str, Any]) -> str:
     """``metrics["start"]["case"]`` of ``metrics/classifier.json`` (``deployed_kept`` | ``deployed_retrained`` |
-    ``fresh``); ``fresh`` when the stage wrote no ``start`` block (a run before the deployed-first change)."""
+    ``fresh``); ``fresh`` when the stage wrote no ``start`` block (metrics written by a release that did not score
+    the deployed model first)."""
     start = metrics.get("start") or {}
     return str(start.get("case", "fresh"))
 
@@ -146,8 +158,20 @@ def decide(
     )
 
 
-def rescore_deployed(deployed_dir: str | os.PathLike, texts, labels, *, max_length: int, batch_size: int = 16) -> float:
-    """The deployed classifier's (``<deployed_dir>/model``) macro-F1 on ``texts`` against ``labels``.
+def rescore_deployed(
+    deployed_dir: str | os.PathLike,
+    texts,
+    labels,
+    *,
+    max_length: int,
+    max_windows: int,
+    batch_size: int = 16,
+    compute=None,
+) -> float:
+    """The deployed classifier's (``<deployed_dir>/model``) macro-F1 on ``texts`` against ``labels``, scored as
+    ``train_classifier`` scores the new model: :func:`domainlm.classify.model.predict_proba` with the same
+    ``max_length`` (tokens per window), ``max_windows`` (windows pooled per document, ``classifier.windows.predict``),
+    ``batch_size`` and ``compute`` policy (:func:`domainlm.classify.training.scoring_kwargs` builds them from params).
 
     Raises:
         OSError: the model folder does not load.
@@ -157,7 +181,15 @@ def rescore_deployed(deployed_dir: str | os.PathLike, texts, labels, *, max_leng
 
     model, tokenizer = load_classifier(Path(deployed_dir) / "model")
     classes = classes_of(model)
-    proba = predict_proba(model, tokenizer, list(texts), max_length=max_length, batch_size=batch_size)
+    proba = predict_proba(
+        model,
+        tokenizer,
+        list(texts),
+        max_length=max_length,
+        batch_size=batch_size,
+        max_windows=max_windows,
+        compute=compute,
+    )
     return macro_f1(list(labels), [classes[j] for j in proba.argmax(axis=1)])
 
 
@@ -213,6 +245,260 @@ def set_champion(client, model_name: str, version: int) -> None:
     client.set_registered_model_alias(model_name, CHAMPION, str(int(version)))
 
 
+#: The environment variable naming the MLflow tracking (and registry) store; the log names it when a version is
+#: missing here, so a team knows to share one ``mlflow server``.
+TRACKING_ENV = "MLFLOW_TRACKING_URI"
+#: Version tag on the versions the promote registers: :func:`tree_sha256` of the registered ``model/`` folder, so a
+#: later round finds that version again instead of registering the same model twice.
+MODEL_SHA_TAG = "model_sha256"
+#: Tags of a version that must agree with ``metrics/classifier.json`` for it to be the model the metrics name (another
+#: machine's v12 and this store's v12 are different models).
+IDENTITY_TAGS = ("test_sha256", "macro_f1", "classes")
+#: The MLflow run (``dvc.stage`` tag) under which the promote registers a model.
+PROMOTE_RUN = "promote"
+
+
+@dataclass(frozen=True)
+class LocalVersion:
+    """A model's version in this machine's MLflow store.
+
+    Attributes:
+        version: the registry version here.
+        run_id: the MLflow run that logged it.
+        how: ``named`` (the version asked for is this model), ``reused`` (an earlier promote registered this very
+            ``model/`` folder here, found by :data:`MODEL_SHA_TAG`) or ``registered`` (registered now).
+    """
+
+    version: int
+    run_id: str
+    how: str
+
+
+def registered_version(client, model_name: str, version: int):
+    """The ``ModelVersion`` ``version`` of ``model_name`` in ``client``'s store, or ``None`` when the store lacks
+    the version or the model.
+
+    Raises:
+        mlflow.exceptions.MlflowException: any other registry error.
+    """
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version(model_name, str(int(version)))
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+
+
+def tag_conflicts(found: Mapping[str, str], expected: Mapping[str, Any], keys: Sequence[str]) -> list[str]:
+    """The ``keys`` that both ``found`` (a version's tags) and ``expected`` hold, with different values;
+    ``macro_f1`` is compared at :data:`domainlm.classify.registry.COMPARE_DECIMALS` places (older tags are rounded)."""
+    from domainlm.classify.registry import COMPARE_DECIMALS
+
+    conflicts = []
+    for key in keys:
+        if key not in found or expected.get(key) is None:
+            continue
+        here, wanted = found[key], expected[key]
+        if key == "macro_f1":
+            try:
+                same = round(float(here), COMPARE_DECIMALS) == round(float(wanted), COMPARE_DECIMALS)
+            except ValueError:
+                same = False
+        else:
+            same = str(here) == str(wanted)
+        if not same:
+            conflicts.append(key)
+    return conflicts
+
+
+def ensure_version(
+    client,
+    model_name: str,
+    version: int,
+    *,
+    model_dir: str | os.PathLike,
+    tags: Mapping[str, Any],
+    serving_config: Mapping[str, Any],
+    named_by: str,
+    identity: Sequence[str] = (),
+    run_id: str | None = None,
+) -> LocalVersion:
+    """The version of ``model_dir`` in ``client``'s store: ``version`` when the store holds it and it is this model,
+    else the version an earlier promote registered for the same folder, else a new one.
+
+    ``version`` is this model when the store has it, its run is ``run_id`` (when given) and none of its ``identity``
+    tags contradicts ``tags``. Otherwise (the store is another machine's, :data:`TRACKING_ENV`) the folder is found by
+    :data:`MODEL_SHA_TAG` or registered with :func:`domainlm.classify.registry.log_and_register` inside an MLflow
+    run (:func:`domainlm.common.tracking.mlflow_run`, ``dvc.stage`` = :data:`PROMOTE_RUN`), tagged ``tags`` plus
+    :data:`MODEL_SHA_TAG`, alias ``champion`` (callers move the alias where they need it afterwards). One WARNING line
+    says so and names :data:`TRACKING_ENV`.
+
+    Args:
+        client: an ``MlflowClient`` on :func:`domainlm.common.tracking.tracking_uri`.
+        version: the version ``named_by`` names (``metrics/classifier.json``, ``deployed.json``).
+        model_dir: the saved classifier ``model/`` folder.
+        tags: version tags for a new registration (values stringified).
+        serving_config: the pyfunc's ``model_config`` (:func:`domainlm.rounds.daily.serving_config`).
+        named_by: the file that names ``version``, for the log line.
+        identity: keys of ``tags`` that ``version``'s tags must not contradict (:func:`tag_conflicts`).
+        run_id: the MLflow run that ``version`` must come from (a manifest's ``run_id``), or None.
+
+    Raises:
+        FileNotFoundError: ``model_dir`` is not a folder (when registering).
+        mlflow.exceptions.MlflowException: a registry error other than a missing version.
+    """
+    from domainlm.classify.registry import CHAMPION, log_and_register
+    from domainlm.common.tracking import mlflow_run, tracking_uri
+
+    found = registered_version(client, model_name, version)
+    if found is None:
+        why = "lacks"
+    else:
+        other = [] if run_id is None or found.run_id == run_id else ["run_id"]
+        other += tag_conflicts(found.tags or {}, tags, identity)
+        if not other:
+            return LocalVersion(int(found.version), found.run_id, "named")
+        why = f"holds another model ({', '.join(other)} differ) as"
+    model_sha = tree_sha256(model_dir)
+    same = client.search_model_versions(f"name = '{model_name}' and tags.{MODEL_SHA_TAG} = '{model_sha}'")
+    if same:
+        latest = max(same, key=lambda v: int(v.version))
+        local = LocalVersion(int(latest.version), latest.run_id, "reused")
+        done = f"{model_dir} is already registered here as v{local.version} ({MODEL_SHA_TAG})"
+    else:
+        with mlflow_run(PROMOTE_RUN, run_name=f"{PROMOTE_RUN} v{int(version)} absent here") as ml:
+            registered = log_and_register(
+                ml,
+                model_dir,
+                model_name=model_name,
+                alias=CHAMPION,
+                tags={**tags, MODEL_SHA_TAG: model_sha},
+                serving_config=serving_config,
+            )
+            local = LocalVersion(int(registered["version"]), ml.active_run().info.run_id, "registered")
+        done = f"registered {model_dir} here as v{local.version}"
+    log.warning(
+        "the MLflow store %s (%s) %s %s v%d named by %s: %s; point %s at a shared `mlflow server` so every "
+        "machine's metrics and manifests name the same versions",
+        tracking_uri(),
+        TRACKING_ENV,
+        why,
+        model_name,
+        int(version),
+        named_by,
+        done,
+        TRACKING_ENV,
+    )
+    return local
+
+
+def classifier_tags(
+    metrics: Mapping[str, Any], *, test_sha256: str, classes: Sequence[str], data_sha256: str | None = None
+) -> dict[str, str]:
+    """The version tags ``train_classifier`` gives its model (:mod:`domainlm.classify.registry`), rebuilt from
+    ``metrics/classifier.json`` and the current split for a promote that registers the model here: ``git_commit``
+    (HEAD now), ``data_sha256`` (when given), ``test_sha256``, ``label_overrides``, ``macro_f1``, ``accuracy``,
+    ``gate``, ``classes``, ``started_from`` (``continued`` when a retry was kept, else ``trained``), plus
+    ``registered_by`` = ``promote`` and ``metrics_version`` (the version the metrics name in the store that trained
+    it).
+
+    Raises:
+        KeyError: ``metrics`` lacks ``lora.macro_f1``, ``gate.passed`` or ``registry.version``.
+    """
+    from domainlm.classify.registry import score_tag
+    from domainlm.common.stage import git_commit
+
+    lora, gate = metrics["lora"], metrics["gate"]
+    tags = {
+        "git_commit": git_commit(),
+        "data_sha256": data_sha256,
+        "test_sha256": test_sha256,
+        "label_overrides": metrics.get("label_overrides"),
+        "macro_f1": score_tag(lora["macro_f1"]),
+        "accuracy": score_tag(lora["accuracy"]) if lora.get("accuracy") is not None else None,
+        "gate": "passed" if int(gate["passed"]) else "failed",
+        "classes": ",".join(classes),
+        "started_from": "continued" if int(gate.get("kept_attempt") or 0) > 0 else "trained",
+        "registered_by": PROMOTE_RUN,
+        "metrics_version": int(metrics["registry"]["version"]),
+    }
+    return {k: str(v) for k, v in tags.items() if v is not None}
+
+
+def deployed_tags(manifest: Mapping[str, Any]) -> dict[str, str]:
+    """Version tags for the deployed model registered from its folder, from its manifest's figures: ``git_commit``
+    (HEAD now), ``test_sha256``, ``macro_f1`` (``test_macro_f1``), ``gate`` = ``passed`` (a model is deployed only
+    after passing), ``classes``, ``merged_lm_sha256``, ``started_from`` = ``deployed``, ``registered_by`` =
+    ``promote``, ``manifest_version``, ``manifest_run_id`` and ``deployed_date``.
+
+    Raises:
+        KeyError: ``manifest`` lacks a key of :data:`domainlm.classify.deployed.MANIFEST_KEYS`.
+    """
+    from domainlm.classify.registry import score_tag
+    from domainlm.common.stage import git_commit
+
+    return {
+        "git_commit": git_commit(),
+        "test_sha256": str(manifest["test_sha256"]),
+        "macro_f1": score_tag(manifest["test_macro_f1"]),
+        "gate": "passed",
+        "classes": ",".join(manifest["classes"]),
+        "merged_lm_sha256": str(manifest["merged_lm_sha256"]),
+        "started_from": "deployed",
+        "registered_by": PROMOTE_RUN,
+        "manifest_version": str(int(manifest["version"])),
+        "manifest_run_id": str(manifest["run_id"]),
+        "deployed_date": str(manifest["date"]),
+    }
+
+
+def keep_champion(
+    client,
+    model_name: str,
+    manifest: Mapping[str, Any],
+    deployed_dir: str | os.PathLike,
+    *,
+    serving_config: Mapping[str, Any],
+) -> LocalVersion:
+    """Point ``champion`` at the deployed model in this machine's store (the deployed model stays champion).
+
+    When this store lacks the manifest's version (or holds another model under that number: its run is not the
+    manifest's ``run_id``), the deployed folder's ``model/`` is registered here (:func:`ensure_version`, tags
+    :func:`deployed_tags`) rather than the alias being skipped. A user expects ``models:/<name>@champion`` to be the
+    model in ``models/deployed`` on every machine, and ``train_classifier`` compares each new version with the
+    champion to choose its alias: a store without one would call any version that passes the gate ``champion``
+    while the round keeps the deployed model. ``deployed.json`` is not rewritten (it is ``dvc add``-tracked and
+    stays byte for byte the committed one); later rounds find the registered version by :data:`MODEL_SHA_TAG`.
+
+    Returns:
+        The champion's :class:`LocalVersion` here.
+
+    Raises:
+        mlflow.exceptions.MlflowException: a registry error other than a missing version.
+    """
+    local = ensure_version(
+        client,
+        model_name,
+        int(manifest["version"]),
+        model_dir=Path(deployed_dir) / "model",
+        tags=deployed_tags(manifest),
+        serving_config=serving_config,
+        named_by=str(Path(deployed_dir) / MANIFEST),
+        run_id=str(manifest["run_id"]) if manifest.get("run_id") else None,
+    )
+    set_champion(client, model_name, local.version)
+    return local
+
+
+def same_model(classifier_dir: str | os.PathLike, deployed_dir: str | os.PathLike) -> bool:
+    """Whether ``<classifier_dir>/model`` and ``<deployed_dir>/model`` hold the same files (:func:`tree_sha256`):
+    this run's model is already deployed, whatever version numbers the metrics and the manifest carry."""
+    a, b = Path(classifier_dir) / "model", Path(deployed_dir) / "model"
+    return a.is_dir() and b.is_dir() and tree_sha256(a) == tree_sha256(b)
+
+
 def promote(
     *,
     metrics: Mapping[str, Any],
@@ -223,6 +509,8 @@ def promote(
     deployed_dir: str | os.PathLike,
     merged_dir: str | os.PathLike,
     classes,
+    serving_config: Mapping[str, Any],
+    data_sha256: str | None = None,
     repo: str | os.PathLike = ".",
     dvc: str = "dvc",
 ) -> dict[str, Any]:
@@ -230,16 +518,33 @@ def promote(
     ``dvc add`` (updates ``models/deployed.dvc``), ``dvc commit train_classifier`` (records the new folder as that
     stage's dep in ``dvc.lock``). Returns the new manifest.
 
+    The registry version is the one ``metrics/classifier.json`` names when this store holds that model; otherwise
+    ``<classifier_dir>/model`` is registered here (:func:`ensure_version`, tags :func:`classifier_tags`) and the
+    manifest and the alias name the local version. ``metrics/classifier.json`` is not rewritten.
+
+    Args:
+        serving_config: the pyfunc's ``model_config`` for a registration here.
+        data_sha256: the ``data_sha256`` tag for a registration here (split files + label table), or None.
+
     Raises:
         subprocess.CalledProcessError: ``dvc add`` failed.
-        mlflow.exceptions.MlflowException: the registry version does not exist.
+        mlflow.exceptions.MlflowException: a registry error other than a missing version.
     """
-    version = int(metrics["registry"]["version"])
-    run_id = client.get_model_version(model_name, str(version)).run_id
+    local = ensure_version(
+        client,
+        model_name,
+        int(metrics["registry"]["version"]),
+        model_dir=Path(classifier_dir) / "model",
+        tags=classifier_tags(metrics, test_sha256=test_sha256, classes=classes, data_sha256=data_sha256),
+        serving_config=serving_config,
+        named_by="metrics/classifier.json",
+        identity=IDENTITY_TAGS,
+    )
+    version = local.version
     manifest = build_manifest(
         registry_name=model_name,
         version=version,
-        run_id=run_id,
+        run_id=local.run_id,
         test_macro_f1=float(metrics["lora"]["macro_f1"]),
         test_sha256=test_sha256,
         merged_dir=merged_dir,

@@ -8,7 +8,7 @@ pyfunc (the same "models from code" :class:`domainlm.classify.serving.TextClassi
 A deploy (:func:`deploy`) starts the new server on the other port of the pair (blue/green), waits until ``GET /ping``
 answers 200, records it in ``.cache/serve/server.json`` (what clients and a front proxy read), then stops the old
 server with SIGTERM: uvicorn stops accepting, finishes the requests in flight, and exits. ``mlflow models serve``
-resolves its model once, at start (shared/conventions.md), so a new model always means a new process.
+resolves its model once, at start (a ``models:/name@alias`` URI too), so a new model always means a new process.
 """
 
 from __future__ import annotations
