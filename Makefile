@@ -34,7 +34,7 @@ help: ## List the targets (this text)
 repro: setup data/labels/overrides.parquet models/deployed/deployed.json ## Run the whole pipeline (dvc repro)
 	dvc repro
 
-# The daily round (README "A day in production"): lock, dvc repro, decide, promote, dvc push, commit, tag, deploy.
+# The daily round (docs/guides/daily-round.md): lock, dvc repro, decide, promote, dvc push, commit, tag, deploy.
 # make exits 2 on any failure; schedulers call `domainlm round` (or `python -m domainlm.rounds round`) for its own
 # codes (0 / 1 / 2).
 round: setup data/labels/overrides.parquet models/deployed/deployed.json ## One daily round (domainlm round)

@@ -5,6 +5,10 @@ the champion never regresses. When a compatible model is deployed (``models/depl
 when it passes; otherwise the retries fine-tune it further.
 
 The parts live in :mod:`domainlm.classify`; token statistics of the corpus are measured first.
+
+Usage: ``python -m stages.train_classifier``; with ``classifier.deepspeed.enabled: true``, also under a launcher:
+``torchrun --nproc_per_node 2 --master_addr 127.0.0.1 -m stages.train_classifier`` (docs/guides/scaling.md). Every rank
+trains each attempt; rank 0 alone scores, saves, writes the metrics, logs to MLflow, registers and alerts.
 """
 
 from __future__ import annotations
@@ -41,13 +45,19 @@ from domainlm.classify.model import (
     save_classifier,
 )
 from domainlm.classify.token_stats import token_stats
-from domainlm.classify.training import scoring_kwargs, train_attempt, windows_params
+from domainlm.classify.training import (
+    follow_attempts,
+    leading_attempts,
+    scoring_kwargs,
+    train_attempt,
+    windows_params,
+)
 from domainlm.common import params as P
-from domainlm.common import paths
+from domainlm.common import paths, zero
 from domainlm.common.atomic import atomic_path, scratch_folder, write_json, write_text
 from domainlm.common.compute import resolve
 from domainlm.common.metrics import flatten_numbers, rows_to_csv
-from domainlm.common.stage import git_commit, parse_stage_args, stage_run
+from domainlm.common.stage import configure_logging, git_commit, parse_stage_args, stage_run
 from domainlm.common.tracking import mlflow_run
 
 STAGE = "train_classifier"
@@ -525,11 +535,24 @@ def _ratio(a: float, b: float) -> float | None:
 
 def main(argv: Sequence[str] = ()) -> None:
     parse_stage_args("train_classifier", __doc__, argv)
+    if not zero.is_main_process():  # a DeepSpeed rank > 0: trains its share of rank 0's attempts, writes nothing
+        configure_logging()
+        compute = resolve(P.load_params().get("compute"))
+        compute.apply()
+        follow_attempts(
+            paths.MERGED_DIR,
+            paths.SPLIT_DIR,
+            paths.LABELS_PATH,
+            P.required_domains(STAGE),
+            P.section("classifier"),
+            compute=compute,
+        )
+        return
     with stage_run(STAGE) as st:
         cfg = P.section("classifier")
         domains = P.required_domains(STAGE)
         compute = st.use_compute(resolve(P.load_params().get("compute")))
-        with mlflow_run(STAGE, cfg) as mlflow:
+        with leading_attempts(cfg), mlflow_run(STAGE, cfg) as mlflow:  # under DeepSpeed, rank 0 leads the other ranks
             metrics = run(
                 domains,
                 cfg,

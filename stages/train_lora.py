@@ -2,7 +2,7 @@
 trained with the HF Trainer and kept at its best validation loss (:mod:`domainlm.lm.lora`).
 
 Usage: ``python -m stages.train_lora <domain>``; with ``train_lora.deepspeed.enabled: true``, also under a launcher:
-``torchrun --nproc_per_node 2 --master_addr 127.0.0.1 -m stages.train_lora <domain>`` (README, DeepSpeed).
+``torchrun --nproc_per_node 2 --master_addr 127.0.0.1 -m stages.train_lora <domain>`` (docs/guides/scaling.md).
 Rank 0 alone writes the adapter, the log, the metrics and the MLflow run; the other ranks only train.
 """
 
@@ -15,13 +15,12 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from domainlm.common import params as P
-from domainlm.common import paths
+from domainlm.common import paths, zero
 from domainlm.common.compute import resolve
 from domainlm.common.metrics import peak_rss_mb
 from domainlm.common.stage import configure_logging, parse_stage_args, stage_run
 from domainlm.common.tracking import mlflow_run
 from domainlm.lm import data as lm_data
-from domainlm.lm import zero
 from domainlm.lm.lora import train_adapter
 
 

@@ -16,8 +16,15 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 README_MAX_LINES = 250
-# Development history that project files must not carry (CHANGELOG.md is history by design).
-HISTORY_WORDS = re.compile(r"session [0-9]|this VM|hypervisor|seed 00|issue [0-9]", re.IGNORECASE)
+# Development history that project files must not carry (CHANGELOG.md is history by design). The patterns are
+# written in two pieces so that this file, which is tracked too, does not match them itself.
+HISTORY_WORDS = re.compile(
+    "|".join(
+        a + b
+        for a, b in [("sess", "ion [0-9]"), ("this ", "VM"), ("hyper", "visor"), ("seed ", "00"), ("iss", "ue [0-9]")]
+    ),
+    re.IGNORECASE,
+)
 
 
 def _load(name: str, path: Path):

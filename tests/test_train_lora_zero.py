@@ -1,6 +1,6 @@
-"""DeepSpeed ZeRO-2 through train_lora on DeepSpeed's CPU accelerator (domainlm.lm.zero): the enabled switch, the CPU
-adaptation of the shipped config, the accelerate/transformers pitfalls, and a real two-rank run over gloo on 127.0.0.1
-launched as ``torchrun --nproc_per_node 2 -m stages.train_lora faq`` against a plain single-process run."""
+"""DeepSpeed ZeRO-2 through train_lora on DeepSpeed's CPU accelerator (domainlm.common.zero): the enabled switch, the
+CPU adaptation of the shipped config, the accelerate/transformers pitfalls, and a real two-rank run over gloo on
+127.0.0.1 launched as ``torchrun --nproc_per_node 2 -m stages.train_lora faq`` against a plain single-process run."""
 
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ from conftest import ROOT, free_port
 from lm_fixtures import TINY, TRAIN_TEXTS, korean_docs, write_split_fixture
 from safetensors.torch import load_file
 
-from domainlm.common import paths
+from domainlm.common import paths, zero
 from domainlm.lm import data as lm_data
-from domainlm.lm import lora, pretrain, zero
+from domainlm.lm import lora, pretrain
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks DeepSpeed on its CPU accelerator")
 # The first steps' training losses of 2 ZeRO-2 ranks x 4 blocks must equal a single process's on 8 blocks within this
@@ -55,7 +55,7 @@ def test_cpu_config_changes_only_the_named_keys_and_passes_every_other_through()
     adapted, changes = zero.cpu_config(config)
     assert config == before  # the shipped config is not modified
     changed = {c.key: c for c in changes}
-    assert set(changed) == {"bf16.enabled"}  # the documented list (domainlm/lm/zero.py, README)
+    assert set(changed) == {"bf16.enabled"}  # the documented list (domainlm/common/zero.py, docs)
     flat_shipped, flat_adapted = flatten(config), flatten(adapted)
     for key, value in flat_shipped.items():
         if key in changed:

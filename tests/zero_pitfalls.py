@@ -4,7 +4,7 @@ a DeepSpeed config on a machine without CUDA, on each rank. Writes ``<out>/pitfa
 1. ``TrainingArguments(use_cpu=False, deepspeed=...)`` left to itself: DeepSpeed's process group comes up, but
    accelerate records how many processes, and which one this is?
 2. ``use_cpu=True`` with the same config: does accelerate still set up DeepSpeed?
-3. After :func:`domainlm.lm.zero.init_cpu_process_group` with ``use_configured_state``: the real world size?
+3. After :func:`domainlm.common.zero.init_cpu_process_group` with ``use_configured_state``: the real world size?
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def main(out: str, config_json: str) -> None:
     from accelerate.state import AcceleratorState
     from transformers import TrainingArguments
 
-    from domainlm.lm import zero
+    from domainlm.common import zero
 
     config = json.loads(config_json)
     record = {"rank": int(os.environ["RANK"])}

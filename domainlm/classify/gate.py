@@ -10,6 +10,9 @@ retries continue from it.
 The loop stops at the first passing attempt, which is kept. When every attempt fails, the attempt with the best
 *validation* macro-F1 is kept (choosing on the test split would overstate its test score) and the stage raises
 an alert (:mod:`domainlm.classify.alerts`); it still completes.
+
+Under DeepSpeed the gate runs on rank 0 alone, scoring and saving included; every rank trains each attempt, a retry
+from the adapter rank 0 saved (:func:`domainlm.classify.training.leading_attempts`).
 """
 
 from __future__ import annotations

@@ -337,8 +337,8 @@ def predict_proba(
     """Class probabilities of each text: the softmax of the mean of its windows' logits (:func:`encode_windows`).
 
     Windows are sorted by length and batched with right padding, so batches hold similar lengths; rows come
-    back in input order. The forward passes run under ``compute``'s autocast (:mod:`domainlm.common.compute`;
-    None = fp32); logits are pooled in float64.
+    back in input order. Each batch goes to the model's device (a GPU after training there). The forward passes run
+    under ``compute``'s autocast (:mod:`domainlm.common.compute`; None = fp32); logits are pooled in float64.
 
     Returns:
         float64 array ``[len(texts), num_labels]``, rows summing to 1 (empty ``[0, num_labels]`` for no texts).
@@ -353,13 +353,16 @@ def predict_proba(
     doc_of = [i for i, doc in enumerate(windows) for _ in doc]
     order = np.argsort([len(x) for x in ids], kind="stable")
     logits_out = np.zeros((len(ids), n_classes))
+    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     with autocast(compute):
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
             batch = tokenizer.pad({"input_ids": [ids[i] for i in rows]}, return_tensors="pt", padding_side="right")
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits = model(
+                input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+            ).logits
             logits_out[rows] = logits.double().cpu().numpy()
     model.train(was_training)
     return softmax(pool_window_logits(logits_out, doc_of, len(texts)))

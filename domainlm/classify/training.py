@@ -16,25 +16,40 @@ with a class-weighted cross-entropy, weights ``n / (k · n_c)`` (inverse class f
 With ``classifier.compile`` on, training and validation run the decoder layers compiled by TorchInductor
 (:func:`domainlm.classify.model.compiled_layers`); the compiled code is cached in the process, so the gate's
 retries reuse the first attempt's compile.
+
+With ``classifier.deepspeed`` on (:func:`deepspeed_config`: the switch and code ``train_lora`` uses,
+:mod:`domainlm.common.zero`), an attempt trains under DeepSpeed ZeRO-2 on every rank of the launch (Rajbhandari et al.
+2020). Rank 0 runs the stage and leads (:func:`leading_attempts`): before each attempt it sends the attempt's
+arguments to the other ranks, which follow (:func:`follow_attempts`): they train their share of each batch and write,
+score and log nothing. The retry's starting adapter travels with the arguments, so no rank reads another's disk.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import copy
+import gc
 import logging
 import os
+import shutil
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from domainlm.classify import model as cls_model
-from domainlm.classify.data import LabelledSplit
+from domainlm.classify.data import LabelledSplit, class_list, read_splits
 from domainlm.classify.metrics import macro_f1
+from domainlm.common import zero
 
 log = logging.getLogger(__name__)
+# True on rank 0 inside leading_attempts(): each train_attempt first sends its arguments to the following ranks.
+_LEADING: contextvars.ContextVar[bool] = contextvars.ContextVar("classifier_leading_attempts", default=False)
 
 
 class EncodedDataset(torch.utils.data.Dataset):
@@ -120,15 +135,41 @@ def weighted_cross_entropy(weights: torch.Tensor | None) -> Callable[..., torch.
     return loss
 
 
+def deepspeed_config(params: Mapping[str, Any]) -> dict | None:
+    """The DeepSpeed config of the ``classifier`` params' ``deepspeed`` section, or None to train without DeepSpeed:
+    the switch every stage shares (:func:`domainlm.common.zero.deepspeed_config`; ``auto`` = on GPU only).
+
+    Raises:
+        ValueError, ImportError, RuntimeError: as :func:`domainlm.common.zero.deepspeed_config`.
+    """
+    return zero.deepspeed_config(params.get("deepspeed"), section="classifier")
+
+
 def training_arguments(
-    output_dir: str | os.PathLike, settings: Mapping[str, Any], *, seed: int, use_cpu: bool | None = None, compute=None
+    output_dir: str | os.PathLike,
+    settings: Mapping[str, Any],
+    *,
+    seed: int,
+    use_cpu: bool | None = None,
+    compute=None,
+    deepspeed: dict | None = None,
+    accelerator_config: dict | None = None,
 ):
     """``transformers.TrainingArguments`` of one attempt: evaluate and checkpoint every epoch, keep the epoch with
     the best validation ``macro_f1``. ``settings``: epochs, batch_size, eval_batch_size, lr, weight_decay,
-    warmup_steps (< 1: a fraction of the steps), grad_clip, logging_steps. ``compute`` (a
-    :class:`domainlm.common.compute.ComputePolicy`) turns on the Trainer's bf16 autocast; None = fp32."""
+    warmup_steps (< 1: a fraction of the steps), grad_clip, logging_steps, gradient_checkpointing (optional). Without
+    DeepSpeed, ``compute`` (a :class:`domainlm.common.compute.ComputePolicy`) turns on the Trainer's bf16 autocast
+    (None = fp32). With ``deepspeed`` (a config from :func:`deepspeed_config`), ``bf16`` follows the config's
+    ``bf16.enabled`` (the Trainer requires them to agree) and checkpoints hold DeepSpeed's whole state (the Trainer
+    refuses ``save_only_model`` with ``load_best_model_at_end`` under DeepSpeed). ``use_cpu`` defaults to
+    ``not torch.cuda.is_available()`` (DeepSpeed needs ``False``: ``True`` bypasses it); ``accelerator_config``: see
+    :func:`domainlm.common.zero.accelerator_config`."""
     from transformers import TrainingArguments
 
+    if deepspeed:
+        bf16 = bool(deepspeed.get("bf16", {}).get("enabled", False))
+    else:
+        bf16 = bool(compute is not None and compute.bf16)
     return TrainingArguments(
         output_dir=str(output_dir),
         num_train_epochs=float(settings["epochs"]),
@@ -142,19 +183,27 @@ def training_arguments(
         eval_strategy="epoch",
         save_strategy="epoch",
         save_total_limit=1,
-        save_only_model=True,
+        save_only_model=deepspeed is None,
         load_best_model_at_end=True,
         metric_for_best_model="macro_f1",
         greater_is_better=True,
         logging_strategy="steps",
         logging_steps=int(settings["logging_steps"]),
         train_sampling_strategy="group_by_length",
+        # weighted_cross_entropy is each rank's (weighted) mean, not a sum over the Trainer's num_items_in_batch:
+        # under DeepSpeed the ranks' gradients are averaged, which is the global batch's mean; True would scale the
+        # loss by the number of ranks (one process: by 1)
+        average_tokens_across_devices=False,
         seed=seed,
         data_seed=seed,
         dataloader_num_workers=0,
         report_to="none",
-        bf16=bool(compute is not None and compute.bf16),
+        bf16=bf16,
+        deepspeed=deepspeed,
+        activation_checkpointing=bool(settings.get("gradient_checkpointing", False)),  # transformers' newer name
+        activation_checkpointing_kwargs={"use_reentrant": False},  # recomputes without inputs that require grad
         use_cpu=(not torch.cuda.is_available()) if use_cpu is None else use_cpu,
+        accelerator_config=accelerator_config,
     )
 
 
@@ -243,7 +292,7 @@ def train_attempt(
         classes: the class list (index = class id).
         params: the ``classifier`` params (``max_length``, ``windows``, ``lora``, ``train.early_stopping_patience``,
             ``attn_implementation``, ``compile``: train and validate with compiled decoder layers,
-            :func:`domainlm.classify.model.compiled_layers`; missing = false).
+            :func:`domainlm.classify.model.compiled_layers`, missing = false; ``deepspeed``: :func:`deepspeed_config`).
         settings: this attempt's training settings (:func:`domainlm.classify.gate.attempt_settings`).
         seed: seeds the head, the LoRA matrices, the data order, the windows drawn and dropout.
         on_log: called as ``on_log(step, figures)`` at every Trainer log event (e.g. MLflow ``log_metrics``).
@@ -251,16 +300,24 @@ def train_attempt(
             score head; a retry, or the deployed model); None = a fresh head and fresh LoRA matrices.
         compute: the compute policy (:mod:`domainlm.common.compute`; None = fp32).
 
+    Under DeepSpeed (:func:`deepspeed_config`) every rank calls this with the same arguments (a collective; the
+    stage's ranks do so through :func:`leading_attempts` and :func:`follow_attempts`). ``classifier.compile`` is
+    then off, with a logged reason: DeepSpeed compiles through its own engine (``compile`` in its config), and the
+    regional compilation of the decoder layers inside the engine is not a combination DeepSpeed or transformers
+    supports. Rank 0 gets back a plain fp32 copy of the trained model (:func:`rebuilt_classifier`); the other
+    ranks, which score nothing, get None in its place.
+
     Returns:
-        ``(peft_model, tokenizer, info)``: the model with its best epoch loaded, in eval mode, and ``info`` with
-        ``val_macro_f1`` (of the kept epoch), ``best_epoch``, ``epochs_run``, ``steps``, ``train_loss``,
-        ``train_s`` (seconds), ``trainable_params``, ``total_params``, ``val_docs_scored``, ``class_weighted``
-        (0/1), ``attn_implementation`` (:func:`domainlm.classify.model.attention_implementation`),
-        ``compiled_layers`` (0 = eager).
+        ``(peft_model, tokenizer, info)``: the model with its best epoch loaded, in eval mode (None on a DeepSpeed
+        rank other than 0), and ``info`` with ``val_macro_f1`` (of the kept epoch), ``best_epoch``, ``epochs_run``,
+        ``steps``, ``train_loss``, ``train_s`` (seconds), ``trainable_params``, ``total_params``,
+        ``val_docs_scored``, ``continued`` (0/1), ``class_weighted`` (0/1), ``attn_implementation``
+        (:func:`domainlm.classify.model.attention_implementation`), ``compiled_layers`` (0 = eager), ``deepspeed``
+        (0/1) and ``world_size`` (ranks that trained).
 
     Raises:
         ValueError: no val document has a known label (nothing to early-stop on), or a train label is not in
-            ``classes``.
+            ``classes``; bad ``deepspeed`` params (:func:`deepspeed_config`).
     """
     from transformers import DataCollatorWithPadding, EarlyStoppingCallback
 
@@ -273,6 +330,29 @@ def train_attempt(
         raise ValueError("no val document has a label the classifier knows: nothing to early-stop on")
     max_length = int(params["max_length"])
     n_train_windows, n_predict_windows = windows_params(params)
+
+    ds = deepspeed_config(params)
+    compile_layers = bool(params.get("compile", False))
+    if ds is not None:
+        zero.init_process_group()
+        zero.reset_accelerator_state()  # a previous attempt's Trainer left its DeepSpeed plugin there
+        if _LEADING.get():
+            zero.broadcast_object(
+                {
+                    "classes": list(classes),
+                    "settings": dict(settings),
+                    "seed": int(seed),
+                    "init_adapter": _folder_files(init_adapter),
+                }
+            )
+        if compile_layers:
+            log.warning(
+                "classifier.compile is off under DeepSpeed: its engine compiles through its own `compile` config, "
+                "and compiling the decoder layers inside the engine is not a combination DeepSpeed supports"
+            )
+            compile_layers = False
+    ds_on_cpu = ds is not None and not torch.cuda.is_available()
+    main = ds is None or zero.is_main_process()  # under DeepSpeed, rank 0 alone removes the shared checkpoints
 
     attn = cls_model.attention_implementation(params.get("attn_implementation"))
     if init_adapter is not None:
@@ -294,10 +374,11 @@ def train_attempt(
     val_y = [label_id[val.labels[i]] for i in val_rows]
     val_ds = EncodedDataset([w for doc in val_windows for w in doc], [val_y[d] for d in val_doc_of])
     trainable, total = model.get_nb_trainable_parameters()
+    probe_base = zero.frozen_digest(model) if ds is not None and os.environ.get(zero.PROBE_ENV) else ""
     weights = balanced_class_weights(y_train, len(classes)) if settings.get("class_weighted") else None
     log.info(
         "LoRA classifier%s: %d classes, %d trainable of %d parameters, %d train documents (1 of <= %d windows "
-        "per epoch) / %d val documents (%d windows) of <= %d tokens, %s epochs at lr %g%s",
+        "per epoch) / %d val documents (%d windows) of <= %d tokens, %s epochs at lr %g%s; DeepSpeed %s",
         " continued from " + str(init_adapter) if init_adapter is not None else "",
         len(classes),
         trainable,
@@ -310,6 +391,7 @@ def train_attempt(
         settings["epochs"],
         float(settings["lr"]),
         ", class-weighted loss" if weights is not None else "",
+        "on" if ds is not None else "off",
     )
 
     def compute_metrics(pred) -> dict[str, float]:
@@ -326,10 +408,20 @@ def train_attempt(
     if on_log is not None:
         callbacks.append(_log_callback(on_log))
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="train_classifier_ckpt_") as ckpt_dir:
+    prefix = "train_classifier_ckpt_"
+    ckpt_dir = zero.shared_tempdir(prefix) if ds is not None else tempfile.mkdtemp(prefix=prefix)
+    try:
         trainer = _in_order_trainer()(
             model=model,
-            args=training_arguments(ckpt_dir, settings, seed=seed, compute=compute),
+            args=training_arguments(
+                ckpt_dir,
+                settings,
+                seed=seed,
+                compute=compute,
+                deepspeed=ds,
+                use_cpu=False if ds_on_cpu else None,
+                accelerator_config=zero.accelerator_config() if ds_on_cpu else None,
+            ),
             train_dataset=train_ds,
             eval_dataset=val_ds,
             data_collator=DataCollatorWithPadding(tokenizer, padding="longest"),
@@ -337,11 +429,25 @@ def train_attempt(
             compute_loss_func=weighted_cross_entropy(weights),
             callbacks=callbacks,
         )
-        with cls_model.compiled_layers(model, enabled=bool(params.get("compile", False))) as n_compiled:
+        with cls_model.compiled_layers(model, enabled=compile_layers) as n_compiled:
             result = trainer.train()
         state = trainer.state
+        world_size = int(trainer.args.world_size)
+        if ds is not None:
+            zero.barrier()  # every rank has reloaded the best checkpoint before rank 0 removes the folder
+    finally:
+        if main:
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
     train_s = time.perf_counter() - t0
-    model = trainer.model.eval()
+    if ds is None:
+        model = trainer.model.eval()
+    else:  # keep the trained adapter, let the engine go, and give rank 0 a plain model of its own
+        zero.write_probe(trainer, trainer.model, probe_base, name=f"rank{zero.process_rank()}_seed{seed}")
+        adapter = trained_adapter(trainer.model)
+        zero.release_engine(trainer)
+        del trainer, model
+        gc.collect()
+        model = rebuilt_classifier(lm_dir, classes, attn, *adapter) if zero.is_main_process() else None
     evals = [h for h in state.log_history if "eval_macro_f1" in h]
     best = max(evals, key=lambda h: h["eval_macro_f1"]) if evals else {"eval_macro_f1": float("nan"), "epoch": 0}
     return (
@@ -361,5 +467,139 @@ def train_attempt(
             "class_weighted": int(weights is not None),
             "attn_implementation": attn,
             "compiled_layers": int(n_compiled),
+            "deepspeed": int(ds is not None),
+            "world_size": world_size,
         },
     )
+
+
+def trained_adapter(model) -> tuple[Any, dict[str, torch.Tensor], torch.device]:
+    """What :func:`rebuilt_classifier` needs of a classifier trained under DeepSpeed: ``(config, state, device)``,
+    the active adapter's peft config (a copy), its tensors (LoRA matrices and the score head; peft's
+    ``get_peft_model_state_dict``) as float32 CPU copies, and the device it trained on."""
+    from peft import get_peft_model_state_dict
+
+    config = copy.deepcopy(model.peft_config[model.active_adapter])
+    state = {k: v.detach().float().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
+    return config, state, next(model.parameters()).device
+
+
+def rebuilt_classifier(
+    lm_dir: str | os.PathLike,
+    classes: Sequence[str],
+    attn_implementation: str,
+    config,
+    state: Mapping[str, torch.Tensor],
+    device: torch.device,
+):
+    """A classifier trained under DeepSpeed as a plain fp32 peft model: the merged LM loaded again in fp32, the
+    adapter ``config`` attached and its ``state`` copied in (:func:`trained_adapter`), moved to ``device``.
+
+    The module DeepSpeed trained is not returned itself: the engine keeps forward hooks on it that call back into
+    the engine (so :func:`domainlm.classify.model.save_classifier` could not deep-copy it for the merge), and with
+    bf16 it has cast every weight, the frozen merged LM's included, to bf16.
+
+    Returns:
+        the peft model, in eval mode.
+
+    Raises:
+        RuntimeError: ``state`` holds tensors the rebuilt model has no place for.
+    """
+    from peft import get_peft_model, set_peft_model_state_dict
+
+    base, _ = cls_model.load_sequence_classifier(lm_dir, classes, attn_implementation=attn_implementation)
+    model = get_peft_model(base, copy.deepcopy(config))
+    loaded = set_peft_model_state_dict(model, dict(state))
+    if loaded.unexpected_keys:
+        raise RuntimeError(f"the trained adapter does not fit the rebuilt classifier: {loaded.unexpected_keys[:5]}")
+    return model.to(device).eval()
+
+
+def _folder_files(folder: str | os.PathLike | None) -> dict[str, bytes] | None:
+    """The files of a flat folder (a saved adapter) as ``{name: bytes}``; None for None."""
+    if folder is None:
+        return None
+    return {p.name: p.read_bytes() for p in sorted(Path(folder).iterdir()) if p.is_file()}
+
+
+@contextlib.contextmanager
+def leading_attempts(params: Mapping[str, Any]) -> Iterator[bool]:
+    """Rank 0's side of a DeepSpeed launch of ``train_classifier``: inside the block, every :func:`train_attempt`
+    first sends its arguments (classes, settings, seed, the starting adapter's files) to the other ranks, which
+    train it with rank 0 (:func:`follow_attempts`); leaving the block tells them to stop and tears the process group
+    down. Without DeepSpeed (``classifier.deepspeed``, :func:`deepspeed_config`) the block changes nothing.
+
+    On an exception the other ranks are not told (they may be inside a collective of the failed attempt): rank 0's
+    exit ends them (torchrun stops a launch's other workers when one fails; a pending gloo or NCCL call errors).
+
+    Yields:
+        True when DeepSpeed is on.
+    """
+    if deepspeed_config(params) is None:
+        yield False
+        return
+    zero.init_process_group()
+    token = _LEADING.set(True)
+    try:
+        yield True
+    finally:
+        _LEADING.reset(token)
+    zero.broadcast_object(None)
+    zero.finish()
+
+
+def follow_attempts(
+    lm_dir: str | os.PathLike,
+    split_dir: str | os.PathLike,
+    labels_path: str | os.PathLike,
+    domains: Sequence[str],
+    params: Mapping[str, Any],
+    *,
+    compute=None,
+) -> int:
+    """A DeepSpeed rank other than 0 in ``train_classifier``: train every attempt rank 0 starts
+    (:func:`leading_attempts`), with its arguments, until rank 0 says stop; write, score and log nothing.
+
+    The train and val splits are read here as rank 0 reads them (:func:`domainlm.classify.data.read_splits`); the
+    starting adapter of a retry arrives as files and is written to a temporary folder.
+
+    Args:
+        lm_dir, split_dir, labels_path, domains, params, compute: as the stage's rank 0 has them.
+
+    Returns:
+        the number of attempts trained (0 when ``classifier.deepspeed`` is off: rank 0 then trains alone).
+
+    Raises:
+        ValueError: rank 0's classes differ from the ones read here; see :func:`train_attempt`.
+    """
+    if deepspeed_config(params) is None:
+        log.warning("rank %d: DeepSpeed is off (classifier.deepspeed), so rank 0 trains alone", zero.process_rank())
+        return 0
+    zero.init_process_group()
+    splits = read_splits(split_dir, labels_path, domains)
+    classes = class_list(splits["train"])
+    n = 0
+    while (job := zero.broadcast_object(None)) is not None:
+        if job["classes"] != classes:
+            raise ValueError(f"rank 0 trains classes {job['classes']}, this rank read {classes}")
+        with tempfile.TemporaryDirectory(prefix="train_classifier_init_") as tmp:
+            init = None
+            if job["init_adapter"] is not None:
+                init = Path(tmp)
+                for name, data in job["init_adapter"].items():
+                    (init / name).write_bytes(data)
+            train_attempt(
+                lm_dir,
+                splits["train"],
+                splits["val"],
+                classes,
+                params,
+                job["settings"],
+                seed=job["seed"],
+                init_adapter=init,
+                compute=compute,
+            )
+        n += 1
+    zero.finish()
+    log.info("rank %d: trained %d attempt(s) with rank 0", zero.process_rank(), n)
+    return n

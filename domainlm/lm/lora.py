@@ -4,13 +4,12 @@
 train with periodic evaluation, keep the adapter with the best validation loss (Trainer
 ``load_best_model_at_end``), measure it against the base, save it. DeepSpeed ZeRO-2 (Rajbhandari et
 al. 2020) is used as ``train_lora.deepspeed.enabled`` says (:func:`deepspeed_config`): by default on a GPU
-only, with ``true`` also on DeepSpeed's CPU accelerator (:mod:`domainlm.lm.zero`); rank 0 alone writes.
+only, with ``true`` also on DeepSpeed's CPU accelerator (:mod:`domainlm.common.zero`); rank 0 alone writes.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import logging
 import math
@@ -24,11 +23,11 @@ from typing import Any
 
 import torch
 
+from domainlm.common import zero
 from domainlm.common.atomic import atomic_path
 from domainlm.common.compute import autocast
 from domainlm.common.peft_files import sort_adapter_config
 from domainlm.lm import data as lm_data
-from domainlm.lm import zero
 
 log = logging.getLogger(__name__)
 
@@ -65,62 +64,15 @@ def attach_lora(base_model, lora_params: Mapping[str, Any], *, seed: int):
 
 
 def deepspeed_config(ds_params: Mapping[str, Any] | None) -> dict | None:
-    """The DeepSpeed config to pass to the Trainer, or ``None`` when training without DeepSpeed.
-
-    ``ds_params`` is the ``train_lora.deepspeed`` section: ``enabled`` (``auto`` | ``true`` | ``false``)
-    and ``config`` (the DeepSpeed config as shipped). ``auto`` uses DeepSpeed when
-    ``torch.cuda.is_available()`` and ``deepspeed`` imports, and otherwise logs the reason at WARNING
-    level. ``true`` always uses it: without CUDA on DeepSpeed's CPU accelerator (``DS_ACCELERATOR=cpu``,
-    gloo), with the config adapted by :func:`domainlm.lm.zero.cpu_config`, each change logged.
+    """The DeepSpeed config to pass to the Trainer, or ``None`` when training without DeepSpeed: the
+    ``train_lora.deepspeed`` section through the switch every stage shares
+    (:func:`domainlm.common.zero.deepspeed_config`: ``auto`` on GPU only, ``true`` also on the CPU accelerator with
+    the config adapted by :func:`domainlm.common.zero.cpu_config`, each change logged).
 
     Raises:
-        ValueError: ``enabled`` is not auto/true/false, or ``enabled: true`` with an empty ``config``.
-        ImportError: ``enabled: true`` and deepspeed does not import.
-        RuntimeError: ``enabled: true`` without CUDA and DeepSpeed chose an accelerator other than cpu.
+        ValueError, ImportError, RuntimeError: as :func:`domainlm.common.zero.deepspeed_config`.
     """
-    ds_params = ds_params or {}
-    enabled = zero.parse_enabled(ds_params.get("enabled", "auto"))
-    config = ds_params.get("config")
-    if enabled is False:
-        log.info("train_lora.deepspeed.enabled is false: training without DeepSpeed")
-        return None
-    if not config:
-        if enabled is True:
-            raise ValueError("train_lora.deepspeed.enabled is true but train_lora.deepspeed.config is empty")
-        log.warning("train_lora.deepspeed.config is empty: training without DeepSpeed")
-        return None
-    cuda = torch.cuda.is_available()
-    if enabled == "auto":
-        if not cuda:
-            log.warning(
-                "no CUDA device: training on CPU without DeepSpeed (deepspeed.enabled: auto uses it on GPU "
-                "only; set it to true for ZeRO on the CPU accelerator)"
-            )
-            return None
-        try:
-            import deepspeed  # noqa: F401
-        except Exception as exc:  # ImportError, or a CUDA/toolchain error raised while importing
-            log.warning("deepspeed does not import (%s): training without DeepSpeed", exc)
-            return None
-        return copy.deepcopy(dict(config))
-    if not cuda:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read once, at deepspeed's first get_accelerator()
-    import deepspeed  # noqa: F401  (enabled: true: an import error is the user's to see)
-
-    if cuda:
-        return copy.deepcopy(dict(config))
-    from deepspeed.accelerator import get_accelerator
-
-    if get_accelerator().device_name() != "cpu":
-        raise RuntimeError(
-            f"no CUDA device but DeepSpeed chose the {get_accelerator().device_name()!r} accelerator "
-            f"(DS_ACCELERATOR={os.environ.get('DS_ACCELERATOR')!r}); unset it or set it to cpu"
-        )
-    zero.ensure_build_tools()
-    adapted, changes = zero.cpu_config(config)
-    for ch in changes:
-        log.warning("DeepSpeed on CPU: %s %r -> %r: %s", ch.key, ch.shipped, ch.used, ch.reason)
-    return adapted
+    return zero.deepspeed_config(ds_params, section="train_lora")
 
 
 def planned_steps(n_train_blocks: int, train_params: Mapping[str, Any]) -> int:
@@ -150,7 +102,7 @@ def training_arguments(
     Checkpoints then hold DeepSpeed's full state (the Trainer reloads the best one through DeepSpeed,
     and refuses ``save_only_model`` with ``load_best_model_at_end``); without it, the adapter only.
     ``use_cpu`` defaults to ``not torch.cuda.is_available()`` (DeepSpeed needs ``False``: ``True`` bypasses it).
-    ``accelerator_config``: see :func:`domainlm.lm.zero.accelerator_config`. Without DeepSpeed, ``bf16`` (the
+    ``accelerator_config``: see :func:`domainlm.common.zero.accelerator_config`. Without DeepSpeed, ``bf16`` (the
     Trainer's autocast) follows the compute policy ``compute`` (:mod:`domainlm.common.compute`; None = fp32).
     """
     from transformers import TrainingArguments
@@ -306,11 +258,7 @@ def train_adapter(
     )
     ds_on_cpu = ds is not None and not torch.cuda.is_available()
     if ds is not None:
-        zero.launch_env()
-        if ds_on_cpu:
-            zero.init_cpu_process_group()
-        else:  # the Trainer's accelerate state joins this group (DeepSpeed picks NCCL on CUDA)
-            zero.init_gpu_process_group()
+        zero.init_process_group()
     main = zero.is_main_process()  # rank 0 alone writes the log, the adapter and (in the stage) the metrics
     probe_base = zero.frozen_digest(model) if os.environ.get(zero.PROBE_ENV) else ""
 

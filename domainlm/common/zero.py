@@ -1,10 +1,11 @@
-"""DeepSpeed ZeRO for ``train_lora``: the ``enabled`` switch, the one place where the shipped config is
-adapted to DeepSpeed's CPU accelerator, the process-group set-up that accelerate needs there, and the
-rank of this process. ZeRO stage 2 partitions optimizer states and gradients across data-parallel
-ranks (Rajbhandari et al. 2020, "ZeRO: Memory Optimizations Toward Training Trillion Parameter
-Models"); the HF Trainer drives it from a DeepSpeed config (transformers ``integrations/deepspeed``).
+"""DeepSpeed ZeRO for the stages that train with the HF Trainer (``train_lora``, ``train_classifier``): the ``enabled``
+switch (:func:`deepspeed_config`), the one place where a shipped config is adapted to DeepSpeed's CPU accelerator
+(:func:`cpu_config`), the process-group set-up that accelerate needs there, the rank of this process, and the small
+collectives (barrier, object broadcast) the stages coordinate their ranks with. ZeRO stage 2 partitions optimizer
+states and gradients across data-parallel ranks (Rajbhandari et al. 2020, "ZeRO: Memory Optimizations Toward Training
+Trillion Parameter Models"); the HF Trainer drives it from a DeepSpeed config (transformers ``integrations/deepspeed``).
 
-``train_lora.deepspeed`` in params.yaml::
+``<section>.deepspeed`` in params.yaml (``train_lora.deepspeed``, ``classifier.deepspeed``)::
 
     enabled: auto | true | false   # auto: on when CUDA is present and deepspeed imports
     config: {...}                  # the DeepSpeed config handed to the HF Trainer, as shipped
@@ -31,7 +32,7 @@ log = logging.getLogger(__name__)
 
 ENABLED_VALUES = ("auto", True, False)
 # Set to a folder, this makes every rank write what it saw to <folder>/rank<r>.json (engine, ZeRO stage,
-# world size, losses, digests) and its LoRA tensors to <folder>/rank<r>_lora.safetensors. Tests only.
+# world size, losses, digests) and its adapter tensors to <folder>/rank<r>_lora.safetensors (write_probe). Tests only.
 PROBE_ENV = "DOMAINLM_ZERO_PROBE_DIR"
 _REMOVED = "<removed>"
 
@@ -53,8 +54,9 @@ class ConfigChange:
     reason: str
 
 
-def parse_enabled(value: Any) -> str | bool:
-    """``train_lora.deepspeed.enabled`` as ``"auto"``, ``True`` or ``False``.
+def parse_enabled(value: Any, section: str = "") -> str | bool:
+    """``<section>.deepspeed.enabled`` as ``"auto"``, ``True`` or ``False`` (None = ``"auto"``); ``section`` names the
+    params section in the error message.
 
     Raises:
         ValueError: any other value (a YAML string ``"true"`` included: write the boolean).
@@ -63,7 +65,87 @@ def parse_enabled(value: Any) -> str | bool:
         return "auto"
     if isinstance(value, bool) or value == "auto":
         return value
-    raise ValueError(f"train_lora.deepspeed.enabled must be auto, true or false, not {value!r}")
+    key = f"{section}.deepspeed.enabled" if section else "deepspeed.enabled"
+    raise ValueError(f"{key} must be auto, true or false, not {value!r}")
+
+
+def deepspeed_config(ds_params: Mapping[str, Any] | None, *, section: str) -> dict | None:
+    """The DeepSpeed config to pass to the Trainer, or ``None`` when training without DeepSpeed.
+
+    ``ds_params`` is a stage's ``deepspeed`` params section: ``enabled`` (``auto`` | ``true`` | ``false``) and
+    ``config`` (the DeepSpeed config as shipped); ``section`` names the stage's params section in messages
+    (``train_lora``, ``classifier``). ``auto`` uses DeepSpeed when ``torch.cuda.is_available()`` and ``deepspeed``
+    imports, and otherwise logs the reason at WARNING level. ``true`` always uses it: without CUDA on DeepSpeed's CPU
+    accelerator (``DS_ACCELERATOR=cpu``, gloo), with the config adapted by :func:`cpu_config`, each change logged.
+    On CUDA, ``bf16.enabled: auto`` becomes ``torch.cuda.is_bf16_supported()`` (bf16 where the GPU has it).
+
+    Returns:
+        a deep copy of the config (never the params' own dict), or None.
+
+    Raises:
+        ValueError: ``enabled`` is not auto/true/false, or ``enabled: true`` with an empty ``config``.
+        ImportError: ``enabled: true`` and deepspeed does not import.
+        RuntimeError: ``enabled: true`` without CUDA and DeepSpeed chose an accelerator other than cpu.
+    """
+    import torch
+
+    ds_params = ds_params or {}
+    enabled = parse_enabled(ds_params.get("enabled", "auto"), section)
+    config = ds_params.get("config")
+    if enabled is False:
+        log.info("%s.deepspeed.enabled is false: training without DeepSpeed", section)
+        return None
+    if not config:
+        if enabled is True:
+            raise ValueError(f"{section}.deepspeed.enabled is true but {section}.deepspeed.config is empty")
+        log.warning("%s.deepspeed.config is empty: training without DeepSpeed", section)
+        return None
+    cuda = torch.cuda.is_available()
+    if enabled == "auto":
+        if not cuda:
+            log.warning(
+                "no CUDA device: training on CPU without DeepSpeed (%s.deepspeed.enabled: auto uses it on GPU "
+                "only; set it to true for ZeRO on the CPU accelerator)",
+                section,
+            )
+            return None
+        try:
+            import deepspeed  # noqa: F401
+        except Exception as exc:  # ImportError, or a CUDA/toolchain error raised while importing
+            log.warning("deepspeed does not import (%s): training without DeepSpeed", exc)
+            return None
+        return gpu_config(config)
+    if not cuda:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read once, at deepspeed's first get_accelerator()
+    import deepspeed  # noqa: F401  (enabled: true: an import error is the user's to see)
+
+    if cuda:
+        return gpu_config(config)
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() != "cpu":
+        raise RuntimeError(
+            f"no CUDA device but DeepSpeed chose the {get_accelerator().device_name()!r} accelerator "
+            f"(DS_ACCELERATOR={os.environ.get('DS_ACCELERATOR')!r}); unset it or set it to cpu"
+        )
+    ensure_build_tools()
+    adapted, changes = cpu_config(config)
+    for ch in changes:
+        log.warning("DeepSpeed on CPU: %s %r -> %r: %s", ch.key, ch.shipped, ch.used, ch.reason)
+    return adapted
+
+
+def gpu_config(config: Mapping[str, Any]) -> dict:
+    """The shipped config for CUDA: a deep copy in which ``bf16.enabled: auto`` is resolved to whether the GPU
+    computes in bf16 (``torch.cuda.is_bf16_supported()``: compute capability 8.0 and later); logged."""
+    import torch
+
+    out = copy.deepcopy(dict(config))
+    if _get(out, "bf16.enabled") == "auto":
+        bf16 = bool(torch.cuda.is_bf16_supported())
+        _set(out, "bf16.enabled", bf16)
+        log.info("DeepSpeed: bf16.enabled auto -> %s (torch.cuda.is_bf16_supported())", bf16)
+    return out
 
 
 def _get(config: Mapping[str, Any], dotted: str) -> Any:
@@ -92,8 +174,8 @@ def cpu_config(config: Mapping[str, Any]) -> tuple[dict, list[ConfigChange]]:
     Only the keys below change; every other key (ZeRO stage, offload device, buckets, ``auto`` batch,
     clipping and optimizer values) passes through as shipped:
 
-    - ``bf16.enabled`` → ``False``. The HF Trainer fills this key from its own ``bf16`` argument and
-      raises on a mismatch; ``TrainingArguments(bf16=True)`` raises "Your setup doesn't support
+    - ``bf16.enabled`` (``true`` or ``auto``) → ``False``. The HF Trainer fills this key from its own ``bf16``
+      argument and raises on a mismatch; ``TrainingArguments(bf16=True)`` raises "Your setup doesn't support
       bf16/gpu" unless ``use_cpu=True`` or CUDA is present, and ``use_cpu=True`` bypasses DeepSpeed
       (accelerate then sets up plain multi-CPU DDP). So ZeRO on CPU trains in fp32.
 
@@ -126,7 +208,7 @@ def process_rank() -> int:
 
 
 def is_main_process() -> bool:
-    """True on global rank 0, the one process that writes the adapter, the Trainer log and the metrics."""
+    """True on global rank 0, the one process that writes a stage's outputs (models, logs, metrics, MLflow)."""
     return process_rank() == 0
 
 
@@ -182,6 +264,22 @@ def ensure_build_tools() -> None:
         )
 
 
+def init_process_group() -> None:
+    """Join (or, started without a launcher, create as a world of one: :func:`launch_env`) DeepSpeed's process group:
+    on CUDA through :func:`init_gpu_process_group`, otherwise through :func:`init_cpu_process_group`. Idempotent.
+
+    Raises:
+        RuntimeError: see :func:`launch_env` and :func:`init_cpu_process_group`.
+    """
+    import torch
+
+    launch_env()
+    if torch.cuda.is_available():  # the Trainer's accelerate state joins this group (DeepSpeed picks NCCL on CUDA)
+        init_gpu_process_group()
+    else:
+        init_cpu_process_group()
+
+
 def init_cpu_process_group():
     """Set up accelerate's process state for DeepSpeed on CPU before ``TrainingArguments`` is built.
 
@@ -216,12 +314,15 @@ def init_gpu_process_group() -> None:
     """Initialise DeepSpeed's process group on CUDA (backend from its accelerator: NCCL) unless one exists.
 
     accelerate, when ``TrainingArguments`` sets it up for DeepSpeed, keeps an existing group; having it
-    before the Trainer lets :func:`shared_tempdir` name one checkpoint folder to every rank. The tests run
-    without a GPU, so they exercise the CPU path, not this one.
+    before the Trainer lets :func:`shared_tempdir` name one checkpoint folder to every rank. Each rank takes the GPU
+    of its ``LOCAL_RANK`` first: NCCL's object collectives (:func:`broadcast_object`) run on the current device. The
+    tests run without a GPU, so they exercise the CPU path, not this one.
     """
     import deepspeed
+    import torch
     import torch.distributed as dist
 
+    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
         deepspeed.init_distributed(auto_mpi_discovery=False)
 
@@ -229,6 +330,46 @@ def init_gpu_process_group() -> None:
 def accelerator_config() -> dict[str, Any]:
     """``TrainingArguments.accelerator_config`` that makes the Trainer reuse :func:`init_cpu_process_group`'s state."""
     return {"use_configured_state": True}
+
+
+def reset_accelerator_state() -> None:
+    """Forget the last Trainer's accelerate ``AcceleratorState`` (which holds its DeepSpeed plugin), keeping the
+    process group (``PartialState``), so that another Trainer can start in this process.
+
+    accelerate refuses a second DeepSpeed plugin in one process ("You cannot pass in a `deepspeed_plugin` when
+    creating a second `Accelerator`"); ``TrainingArguments`` resets the state itself, process group included, unless
+    ``use_configured_state`` (:func:`accelerator_config`) asks it to keep the state :func:`init_cpu_process_group`
+    configured. A stage that trains several times under DeepSpeed on the CPU accelerator (the classifier gate's
+    retries) calls this before each ``TrainingArguments``.
+    """
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+
+
+def broadcast_object(obj: Any = None, src: int = 0) -> Any:
+    """Rank ``src``'s ``obj`` on every rank (``torch.distributed.broadcast_object_list``: pickled; keep it small).
+    Without a process group, ``obj`` itself. Every rank must call it, in the same order as the other collectives."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj if dist.get_rank() == src else None]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def release_engine(trainer) -> None:
+    """Destroy the DeepSpeed engine a Trainer trained with (``DeepSpeedEngine.destroy``: its optimizer's ZeRO hooks
+    and buffers), so that a process which trains again (the classifier gate's retries) does not keep every engine
+    alive; on CUDA the freed blocks go back to the allocator. Without an engine, nothing."""
+    import torch
+
+    engine = getattr(trainer, "model_wrapped", None)
+    if hasattr(engine, "destroy"):
+        engine.destroy()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def shared_tempdir(prefix: str) -> str:
@@ -269,16 +410,19 @@ def frozen_digest(model) -> str:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             h.update(name.encode())
-            h.update(p.detach().float().contiguous().numpy().tobytes())
+            h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
 
 
-def write_probe(trainer, model, base_digest_before: str, *, saved_adapter: bool) -> None:
+def write_probe(
+    trainer, model, base_digest_before: str, *, saved_adapter: bool | None = None, name: str | None = None
+) -> None:
     """When ``$DOMAINLM_ZERO_PROBE_DIR`` is set, write what this rank saw (tests read it); otherwise nothing.
 
-    ``rank<r>.json`` holds the Trainer's wrapped model class, its ZeRO stage, world sizes, optimizer
-    classes, bf16, the frozen-base digest before and after training, the Trainer's log history and
-    whether this rank saved the adapter; ``rank<r>_lora.safetensors`` this rank's LoRA tensors.
+    ``<name>.json`` (``name`` defaults to ``rank<r>``) holds the Trainer's wrapped model class, its ZeRO stage, world
+    sizes, optimizer classes, bf16, the frozen-base digest before and after training, the Trainer's log history and
+    whether this rank saved the adapter (None: the caller saves elsewhere); ``<name>_lora.safetensors`` this rank's
+    adapter tensors (peft's ``get_peft_model_state_dict``: LoRA matrices and any ``modules_to_save``).
     """
     folder = os.environ.get(PROBE_ENV)
     if not folder:
@@ -309,10 +453,11 @@ def write_probe(trainer, model, base_digest_before: str, *, saved_adapter: bool)
         "log_history": trainer.state.log_history,
         "saved_adapter": saved_adapter,
     }
+    name = name or f"rank{rank}"
     Path(folder).mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().float().contiguous() for k, v in get_peft_model_state_dict(model).items()}
-    save_file(state, str(Path(folder) / f"rank{rank}_lora.safetensors"))
-    (Path(folder) / f"rank{rank}.json").write_text(json.dumps(record, indent=1, default=str), encoding="utf-8")
+    state = {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
+    save_file(state, str(Path(folder) / f"{name}_lora.safetensors"))
+    (Path(folder) / f"{name}.json").write_text(json.dumps(record, indent=1, default=str), encoding="utf-8")
 
 
 def _accelerator_name() -> str | None:
