@@ -10,7 +10,8 @@ labels, as the gate scores it), epochs, seconds. After each row it rewrites the 
     python benchmarks/classifier_ceiling.py NAME '{"windows": {"train": 8, "predict": 8}}' [MAX_RETRIES]
 
 ``{"cap": N}`` in the overrides trains each epoch on at most N documents per class (a class-balanced draw per epoch).
-Measured on an idle 2-core AVX512-BF16 box, bf16 on 2 threads: see the Benchmarks page of the documentation (docs/, `make docs`).
+Measured on an idle 2-core AVX512-BF16 machine, bf16 on 2 threads: see the Benchmarks page of the documentation
+(docs/, `make docs`).
 """
 
 import copy
