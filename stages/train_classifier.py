@@ -25,14 +25,14 @@ from typing import Any
 from domainlm.classify import alerts as cls_alerts
 from domainlm.classify import deployed as dep
 from domainlm.classify import registry
-from domainlm.classify.baseline import baseline_proba, fit_baseline
+from domainlm.classify.baseline import baseline_proba, fit_baseline, fit_sample
 from domainlm.classify.data import (
     class_list,
     count_label_overrides,
-    read_splits,
+    read_split,
     split_files_sha256,
     split_sha256,
-    split_texts,
+    texts_at,
 )
 from domainlm.classify.gate import Attempt, passes, run_gate
 from domainlm.classify.metrics import macro_f1_intervals, predicted_labels, prediction_rows, score
@@ -42,16 +42,19 @@ from domainlm.classify.model import (
     appends_eos,
     load_classifier,
     predict_proba,
+    predict_windows,
     save_classifier,
 )
-from domainlm.classify.token_stats import token_stats
+from domainlm.classify.token_stats import lengths_stats
 from domainlm.classify.training import (
     follow_attempts,
     leading_attempts,
     scoring_kwargs,
+    split_caches,
     train_attempt,
     windows_params,
 )
+from domainlm.classify.window_cache import DEFAULT_CACHE_DIR
 from domainlm.common import params as P
 from domainlm.common import paths, zero
 from domainlm.common.atomic import atomic_path, scratch_folder, write_json, write_text
@@ -80,11 +83,15 @@ def run(
     alerts_json: str | os.PathLike,
     deployed_dir: str | os.PathLike | None = None,
     compute=None,
+    window_cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR,
 ) -> dict[str, Any]:
     """Score the deployed model or train, then gate, register and alert; return the metrics.
 
     Steps: read the labelled splits (train/val: ``label``; test: ``source_label``) and the classes (train's
-    labels); write token statistics (``token_stats_json``, also an MLflow artifact); fit and score the TF-IDF
+    labels); tokenize each split once into a memory-mapped window cache (:mod:`domainlm.classify.window_cache`,
+    reused while the split files, the tokenizer and the window settings stay the same), which training, validation
+    and test prediction read; write token statistics from the caches (``token_stats_json``, also an MLflow
+    artifact); fit and score the TF-IDF
     baseline; score the deployed model when :func:`domainlm.classify.deployed.compatible` (same classes, same merged
     LM) as attempt 0; run the gate (:func:`domainlm.classify.gate.run_gate`: attempt ``r`` is a nested MLflow run
     ``attempt_<r>``, seeded ``seed + r``; a retry continues the previous attempt); write the kept attempt to
@@ -103,6 +110,8 @@ def run(
         lm_dir: the merged LM (HF folder with tokenizer).
         deployed_dir: the deployed classifier (``models/deployed``; :mod:`domainlm.classify.deployed`), or None.
         compute: the compute policy (:mod:`domainlm.common.compute`) of training and prediction; None = fp32.
+        window_cache_dir: where the splits' window caches live (not a pipeline output: derived data, rebuilt
+            when missing).
 
     Returns:
         Metrics (fractions in [0, 1], durations in seconds): ``classes``, ``docs``, ``label_overrides``,
@@ -134,8 +143,11 @@ def run(
     }
     min_f1 = float(gate_cfg.get("min_f1", 0.75))
 
-    splits = read_splits(split_dir, labels_path, domains)
-    train, val, test = splits["train"], splits["val"], splits["test"]
+    # the train split without its texts (training reads its token windows, the baseline a sample of its texts)
+    train = read_split(split_dir, labels_path, domains, "train", with_texts=False)
+    if not len(train):
+        raise ValueError(f"no labelled train document in {labels_path} for domains {list(domains)}")
+    val, test = (read_split(split_dir, labels_path, domains, s) for s in ("val", "test"))
     classes = class_list(train)
     log.info(
         "%d classes %s; %d train, %d val, %d test documents (test scored on source labels)",
@@ -149,9 +161,11 @@ def run(
     t0 = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(lm_dir, local_files_only=True)
     context = int(AutoConfig.from_pretrained(lm_dir, local_files_only=True).max_position_embeddings)
-    stats = token_stats(
-        tokenizer,
-        split_texts(split_dir, domains),
+    caches = split_caches(tokenizer, lm_dir, split_dir, domains, cfg, window_cache_dir)
+    window_cache_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    stats = lengths_stats(
+        {d: {s: c.n_tokens[c.domains == d] for s, c in caches.items()} for d in domains},
         max_length=max_length,
         context=context,
         appends_eos=appends_eos(tokenizer),
@@ -169,7 +183,13 @@ def run(
 
     t0 = time.perf_counter()
     base_cfg = cfg.get("baseline") or {}
-    baseline = fit_baseline(train.texts, train.labels, base_cfg, seed=seed)
+    fit_idx = fit_sample(train.labels, base_cfg.get("max_train_docs"), seed=seed)
+    baseline = fit_baseline(
+        texts_at(split_dir, domains, "train", [train.rows[i] for i in fit_idx]),
+        [train.labels[i] for i in fit_idx],
+        base_cfg,
+        seed=seed,
+    )
     base_proba = baseline_proba(baseline, test.texts, classes, max_chars=base_cfg.get("max_chars"))
     base_scores = {**score(test.labels, base_proba, classes), "train_s": time.perf_counter() - t0}
     log.info("TF-IDF baseline: test accuracy %.4f, macro-F1 %.4f", base_scores["accuracy"], base_scores["macro_f1"])
@@ -184,6 +204,11 @@ def run(
 
     def predict(model, tok, texts):
         return predict_proba(model, tok, texts, **scoring)
+
+    def predict_test(model, tok):  # the test split's windows from its cache: the same windows as predict()
+        return predict_windows(
+            model, tok, caches["test"], test.rows, batch_size=scoring["batch_size"], compute=scoring["compute"]
+        )
 
     with scratch_folder(out_dir.parent, "attempts") as work:  # a killed run's folder is removed by the next
 
@@ -202,8 +227,9 @@ def run(
                     on_log=lambda step, figures: child.log_metrics(figures, step=step),
                     init_adapter=init,
                     compute=compute,
+                    windows=caches,
                 )
-                proba = predict(model, tok, test.texts)
+                proba = predict_test(model, tok)
                 scores = score(test.labels, proba, classes)
                 passed = passes(scores["macro_f1"], min_f1)
                 attempt_dir = save_classifier(model, tok, Path(work) / f"attempt_{index}")
@@ -414,6 +440,10 @@ def run(
                 "trainable_params",
                 "total_params",
                 "class_weighted",
+                "docs_per_epoch",
+                "docs_seen",
+                "deepspeed",
+                "world_size",
             )
         },
     }
@@ -428,7 +458,12 @@ def run(
         },
         "label_overrides": overrides,
         "lora": lora_scores,
-        "baseline": {**base_scores, "macro_f1_low": ba["low"], "macro_f1_high": ba["high"]},
+        "baseline": {
+            **base_scores,
+            "macro_f1_low": ba["low"],
+            "macro_f1_high": ba["high"],
+            "train_docs": len(fit_idx),
+        },
         "lora_to_baseline": {
             "macro_f1": _ratio(kept.macro_f1, base_scores["macro_f1"]),
             "accuracy": _ratio(kept.test["accuracy"], base_scores["accuracy"]),
@@ -467,6 +502,7 @@ def run(
         },
         "alerts": len(alerts),
         "timing": {
+            "window_cache_s": window_cache_s,
             "token_stats_s": token_stats_s,
             "baseline_s": base_scores["train_s"],
             "gate_s": gate_s,
@@ -546,6 +582,7 @@ def main(argv: Sequence[str] = ()) -> None:
             P.required_domains(STAGE),
             P.section("classifier"),
             compute=compute,
+            window_cache_dir=DEFAULT_CACHE_DIR,
         )
         return
     with stage_run(STAGE) as st:

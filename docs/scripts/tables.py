@@ -1002,6 +1002,81 @@ def cli_markdown() -> str:
     return "\n".join(out)
 
 
+def classifier_scale_block() -> str:
+    """The scaling guide's table of ``benchmarks/results/classifier_scale.csv``: per training-set size and data path
+    (streamed from the window caches, or in memory), data preparation, the fixed optimizer steps, prediction and
+    peak RSS, with the measurement's hardware, commit and date, and the growth ratios the streamed path is held to."""
+    path = ROOT / RESULTS / "classifier_scale.csv"
+    with path.open(encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    meta = result_meta(path)
+    dirty = " with uncommitted changes" if meta["dirty"] else ""
+    body = []
+    for r in rows:
+        measured = r["status"] == "measured"
+        body.append(
+            [
+                f"{int(r['train_docs']):,}",
+                r["path"].replace("_", "-"),
+                num(float(r["prep_s"]), 1) if measured else "—",
+                num(float(r["prep_s_per_1k_docs"]), 3) if measured else "—",
+                num(float(r["step_s_median"]), 3) if measured else "—",
+                num(float(r["predict_s_per_1k_docs"]), 1) if measured else "—",
+                f"{float(r['peak_rss_mb']):,.0f}"
+                if measured
+                else f"not run: {float(r['extrapolated_peak_rss_mb']):,.0f} extrapolated",
+                f"{float(r['cache_mb']):,.0f}" if measured and r["path"] == "streamed" else "—",
+            ]
+        )
+    streamed = {int(r["train_docs"]): r for r in rows if r["path"] == "streamed" and r["status"] == "measured"}
+    sizes = sorted(streamed)
+    out = [
+        table(
+            [
+                "train documents",
+                "path",
+                "preparation s",
+                "s / 1k documents",
+                "s / step",
+                "prediction s / 1k documents",
+                "peak RSS MB",
+                "cache MB",
+            ],
+            body,
+            ["r", "l", "r", "r", "r", "r", "r", "r"],
+        ),
+        "",
+    ]
+    if len(sizes) >= 2:
+        a, b = streamed[sizes[-2]], streamed[sizes[-1]]
+        out += [
+            f"From {sizes[-2]:,} to {sizes[-1]:,} training documents, the streamed path's preparation time per "
+            f"document grew {float(b['prep_s_per_1k_docs']) / float(a['prep_s_per_1k_docs']):.2f}× and its peak RSS "
+            f"{float(b['peak_rss_mb']) / float(a['peak_rss_mb']):.2f}×.",
+            "",
+        ]
+        import yaml
+
+        batch = int(
+            yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))["classifier"]["train"]["batch_size"]
+        )
+        steps = math.ceil(sizes[-1] / batch)
+        step_s = float(b["step_s_median"])
+        out += [
+            f"So a run over {sizes[-1]:,} training documents on this machine costs {float(b['prep_s']) / 60:.0f} "
+            f"minutes of preparation (once, while the split and the tokenizer stay the same), then "
+            f"{steps * step_s / 3600:.1f} hours per epoch that reads every document ({steps:,} steps of "
+            f"`classifier.train.batch_size` {batch} at {step_s:.2f} s), or {500 * step_s / 60:.0f} minutes per epoch "
+            f"with `classifier.train.max_steps_per_epoch: 500`, plus validation.",
+            "",
+        ]
+    out.append(
+        f"Measured on {md(meta['hardware'])}, commit `{meta['commit']}`{dirty}, {meta['date']} "
+        "([the full file](../benchmarks.md#classifier_scale-csv))."
+    )
+    return "\n".join(out)
+
+
 # --------------------------------------------------------------------------------------------------- blocks
 
 
@@ -1010,6 +1085,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "dag": dag_block,
     "configuration": configuration_markdown,
     "cli": cli_markdown,
+    "classifier-scale": classifier_scale_block,
 }
 
 

@@ -52,6 +52,34 @@ def fit_baseline(texts: Sequence[str], labels: Sequence[str], params: Mapping[st
     return pipeline
 
 
+def fit_sample(labels: Sequence[str], max_docs: int | None, *, seed: int = 0) -> np.ndarray:
+    """Which train documents the baseline is fitted on: all of them (``max_docs`` None or ≥ their number), else a
+    stratified random sample of ``max_docs`` (scikit-learn ``train_test_split(stratify=labels)``; a label with one
+    document is kept whole). A TF-IDF matrix grows with the documents fitted, so a split of millions is sampled.
+
+    Returns:
+        int64 array of indices into ``labels``, sorted.
+
+    Raises:
+        ValueError: ``max_docs`` below the number of distinct labels.
+    """
+    n = len(labels)
+    if max_docs is None or int(max_docs) >= n:
+        return np.arange(n, dtype=np.int64)
+    from sklearn.model_selection import train_test_split
+
+    labels = np.asarray(labels, dtype=object)
+    values, counts = np.unique(labels, return_counts=True)
+    if int(max_docs) < len(values):
+        raise ValueError(f"classifier.baseline.max_train_docs {max_docs} is below the {len(values)} labels")
+    single = np.isin(labels, values[counts == 1])  # stratification needs two documents of a label
+    idx = np.flatnonzero(~single)
+    picked, _ = train_test_split(
+        idx, train_size=int(max_docs) - int(single.sum()), stratify=labels[idx], random_state=seed
+    )
+    return np.sort(np.concatenate([np.asarray(picked, dtype=np.int64), np.flatnonzero(single)]))
+
+
 def baseline_proba(
     pipeline, texts: Sequence[str], classes: Sequence[str], *, max_chars: int | None = None
 ) -> np.ndarray:

@@ -13,12 +13,14 @@ space ``refine_labels`` works in (its ``classes`` are the sorted labels of the s
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
@@ -36,7 +38,10 @@ class LabelledSplit:
     Attributes:
         split: ``train``, ``val`` or ``test``.
         label_column: the label-table column the labels come from (:data:`LABEL_COLUMN`).
-        ids, texts, labels, domains: parallel lists of str, one entry per labelled document.
+        ids, texts, labels, domains: parallel lists of str, one entry per labelled document (``texts`` is empty
+            when the split was read without them, :func:`read_split`).
+        rows: each labelled document's position among all the split's documents in file order (labelled or not;
+            the row of :class:`domainlm.classify.window_cache.WindowCache`).
         unlabelled: documents of the split left out because their label is null.
     """
 
@@ -46,6 +51,7 @@ class LabelledSplit:
     texts: list[str] = field(default_factory=list)
     labels: list[str] = field(default_factory=list)
     domains: list[str] = field(default_factory=list)
+    rows: list[int] = field(default_factory=list)
     unlabelled: int = 0
 
     def __len__(self) -> int:
@@ -66,8 +72,11 @@ def read_split(
     split: str,
     *,
     label_column: str | None = None,
+    with_texts: bool = True,
 ) -> LabelledSplit:
     """Join ``<split_dir>/<domain>/<split>.parquet`` (id, text) with the label table on ``id``.
+
+    The join runs in Arrow (``pyarrow.compute.index_in``), one domain file at a time.
 
     Args:
         split_dir: the split stage's document folder.
@@ -75,6 +84,8 @@ def read_split(
         domains: the domains to read, in order.
         split: one of ``train``, ``val``, ``test``.
         label_column: ``label`` or ``source_label``; default :data:`LABEL_COLUMN` ``[split]``.
+        with_texts: read the texts too; False leaves ``texts`` empty (training reads token windows from a
+            :mod:`domainlm.classify.window_cache` instead).
 
     Returns:
         A :class:`LabelledSplit`; documents with a null label are counted in ``unlabelled`` and left out.
@@ -90,51 +101,75 @@ def read_split(
         raise ValueError(f"label_column must be 'label' or 'source_label', got {column!r}")
     table = read_label_table(labels_path)
     table = table.filter(pc.equal(table["split"], split))
-    label_of = dict(zip(table["id"].to_pylist(), table[column].to_pylist()))
-    ids: list[str] = []
-    texts: list[str] = []
-    labels: list[str] = []
-    doc_domains: list[str] = []
-    unlabelled = 0
+    out = LabelledSplit(split=split, label_column=column)
+    unlabelled = offset = 0
     for domain in domains:
         path = split_path(split_dir, domain, split)
         if not path.exists():
             raise FileNotFoundError(f"split file {path} not found (run `dvc repro split` first)")
-        docs = pq.read_table(path, columns=["id", "text"])
-        for doc_id, text in zip(docs["id"].to_pylist(), docs["text"].to_pylist()):
-            if doc_id not in label_of:
-                raise ValueError(f"{path}: document {doc_id!r} has no {split!r} row in the label table {labels_path}")
-            label = label_of[doc_id]
-            if label is None:
-                unlabelled += 1
-                continue
-            ids.append(doc_id)
-            texts.append(text)
-            labels.append(label)
-            doc_domains.append(domain)
-    return LabelledSplit(
-        split=split,
-        label_column=column,
-        ids=ids,
-        texts=texts,
-        labels=labels,
-        domains=doc_domains,
-        unlabelled=unlabelled,
-    )
+        docs = pq.read_table(path, columns=["id", "text"] if with_texts else ["id"])
+        where = pc.index_in(docs["id"], value_set=table["id"])
+        if where.null_count:
+            first = docs["id"][int(pc.index(pc.is_null(where), True).as_py())].as_py()
+            raise ValueError(f"{path}: document {first!r} has no {split!r} row in the label table {labels_path}")
+        labels = table[column].take(where)
+        keep = pc.is_valid(labels)
+        kept = int(pc.sum(keep).as_py() or 0)
+        unlabelled += len(docs) - kept
+        out.ids.extend(pc.filter(docs["id"], keep).to_pylist())
+        out.labels.extend(pc.filter(labels, keep).to_pylist())
+        if with_texts:
+            out.texts.extend(pc.filter(docs["text"], keep).to_pylist())
+        out.domains.extend([domain] * kept)
+        out.rows.extend((offset + np.flatnonzero(keep.to_numpy(zero_copy_only=False))).tolist())
+        offset += len(docs)
+    return dataclasses.replace(out, unlabelled=unlabelled)
 
 
 def read_splits(
-    split_dir: str | os.PathLike, labels_path: str | os.PathLike, domains: Sequence[str]
+    split_dir: str | os.PathLike, labels_path: str | os.PathLike, domains: Sequence[str], *, with_texts: bool = True
 ) -> dict[str, LabelledSplit]:
-    """``{"train", "val", "test"}`` → :func:`read_split` with each split's :data:`LABEL_COLUMN`.
+    """``{"train", "val", "test"}`` → :func:`read_split` with each split's :data:`LABEL_COLUMN` (and ``with_texts``).
 
     Raises:
         ValueError: the train split has no labelled document (besides :func:`read_split`'s errors).
     """
-    splits = {s: read_split(split_dir, labels_path, domains, s) for s in SPLITS}
+    splits = {s: read_split(split_dir, labels_path, domains, s, with_texts=with_texts) for s in SPLITS}
     if not len(splits["train"]):
         raise ValueError(f"no labelled train document in {labels_path} for domains {list(domains)}")
     return splits
+
+
+def texts_at(
+    split_dir: str | os.PathLike, domains: Sequence[str], split: str, rows: Sequence[int], *, batch_docs: int = 4096
+) -> list[str]:
+    """The texts of the documents at ``rows`` (positions among the split's documents in file order, as
+    :attr:`LabelledSplit.rows`), in the order of ``rows``, read from the split files ``batch_docs`` rows at a time:
+    memory follows the texts asked for, not the split.
+
+    Raises:
+        FileNotFoundError: a split file is missing.
+        IndexError: a row is past the split's last document.
+    """
+    wanted = np.asarray(rows, dtype=np.int64)
+    order = np.argsort(wanted, kind="stable")
+    out: list[str | None] = [None] * len(wanted)
+    k, offset = 0, 0
+    for domain in domains:
+        path = split_path(split_dir, domain, split)
+        if not path.exists():
+            raise FileNotFoundError(f"split file {path} not found (run `dvc repro split` first)")
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_docs, columns=["text"]):
+            end = offset + batch.num_rows
+            texts = None
+            while k < len(order) and wanted[order[k]] < end:
+                texts = texts if texts is not None else batch.column("text").to_pylist()
+                out[order[k]] = texts[wanted[order[k]] - offset]
+                k += 1
+            offset = end
+    if k < len(order):
+        raise IndexError(f"row {int(wanted[order[k]])} is past the {offset} documents of the {split!r} split")
+    return out  # type: ignore[return-value]
 
 
 def class_list(train: LabelledSplit) -> list[str]:

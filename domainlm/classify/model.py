@@ -55,7 +55,9 @@ def window_spans(n_tokens: int, width: int, max_windows: int) -> list[tuple[int,
     return [(s, s + width) for s in (round(i * last / (k - 1)) for i in range(k))]
 
 
-def encode_windows(tokenizer, texts: Sequence[str], max_length: int, max_windows: int = 1) -> list[list[list[int]]]:
+def encode_windows(
+    tokenizer, texts: Sequence[str], max_length: int, max_windows: int = 1, *, return_lengths: bool = False
+) -> list[list[list[int]]] | tuple[list[list[list[int]]], list[int]]:
     """Token-id windows of each text for the classifier (:func:`window_spans`), each at most ``max_length`` ids with
     EOS last.
 
@@ -64,10 +66,12 @@ def encode_windows(tokenizer, texts: Sequence[str], max_length: int, max_windows
         texts: documents (str).
         max_length: window length in tokens, EOS included (≥ 2).
         max_windows: at most this many windows per document (≥ 1).
+        return_lengths: also return each text's length in tokens before windowing (no special tokens).
 
     Returns:
         ``windows[i]``: text ``i``'s windows, each a list of int ids (no padding); an empty text gives one window
-        holding EOS alone (or nothing, for a tokenizer without a distinct EOS).
+        holding EOS alone (or nothing, for a tokenizer without a distinct EOS). With ``return_lengths``:
+        ``(windows, lengths)``.
 
     Raises:
         ValueError: ``max_length`` < 2, ``max_windows`` < 1, or the tokenizer has no pad token (the classifier
@@ -81,14 +85,15 @@ def encode_windows(tokenizer, texts: Sequence[str], max_length: int, max_windows
         raise ValueError("the tokenizer has no pad token; the sequence classifier needs one")
     eos = appends_eos(tokenizer)
     width = max_length - int(eos)
-    if int(max_windows) == 1:  # the first window only: let the tokenizer truncate
+    if int(max_windows) == 1 and not return_lengths:  # the first window only: let the tokenizer truncate
         ids = tokenizer(list(texts), add_special_tokens=False, truncation=True, max_length=width, verbose=False)[
             "input_ids"
         ]
     else:
         ids = tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
     tail = [tokenizer.eos_token_id] if eos else []
-    return [[list(x[a:b]) + tail for a, b in window_spans(len(x), width, int(max_windows))] for x in ids]
+    windows = [[list(x[a:b]) + tail for a, b in window_spans(len(x), width, int(max_windows))] for x in ids]
+    return (windows, [len(x) for x in ids]) if return_lengths else windows
 
 
 def encode(tokenizer, texts: Sequence[str], max_length: int) -> list[list[int]]:
@@ -330,42 +335,82 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return z / z.sum(axis=1, keepdims=True)
 
 
-@torch.no_grad()
 def predict_proba(
     model, tokenizer, texts: Sequence[str], *, max_length: int, batch_size: int = 32, max_windows: int = 1, compute=None
 ) -> np.ndarray:
-    """Class probabilities of each text: the softmax of the mean of its windows' logits (:func:`encode_windows`).
-
-    Windows are sorted by length and batched with right padding, so batches hold similar lengths; rows come
-    back in input order. Each batch goes to the model's device (a GPU after training there). The forward passes run
-    under ``compute``'s autocast (:mod:`domainlm.common.compute`; None = fp32); logits are pooled in float64.
+    """Class probabilities of each text: the softmax of the mean of its windows' logits (:func:`encode_windows`,
+    then :func:`predict_windows`).
 
     Returns:
         float64 array ``[len(texts), num_labels]``, rows summing to 1 (empty ``[0, num_labels]`` for no texts).
     """
+    from domainlm.classify.window_cache import InMemoryWindows
+
+    if not texts:
+        return np.zeros((0, int(model.config.num_labels)))
+    windows = InMemoryWindows(encode_windows(tokenizer, texts, max_length, max_windows))
+    return predict_windows(model, tokenizer, windows, batch_size=batch_size, compute=compute)
+
+
+@torch.no_grad()
+def predict_windows(
+    model,
+    tokenizer,
+    windows,
+    docs: Sequence[int] | None = None,
+    *,
+    batch_size: int = 32,
+    max_windows: int | None = None,
+    compute=None,
+    chunk_docs: int = 8192,
+) -> np.ndarray:
+    """Class probabilities of documents given as token windows: the softmax of the mean of each document's window
+    logits.
+
+    Documents are scored ``chunk_docs`` at a time (memory follows the chunk, not the split); in a chunk, windows
+    are sorted by length and batched with right padding, so batches hold similar lengths; rows come back in
+    ``docs`` order. Each batch goes to the model's device (a GPU after training there). The forward passes run
+    under ``compute``'s autocast (:mod:`domainlm.common.compute`; None = fp32); logits are pooled in float64.
+
+    Args:
+        windows: a :class:`domainlm.classify.window_cache.WindowSource`: a memory-mapped ``WindowCache`` or
+            ``InMemoryWindows``.
+        docs: which of its documents, in order (None = all).
+        max_windows: pool at most the first this many windows of each document (None = all it has).
+
+    Returns:
+        float64 array ``[len(docs), num_labels]``, rows summing to 1 (empty ``[0, num_labels]`` for no document).
+    """
     from domainlm.common.compute import autocast
 
     n_classes = int(model.config.num_labels)
-    if not texts:
-        return np.zeros((0, n_classes))
-    windows = encode_windows(tokenizer, texts, max_length, max_windows)
-    ids = [w for doc in windows for w in doc]
-    doc_of = [i for i, doc in enumerate(windows) for _ in doc]
-    order = np.argsort([len(x) for x in ids], kind="stable")
-    logits_out = np.zeros((len(ids), n_classes))
+    docs = np.arange(len(windows)) if docs is None else np.asarray(docs, dtype=np.int64)
+    out = np.zeros((len(docs), n_classes))
+    if not len(docs):
+        return out
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     with autocast(compute):
-        for start in range(0, len(order), batch_size):
-            rows = order[start : start + batch_size]
-            batch = tokenizer.pad({"input_ids": [ids[i] for i in rows]}, return_tensors="pt", padding_side="right")
-            logits = model(
-                input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
-            ).logits
-            logits_out[rows] = logits.double().cpu().numpy()
+        for c0 in range(0, len(docs), int(chunk_docs)):
+            chunk = docs[c0 : c0 + int(chunk_docs)]
+            counts = windows.n_windows[chunk]
+            if max_windows is not None:
+                counts = np.minimum(counts, int(max_windows))
+            ids = [windows.window(int(d), k) for d, n in zip(chunk, counts) for k in range(int(n))]
+            doc_of = np.repeat(np.arange(len(chunk)), counts)
+            order = np.argsort([len(x) for x in ids], kind="stable")
+            logits_out = np.zeros((len(ids), n_classes))
+            for start in range(0, len(order), batch_size):
+                rows = order[start : start + batch_size]
+                batch = tokenizer.pad({"input_ids": [ids[i] for i in rows]}, return_tensors="pt", padding_side="right")
+                logits = model(
+                    input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+                ).logits
+                logits_out[rows] = logits.double().cpu().numpy()
+            out[c0 : c0 + len(chunk)] = softmax(pool_window_logits(logits_out, doc_of, len(chunk)))
     model.train(was_training)
-    return softmax(pool_window_logits(logits_out, doc_of, len(texts)))
+    return out
 
 
 def save_classifier(peft_model, tokenizer, out_dir: str | os.PathLike) -> Path:

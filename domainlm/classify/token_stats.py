@@ -68,11 +68,30 @@ def token_stats(
     context: int,
     appends_eos: bool = True,
 ) -> dict[str, Any]:
+    """Token statistics of texts: :func:`document_lengths` of each ``texts[domain][split]``, then
+    :func:`lengths_stats` (see there for the arguments and the result)."""
+    lengths = {
+        domain: {
+            split: document_lengths(tokenizer, docs, desc=f"token stats {domain}/{split}")
+            for split, docs in by_split.items()
+        }
+        for domain, by_split in texts.items()
+    }
+    return lengths_stats(lengths, max_length=max_length, context=context, appends_eos=appends_eos)
+
+
+def lengths_stats(
+    lengths: Mapping[str, Mapping[str, np.ndarray]],
+    *,
+    max_length: int,
+    context: int,
+    appends_eos: bool = True,
+) -> dict[str, Any]:
     """Token statistics for every domain and split, and for all domains together.
 
     Args:
-        tokenizer: the base tokenizer (transformers).
-        texts: ``{domain: {split: texts}}``.
+        lengths: ``{domain: {split: tokens per document}}`` (int arrays; e.g. the ``n_tokens`` of
+            :class:`domainlm.classify.window_cache.WindowCache`, or :func:`document_lengths`).
         max_length: the classifier's input length in tokens (EOS included when ``appends_eos``).
         context: the LM's context length in tokens.
         appends_eos: whether the classifier appends EOS (:func:`domainlm.classify.model.appends_eos`), which
@@ -85,12 +104,12 @@ def token_stats(
     max_text = int(max_length) - int(appends_eos)
     per: dict[str, dict[str, Any]] = {}
     pooled: dict[str, list[np.ndarray]] = {}
-    for domain, by_split in texts.items():
+    for domain, by_split in lengths.items():
         per[domain] = {}
-        for split, docs in by_split.items():
-            lengths = document_lengths(tokenizer, docs, desc=f"token stats {domain}/{split}")
-            per[domain][split] = length_summary(lengths, max_text_tokens=max_text, context=context)
-            pooled.setdefault(split, []).append(lengths)
+        for split, n_tokens in by_split.items():
+            n_tokens = np.asarray(n_tokens, dtype=np.int64)
+            per[domain][split] = length_summary(n_tokens, max_text_tokens=max_text, context=context)
+            pooled.setdefault(split, []).append(n_tokens)
     return {
         "settings": {
             "classifier_max_length": int(max_length),

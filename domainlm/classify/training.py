@@ -45,6 +45,7 @@ import torch
 from domainlm.classify import model as cls_model
 from domainlm.classify.data import LabelledSplit, class_list, read_splits
 from domainlm.classify.metrics import macro_f1
+from domainlm.classify.window_cache import InMemoryWindows
 from domainlm.common import zero
 
 log = logging.getLogger(__name__)
@@ -68,32 +69,118 @@ class EncodedDataset(torch.utils.data.Dataset):
         return {"input_ids": self.input_ids[i], "labels": self.labels[i]}
 
 
-class WindowSampledDataset(torch.utils.data.Dataset):
-    """One window per document and epoch: item ``i`` is ``{"input_ids": list[int], "labels": int}`` where the window
-    is drawn from document ``i``'s windows by a generator seeded with ``(seed, epoch, i)``. :func:`epoch_callback`
-    moves :attr:`epoch` at each epoch's start (the Trainer's data loader runs in this process:
-    ``dataloader_num_workers=0``). A document with one window always gives that window."""
+class AllWindowsDataset(torch.utils.data.Dataset):
+    """Every window of the chosen documents, document by document: item ``i`` is ``{"input_ids": list[int],
+    "labels": int}`` of the ``i``-th window, labelled with its document's label; :attr:`doc_of_window` gives each
+    window's document (its position in ``docs``), for pooling the logits per document.
 
-    def __init__(self, windows: Sequence[Sequence[Sequence[int]]], labels: Sequence[int], *, seed: int):
-        if len(windows) != len(labels):
-            raise ValueError(f"{len(windows)} documents but {len(labels)} labels")
-        if any(len(w) == 0 for w in windows):
-            raise ValueError("every document needs at least one window")
-        self.windows, self.labels = [list(map(list, w)) for w in windows], [int(y) for y in labels]
-        self.seed, self.epoch = int(seed), 0
+    Args:
+        windows: a :class:`domainlm.classify.window_cache.WindowSource`.
+        docs: which of its documents, in order.
+        labels: one class id per entry of ``docs``.
+        max_windows: at most the first this many windows of a document (None = all it has).
+    """
+
+    def __init__(self, windows, docs: Sequence[int], labels: Sequence[int], *, max_windows: int | None = None):
+        if len(docs) != len(labels):
+            raise ValueError(f"{len(docs)} documents but {len(labels)} labels")
+        self.windows = windows
+        self.docs = np.asarray(docs, dtype=np.int64)
+        self.labels = np.asarray(labels, dtype=np.int64)
+        counts = np.asarray(windows.n_windows, dtype=np.int64)[self.docs]
+        if max_windows is not None:
+            counts = np.minimum(counts, int(max_windows))
+        self.doc_of_window = np.repeat(np.arange(len(self.docs)), counts)
+        self._k = np.arange(len(self.doc_of_window)) - np.repeat(np.cumsum(counts) - counts, counts)
 
     def __len__(self) -> int:
-        return len(self.windows)
-
-    def window_index(self, i: int) -> int:
-        """Which of document ``i``'s windows this epoch reads."""
-        n = len(self.windows[i])
-        if n == 1:
-            return 0
-        return int(np.random.default_rng([self.seed, self.epoch, i]).integers(n))
+        return len(self.doc_of_window)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        return {"input_ids": self.windows[i][self.window_index(i)], "labels": self.labels[i]}
+        d = int(self.doc_of_window[i])
+        return {"input_ids": self.windows.window(int(self.docs[d]), int(self._k[i])), "labels": int(self.labels[d])}
+
+
+class WindowSampledDataset(torch.utils.data.Dataset):
+    """One window per document and epoch: item ``i`` is ``{"input_ids": list[int], "labels": int}`` where the window
+    is drawn from document ``j``'s windows by a generator seeded with ``(seed, epoch, j)``. :func:`epoch_callback`
+    moves :attr:`epoch` at each epoch's start (the Trainer's data loader runs in this process:
+    ``dataloader_num_workers=0``). A document with one window always gives that window.
+
+    Without ``docs_per_epoch`` (or with one ≥ the documents), an epoch reads every document once: ``j = i``. With
+    ``docs_per_epoch`` = ``k`` < ``n`` documents, an epoch reads ``k`` of them: epoch ``e`` reads positions
+    ``e·k … e·k + k − 1`` (modulo ``n``) of one permutation of the documents drawn from ``seed``, so consecutive
+    epochs read different documents and every document is read once before any is read twice.
+
+    Args:
+        windows: per-document token windows: a :class:`domainlm.classify.window_cache.WindowSource` (a
+            memory-mapped ``WindowCache``) or a list (``windows[d]`` = document ``d``'s windows).
+        labels: one class id per document read (per entry of ``docs``).
+        seed: seeds the window draws and the permutation.
+        docs: which documents of ``windows``, in order (None = all).
+        docs_per_epoch: documents an epoch reads (None = all).
+
+    Raises:
+        ValueError: labels and documents differ in number, a document has no window, or ``docs_per_epoch`` < 1.
+    """
+
+    def __init__(
+        self,
+        windows,
+        labels: Sequence[int],
+        *,
+        seed: int,
+        docs: Sequence[int] | None = None,
+        docs_per_epoch: int | None = None,
+    ):
+        from domainlm.classify.window_cache import InMemoryWindows
+
+        self.windows = InMemoryWindows(windows) if isinstance(windows, (list, tuple)) else windows
+        self.docs = np.arange(len(self.windows)) if docs is None else np.asarray(docs, dtype=np.int64)
+        if len(self.docs) != len(labels):
+            raise ValueError(f"{len(self.docs)} documents but {len(labels)} labels")
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.n_windows = np.asarray(self.windows.n_windows, dtype=np.int64)[self.docs]
+        if len(self.n_windows) and self.n_windows.min() < 1:
+            raise ValueError("every document needs at least one window")
+        if docs_per_epoch is not None and int(docs_per_epoch) < 1:
+            raise ValueError(f"docs_per_epoch must be >= 1 or None, got {docs_per_epoch}")
+        self.seed, self.epoch = int(seed), 0
+        n = len(self.docs)
+        self.docs_per_epoch = n if docs_per_epoch is None else min(n, int(docs_per_epoch))
+        self._order = np.random.default_rng([self.seed]).permutation(n) if self.docs_per_epoch < n else None
+
+    def __len__(self) -> int:
+        return self.docs_per_epoch
+
+    def position(self, i: int) -> int:
+        """Which document (index into ``docs``) item ``i`` of this epoch reads."""
+        if self._order is None:
+            return int(i)
+        return int(self._order[(self.epoch * self.docs_per_epoch + int(i)) % len(self._order)])
+
+    def window_index(self, j: int) -> int:
+        """Which of document ``j``'s windows (``j`` indexes ``docs``) this epoch reads."""
+        n = int(self.n_windows[j])
+        if n == 1:
+            return 0
+        return int(np.random.default_rng([self.seed, self.epoch, j]).integers(n))
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        j = self.position(i)
+        return {
+            "input_ids": self.windows.window(int(self.docs[j]), self.window_index(j)),
+            "labels": int(self.labels[j]),
+        }
+
+    def lengths(self) -> list[int]:
+        """Tokens of each item of this epoch (the Trainer's ``group_by_length`` sampler groups by them), read from
+        the window lengths without loading the windows."""
+        out = []
+        for i in range(len(self)):
+            j = self.position(i)
+            out.append(self.windows.window_length(int(self.docs[j]), self.window_index(j)))
+        return out
 
 
 def epoch_callback(dataset: WindowSampledDataset):
@@ -157,7 +244,8 @@ def training_arguments(
 ):
     """``transformers.TrainingArguments`` of one attempt: evaluate and checkpoint every epoch, keep the epoch with
     the best validation ``macro_f1``. ``settings``: epochs, batch_size, eval_batch_size, lr, weight_decay,
-    warmup_steps (< 1: a fraction of the steps), grad_clip, logging_steps, gradient_checkpointing (optional). Without
+    warmup_steps (< 1: a fraction of the steps), grad_clip, logging_steps, gradient_checkpointing and
+    gradient_accumulation_steps (optional; false and 1). Without
     DeepSpeed, ``compute`` (a :class:`domainlm.common.compute.ComputePolicy`) turns on the Trainer's bf16 autocast
     (None = fp32). With ``deepspeed`` (a config from :func:`deepspeed_config`), ``bf16`` follows the config's
     ``bf16.enabled`` (the Trainer requires them to agree) and checkpoints hold DeepSpeed's whole state (the Trainer
@@ -174,6 +262,7 @@ def training_arguments(
         output_dir=str(output_dir),
         num_train_epochs=float(settings["epochs"]),
         per_device_train_batch_size=int(settings["batch_size"]),
+        gradient_accumulation_steps=int(settings.get("gradient_accumulation_steps") or 1),
         per_device_eval_batch_size=int(settings["eval_batch_size"]),
         learning_rate=float(settings["lr"]),
         weight_decay=float(settings["weight_decay"]),
@@ -235,6 +324,65 @@ def windows_params(params: Mapping[str, Any]) -> tuple[int, int]:
     return n_train, n_predict
 
 
+def docs_per_epoch(settings: Mapping[str, Any], *, world_size: int = 1) -> int | None:
+    """Train documents an epoch reads: ``max_steps_per_epoch`` optimizer steps × ``batch_size`` ×
+    ``gradient_accumulation_steps`` × ``world_size`` ranks, or None (every document) when ``max_steps_per_epoch``
+    is unset (the ``classifier.train`` settings).
+
+    Raises:
+        ValueError: ``max_steps_per_epoch`` below 1.
+    """
+    steps = settings.get("max_steps_per_epoch")
+    if steps is None:
+        return None
+    if int(steps) < 1:
+        raise ValueError(f"classifier.train.max_steps_per_epoch must be >= 1 or null, got {steps}")
+    accum = int(settings.get("gradient_accumulation_steps") or 1)
+    return int(steps) * int(settings["batch_size"]) * accum * int(world_size)
+
+
+#: Window caches the stage keeps in its cache folder (the three splits' of this run and of the previous ones).
+CACHES_KEPT = 6
+
+
+def split_caches(
+    tokenizer,
+    lm_dir: str | os.PathLike,
+    split_dir: str | os.PathLike,
+    domains: Sequence[str],
+    params: Mapping[str, Any],
+    cache_root: str | os.PathLike,
+) -> dict[str, Any]:
+    """``{"train", "val", "test"}`` → each split's memory-mapped window cache
+    (:func:`domainlm.classify.window_cache.split_windows`): ``max_length`` tokens per window, ``windows.train``
+    windows per train document and ``windows.predict`` per val and test document (the ``classifier`` params);
+    built when missing, then all but the :data:`CACHES_KEPT` most recently used caches of ``cache_root`` are
+    removed.
+
+    Raises:
+        FileNotFoundError: a split file is missing.
+        ValueError: a window count below 1.
+    """
+    from domainlm.classify.window_cache import prune, split_windows
+
+    n_train, n_predict = windows_params(params)
+    caches = {
+        split: split_windows(
+            tokenizer,
+            lm_dir,
+            split_dir,
+            domains,
+            split,
+            cache_root,
+            max_length=int(params["max_length"]),
+            max_windows=n_train if split == "train" else n_predict,
+        )
+        for split in ("train", "val", "test")
+    }
+    prune(cache_root, keep=CACHES_KEPT)
+    return caches
+
+
 def scoring_kwargs(params: Mapping[str, Any], compute=None) -> dict[str, Any]:
     """The keyword arguments of :func:`domainlm.classify.model.predict_proba` with which every classifier is scored
     (``train_classifier``'s attempts and test predictions, and the round's re-score of the deployed model), from the
@@ -262,10 +410,23 @@ def _in_order_trainer():
     validation pools window logits per document by position, so it needs the windows in dataset order.
     """
     from transformers import Trainer
+    from transformers.trainer_pt_utils import LengthGroupedSampler
 
     class InOrderEvalTrainer(Trainer):
         def _get_eval_sampler(self, eval_dataset):
             return torch.utils.data.SequentialSampler(eval_dataset) if eval_dataset is not None else None
+
+        def _get_train_sampler(self, train_dataset=None):
+            # the Trainer's own group_by_length sampler, with the lengths read from the window lengths
+            # (WindowSampledDataset.lengths) instead of from every item of the dataset
+            dataset = train_dataset if train_dataset is not None else self.train_dataset
+            if self.args.train_sampling_strategy != "group_by_length" or not hasattr(dataset, "lengths"):
+                return super()._get_train_sampler(train_dataset)
+            return LengthGroupedSampler(
+                self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                dataset=dataset,
+                lengths=dataset.lengths(),
+            )
 
     return InOrderEvalTrainer
 
@@ -282,6 +443,7 @@ def train_attempt(
     on_log: Callable[[int, dict[str, float]], None] | None = None,
     init_adapter: str | os.PathLike | None = None,
     compute=None,
+    windows: Mapping[str, Any] | None = None,
 ):
     """Train one LoRA classifier on ``train`` and keep its best epoch by macro-F1 on ``val``.
 
@@ -299,6 +461,14 @@ def train_attempt(
         init_adapter: a saved classifier's ``adapter/`` folder to continue training from (its LoRA matrices and
             score head; a retry, or the deployed model); None = a fresh head and fresh LoRA matrices.
         compute: the compute policy (:mod:`domainlm.common.compute`; None = fp32).
+        windows: ``{"train": source, "val": source}``, the splits' token windows on disk
+            (:func:`domainlm.classify.window_cache.split_windows`, built with ``windows.train`` and
+            ``windows.predict`` windows per document), read at ``train.rows`` / ``val.rows``; None = encode
+            ``train.texts`` and ``val.texts`` in memory (:func:`domainlm.classify.model.encode_windows`). Both give
+            the same windows.
+
+    An epoch reads every train document once, or ``train.max_steps_per_epoch`` steps' worth of them when that is
+    set (:func:`docs_per_epoch`; :class:`WindowSampledDataset`).
 
     Under DeepSpeed (:func:`deepspeed_config`) every rank calls this with the same arguments (a collective; the
     stage's ranks do so through :func:`leading_attempts` and :func:`follow_attempts`). ``classifier.compile`` is
@@ -311,7 +481,8 @@ def train_attempt(
         ``(peft_model, tokenizer, info)``: the model with its best epoch loaded, in eval mode (None on a DeepSpeed
         rank other than 0), and ``info`` with ``val_macro_f1`` (of the kept epoch), ``best_epoch``, ``epochs_run``,
         ``steps``, ``train_loss``, ``train_s`` (seconds), ``trainable_params``, ``total_params``,
-        ``val_docs_scored``, ``continued`` (0/1), ``class_weighted`` (0/1), ``attn_implementation``
+        ``val_docs_scored``, ``docs_per_epoch`` (train documents an epoch read), ``docs_seen`` (train documents
+        read over the attempt, repeats included), ``continued`` (0/1), ``class_weighted`` (0/1), ``attn_implementation``
         (:func:`domainlm.classify.model.attention_implementation`), ``compiled_layers`` (0 = eager), ``deepspeed``
         (0/1) and ``world_size`` (ranks that trained).
 
@@ -366,24 +537,35 @@ def train_attempt(
         base, tokenizer = cls_model.load_sequence_classifier(lm_dir, classes, attn_implementation=attn)
         model = cls_model.attach_lora(base, params["lora"], seed=seed)
     y_train = [label_id[lab] for lab in train.labels]
-    train_ds = WindowSampledDataset(
-        cls_model.encode_windows(tokenizer, train.texts, max_length, n_train_windows), y_train, seed=seed
-    )
-    val_windows = cls_model.encode_windows(tokenizer, [val.texts[i] for i in val_rows], max_length, n_predict_windows)
-    val_doc_of = [d for d, doc in enumerate(val_windows) for _ in doc]
     val_y = [label_id[val.labels[i]] for i in val_rows]
-    val_ds = EncodedDataset([w for doc in val_windows for w in doc], [val_y[d] for d in val_doc_of])
+    world = int(os.environ.get("WORLD_SIZE", "1")) if ds is not None else 1
+    per_epoch = docs_per_epoch(settings, world_size=world)
+    if windows is not None:  # the splits' memory-mapped window caches, read at the documents' rows
+        train_ds = WindowSampledDataset(windows["train"], y_train, seed=seed, docs=train.rows, docs_per_epoch=per_epoch)
+        val_ds = AllWindowsDataset(windows["val"], [val.rows[i] for i in val_rows], val_y)
+    else:
+        train_ds = WindowSampledDataset(
+            cls_model.encode_windows(tokenizer, train.texts, max_length, n_train_windows),
+            y_train,
+            seed=seed,
+            docs_per_epoch=per_epoch,
+        )
+        val_windows = cls_model.encode_windows(
+            tokenizer, [val.texts[i] for i in val_rows], max_length, n_predict_windows
+        )
+        val_ds = AllWindowsDataset(InMemoryWindows(val_windows), range(len(val_rows)), val_y)
+    val_doc_of = val_ds.doc_of_window
     trainable, total = model.get_nb_trainable_parameters()
     probe_base = zero.frozen_digest(model) if ds is not None and os.environ.get(zero.PROBE_ENV) else ""
     weights = balanced_class_weights(y_train, len(classes)) if settings.get("class_weighted") else None
     log.info(
-        "LoRA classifier%s: %d classes, %d trainable of %d parameters, %d train documents (1 of <= %d windows "
+        "LoRA classifier%s: %d classes, %d trainable of %d parameters, %s train documents (1 of <= %d windows "
         "per epoch) / %d val documents (%d windows) of <= %d tokens, %s epochs at lr %g%s; DeepSpeed %s",
         " continued from " + str(init_adapter) if init_adapter is not None else "",
         len(classes),
         trainable,
         total,
-        len(train_ds),
+        len(train_ds) if len(train_ds) == len(y_train) else f"{len(train_ds)} of {len(y_train)}",
         n_train_windows,
         len(val_rows),
         len(val_ds),
@@ -433,6 +615,7 @@ def train_attempt(
             result = trainer.train()
         state = trainer.state
         world_size = int(trainer.args.world_size)
+        grad_accum = int(trainer.args.gradient_accumulation_steps)
         if ds is not None:
             zero.barrier()  # every rank has reloaded the best checkpoint before rank 0 removes the folder
     finally:
@@ -463,6 +646,8 @@ def train_attempt(
             "trainable_params": int(trainable),
             "total_params": int(total),
             "val_docs_scored": len(val_rows),
+            "docs_per_epoch": len(train_ds),
+            "docs_seen": int(state.global_step) * int(settings["batch_size"]) * grad_accum * world_size,
             "continued": int(init_adapter is not None),
             "class_weighted": int(weights is not None),
             "attn_implementation": attn,
@@ -556,15 +741,19 @@ def follow_attempts(
     params: Mapping[str, Any],
     *,
     compute=None,
+    window_cache_dir: str | os.PathLike | None = None,
 ) -> int:
     """A DeepSpeed rank other than 0 in ``train_classifier``: train every attempt rank 0 starts
     (:func:`leading_attempts`), with its arguments, until rank 0 says stop; write, score and log nothing.
 
-    The train and val splits are read here as rank 0 reads them (:func:`domainlm.classify.data.read_splits`); the
-    starting adapter of a retry arrives as files and is written to a temporary folder.
+    The train and val splits are read here as rank 0 reads them (:func:`domainlm.classify.data.read_splits`,
+    without texts), and their windows from the window caches rank 0 built before its first attempt
+    (:func:`split_caches`; a rank on another machine builds its own); the starting adapter of a retry arrives as
+    files and is written to a temporary folder.
 
     Args:
         lm_dir, split_dir, labels_path, domains, params, compute: as the stage's rank 0 has them.
+        window_cache_dir: the stage's window cache folder (None = encode the texts in memory).
 
     Returns:
         the number of attempts trained (0 when ``classifier.deepspeed`` is off: rank 0 then trains alone).
@@ -576,12 +765,17 @@ def follow_attempts(
         log.warning("rank %d: DeepSpeed is off (classifier.deepspeed), so rank 0 trains alone", zero.process_rank())
         return 0
     zero.init_process_group()
-    splits = read_splits(split_dir, labels_path, domains)
+    splits = read_splits(split_dir, labels_path, domains, with_texts=window_cache_dir is None)
     classes = class_list(splits["train"])
-    n = 0
+    n, caches = 0, None
     while (job := zero.broadcast_object(None)) is not None:
         if job["classes"] != classes:
             raise ValueError(f"rank 0 trains classes {job['classes']}, this rank read {classes}")
+        if caches is None and window_cache_dir is not None:  # after rank 0 has built them
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(lm_dir, local_files_only=True)
+            caches = split_caches(tokenizer, lm_dir, split_dir, domains, params, window_cache_dir)
         with tempfile.TemporaryDirectory(prefix="train_classifier_init_") as tmp:
             init = None
             if job["init_adapter"] is not None:
@@ -598,6 +792,7 @@ def follow_attempts(
                 seed=job["seed"],
                 init_adapter=init,
                 compute=compute,
+                windows=caches,
             )
         n += 1
     zero.finish()
