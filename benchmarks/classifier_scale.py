@@ -55,7 +55,6 @@ import json
 import math
 import os
 import re
-import resource
 import shutil
 import statistics
 import subprocess
@@ -71,7 +70,9 @@ for extra in (ROOT, ROOT / "benchmarks"):
     if str(extra) not in sys.path:
         sys.path.insert(0, str(extra))
 
-from measure import write_csv, write_meta  # noqa: E402
+from measure import vm_rss_mb, write_csv, write_meta  # noqa: E402
+
+from domainlm.common.metrics import peak_rss_mb  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "classifier_scale"
 DOMAINS = ("law", "bill", "office_help", "faq")
@@ -219,19 +220,6 @@ def folder_mb(folder: str | os.PathLike) -> float:
 
 
 # ------------------------------------------------------------------------------------------------ one case
-def rss_mb() -> float:
-    """This process's current RSS (``VmRSS``), MiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def peak_rss_mb() -> float:
-    """This process's peak RSS so far (``ru_maxrss``, KiB on Linux), MiB."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def run_case(path: str, data: Path, cache_root: Path, steps: int, compile_layers: bool, seed: int) -> dict[str, Any]:
     """One case in this process (see the module docstring): ``path`` is ``streamed`` or ``in_memory``; ``data`` a
     folder of :func:`write_synthetic_split`; ``cache_root`` the streamed path's (empty) window cache folder."""
@@ -255,7 +243,7 @@ def run_case(path: str, data: Path, cache_root: Path, steps: int, compile_layers
     cfg["compile"] = bool(compile_layers)
     cfg["deepspeed"] = {**(cfg.get("deepspeed") or {}), "enabled": False}
     tok = AutoTokenizer.from_pretrained(LM_DIR, local_files_only=True)
-    base = rss_mb()
+    base = vm_rss_mb()
     split_dir, labels_path = data / "split", data / "labels.parquet"
 
     t0 = time.perf_counter()

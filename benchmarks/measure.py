@@ -21,6 +21,25 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def proc_status_mb(field: str) -> float:
+    """A memory line of ``/proc/self/status`` (``VmRSS``: current RSS; ``VmHWM``: peak RSS since the process began
+    or since ``/proc/self/clear_refs`` was written ``5``), MiB; NaN when the line is missing."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def vm_hwm_mb() -> float:
+    """This process's peak RSS (``VmHWM``), MiB."""
+    return proc_status_mb("VmHWM")
+
+
+def vm_rss_mb() -> float:
+    """This process's current RSS (``VmRSS``), MiB."""
+    return proc_status_mb("VmRSS")
+
+
 def alternating_run(doc: str) -> tuple[argparse.Namespace, dict[str, Any], Any]:
     """Set up a benchmark that alternates settings over ``--rounds`` rounds on this checkout's built pipeline:
     parse ``--rounds`` (default 2; ``doc``'s first line is the help text), work from the repository root with

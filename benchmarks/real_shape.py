@@ -36,7 +36,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from measure import write_meta  # noqa: E402
+from measure import vm_hwm_mb, vm_rss_mb, write_meta  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "real_shape.csv"
 
@@ -135,20 +135,6 @@ def phase_build(work: Path, context: int) -> None:
     model.save_pretrained(out)
     tok.save_pretrained(out)
     (work / "build.json").write_text(json.dumps({"n_params": model.num_parameters(), "vocab": config.vocab_size}))
-
-
-def vm_hwm_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def vm_rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def phase_train(work: Path, case: str, steps: int, context: int) -> None:

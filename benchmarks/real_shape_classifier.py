@@ -52,8 +52,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from measure import deep_update, write_csv, write_meta  # noqa: E402
-from real_shape import MIB, QWEN2_05B, docs, phase_build, train_flops, vm_hwm_mb, vm_rss_mb  # noqa: E402
+from measure import deep_update, vm_hwm_mb, vm_rss_mb, write_csv, write_meta  # noqa: E402
+from real_shape import MIB, QWEN2_05B, docs, phase_build, train_flops  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "real_shape_classifier.csv"
 #: The LoRA of the reference classifier: rank 16, alpha 32, dropout 0.1 on the attention projections.

@@ -225,20 +225,3 @@ def split_sha256(split: LabelledSplit) -> str:
     for doc_id, label, text in zip(split.ids, split.labels, split.texts):
         h.update(doc_id.encode("utf-8") + b"\0" + label.encode("utf-8") + b"\0" + text.encode("utf-8") + b"\n")
     return h.hexdigest()
-
-
-def split_texts(split_dir: str | os.PathLike, domains: Sequence[str]) -> dict[str, dict[str, list[str]]]:
-    """``{domain: {split: texts}}`` of every document in the split files, labelled or not (for token statistics).
-
-    Raises:
-        FileNotFoundError: a split file is missing.
-    """
-    out: dict[str, dict[str, list[str]]] = {}
-    for domain in domains:
-        out[domain] = {}
-        for split in SPLITS:
-            path = split_path(split_dir, domain, split)
-            if not path.exists():
-                raise FileNotFoundError(f"split file {path} not found (run `dvc repro split` first)")
-            out[domain][split] = pq.read_table(path, columns=["text"])["text"].to_pylist()
-    return out
