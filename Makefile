@@ -25,20 +25,25 @@ TORCH_VERSION := $(shell sed -n 's/^torch==//p' requirements.txt)
 # python3-dev let DeepSpeed JIT-build its CPU ops (ninja comes from requirements.txt).
 APT_PACKAGES := dpkg redis-server g++ python3-dev
 
-.PHONY: help repro test bench setup setup-test setup-dev apt dag lint format docs clean-venv round serve serve-stop
+.PHONY: help repro test bench setup setup-test setup-dev apt dag lint format docs clean-venv round release-lm serve serve-stop
 
 help: ## List the targets (this text)
 	@echo "make TARGET, where TARGET is one of:"
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-11s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
-repro: setup data/labels/overrides.parquet models/deployed/deployed.json ## Run the whole pipeline (dvc repro)
+repro: setup data/labels/overrides.parquet models/deployed/deployed.json data/release/release.json ## Run the whole pipeline (dvc repro)
 	dvc repro
 
 # The daily round (docs/guides/daily-round.md): lock, dvc repro, decide, promote, dvc push, commit, tag, deploy.
 # make exits 2 on any failure; schedulers call `domainlm round` (or `python -m domainlm.rounds round`) for its own
 # codes (0 / 1 / 2).
-round: setup data/labels/overrides.parquet models/deployed/deployed.json ## One daily round (domainlm round)
+round: setup data/labels/overrides.parquet models/deployed/deployed.json data/release/release.json ## One daily round (domainlm round)
 	domainlm round
+
+# The LM release (docs/guides/daily-round.md): freeze today's split into data/release, dvc add, push, commit, tag
+# lm-release-N. The next round rebuilds the LM from it; its classifier enters as the challenger.
+release-lm: setup data/labels/overrides.parquet models/deployed/deployed.json data/release/release.json ## Cut the next LM release (domainlm release-lm)
+	domainlm release-lm
 
 # Blue/green ports 5077/5078, see .cache/serve/server.json.
 serve: setup models/deployed/deployed.json ## Serve models/deployed with mlflow models serve
@@ -57,6 +62,11 @@ data/labels/overrides.parquet:
 # have it gets the bootstrap folder: only deployed.json = {"version": null}, byte-identical to the committed one.
 models/deployed/deployed.json:
 	dvc pull -q models/deployed.dvc 2>/dev/null || domainlm bootstrap
+
+# The LM release is a `dvc add`-ed folder as well (data/release.dvc). A fresh clone whose remote lacks it cuts
+# release 1 from the bundled corpus's split (dvc repro split first): the same bytes as the committed release.
+data/release/release.json:
+	dvc pull -q data/release.dvc 2>/dev/null || domainlm release-lm --bootstrap
 
 test: setup-test data/labels/overrides.parquet models/deployed/deployed.json ## Run the test suite (pytest)
 	python -m pytest tests -ra --durations=15

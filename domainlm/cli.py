@@ -6,6 +6,7 @@ Command tree::
         stage NAME [ARGS]... | stage --list     python -m stages.NAME ARGS (one DVC stage's entry point)
         stages                                  list the stages
         round [--no-deploy] [--no-push] [--host H] [--ports P,Q]
+        release-lm [--no-commit] [--no-push] [--bootstrap]   freeze today's split as the next LM release
         promote                                 decide from the last dvc repro and promote
         bootstrap                               the empty models/deployed
         serve start [--host H] [--ports P,Q]    serve models/deployed
@@ -320,6 +321,25 @@ def round_(
     2 when the classifier's gate failed. The round's record is printed as one JSON line.
     """
     _rounds(ctx, "round", deploy=not no_deploy, push=not no_push, host=host, ports=ports)
+
+
+@app.command("release-lm")
+def release_lm(
+    ctx: typer.Context,
+    no_commit: Annotated[bool, typer.Option("--no-commit", help="Cut and dvc add only: no commit, no tag.")] = False,
+    no_push: Annotated[bool, typer.Option("--no-push", help="Skip `dvc push` (no remote configured).")] = False,
+    bootstrap: Annotated[
+        bool, typer.Option("--bootstrap", help="A fresh clone: only when data/release is missing.")
+    ] = False,
+) -> None:
+    """Freeze today's split as the next LM release.
+
+    Runs `dvc repro split`, copies the split into data/release, `dvc add`s and pushes it, commits data/release.dvc
+    and tags lm-release-N. The next `dvc repro` (or round) rebuilds the LM from it, and a classifier trained on the
+    new LM enters as the challenger. With --bootstrap (where data/release is missing and the remote lacks it) it
+    cuts release 1 without a commit or a push.
+    """
+    _rounds(ctx, "release-lm", commit=not no_commit, push=not no_push, bootstrap=bootstrap)
 
 
 @app.command()

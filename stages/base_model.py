@@ -100,7 +100,7 @@ def main(argv: Sequence[str] = ()) -> None:
         compute = st.use_compute(resolve(P.load_params().get("compute")))
         with mlflow_run("base_model", cfg) as mlflow:
             metrics = run(
-                paths.SPLIT_DIR,
+                paths.LM_DATA_DIR,
                 P.required_domains("base_model"),
                 cfg,
                 paths.BASE_DIR,

@@ -93,7 +93,7 @@ def main(argv: Sequence[str] = ()) -> None:
             compute=compute,
             base_dir=paths.BASE_DIR,
             diff_dir=paths.DIFF_DIR,
-            split_dir=paths.SPLIT_DIR,
+            split_dir=paths.LM_DATA_DIR,
             reference_json=paths.REFERENCE_PERPLEXITY_JSON,
         )
         st.write_metrics("evaluate_experts", metrics)

@@ -1,10 +1,13 @@
-"""split: split each domain's documents into train/val/test, stratified by label, then apply label overrides.
+"""split: split each domain's documents into train/val/test, sticky to the LM release, then apply label overrides.
 
 Two outputs: the documents (``data/split/<domain>/<split>.parquet``, text with the label it was ingested
 with) and the label table (``data/labels/split_labels.parquet``), where label overrides (refined labels
-from ``refine_labels promote``) are applied. Membership is decided on the documents' own labels, so an
-override changes a label but never a split, nor the document files. Stratified hold-out with
-scikit-learn's ``train_test_split(stratify=...)`` (:mod:`domainlm.documents.splitting`).
+from ``refine_labels promote``) are applied. A domain the LM release (``data/release/split_labels.parquet``)
+does not cover, or every domain before a release is cut, gets a stratified hold-out split with scikit-learn's
+``train_test_split(stratify=...)``. A domain the release covers keeps each released document's split and
+assigns each new document by a hash of ``(seed, id)``, so a document never changes split once assigned
+(:mod:`domainlm.documents.splitting`). Membership is decided on the documents' own labels, so an override
+changes a label but never a split, nor the document files.
 """
 
 from __future__ import annotations
@@ -27,7 +30,13 @@ from domainlm.common.metrics import peak_rss_mb
 from domainlm.common.stage import parse_stage_args, stage_run
 from domainlm.documents.labels import LABELS_SCHEMA, apply_overrides, read_overrides, write_label_table
 from domainlm.documents.schema import SCHEMA_FILE, check_schema_file, read_docs, read_layout
-from domainlm.documents.splitting import split_codes, split_domain, split_metrics, write_split_files
+from domainlm.documents.splitting import (
+    read_release_splits,
+    split_codes,
+    split_domain,
+    split_metrics,
+    write_split_files,
+)
 
 log = logging.getLogger("stages.split")  # the logger stage_run("split") configures
 
@@ -42,6 +51,7 @@ def run(
     test_size: float,
     overrides_path: str | os.PathLike | None = paths.OVERRIDES_PATH,
     labels_path: str | os.PathLike | None = None,
+    release_labels_path: str | os.PathLike | None = None,
 ) -> dict:
     """Split ``<in_dir>/<domain>.parquet`` for every domain into ``<out_dir>/<domain>/{train,val,test}.parquet``
     and write the label table to ``labels_path``.
@@ -56,6 +66,15 @@ def run(
     byte as they were. Label counts and shares in the metrics are those after the overrides.
     ``labels_path=None`` (the default; the DVC stage passes ``paths.LABELS_PATH``) writes no label table.
 
+    Sticky split: when ``release_labels_path`` exists (the LM release's copy of the label table; only its
+    ``id``, ``domain`` and ``split`` columns are read), every domain of which the release records at least
+    one document is split by :func:`~domainlm.documents.splitting.sticky_split_indices`: a document in the
+    release keeps its recorded split, a new one (or one the release records under another domain) is
+    assigned by the hash rule of :func:`~domainlm.documents.splitting.hash_split_codes`, and release
+    documents no longer present are dropped and counted. A domain the release does not cover, or any domain
+    when the file is missing or ``release_labels_path`` is ``None``, gets the stratified split, byte for
+    byte what a run without a release writes.
+
     Args:
         in_dir: the parquet stage's folder (``<domain>.parquet`` and ``schema.txt``).
         out_dir: the folder to write.
@@ -64,15 +83,20 @@ def run(
         val_size, test_size: fractions of each domain in (0, 1), summing to less than 1.
         overrides_path: label overrides (``id``, ``label``); ``None`` or a missing file applies none.
         labels_path: where to write the label table, or ``None``.
+        release_labels_path: the LM release's label table (``paths.RELEASE_LABELS_PATH`` in the DVC stage);
+            ``None`` or a missing file (no release cut yet) gives the stratified split everywhere.
 
     Returns:
         Metrics: ``{"domains": {d: {"docs", "overrides_applied", "rare_to_train",
-        "stratified": {"test", "val"} (0/1), "<split>": {"docs", "share", "labels": {label: docs},
-        "label_share": {label: fraction}}}}, "overrides": {"rows", "applied", "unknown_ids"},
-        "total": {"<split>": docs}, "wall_s", "peak_rss_mb"}``.
+        "stratified": {"test", "val"} (0/1; both 0 for a sticky domain), "sticky" (0/1), "release_docs",
+        "new_docs", "dropped_release_docs", "other_domain_docs", "<split>": {"docs", "share",
+        "labels": {label: docs}, "label_share": {label: fraction}}}}, "overrides": {"rows", "applied",
+        "unknown_ids"}, "release": {"docs", "new", "dropped"}, "total": {"<split>": docs}, "wall_s",
+        "peak_rss_mb"}``. ``release`` sums the domains' ``release_docs``, ``new_docs`` and
+        ``dropped_release_docs``.
 
     Raises:
-        ValueError: when ``domains`` is empty, or for a bad overrides file or fraction.
+        ValueError: when ``domains`` is empty, or for a bad overrides file, release label table or fraction.
         FileNotFoundError: naming a domain whose Parquet file is missing.
         SchemaMismatchError: when an input file (or ``schema.txt``) does not match the document schema.
         DomainTooSmallError: naming a domain too small to split.
@@ -87,6 +111,7 @@ def run(
     check_schema_file(in_dir / SCHEMA_FILE)
 
     overrides = read_overrides(overrides_path) if overrides_path and Path(overrides_path).exists() else None
+    release = read_release_splits(release_labels_path)  # None before a release is cut
     found = np.zeros(overrides.num_rows if overrides is not None else 0, dtype=bool)
     metrics: dict = {"domains": {}}
     label_parts: list[pa.Table] = []
@@ -94,7 +119,9 @@ def run(
         for domain in domains:
             path = in_dir / f"{domain}.parquet"
             table = read_docs(path, columns=["id", "label"])  # ids and labels only: never the texts
-            parts, result = split_domain(table, domain, seed=seed, val_size=val_size, test_size=test_size)
+            parts, result = split_domain(
+                table, domain, seed=seed, val_size=val_size, test_size=test_size, release=release
+            )
             write_split_files(
                 path,
                 {name: paths.split_path(tmp_dir, domain, name) for name in paths.SPLITS},
@@ -125,7 +152,12 @@ def run(
                 found |= pc.is_in(overrides["id"], value_set=table["id"]).to_numpy(zero_copy_only=False)
             dm = split_metrics(table.num_rows, relabelled, result, applied)
             metrics["domains"][domain] = dm
-            log.info("split %s: %s", domain, {s: dm[s]["docs"] for s in paths.SPLITS})
+            log.info(
+                "split %s (%s): %s",
+                domain,
+                "sticky" if result.sticky else "stratified",
+                {s: dm[s]["docs"] for s in paths.SPLITS},
+            )
         if labels_path is not None:
             write_label_table(
                 labels_path, pa.concat_tables(label_parts) if label_parts else LABELS_SCHEMA.empty_table()
@@ -135,6 +167,11 @@ def run(
         "applied": sum(d["overrides_applied"] for d in metrics["domains"].values()),
         "unknown_ids": int((~found).sum()),
     }
+    metrics["release"] = {
+        "docs": sum(d["release_docs"] for d in metrics["domains"].values()),
+        "new": sum(d["new_docs"] for d in metrics["domains"].values()),
+        "dropped": sum(d["dropped_release_docs"] for d in metrics["domains"].values()),
+    }
     metrics["total"] = {s: sum(d[s]["docs"] for d in metrics["domains"].values()) for s in paths.SPLITS}
     metrics["wall_s"] = round(time.perf_counter() - t0, 3)
     metrics["peak_rss_mb"] = round(peak_rss_mb(), 1)
@@ -142,8 +179,8 @@ def run(
 
 
 def main(argv: Sequence[str] = ()) -> None:
-    """DVC entry point: params ``domains`` + ``split`` -> data/split/, data/labels/split_labels.parquet,
-    metrics/split.json."""
+    """DVC entry point: params ``domains`` + ``split`` (and the LM release, when one is cut) -> data/split/,
+    data/labels/split_labels.parquet, metrics/split.json."""
     parse_stage_args("split", __doc__, argv)
     with stage_run("split") as st:
         cfg = P.section("split")
@@ -156,13 +193,15 @@ def main(argv: Sequence[str] = ()) -> None:
             test_size=float(cfg["test_size"]),
             overrides_path=paths.OVERRIDES_PATH,
             labels_path=paths.LABELS_PATH,
+            release_labels_path=paths.RELEASE_LABELS_PATH,
         )
         st.write_metrics("split", metrics)
         st.log.info(
-            "split: %s documents; %d label override(s) applied, %d unknown id(s)",
+            "split: %s documents; %d label override(s) applied, %d unknown id(s); release: %s",
             metrics["total"],
             metrics["overrides"]["applied"],
             metrics["overrides"]["unknown_ids"],
+            metrics["release"],
         )
 
 

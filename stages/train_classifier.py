@@ -1,8 +1,9 @@
 """train_classifier: a LoRA sequence classifier on the merged LM (peft ``SEQ_CLS``, Hu et al. 2021) trained on the
 refined labels, scored on the test split's source labels against a char TF-IDF baseline (scikit-learn), gated on
 macro-F1 with bounded retries that continue the previous model (a warm start), alerted, and registered in MLflow so that
-the champion never regresses. When a compatible model is deployed (``models/deployed``), it is scored first and kept
-when it passes; otherwise the retries fine-tune it further.
+the champion never regresses. The deployed model (``models/deployed``) is scored first whenever its classes match: on
+the LM it was trained on it is kept when it passes, and otherwise the retries continue it (a warm start); after an LM
+release it is scored beside a classifier trained on the new LM, the challenger, and the round keeps the better one.
 
 The parts live in :mod:`domainlm.classify`; token statistics of the corpus are measured first.
 
@@ -35,12 +36,17 @@ from domainlm.classify.data import (
     texts_at,
 )
 from domainlm.classify.gate import Attempt, passes, run_gate
-from domainlm.classify.metrics import macro_f1_intervals, predicted_labels, prediction_rows, score
+from domainlm.classify.metrics import (
+    macro_f1_intervals,
+    new_data_scores,
+    predicted_labels,
+    prediction_rows,
+    score,
+)
 from domainlm.classify.model import (
     ADAPTER_SUBDIR,
     MODEL_SUBDIR,
     appends_eos,
-    load_classifier,
     predict_proba,
     predict_windows,
     save_classifier,
@@ -82,6 +88,7 @@ def run(
     baseline_confusion_csv: str | os.PathLike,
     alerts_json: str | os.PathLike,
     deployed_dir: str | os.PathLike | None = None,
+    release_labels_path: str | os.PathLike | None = None,
     compute=None,
     window_cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR,
 ) -> dict[str, Any]:
@@ -109,6 +116,8 @@ def run(
         split_dir, labels_path: the split stage's documents and label table.
         lm_dir: the merged LM (HF folder with tokenizer).
         deployed_dir: the deployed classifier (``models/deployed``; :mod:`domainlm.classify.deployed`), or None.
+        release_labels_path: the LM release's label table (``data/release/split_labels.parquet``), or None: test
+            documents it lacks are the new ones (``new_data`` in the metrics).
         compute: the compute policy (:mod:`domainlm.common.compute`) of training and prediction; None = fp32.
         window_cache_dir: where the splits' window caches live (not a pipeline output: derived data, rebuilt
             when missing).
@@ -118,8 +127,11 @@ def run(
         ``lora`` and ``baseline`` (:func:`domainlm.classify.metrics.score` on the test split, plus training
         figures and ``macro_f1_low``/``macro_f1_high``, the bootstrap interval), ``lora_to_baseline`` (ratios, and
         ``macro_f1_difference`` LoRA - baseline with its interval), ``bootstrap`` (confidence, resamples,
-        method), ``start`` (``case``: ``fresh`` | ``deployed_kept`` |
-        ``deployed_retrained``, ``reason``, ``deployed_version``), ``gate``, ``registry``, ``alerts``, ``timing``
+        method), ``start`` (``case``: ``fresh`` (nothing deployed, or another label space) | ``deployed_kept`` |
+        ``deployed_retrained`` | ``challenger`` (a new LM: trained fresh, the deployed model scored beside it),
+        ``reason``, ``deployed_version``, ``deployed_test_macro_f1``, and ``lora_minus_deployed`` with its paired
+        bootstrap interval when both were scored), ``new_data`` (test documents the LM release lacks: the
+        deployed and the kept model's scores on them), ``gate``, ``registry``, ``alerts``, ``timing``
         (seconds per step; the stage contract adds ``stage.wall_s``, ``stage.peak_rss_mb`` and ``compute``).
 
     Raises:
@@ -196,7 +208,11 @@ def run(
 
     # ---- the deployed model first (scored before any training), when it fits this label space and this merged LM
     manifest = dep.read_manifest(deployed_dir) if deployed_dir is not None else None
-    ok, reason = dep.compatible(manifest, classes=classes, merged_lm_sha256=dep.tree_sha256(lm_dir))
+    can_score, reason = dep.scorable(manifest, classes=classes)
+    if can_score:
+        continuable, reason = dep.compatible(manifest, classes=classes, merged_lm_sha256=dep.tree_sha256(lm_dir))
+    else:
+        continuable = False
     log.info("deployed model: %s%s", reason, f" (v{manifest['version']})" if manifest else "")
 
     t0 = time.perf_counter()
@@ -269,7 +285,10 @@ def run(
                 source="continued" if previous is not None else "trained",
             )
 
-        initial = _score_deployed(deployed_dir, manifest, val, test, classes, predict, min_f1) if ok else None
+        deployed = (
+            dep.score_deployed(deployed_dir, manifest, val, test, classes, predict, min_f1) if can_score else None
+        )
+        initial = deployed if continuable else None  # its retries continue it only on its own backbone
         outcome = run_gate(
             train_and_score,
             cfg["train"],
@@ -333,6 +352,7 @@ def run(
                 "gate": "passed" if outcome.passed else "failed",
                 "classes": ",".join(classes),
                 "started_from": kept.source,
+                "finetuned_from": str(manifest["version"]) if initial is not None else "",
             },
         )
         log.info(
@@ -398,9 +418,12 @@ def run(
     # ---- how far apart two test figures must be: paired bootstrap intervals of macro-F1 and of LoRA - baseline
     t0 = time.perf_counter()
     boot_cfg = cfg.get("bootstrap") or {}
+    compared = {"lora": predicted_labels(kept.test_proba, classes), "baseline": predicted_labels(base_proba, classes)}
+    if deployed is not None and kept.source != "deployed":
+        compared["deployed"] = predicted_labels(deployed.test_proba, classes)
     boot = macro_f1_intervals(
         test.labels,
-        {"lora": predicted_labels(kept.test_proba, classes), "baseline": predicted_labels(base_proba, classes)},
+        compared,
         confidence=float(boot_cfg.get("confidence", 0.95)),
         n_resamples=int(boot_cfg.get("resamples", 1000)),
         seed=seed,
@@ -447,7 +470,13 @@ def run(
             )
         },
     }
-    case = "fresh" if initial is None else ("deployed_kept" if kept.source == "deployed" else "deployed_retrained")
+    if deployed is None:
+        case = "fresh"
+    elif initial is None:
+        case = "challenger"
+    else:
+        case = "deployed_kept" if kept.source == "deployed" else "deployed_retrained"
+    versus_deployed = boot["difference"].get("lora-deployed")
     metrics = {
         "classes": len(classes),
         "docs": {
@@ -478,8 +507,14 @@ def run(
             "from_deployed": int(initial is not None),
             "deployed_kept": int(case == "deployed_kept"),
             "deployed_version": int(manifest["version"]) if manifest else None,
-            "deployed_test_macro_f1": initial.macro_f1 if initial is not None else None,
+            "deployed_scored": int(deployed is not None),
+            "deployed_test_macro_f1": deployed.macro_f1 if deployed is not None else None,
+            "deployed_test_accuracy": deployed.test["accuracy"] if deployed is not None else None,
+            "lora_minus_deployed": versus_deployed["value"] if versus_deployed else None,
+            "lora_minus_deployed_low": versus_deployed["low"] if versus_deployed else None,
+            "lora_minus_deployed_high": versus_deployed["high"] if versus_deployed else None,
         },
+        "new_data": new_data_scores(test, release_labels_path, classes, kept=kept, deployed=deployed),
         "windows": {"max_length": max_length, "train": n_train_windows, "predict": n_predict_windows},
         "attn_implementation": kept.info.get("attn_implementation", "deployed model as saved"),
         "compiled_layers": int(kept.info.get("compiled_layers", 0)),
@@ -530,41 +565,6 @@ def run(
     return metrics
 
 
-def _score_deployed(deployed_dir, manifest, val, test, classes, predict, min_f1: float) -> Attempt:
-    """The deployed model scored as attempt 0 (nothing trained): validation macro-F1 on the labels it would be
-    retrained on, test scores on the source labels, and the gate's verdict."""
-    from domainlm.classify.metrics import macro_f1
-
-    t0 = time.perf_counter()
-    model, tok = load_classifier(Path(deployed_dir) / MODEL_SUBDIR)
-    known = [i for i, lab in enumerate(val.labels) if lab in set(classes)]
-    val_proba = predict(model, tok, [val.texts[i] for i in known])
-    val_f1 = macro_f1([val.labels[i] for i in known], [classes[j] for j in val_proba.argmax(axis=1)])
-    proba = predict(model, tok, test.texts)
-    scores = score(test.labels, proba, classes)
-    passed = passes(scores["macro_f1"], min_f1)
-    log.log(
-        logging.INFO if passed else logging.WARNING,
-        "attempt 0 (deployed v%s, not trained): val macro-F1 %.4f, test macro-F1 %.4f, accuracy %.4f: gate %s",
-        manifest["version"],
-        val_f1,
-        scores["macro_f1"],
-        scores["accuracy"],
-        "PASSED" if passed else "failed",
-    )
-    return Attempt(
-        index=0,
-        settings={"epochs": 0},
-        val_macro_f1=val_f1,
-        test=scores,
-        passed=passed,
-        info={"train_s": 0.0, "epochs_run": 0.0, "steps": 0, "score_s": time.perf_counter() - t0},
-        model_dir=Path(deployed_dir),
-        test_proba=proba,
-        source="deployed",
-    )
-
-
 def _ratio(a: float, b: float) -> float | None:
     return float(a) / float(b) if b else None
 
@@ -596,6 +596,7 @@ def main(argv: Sequence[str] = ()) -> None:
                 mlflow,
                 compute=compute,
                 deployed_dir=paths.DEPLOYED_DIR,
+                release_labels_path=paths.RELEASE_LABELS_PATH,
                 split_dir=paths.SPLIT_DIR,
                 labels_path=paths.LABELS_PATH,
                 lm_dir=paths.MERGED_DIR,

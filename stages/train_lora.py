@@ -77,7 +77,7 @@ def main(argv: Sequence[str] = ()) -> None:
         run(
             domain,
             paths.BASE_DIR,
-            paths.SPLIT_DIR,
+            paths.LM_DATA_DIR,
             P.section("train_lora"),
             paths.LORA_DIR / domain,
             paths.train_log_path(domain),
@@ -96,7 +96,7 @@ def main(argv: Sequence[str] = ()) -> None:
             metrics = run(
                 domain,
                 paths.BASE_DIR,
-                paths.SPLIT_DIR,
+                paths.LM_DATA_DIR,
                 cfg,
                 out_dir,
                 paths.train_log_path(domain),

@@ -188,6 +188,11 @@ def make_pipeline_repo(path: Path, param_updates: dict | None = None) -> Path:
 
         write_bootstrap(deployed)
     run(["dvc", "add", "-q", "models/deployed"], path)
+    # the LM release: release 0 (no documents frozen; the LM follows the split) until a round or release-lm cuts one
+    from domainlm.documents.release import write_bootstrap as write_release_bootstrap
+
+    write_release_bootstrap(path / "data" / "release")
+    run(["dvc", "add", "-q", "data/release"], path)
     run(["git", "add", "-A"], path)
     run(["git", "commit", "-q", "-m", "pipeline"], path)
     return path

@@ -19,7 +19,7 @@ from domainlm.common import paths
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = sorted(p.stem for p in (ROOT / "stages").glob("*.py") if p.stem != "__init__")
-COMMANDS = {"stage", "stages", "round", "promote", "bootstrap", "check-repro", "bench", "serve", "labels"}
+COMMANDS = {"stage", "stages", "round", "release-lm", "promote", "bootstrap", "check-repro", "bench", "serve", "labels"}
 PAGES = {
     "domainlm",
     *(f"domainlm {c}" for c in COMMANDS),

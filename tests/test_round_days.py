@@ -1,18 +1,20 @@
-"""Three days of the daily round on a small slice of the real corpus, under real DVC (local remote), MLflow
-(SQLite) and ``mlflow models serve`` on 127.0.0.1: ``python -m domainlm.rounds round`` each day.
+"""Days of the production loop on a small slice of the real corpus, under real DVC (local remote), MLflow (SQLite)
+and ``mlflow models serve`` on 127.0.0.1: ``python -m domainlm.rounds round`` each day, ``release-lm`` once.
 
-- Day 1: the first round trains, promotes (``champion`` alias, ``models/deployed``), pushes, commits, tags and serves.
-- Day 2: new faq chapters land in the declared ``type: jsonl`` source. Only the stages that read them re-run
-  (train_lora@faq, not the other domains' adapters); ``train_classifier`` scores the deployed model first, and the
-  round keeps it (it passes the gate) or fine-tunes it and promotes; the test checks which happened.
-- Day 3: nothing new: the round runs no stage, commits nothing, creates no tag and exits 0.
+The base model is built here (``base_model.source: build``, tiny sizes) and every learning rate and gate is the
+fixtures' training setting; nothing is frozen so that a path is reached.
+
+- Day 1: the first round cuts LM release 1 (tag ``lm-release-1``), builds the LM from it, trains the classifier,
+  promotes it (``champion``, ``models/deployed``), pushes, commits, tags and serves it.
+- Day 2: new faq chapters land in the declared ``type: jsonl`` source. No LM stage runs (the LM reads release 1);
+  every day-1 document keeps its split; ``train_classifier`` scores the deployed model first and keeps or continues
+  it; ``metrics/classifier.json`` gives its scores on the new test documents.
+- Day 2b: the gate raised to 0.99: attempt 0 (the deployed model) and three retries that each continue the previous
+  one on the deployed backbone, exit 2, the alert written, the deployed model unchanged.
+- Day 3: ``release-lm`` (tag ``lm-release-2``), then a round: the LM stages run, a classifier trained on the new LM
+  is the challenger, and the decision names both models' scores on one test split.
+- Day 4: nothing new: no stage, no commit, no tag.
 - Then ``git checkout round-<day 1> && dvc pull`` (empty cache) restores day 1's deployed model byte for byte.
-
-The domain experts are nearly frozen (``train_lora.train.lr: 1e-20``): new faq documents re-run train_lora@faq, diff,
-merge and the stages after them, but the merged LM comes out byte-identical (each weight's change is below float32's
-spacing), so the deployed classifier stays compatible
-(:func:`domainlm.classify.deployed.compatible`) and is evaluated first. With trained experts, new data changes the
-merged LM and attempt 0 trains afresh (``start.case: fresh``), as in production after an LM change.
 """
 
 from __future__ import annotations
@@ -25,17 +27,34 @@ import sys
 import urllib.request
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import yaml
 from conftest import free_port, make_pipeline_repo, run
-from lm_fixtures import TINY, TRAIN_TEXTS
+from lm_fixtures import TINY
 from mlflow import MlflowClient
 from test_pipeline_classifier import FIRST_FAQ_DOCS, MODEL, faq_records, params  # noqa: F401 (fixture)
 
 from domainlm.classify.deployed import read_manifest, tree_sha256
 from domainlm.documents.jsonl import dumps
 
+#: The stages a day of new documents may run: the data half, the LM's (unchanged) documents, the classifier.
+DAILY_STAGES = {
+    "corpus",
+    "validate",
+    "dedup",
+    "parquet",
+    "split",
+    "lm_data",
+    "refine_labels",
+    "train_classifier",
+    "report",
+}
+LM_STAGES = ("base_model", "train_lora@law", "train_lora@faq", "diff", "merge", "evaluate_experts", "evaluate")
+
 pytestmark = pytest.mark.slow
+#: The classifier gate of these days: params.yaml's own threshold (test macro-F1 on the source labels).
+GATE = 0.75
 
 
 def round_(repo: Path, ports: tuple[int, int]) -> tuple[int, dict, str]:
@@ -57,8 +76,37 @@ def round_(repo: Path, ports: tuple[int, int]) -> tuple[int, dict, str]:
     return proc.returncode, summary, proc.stdout + proc.stderr
 
 
-def tags(repo: Path) -> list[str]:
-    return run(["git", "tag", "--list", "round-*"], repo).stdout.split()
+def tags(repo: Path, pattern: str = "round-*") -> list[str]:
+    return run(["git", "tag", "--list", pattern], repo).stdout.split()
+
+
+def release_lm(repo: Path) -> dict:
+    proc = subprocess.run(
+        [sys.executable, "-m", "domainlm.rounds", "release-lm"],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"},
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def split_of(repo: Path) -> dict[str, str]:
+    table = pq.read_table(repo / "data" / "labels" / "split_labels.parquet", columns=["id", "split"])
+    return dict(zip(table["id"].to_pylist(), table["split"].to_pylist(), strict=True))
+
+
+def classifier_metrics(repo: Path) -> dict:
+    return json.loads((repo / "metrics" / "classifier.json").read_text(encoding="utf-8"))
+
+
+def set_gate(repo: Path, min_f1: float) -> None:
+    params_path = repo / "params.yaml"
+    cfg = yaml.safe_load(params_path.read_text(encoding="utf-8"))
+    cfg["classifier"]["gate"]["min_f1"] = min_f1
+    params_path.write_text(yaml.safe_dump(cfg, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    run(["git", "commit", "-qam", f"classifier gate {min_f1}"], repo)
 
 
 def predict(url: str, texts: list[str]) -> list[dict]:
@@ -74,20 +122,16 @@ def alive(pid: int) -> bool:
 
 @pytest.fixture(scope="module")
 def days(tmp_path_factory, faq_records):
-    from domainlm.lm import pretrain
-
     root = tmp_path_factory.mktemp("round_days")
-    model, tok, _ = pretrain.build(TRAIN_TEXTS, TINY)
-    base_dir = pretrain.save_hf_folder(model, tok, root / "checkpoint")
+    base_dir = root / "unused-checkpoint"  # base_model.source: build
     incoming = root / "incoming" / "faq"
     incoming.mkdir(parents=True)
     (incoming / "part-000.jsonl").write_text(
         "".join(dumps(r) + "\n" for r in faq_records[:FIRST_FAQ_DOCS]), encoding="utf-8"
     )
     cfg = params(base_dir, incoming)
-    # near-frozen experts: LoRA B moves by ~1e-19 (diff needs non-zero task vectors), far below float32's spacing
-    # of the base weights, so the merged LM comes out byte-identical when new data re-trains an expert
-    cfg["train_lora"]["train"]["lr"] = 1.0e-20
+    cfg["base_model"] = {**TINY, "model": {**TINY["model"], "context_length": 32}}  # built here, from the release
+    cfg["classifier"]["gate"]["min_f1"] = GATE
     repo = make_pipeline_repo(root / "repo", cfg)
     dvc_yaml = yaml.safe_load((repo / "dvc.yaml").read_text(encoding="utf-8"))
     dvc_yaml["stages"]["corpus"]["deps"].append(str(incoming))
@@ -111,79 +155,149 @@ def day1(days):
     assert code == 0, out[-6000:]
     days["day1"] = {
         "summary": summary,
+        "out": out,
         "deployed": tree_sha256(repo / "models" / "deployed"),
         "copy": repo.parent / "deployed-day1",
+        "split": split_of(repo),
+        "base": tree_sha256(repo / "models" / "base"),
+        "merged": tree_sha256(repo / "models" / "merged"),
     }
     shutil.copytree(repo / "models" / "deployed", days["day1"]["copy"])
     return days
 
 
-def test_day1_trains_promotes_pushes_commits_tags_and_serves(day1):
+def test_day1_cuts_release_1_builds_promotes_pushes_commits_tags_and_serves(day1):
     repo, summary = day1["repo"], day1["day1"]["summary"]
-    assert summary["decision"]["action"] == "promote" and summary["exit_code"] == 0
-    assert {"corpus", "split", "merge", "train_classifier", "report"} <= set(summary["ran"])
+    assert summary["lm_release"]["number"] == 1 and summary["lm_release"]["tag"] == "lm-release-1"
+    assert tags(repo, "lm-release-*") == ["lm-release-1"]
+    assert summary["decision"]["action"] == "promote" and summary["exit_code"] == 0, day1["day1"]["out"][-4000:]
+    assert {"corpus", "split", "lm_data", "base_model", "merge", "train_classifier", "report"} <= set(summary["ran"])
     (tag,) = tags(repo)
     assert tag == summary["tag"] and tag.startswith("round-") and tag.endswith("-1")
     assert run(["git", "rev-parse", f"{tag}^{{commit}}"], repo).stdout.strip() == summary["commit"]
     manifest = read_manifest(repo / "models" / "deployed")
-    assert manifest["version"] == 1 and manifest["registry_name"] == MODEL
+    assert manifest["version"] == 1 and manifest["registry_name"] == MODEL and manifest["finetuned_from"] is None
     assert manifest["merged_lm_sha256"] == tree_sha256(repo / "models" / "merged")
     assert int(client(repo).get_model_version_by_alias(MODEL, "champion").version) == 1
-    # the commit names the deployed folder, and the remote has it: nothing left to commit, push or reproduce
-    assert run(["git", "status", "--porcelain", "dvc.lock", "models", "metrics"], repo).stdout == ""
+    # the commit names the deployed folder and the release, and the remote has both
+    assert run(["git", "status", "--porcelain", "dvc.lock", "models", "metrics", "data"], repo).stdout == ""
     assert "up to date" in run(["dvc", "status"], repo).stdout.lower()
-    assert "in sync" in run(["dvc", "status", "--cloud", "models/deployed.dvc"], repo).stdout.lower()
+    cloud = run(["dvc", "status", "--cloud", "models/deployed.dvc", "data/release.dvc"], repo).stdout.lower()
+    assert "in sync" in cloud
     served = summary["served"]
     assert served["version"] == 1 and served["port"] in day1["ports"]
     (pred,) = predict(served["url"], ["데비안 패키지를 설치하려면 apt 명령을 사용합니다."])
     assert pred["label"] in manifest["classes"] and abs(sum(pred["probabilities"].values()) - 1) < 1e-4
 
 
-def test_day2_new_faq_lines_rerun_only_their_stages_and_score_the_deployed_model_first(day1):
+@pytest.fixture(scope="module")
+def day2(day1):
     repo, incoming, records = day1["repo"], day1["incoming"], day1["records"]
-    old_served = day1["day1"]["summary"]["served"]
     (incoming / "part-001.jsonl").write_text(
         "".join(dumps(r) + "\n" for r in records[FIRST_FAQ_DOCS:]), encoding="utf-8"
     )
     code, summary, out = round_(repo, day1["ports"])
     assert code == 0, out[-6000:]
+    day1["day2"] = {"summary": summary, "out": out, "metrics": classifier_metrics(repo)}
+    return day1
+
+
+def test_day2_runs_no_lm_stage_keeps_every_split_and_scores_the_deployed_model_first(day2):
+    repo, summary, metrics = day2["repo"], day2["day2"]["summary"], day2["day2"]["metrics"]
     ran = summary["ran"]
-    assert [s for s in ran if s.startswith("train_lora")] == ["train_lora@faq"]
-    assert {"corpus", "split", "train_classifier"} <= set(ran)
-    assert tree_sha256(repo / "models" / "merged") == read_manifest(repo / "models" / "deployed")["merged_lm_sha256"]
-    metrics = json.loads((repo / "metrics" / "classifier.json").read_text(encoding="utf-8"))
+    assert set(ran) <= DAILY_STAGES and {"corpus", "split", "train_classifier"} <= set(ran), ran
+    assert summary["lm_release"] is None
+    assert tree_sha256(repo / "models" / "base") == day2["day1"]["base"]
+    assert tree_sha256(repo / "models" / "merged") == day2["day1"]["merged"]
+    before, after = day2["day1"]["split"], split_of(repo)
+    assert len(after) > len(before) and all(after[i] == s for i, s in before.items())
     case = metrics["start"]["case"]
     assert case in ("deployed_kept", "deployed_retrained"), metrics["start"]
+    assert metrics["start"]["deployed_version"] == 1 and metrics["start"]["deployed_test_macro_f1"] is not None
+    new_test = [i for i, s in after.items() if s == "test" and i not in before]
+    assert metrics["new_data"]["test_docs"] == len(new_test)
+    assert (metrics["new_data"]["deployed"] is None) == (not new_test)
+    assert len(tags(day2["repo"])) == 2 and summary["tag"] in tags(repo)
     manifest = read_manifest(repo / "models" / "deployed")
-    assert len(tags(repo)) == 2 and summary["tag"] in tags(repo)  # new data: a round to record
     if case == "deployed_kept":  # it passed the gate on the new test split: nothing trained, nothing promoted
         assert summary["decision"]["action"] == "keep" and summary["served"] is None
-        assert tree_sha256(repo / "models" / "deployed") == day1["day1"]["deployed"]
-        assert manifest["version"] == 1 and alive(old_served["pid"])
-    else:  # fine-tuned from it: promoted only when at least as good, then served on the other port
-        assert summary["decision"]["action"] in ("promote", "keep")
-        if summary["decision"]["action"] == "promote":
-            assert manifest["version"] == metrics["registry"]["version"] > 1
-            assert summary["served"]["port"] != old_served["port"] and not alive(old_served["pid"])
-            predict(summary["served"]["url"], ["대한민국은 민주공화국이다."])
-    day1["day2"] = {"case": case, "summary": summary}
+        assert tree_sha256(repo / "models" / "deployed") == day2["day1"]["deployed"]
+        assert manifest["version"] == 1 and alive(day2["day1"]["summary"]["served"]["pid"])
+    elif summary["decision"]["action"] == "promote":  # continued from v1 and better on this split
+        assert manifest["version"] == metrics["registry"]["version"] > 1 and manifest["finetuned_from"] == 1
+        predict(summary["served"]["url"], ["대한민국은 민주공화국이다."])
 
 
-def test_day3_without_new_data_runs_nothing_and_creates_no_tag(day1):
-    repo = day1["repo"]
-    before = tags(repo), run(["git", "rev-parse", "HEAD"], repo).stdout
-    code, summary, out = round_(repo, day1["ports"])
+@pytest.fixture(scope="module")
+def day2b(day2):
+    repo = day2["repo"]
+    deployed = tree_sha256(repo / "models" / "deployed")
+    set_gate(repo, 0.99)
+    code, summary, out = round_(repo, day2["ports"])
+    day2["day2b"] = {"code": code, "summary": summary, "out": out, "deployed": deployed}
+    day2["day2b"]["metrics"] = classifier_metrics(repo)
+    set_gate(repo, GATE)
+    return day2
+
+
+def test_day2b_a_gate_nothing_reaches_spends_every_retry_on_the_deployed_model_and_alerts(day2b):
+    repo, d = day2b["repo"], day2b["day2b"]
+    assert d["code"] == 2, d["out"][-6000:]
+    metrics = d["metrics"]
+    assert metrics["start"]["from_deployed"] == 1 and metrics["gate"]["passed"] == 0
+    assert metrics["gate"]["attempts"] == 4 and metrics["gate"]["retries"] == 3
+    # attempt 0 is the deployed model, unchanged; each retry continues the one before (a warm start, not a fresh run)
+    assert metrics["gate"]["test_macro_f1"]["attempt_0"] == metrics["start"]["deployed_test_macro_f1"]
+    assert d["out"].count("continued from attempt") == 3
+    alerts = json.loads((repo / "metrics" / "classifier_alerts.json").read_text(encoding="utf-8"))
+    (alert,) = alerts["alerts"]
+    assert alert["severity"] == "error" and alert["attempts"] == 4 and alert["threshold"] == 0.99
+    assert d["summary"]["decision"]["action"] == "gate_failed"
+    assert tree_sha256(repo / "models" / "deployed") == d["deployed"]
+
+
+@pytest.fixture(scope="module")
+def day3(day2b):
+    repo = day2b["repo"]
+    before = read_manifest(repo / "models" / "deployed")
+    cut = release_lm(repo)
+    code, summary, out = round_(repo, day2b["ports"])
+    assert code == 0, out[-6000:]
+    day2b["day3"] = {"cut": cut, "summary": summary, "metrics": classifier_metrics(repo), "before": before}
+    return day2b
+
+
+def test_day3_a_release_rebuilds_the_lm_and_its_classifier_enters_as_the_challenger(day3):
+    repo, d = day3["repo"], day3["day3"]
+    assert d["cut"]["number"] == 2 and d["cut"]["tag"] == "lm-release-2" and "lm-release-2" in tags(repo, "lm-*")
+    assert set(LM_STAGES) <= set(d["summary"]["ran"])
+    assert tree_sha256(repo / "models" / "merged") != day3["day1"]["merged"]
+    metrics = d["metrics"]
+    assert metrics["start"]["case"] == "challenger" and metrics["start"]["deployed_scored"] == 1
+    deployed_f1, challenger_f1 = metrics["start"]["deployed_test_macro_f1"], metrics["lora"]["macro_f1"]
+    assert metrics["start"]["lora_minus_deployed"] == pytest.approx(challenger_f1 - deployed_f1, abs=1e-9)
+    decision = d["summary"]["decision"]
+    assert decision["deployed_macro_f1"] == pytest.approx(deployed_f1) and f"{deployed_f1:.4f}" in decision["reason"]
+    if metrics["gate"]["passed"]:
+        assert f"{challenger_f1:.4f}" in decision["reason"] and "paired bootstrap" in decision["reason"]
+        assert decision["action"] == ("promote" if challenger_f1 > deployed_f1 else "keep")
+
+
+def test_day4_without_new_data_runs_nothing_and_creates_no_tag(day3):
+    repo = day3["repo"]
+    before = tags(repo, "*"), run(["git", "rev-parse", "HEAD"], repo).stdout
+    code, summary, out = round_(repo, day3["ports"])
     assert code == 0, out[-6000:]
     assert summary["ran"] == [] and summary["decision"]["action"] == "nothing_new" and summary["tag"] is None
-    assert (tags(repo), run(["git", "rev-parse", "HEAD"], repo).stdout) == before
+    assert (tags(repo, "*"), run(["git", "rev-parse", "HEAD"], repo).stdout) == before
 
 
-def test_checking_out_day1s_tag_restores_its_deployed_model_byte_for_byte(day1):
-    repo = day1["repo"]
+def test_checking_out_day1s_tag_restores_its_deployed_model_byte_for_byte(day3):
+    repo = day3["repo"]
     day1_tag = sorted(tags(repo))[0]
     run(["git", "checkout", "-q", day1_tag], repo)
     shutil.rmtree(repo / "models" / "deployed")
     shutil.rmtree(repo / ".dvc" / "cache")  # from the remote, not the local cache
     run(["dvc", "pull", "-q", "models/deployed.dvc"], repo)
-    assert tree_sha256(repo / "models" / "deployed") == tree_sha256(day1["day1"]["copy"]) == day1["day1"]["deployed"]
+    assert tree_sha256(repo / "models" / "deployed") == tree_sha256(day3["day1"]["copy"]) == day3["day1"]["deployed"]
     run(["git", "checkout", "-q", "main"], repo)

@@ -58,9 +58,9 @@ def test_decide_keeps_promotes_and_fails_by_the_rules():
     assert decide(metrics(case="deployed_kept"), MANIFEST, test_sha256="new", rescore=never).action == KEEP
     assert decide(metrics(passed=0, f1=0.5), MANIFEST, test_sha256="new", rescore=never).action == GATE_FAILED
     assert decide(metrics(), None, test_sha256="new", rescore=never).action == PROMOTE
-    # same test split: the manifest's figure decides; ties promote (at least as good)
-    assert decide(metrics(f1=0.78), MANIFEST, test_sha256="old", rescore=never).action == PROMOTE
-    assert decide(metrics(f1=0.77), MANIFEST, test_sha256="old", rescore=never).action == KEEP
+    # same test split: the manifest's figure decides; a tie keeps the deployed model
+    assert decide(metrics(f1=0.79), MANIFEST, test_sha256="old", rescore=never).action == PROMOTE
+    assert decide(metrics(f1=0.78), MANIFEST, test_sha256="old", rescore=never).action == KEEP
     # retrained from the deployed model: attempt 0 is the deployed model on this test split
     d = decide(metrics(f1=0.8, case="deployed_retrained", attempt0=0.6), MANIFEST, test_sha256="new", rescore=never)
     assert d.action == PROMOTE and d.deployed_macro_f1 == 0.6
@@ -68,7 +68,19 @@ def test_decide_keeps_promotes_and_fails_by_the_rules():
     retrained["start"]["deployed_test_macro_f1"] = 0.72
     d = decide(retrained, MANIFEST, test_sha256="new", rescore=never)
     assert d.action == KEEP and d.deployed_macro_f1 == 0.72
-    # a fresh model after the LM changed: the deployed one is re-scored on the new test split
+    # a challenger (a new LM): the deployed model's score from this run decides, with the paired interval quoted
+    challenger = metrics(f1=0.8, case="challenger")
+    challenger["start"].update(
+        deployed_test_macro_f1=0.75,
+        lora_minus_deployed=0.05,
+        lora_minus_deployed_low=-0.01,
+        lora_minus_deployed_high=0.11,
+    )
+    d = decide(challenger, MANIFEST, test_sha256="new", rescore=never)
+    assert d.action == PROMOTE and d.deployed_macro_f1 == 0.75 and "[-0.0100, +0.1100]" in d.reason
+    challenger["start"]["deployed_test_macro_f1"] = 0.8
+    assert decide(challenger, MANIFEST, test_sha256="new", rescore=never).action == KEEP
+    # metrics without the deployed model's score (a fresh model): it is re-scored on the new test split
     calls = []
     d = decide(metrics(f1=0.8), MANIFEST, test_sha256="new", rescore=lambda: calls.append(1) or 0.85)
     assert d.action == KEEP and d.deployed_macro_f1 == 0.85 and calls == [1]

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -37,7 +38,15 @@ from domainlm.documents.schema import (
     schema_text,
     write_docs,
 )
-from domainlm.documents.splitting import DomainTooSmallError, split_domain, split_indices, split_sizes
+from domainlm.documents.splitting import (
+    DomainTooSmallError,
+    hash_split_codes,
+    read_release_splits,
+    split_domain,
+    split_indices,
+    split_sizes,
+    sticky_split_indices,
+)
 from stages.split import run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -384,6 +393,8 @@ def _stage_repo(tmp_path: Path) -> Path:
     }
     (repo / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
     write_empty_overrides(repo / "data" / "labels" / "overrides.parquet")  # split's dep; starts empty
+    (repo / "data" / "release").mkdir(parents=True)  # split's dep: before a release is cut, only the manifest
+    (repo / "data" / "release" / "release.json").write_text('{"release": 0}\n', encoding="utf-8")
     return repo
 
 
@@ -452,3 +463,216 @@ def test_streamed_split_files_equal_write_docs_of_the_taken_rows_byte_for_byte(t
             layout,
         )
     assert not list((tmp_path / "bad").glob("*.parquet"))  # nothing half-written
+
+
+# --- the sticky split: the LM release pins each document's split ----------------------------
+
+
+def hash_rule(seed: int, doc_id: str, val_size: float, test_size: float) -> str:
+    """The documented hash rule, written out independently of the implementation."""
+    u = int.from_bytes(hashlib.sha256(f"{seed}\0{doc_id}".encode()).digest()[:8], "big") / 2**64
+    return "test" if u < test_size else "val" if u < test_size + val_size else "train"
+
+
+def docs_with_ids(domain: str, ids: list[str], labels: list[str | None]) -> pa.Table:
+    """A DOC_SCHEMA table like :func:`doc_table`, with the given ids."""
+    table = doc_table(domain, labels)
+    return table.set_column(table.schema.get_field_index("id"), DOC_SCHEMA.field("id"), pa.array(ids, pa.string()))
+
+
+def new_docs(domain: str, tag: str, n: int, labels: tuple[str, ...] = ("calc", "writer")) -> pa.Table:
+    return docs_with_ids(
+        domain, [f"{domain}-{tag}-{i:05d}" for i in range(n)], [labels[i % len(labels)] for i in range(n)]
+    )
+
+
+def interleave(old: pa.Table, new: pa.Table, every: int = 5) -> pa.Table:
+    """``old`` in its order with the rows of ``new`` slotted in after every ``every`` old rows."""
+    parts, j = [], 0
+    for i in range(0, old.num_rows, every):
+        parts.append(old.slice(i, every))
+        if j < new.num_rows:
+            parts.append(new.slice(j, 1))
+            j += 1
+    parts.append(new.slice(j))
+    return pa.concat_tables(parts)
+
+
+def label_splits(path: Path) -> dict[str, str]:
+    table = read_label_table(path)
+    return dict(zip(table["id"].to_pylist(), table["split"].to_pylist()))
+
+
+@pytest.fixture
+def released(parquet_dir, tmp_path) -> Path:
+    """A first run on ``parquet_dir``, and a release cut from its label table (a byte copy)."""
+    run_default(parquet_dir, tmp_path / "day0", labels_path=tmp_path / "day0_labels.parquet")
+    release = tmp_path / "release" / "split_labels.parquet"
+    release.parent.mkdir()
+    shutil.copyfile(tmp_path / "day0_labels.parquet", release)
+    return release
+
+
+def test_released_documents_keep_their_split_and_file_order_when_new_documents_arrive(parquet_dir, released, tmp_path):
+    old_office = read_docs(parquet_dir / "office_help.parquet")
+    pdir = make_parquet_dir(
+        tmp_path / "day1_parquet",
+        {
+            "law": read_docs(parquet_dir / "law.parquet"),
+            "office_help": interleave(old_office, new_docs("office_help", "new", 60)),
+        },
+    )
+    metrics = run_default(
+        pdir, tmp_path / "day1", labels_path=tmp_path / "day1_labels.parquet", release_labels_path=released
+    )
+    before, after = label_splits(released), label_splits(tmp_path / "day1_labels.parquet")
+    assert all(after[i] == s for i, s in before.items())  # no released document changes split
+    for s in SPLITS:
+        old = read_docs(tmp_path / "day0" / "office_help" / f"{s}.parquet")
+        new = read_docs(tmp_path / "day1" / "office_help" / f"{s}.parquet")
+        assert new.filter(pc.is_in(new["id"], value_set=old["id"])).equals(old)  # a subset, same order
+        # law got no new documents: its files are byte for byte the released ones
+        assert (tmp_path / "day1" / "law" / f"{s}.parquet").read_bytes() == (
+            tmp_path / "day0" / "law" / f"{s}.parquet"
+        ).read_bytes()
+    office = metrics["domains"]["office_help"]
+    assert (office["sticky"], office["release_docs"], office["new_docs"], office["dropped_release_docs"]) == (
+        1,
+        340,
+        60,
+        0,
+    )
+    assert office["stratified"] == {"test": 0, "val": 0} and office["rare_to_train"] == 0
+    assert metrics["domains"]["law"]["sticky"] == 1 and metrics["domains"]["law"]["new_docs"] == 0
+    assert metrics["release"] == {"docs": 380, "new": 60, "dropped": 0}
+    assert sum(office[s]["docs"] for s in SPLITS) == 400
+
+
+def test_new_documents_follow_the_hash_rule_whatever_else_arrives(parquet_dir, released, tmp_path):
+    old_office = read_docs(parquet_dir / "office_help.parquet")
+    shared = new_docs("office_help", "shared", 80)
+    arrivals = {
+        "a": pa.concat_tables([new_docs("office_help", "only-a", 50), shared]),
+        "b": pa.concat_tables([shared.slice(40), new_docs("office_help", "only-b", 300), shared.slice(0, 40)]),
+    }
+    got = {}
+    for tag, extra in arrivals.items():
+        pdir = make_parquet_dir(
+            tmp_path / f"parquet_{tag}",
+            {"law": read_docs(parquet_dir / "law.parquet"), "office_help": interleave(old_office, extra, 3)},
+        )
+        run_default(
+            pdir, tmp_path / f"out_{tag}", labels_path=tmp_path / f"labels_{tag}.parquet", release_labels_path=released
+        )
+        got[tag] = label_splits(tmp_path / f"labels_{tag}.parquet")
+        for i in extra["id"].to_pylist():
+            assert got[tag][i] == hash_rule(42, i, 0.1, 0.1), i
+    assert all(got["a"][i] == got["b"][i] for i in shared["id"].to_pylist())
+    assert len({got["a"][i] for i in shared["id"].to_pylist()}) > 1  # not everything in one split
+
+
+def test_hash_rule_shares_match_the_fractions_over_many_new_ids():
+    n = 20_000
+    ids = pa.array([f"faq-{i:07d}" for i in range(n)])
+    labels = ["a", "b"] * (n // 2)
+    release = pa.table({"id": ["faq-old"], "domain": ["faq"], "split": ["test"]})  # covers faq; no longer present
+    res = sticky_split_indices(ids, release, "faq", seed=3, val_size=0.15, test_size=0.05)
+    shares = {s: len(res.indices[s]) / n for s in SPLITS}
+    assert shares["val"] == pytest.approx(0.15, abs=0.01) and shares["test"] == pytest.approx(0.05, abs=0.01)
+    assert shares["train"] == pytest.approx(0.80, abs=0.01)
+    for s in SPLITS:  # stratified in expectation: each label's share of a split is about its overall share
+        part = Counter(labels[i] for i in res.indices[s])
+        assert part["a"] / len(res.indices[s]) == pytest.approx(0.5, abs=0.03)
+    assert (res.sticky, res.release_docs, res.new_docs, res.dropped_release_docs) == (True, 0, n, 1)
+    codes = hash_split_codes(ids, seed=3, val_size=0.15, test_size=0.05)
+    assert [SPLITS[c] for c in codes[:200]] == [hash_rule(3, f"faq-{i:07d}", 0.15, 0.05) for i in range(200)]
+    assert sorted(np.concatenate([res.indices[s] for s in SPLITS]).tolist()) == list(range(n))
+
+
+def test_domain_absent_from_the_release_gets_the_stratified_split(parquet_dir, tmp_path):
+    run_default(parquet_dir, tmp_path / "plain", labels_path=tmp_path / "plain_labels.parquet")
+    labels = read_label_table(tmp_path / "plain_labels.parquet")
+    release = tmp_path / "release" / "split_labels.parquet"
+    release.parent.mkdir()
+    pq.write_table(labels.filter(pc.equal(labels["domain"], "law")), release)  # the release covers law only
+    metrics = run_default(
+        parquet_dir, tmp_path / "sticky", labels_path=tmp_path / "sticky_labels.parquet", release_labels_path=release
+    )
+    for s in SPLITS:
+        assert (tmp_path / "sticky" / "office_help" / f"{s}.parquet").read_bytes() == (
+            tmp_path / "plain" / "office_help" / f"{s}.parquet"
+        ).read_bytes()
+    office = metrics["domains"]["office_help"]
+    assert (office["sticky"], office["release_docs"], office["new_docs"], office["dropped_release_docs"]) == (
+        0,
+        0,
+        0,
+        0,
+    )
+    assert office["stratified"] == {"test": 1, "val": 1}
+    assert metrics["domains"]["law"]["sticky"] == 1 and metrics["release"] == {"docs": 40, "new": 0, "dropped": 0}
+    # no release file (before a release is cut): byte for byte today's stratified split everywhere
+    metrics = run_default(parquet_dir, tmp_path / "none", release_labels_path=tmp_path / "release" / "missing.parquet")
+    assert metrics["release"] == {"docs": 0, "new": 0, "dropped": 0}
+    for domain in ("law", "office_help"):
+        assert metrics["domains"][domain]["sticky"] == 0
+        for s in SPLITS:
+            assert (tmp_path / "none" / domain / f"{s}.parquet").read_bytes() == (
+                tmp_path / "plain" / domain / f"{s}.parquet"
+            ).read_bytes()
+
+
+def test_dropped_and_moved_release_documents_are_counted(parquet_dir, released, tmp_path):
+    law = read_docs(parquet_dir / "law.parquet")
+    office = read_docs(parquet_dir / "office_help.parquet")
+    moved = docs_with_ids("office_help", ["law-00000"], ["calc"])  # the release records it under law
+    pdir = make_parquet_dir(
+        tmp_path / "day1_parquet",
+        {
+            "law": law.slice(5),
+            "office_help": pa.concat_tables([office.slice(0, 300), moved, new_docs("office_help", "n", 7)]),
+        },
+    )
+    metrics = run_default(
+        pdir, tmp_path / "day1", labels_path=tmp_path / "day1_labels.parquet", release_labels_path=released
+    )
+    law_m, office_m = metrics["domains"]["law"], metrics["domains"]["office_help"]
+    assert (law_m["release_docs"], law_m["new_docs"], law_m["dropped_release_docs"]) == (35, 0, 5)
+    assert (office_m["release_docs"], office_m["new_docs"], office_m["dropped_release_docs"]) == (300, 8, 40)
+    assert office_m["other_domain_docs"] == 1 and law_m["other_domain_docs"] == 0
+    assert metrics["release"] == {"docs": 335, "new": 8, "dropped": 45}
+    assert label_splits(tmp_path / "day1_labels.parquet")["law-00000"] == hash_rule(42, "law-00000", 0.1, 0.1)
+
+
+def test_sticky_domain_with_an_empty_split_warns_instead_of_raising(parquet_dir, released, tmp_path, caplog):
+    # Every released law document is gone; two new ones cannot fill three splits.
+    pdir = make_parquet_dir(
+        tmp_path / "day1_parquet",
+        {"law": new_docs("law", "n", 2, ("law",)), "office_help": read_docs(parquet_dir / "office_help.parquet")},
+    )
+    with caplog.at_level("WARNING"):
+        metrics = run_default(pdir, tmp_path / "day1", release_labels_path=released)
+    law = metrics["domains"]["law"]
+    assert (law["docs"], law["release_docs"], law["new_docs"], law["dropped_release_docs"]) == (2, 0, 2, 40)
+    assert sum(law[s]["docs"] for s in SPLITS) == 2 and min(law[s]["docs"] for s in SPLITS) == 0
+    assert "sticky split has empty" in caplog.text and "law" in caplog.text
+    for s in SPLITS:
+        assert read_docs(tmp_path / "day1" / "law" / f"{s}.parquet").num_rows == law[s]["docs"]
+
+
+@pytest.mark.parametrize(
+    "table,match",
+    [
+        (pa.table({"id": ["a"], "domain": ["law"]}), "column 'split'"),
+        (pa.table({"id": ["a"], "domain": ["law"], "split": ["dev"]}), "split 'dev'"),
+        (pa.table({"id": ["a", "a"], "domain": ["law", "law"], "split": ["train", "test"]}), "id 'a' appears"),
+        (pa.table({"id": ["a"], "domain": pa.array([None], pa.string()), "split": ["val"]}), "null 'domain'"),
+    ],
+)
+def test_bad_release_label_table_is_rejected(tmp_path, table, match):
+    path = tmp_path / "split_labels.parquet"
+    pq.write_table(table, path)
+    with pytest.raises(ValueError, match=match) as err:
+        read_release_splits(path)
+    assert "split_labels.parquet" in str(err.value)
+    assert read_release_splits(tmp_path / "missing.parquet") is None and read_release_splits(None) is None

@@ -560,11 +560,11 @@ def result_meta(path: Path) -> dict[str, Any]:
             "commit": meta.get("commit") or "not recorded",
             "date": meta.get("date") or "not recorded",
             "dirty": bool(meta.get("dirty")),
-            "source": f"`{sidecar.relative_to(ROOT)}`"
+            "source": f"`{sidecar.relative_to(ROOT) if sidecar.is_relative_to(ROOT) else sidecar}`"
             + (f": {prose(meta['recorded_from'])}" if meta.get("recorded_from") else ""),
             "extra": {k: v for k, v in meta.items() if k in ("python", "torch")},
         }
-    commit, date = git_stamp(path.relative_to(ROOT))
+    commit, date = git_stamp(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else ("not recorded",) * 2
     return {
         "hardware": HARDWARE_NOT_RECORDED,
         "commit": commit,
@@ -1077,6 +1077,105 @@ def classifier_scale_block() -> str:
     return "\n".join(out)
 
 
+ROUND_DAYS = ROOT / RESULTS / "round_days.csv"
+ROUND_DAY_NAMES = {"day1": "Day 1", "day2": "Day 2", "release": "Release day"}
+START_CASES = {
+    "fresh": "trained a classifier from the merged LM",
+    "deployed_kept": "scored the deployed classifier first and kept it",
+    "deployed_retrained": "scored the deployed classifier first and continued it",
+    "challenger": "trained a challenger on the new LM and scored the deployed classifier beside it",
+}
+
+
+def round_days_block(path: str | Path = ROUND_DAYS) -> str:
+    """The table of ``benchmarks/results/round_days.csv`` (``benchmarks/round_days.py``): per day of the production
+    loop (``day1``, ``day2``, ``release``), the new documents, the wall seconds, the stages run and how many were LM
+    stages, the classifier's start case, its attempts, the round's decision, whether the merged LM changed and the
+    peak RSS in MiB; then the hardware, commit and date of the measurement (its ``.meta.json`` sidecar,
+    :func:`result_meta`) and day 2's wall time as a ratio of the release day's.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist (run ``python benchmarks/round_days.py``).
+        KeyError: a column or one of the days ``day2`` and ``release`` is missing.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} is missing: `python benchmarks/round_days.py` measures the days of the production loop "
+            "(about 40 minutes on 2 idle cores) and writes it"
+        )
+    with path.open(encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    meta = result_meta(path)
+    dirty = " with uncommitted changes" if meta["dirty"] else ""
+
+    def lm_rebuilt(i: int, r: Mapping[str, str]) -> str:
+        if int(r["merged_changed"]):
+            return "yes"
+        if int(r["lm_stages_run"]):
+            return "built (no LM before)" if i == 0 else "no (same bytes)"
+        return "no"
+
+    def decision(r: Mapping[str, str]) -> str:
+        cut = f" (cut LM release {int(float(r['lm_release']))} first)" if r.get("lm_release") else ""
+        return f"{md(r['decision'])}{cut}"
+
+    body = [
+        [
+            ROUND_DAY_NAMES.get(r["day"], md(r["day"]))
+            + (" (`release-lm`, then a round)" if r["day"] == "release" else ""),
+            f"{int(r['new_docs']):,}",
+            f"{float(r['wall_s']):,.0f}",
+            f"{int(r['stages_run'])} ({int(r['lm_stages_run'])})",
+            code(r["start_case"]),
+            r["attempts"],
+            decision(r),
+            lm_rebuilt(i, r),
+            f"{float(r['peak_rss_mb']):,.0f}",
+        ]
+        for i, r in enumerate(rows)
+    ]
+    out = [
+        table(
+            [
+                "Day",
+                "New documents",
+                "Wall s",
+                "Stages run (LM stages)",
+                "Start case",
+                "Attempts",
+                "Decision",
+                "LM rebuilt (merged changed)",
+                "Peak RSS MiB",
+            ],
+            body,
+            ["l", "r", "r", "r", "l", "r", "l", "l", "r"],
+        ),
+        "",
+        f"Measured by `benchmarks/round_days.py` on {md(meta['hardware'])}, commit `{meta['commit']}`{dirty}, "
+        f"{meta['date']}.",
+    ]
+    days = {r["day"]: r for r in rows}
+    day2, release = days["day2"], days["release"]
+    d2, rel_s = float(day2["wall_s"]), float(release["wall_s"])
+    lm = int(day2["lm_stages_run"])
+    sentence = (
+        f"Day 2 ({int(day2['new_docs']):,} new documents) took {d2:,.0f} s, {d2 / rel_s:.2f}× the release day's "
+        f"{rel_s:,.0f} s, which rebuilt the LM; day 2 ran {int(day2['stages_run'])} stages, "
+        f"{'none of them an LM stage' if lm == 0 else f'{lm} of them LM stages'}, and "
+        f"{START_CASES.get(day2['start_case'], 'started as ' + code(day2['start_case']))}."
+    )
+    if day2.get("deployed_test_macro_f1") and day2.get("deployed_new_test_macro_f1"):
+        sentence += (
+            f" The deployed classifier scored test macro-F1 {float(day2['deployed_test_macro_f1']):.3f} on the "
+            f"whole test split ({int(day2['test_docs']):,} documents) and "
+            f"{float(day2['deployed_new_test_macro_f1']):.3f} on the {int(day2['new_test_docs']):,} test documents "
+            "the LM release lacks (the gate reads the whole split: a day's handful of documents is noise)."
+        )
+    out += ["", sentence]
+    return "\n".join(out)
+
+
 # --------------------------------------------------------------------------------------------------- blocks
 
 
@@ -1086,6 +1185,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "configuration": configuration_markdown,
     "cli": cli_markdown,
     "classifier-scale": classifier_scale_block,
+    "round-days": round_days_block,
 }
 
 

@@ -9,6 +9,7 @@ classifier and the TF-IDF baseline are scored by :func:`score`, so their figures
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -191,3 +192,35 @@ def prediction_rows(
         {"id": i, "actual": a, "predicted": p, "confidence": round(float(row.max()), 6)}
         for i, a, p, row in zip(ids, y_true, pred, proba)
     ]
+
+
+def new_data_scores(test, release_labels_path, classes: Sequence[str], *, kept, deployed) -> dict[str, Any]:
+    """Scores on the test documents the LM release lacks (the documents that arrived since it), beside the whole
+    test split's: ``test_docs``, ``deployed`` and ``kept`` (:func:`domainlm.classify.metrics.score` figures, null when
+    not scored or no new test document). Macro-F1 over a day's handful of documents is noisy: the gate reads the whole
+    split.
+
+    Args:
+        test: the test :class:`domainlm.classify.data.LabelledSplit` (``ids``, ``labels``).
+        release_labels_path: the release's label table, or None / a missing file (no release: nothing is new).
+        classes: the probability columns' classes.
+        kept, deployed: :class:`domainlm.classify.gate.Attempt` (``test_proba`` float ``[len(test), len(classes)]``);
+            ``deployed`` may be None.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    if release_labels_path is None or not Path(release_labels_path).is_file():
+        return {"test_docs": 0, "release_docs": 0, "deployed": None, "kept": None}
+    released = pq.read_table(release_labels_path, columns=["id"])["id"]
+    new = pc.invert(pc.is_in(pa.array(list(test.ids), pa.string()), value_set=released)).to_numpy(zero_copy_only=False)
+    rows = [i for i, is_new in enumerate(new) if is_new]
+
+    def figures(attempt) -> dict[str, Any] | None:
+        if attempt is None or not rows:
+            return None
+        s = score([test.labels[i] for i in rows], attempt.test_proba[rows], classes)
+        return {k: s[k] for k in ("accuracy", "macro_f1", "weighted_f1", "roc_auc_ovr_macro")}
+
+    return {"test_docs": len(rows), "release_docs": len(released), "deployed": figures(deployed), "kept": figures(kept)}

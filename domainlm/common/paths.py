@@ -19,6 +19,12 @@ LABELS_DIR = Path("data/labels")
 OVERRIDES_PATH = LABELS_DIR / "overrides.parquet"  # dvc add-ed label overrides (id, label)
 LABELS_PATH = LABELS_DIR / "split_labels.parquet"  # split: id, domain, split, source_label, label
 SPLITS = ("train", "val", "test")
+# ---- the LM release (dvc add-ed; cut only by `domainlm release-lm`, never by a stage): release.json and, once a
+# release is cut, the frozen <domain>/{train,val,test}.parquet and split_labels.parquet of that day's split
+RELEASE_DIR = Path("data/release")
+RELEASE_MANIFEST = RELEASE_DIR / "release.json"
+RELEASE_LABELS_PATH = RELEASE_DIR / "split_labels.parquet"  # id, domain, split, ...: the split sticks to it
+LM_DATA_DIR = Path("data/lm")  # lm_data: the LM stages' documents, <domain>/{train,val,test}.parquet
 
 # ---- model half
 BASE_DIR = Path("models/base")

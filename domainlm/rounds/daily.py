@@ -1,6 +1,9 @@
 """One round of the daily loop, safe to schedule: ``python -m domainlm.rounds round`` (``make round``).
 
-Order (data is pushed before the commit that names it): take the lock → ``dvc repro`` (``train_classifier`` scores the
+Order (data is pushed before the commit that names it): take the lock → cut an LM release first when one is due
+(:func:`domainlm.rounds.release.release_due`: none cut yet, a new domain, or ``release.new_fraction``) → ``dvc repro``
+(between releases no LM stage runs: only the data stages, ``lm_data``, ``refine_labels``, ``train_classifier`` and
+``report``) (``train_classifier`` scores the
 deployed model first and keeps it or fine-tunes from it) → :func:`domainlm.rounds.promotion.decide` → promote
 (``champion`` alias, ``models/deployed``, ``dvc add``) → ``dvc push`` → ``git commit`` of ``dvc.lock``, the ``.dvc``
 files, metrics, plots and the report → tag ``round-YYYYMMDD-N`` → deploy (:func:`domainlm.rounds.server.deploy`).
@@ -30,7 +33,8 @@ from typing import Any
 from domainlm.classify.deployed import read_manifest
 from domainlm.common import params as P
 from domainlm.common import paths
-from domainlm.rounds import promotion
+from domainlm.documents import release as rel
+from domainlm.rounds import promotion, release
 from domainlm.rounds.promotion import GATE_FAILED, KEEP, NOTHING, PROMOTE, Decision
 
 log = logging.getLogger("domainlm.rounds")
@@ -42,6 +46,7 @@ CLASSIFIER_METRICS = paths.METRICS_DIR / "classifier.json"
 COMMITTED = (
     "dvc.lock",
     "models/deployed.dvc",
+    "data/release.dvc",
     "data/labels/overrides.parquet.dvc",
     "metrics",
     "plots",
@@ -59,7 +64,8 @@ class RoundBusy(RuntimeError):
 @dataclass
 class RoundResult:
     """What a round did: ``decision`` (:class:`Decision`), ``ran`` (stage names ``dvc repro`` ran), ``commit`` and
-    ``tag`` (``None`` when nothing was committed), ``served`` (the server record after a deploy), ``seconds``."""
+    ``tag`` (``None`` when nothing was committed), ``served`` (the server record after a deploy), ``seconds``,
+    ``lm_release`` (:class:`domainlm.rounds.release.ReleaseResult` as a dict when the round cut one first)."""
 
     decision: Decision
     ran: list[str] = field(default_factory=list)
@@ -67,6 +73,7 @@ class RoundResult:
     tag: str | None = None
     served: dict[str, Any] | None = None
     seconds: float = 0.0
+    lm_release: dict[str, Any] | None = None
 
     @property
     def exit_code(self) -> int:
@@ -80,6 +87,7 @@ class RoundResult:
             "tag": self.tag,
             "served": self.served,
             "seconds": round(self.seconds, 1),
+            "lm_release": self.lm_release,
             "exit_code": self.exit_code,
         }
 
@@ -128,14 +136,16 @@ def sh(cmd: Sequence[str], *, cwd: str | os.PathLike = ".", check: bool = True) 
     return proc
 
 
-def repro(dvc: str = "dvc", *, cwd: str | os.PathLike = ".") -> list[str]:
-    """``dvc repro``, its output passed through to stdout line by line; returns the stages it ran.
+def repro(dvc: str = "dvc", targets: Sequence[str] = (), *, cwd: str | os.PathLike = ".") -> list[str]:
+    """``dvc repro [targets]``, its output passed through to stdout line by line; returns the stages it ran.
 
     Raises:
         RuntimeError: ``dvc repro`` failed (a stage failed, or DVC is busy).
     """
     ran: list[str] = []
-    proc = subprocess.Popen([dvc, "repro"], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [dvc, "repro", *targets], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     tail: list[str] = []
     for line in _lines(proc):
         sys.stdout.write(line)
@@ -292,12 +302,19 @@ def run_round(
     started = time.monotonic()
     with RoundLock(LOCK_FILE):
         ensure_deployed(dvc)
-        ran = repro(dvc)
+        release.ensure_release(dvc)
+        ran: list[str] = []
+        if rel.read_release(paths.RELEASE_DIR)["release"] == 0 or release.new_fraction() is not None:
+            ran += repro(dvc, ["split"])  # today's split, to freeze or to count its new documents
+        why = release.release_due()
+        cut = release.release_lm(reason=why, dvc=dvc, push=push) if why else None
+        ran += [s for s in repro(dvc) if s not in ran]
         pending = pending_changes()
-        if not ran and not pending:
+        if not ran and not pending and cut is None:
             decision = Decision(NOTHING, "no stage changed and nothing is left to commit")
             log.info("round: nothing new (no stage ran); no commit, no tag")
             return RoundResult(decision, ran, seconds=time.monotonic() - started)
+        cut_dict = cut.as_dict() if cut is not None else None
         decision = decide_and_promote(dvc=dvc)
         if push:
             sh([dvc, "push", "-q"])
@@ -307,6 +324,8 @@ def run_round(
         if sh(["git", "diff", "--cached", "--quiet", "--", *existing], check=False).returncode != 0:
             tag = next_tag(today or dt.datetime.now(dt.UTC).date())
             message = f"{tag}: {decision.action}: {decision.reason}\n\nstages run: {', '.join(ran) or 'none'}"
+            if cut is not None:
+                message += f"\nLM release {cut.number} cut first ({cut.tag}): {cut.reason}"
             sh(["git", "commit", "-q", "-m", message, "--", *existing])
             commit = sh(["git", "rev-parse", "HEAD"]).stdout.strip()
             sh(["git", "tag", "-a", tag, "-m", message])
@@ -316,4 +335,4 @@ def run_round(
             from domainlm.rounds.server import deploy as deploy_server
 
             served = deploy_server(paths.DEPLOYED_DIR, serving_config(), host=host, ports=ports)
-        return RoundResult(decision, ran, commit, tag, served, time.monotonic() - started)
+        return RoundResult(decision, ran, commit, tag, served, time.monotonic() - started, cut_dict)

@@ -84,10 +84,18 @@ class Decision:
         return asdict(self)
 
 
+def finetuned_from(metrics: Mapping[str, Any]) -> int | None:
+    """The deployed version this run's model continued (``start.case`` ``deployed_retrained``), else ``None``."""
+    start = metrics.get("start") or {}
+    if start_case(metrics) == "deployed_retrained" and start.get("deployed_version") is not None:
+        return int(start["deployed_version"])
+    return None
+
+
 def start_case(metrics: Mapping[str, Any]) -> str:
     """``metrics["start"]["case"]`` of ``metrics/classifier.json`` (``deployed_kept`` | ``deployed_retrained`` |
-    ``fresh``); ``fresh`` when the stage wrote no ``start`` block (metrics written by a release that did not score
-    the deployed model first)."""
+    ``challenger`` | ``fresh``); ``fresh`` when the stage wrote no ``start`` block (metrics written by a release that
+    did not score the deployed model first)."""
     start = metrics.get("start") or {}
     return str(start.get("case", "fresh"))
 
@@ -133,28 +141,50 @@ def decide(
         return Decision(PROMOTE, "the gate passed and nothing is deployed yet", new_f1, None, version)
     if manifest.get("test_sha256") == test_sha256:
         deployed_f1, how = float(manifest["test_macro_f1"]), "its manifest, same test split"
+    elif case == "challenger" and (metrics.get("start") or {}).get("deployed_test_macro_f1") is not None:
+        deployed_f1, how = float(metrics["start"]["deployed_test_macro_f1"]), "scored in this run beside the challenger"
     elif case == "deployed_retrained" and (metrics.get("start") or {}).get("deployed_test_macro_f1") is not None:
         deployed_f1, how = float(metrics["start"]["deployed_test_macro_f1"]), "attempt 0 of this run"
     elif case == "deployed_retrained" and "attempt_0" in (metrics["gate"].get("test_macro_f1") or {}):
         deployed_f1, how = float(metrics["gate"]["test_macro_f1"]["attempt_0"]), "attempt 0 of this run"
     else:
         deployed_f1, how = float(rescore()), "re-scored on the current test split"
-    if new_f1 >= deployed_f1:
+    interval = _versus_deployed(metrics)
+    if new_f1 > deployed_f1:
         return Decision(
             PROMOTE,
-            f"the gate passed and test macro-F1 {new_f1:.4f} >= the deployed v"
-            f"{manifest['version']}'s {deployed_f1:.4f} ({how})",
+            f"the gate passed and {_candidate(case)} test macro-F1 {new_f1:.4f} > the deployed v"
+            f"{manifest['version']}'s {deployed_f1:.4f} ({how}){interval}",
             new_f1,
             deployed_f1,
             version,
         )
     return Decision(
         KEEP,
-        f"the gate passed but test macro-F1 {new_f1:.4f} < the deployed v{manifest['version']}'s "
-        f"{deployed_f1:.4f} ({how}); the deployed model stays",
+        f"the gate passed but {_candidate(case)} test macro-F1 {new_f1:.4f} <= the deployed v{manifest['version']}'s "
+        f"{deployed_f1:.4f} ({how}{interval}); the deployed model stays (a tie keeps it)",
         new_f1,
         deployed_f1,
         version,
+    )
+
+
+def _candidate(case: str) -> str:
+    return {"challenger": "the challenger's (a new LM)", "deployed_retrained": "the continued model's"}.get(
+        case, "this run's"
+    )
+
+
+def _versus_deployed(metrics: Mapping[str, Any]) -> str:
+    """``"; candidate - deployed +0.0123 [-0.0300, +0.0500]"`` (the paired bootstrap interval) when the metrics hold
+    it, else ``""``."""
+    start = metrics.get("start") or {}
+    if start.get("lora_minus_deployed") is None:
+        return ""
+    conf = (metrics.get("bootstrap") or {}).get("confidence", 0.95)
+    return (
+        f"; candidate - deployed {start['lora_minus_deployed']:+.4f}, {100 * float(conf):.0f}% paired bootstrap "
+        f"[{start['lora_minus_deployed_low']:+.4f}, {start['lora_minus_deployed_high']:+.4f}]"
     )
 
 
@@ -203,8 +233,10 @@ def build_manifest(
     merged_dir: str | os.PathLike,
     classes,
     date: dt.datetime | None = None,
+    finetuned_from: int | None = None,
 ) -> dict[str, Any]:
-    """The ``deployed.json`` of a promoted model (keys :data:`domainlm.classify.deployed.MANIFEST_KEYS`)."""
+    """The ``deployed.json`` of a promoted model (keys :data:`domainlm.classify.deployed.MANIFEST_KEYS`, plus
+    ``finetuned_from``: the deployed version it continued, null for a model trained from the LM)."""
     date = date or dt.datetime.now(dt.UTC)
     return {
         "registry_name": registry_name,
@@ -215,6 +247,7 @@ def build_manifest(
         "merged_lm_sha256": tree_sha256(merged_dir),
         "classes": list(classes),
         "date": date.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "finetuned_from": None if finetuned_from is None else int(finetuned_from),
     }
 
 
@@ -421,6 +454,7 @@ def classifier_tags(
         "gate": "passed" if int(gate["passed"]) else "failed",
         "classes": ",".join(classes),
         "started_from": "continued" if int(gate.get("kept_attempt") or 0) > 0 else "trained",
+        "finetuned_from": finetuned_from(metrics) or "",
         "registered_by": PROMOTE_RUN,
         "metrics_version": int(metrics["registry"]["version"]),
     }
@@ -549,6 +583,7 @@ def promote(
         test_sha256=test_sha256,
         merged_dir=merged_dir,
         classes=classes,
+        finetuned_from=finetuned_from(metrics),
     )
     replace_deployed(classifier_dir, deployed_dir, manifest)
     set_champion(client, model_name, version)
