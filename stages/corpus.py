@@ -2,7 +2,8 @@
 
 Built-in sources read konlpy's kolaw/kobill corpora (PyPI) and Debian's libreoffice-help-ko and
 debian-faq-ko (:mod:`domainlm.documents.sources`); ``type: jsonl`` sources stream local globs or
-``s3://`` URIs through smart_open. ``data/raw/MANIFEST.json`` records package versions and counts.
+``s3://`` URIs through smart_open. A domain may list several sources: their records are concatenated in order,
+a later record of an id replacing the earlier one. ``data/raw/MANIFEST.json`` records package versions and counts.
 """
 
 from __future__ import annotations
@@ -55,6 +56,17 @@ def main(argv: Sequence[str] = ()) -> None:
         except (sources.SourceUnavailable, UndeclaredInputError, ValueError) as exc:
             fail(f"corpus: {exc}")
         for domain, entry in manifest["domains"].items():
+            if "sources" in entry:
+                st.log.info(
+                    "%s: %s lines from %d sources (%s read, %s updated, %s repeated)",
+                    domain,
+                    entry["lines"],
+                    len(entry["sources"]),
+                    entry["lines_read"],
+                    entry["updated"],
+                    entry["repeated"],
+                )
+                continue
             st.log.info(
                 "%s: %s documents (%s %s)",
                 domain,
@@ -66,14 +78,22 @@ def main(argv: Sequence[str] = ()) -> None:
 
 
 def corpus_metrics(manifest: dict[str, Any]) -> dict[str, Any]:
-    """``metrics/corpus.json``: documents (built-in sources) or lines (JSONL sources) per domain, and chars."""
-    return {
-        "domains": {
-            d: {"documents": e.get("documents", e.get("lines", 0)), "chars": e.get("chars", 0)}
-            for d, e in manifest["domains"].items()
-        },
-        "totals": dict(manifest["totals"]),
+    """``metrics/corpus.json``: documents (built-in sources) or lines (JSONL sources, lists) per domain, chars,
+    and the lines a later record of the same id replaced: ``updated`` (changed) and ``repeated`` (identical);
+    both are 0 for a domain with one source."""
+    domains = {
+        d: {
+            "documents": e.get("documents", e.get("lines", 0)),
+            "chars": e.get("chars", 0),
+            "updated": e.get("updated", 0),
+            "repeated": e.get("repeated", 0),
+        }
+        for d, e in manifest["domains"].items()
     }
+    totals = dict(manifest["totals"])
+    for key in ("updated", "repeated"):
+        totals[key] = sum(m[key] for m in domains.values())
+    return {"domains": domains, "totals": totals}
 
 
 if __name__ == "__main__":

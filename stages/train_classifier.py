@@ -23,20 +23,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from domainlm.classify import alerts as cls_alerts
 from domainlm.classify import deployed as dep
 from domainlm.classify import registry
+from domainlm.classify.alerts import gate_alerts
 from domainlm.classify.baseline import baseline_proba, fit_baseline, fit_sample
-from domainlm.classify.data import (
-    class_list,
-    count_label_overrides,
-    read_split,
-    split_files_sha256,
-    split_sha256,
-    texts_at,
-)
+from domainlm.classify.data import class_list, count_label_overrides, read_split, texts_at
 from domainlm.classify.gate import Attempt, passes, run_gate
 from domainlm.classify.metrics import (
+    classifier_metrics,
     macro_f1_intervals,
     new_data_scores,
     predicted_labels,
@@ -98,16 +92,17 @@ def run(
     labels); tokenize each split once into a memory-mapped window cache (:mod:`domainlm.classify.window_cache`,
     reused while the split files, the tokenizer and the window settings stay the same), which training, validation
     and test prediction read; write token statistics from the caches (``token_stats_json``, also an MLflow
-    artifact); fit and score the TF-IDF
-    baseline; score the deployed model when :func:`domainlm.classify.deployed.compatible` (same classes, same merged
-    LM) as attempt 0; run the gate (:func:`domainlm.classify.gate.run_gate`: attempt ``r`` is a nested MLflow run
-    ``attempt_<r>``, seeded ``seed + r``; a retry continues the previous attempt); write the kept attempt to
-    ``out_dir`` (``model/``, ``adapter/``)
-    atomically; write one CSV row per test document for the LoRA model and the baseline (``dvc plots``
-    confusion matrices); bootstrap both test macro-F1s and their difference
-    (:func:`domainlm.classify.metrics.macro_f1_intervals`, ``classifier.bootstrap``); register the model (champion
-    or challenger, :mod:`domainlm.classify.registry`); write
-    ``alerts_json`` and POST its alerts to ``classifier.alert.webhook_url`` when set.
+    artifact); fit and score the TF-IDF baseline; score the deployed model when its classes match
+    (:func:`domainlm.classify.deployed.scorable`), as attempt 0 when it is also on this merged LM
+    (:func:`domainlm.classify.deployed.compatible`); run the gate (:func:`domainlm.classify.gate.run_gate`: attempt
+    ``r`` is a nested MLflow run ``attempt_<r>``, seeded ``seed + r``; a retry continues the previous attempt);
+    write the kept attempt to ``out_dir`` (``model/``, ``adapter/``) atomically; write one CSV row per test document
+    for the LoRA model and the baseline (``dvc plots`` confusion matrices); register the kept model as champion or
+    challenger, or nothing when the deployed model was kept (:func:`domainlm.classify.registry.register_kept`);
+    write ``alerts_json`` and POST its alerts to ``classifier.alert.webhook_url`` when set
+    (:func:`domainlm.classify.alerts.gate_alerts`); bootstrap both test macro-F1s and their difference
+    (:func:`domainlm.classify.metrics.macro_f1_intervals`, ``classifier.bootstrap``); assemble the metrics
+    (:func:`domainlm.classify.metrics.classifier_metrics`) and log them, the run's tags and the CSVs to MLflow.
 
     Args:
         domains: the domains whose documents are classified, in order.
@@ -313,106 +308,44 @@ def run(
 
     # ---- registry: a new version; champion only when it passed and does not regress on this test set
     t0 = time.perf_counter()
-    from mlflow import MlflowClient
-
-    test_sha = split_sha256(test)
     overrides = count_label_overrides(labels_path)
-    champion = registry.champion_macro_f1(
-        MlflowClient(),
-        model_name,
-        test_sha256=test_sha,
-        texts=test.texts,
-        labels=test.labels,
-        batch_rows=int(serving_cfg.get("max_batch_rows", 64)),
-    )
     commit = git_commit()
-    if kept.source == "deployed":  # kept as deployed: nothing new to register, the deployed version stays champion
-        alias, registered = registry.CHAMPION, {"version": int(manifest["version"])}
-        log.info(
-            "kept the deployed %s v%d (test macro-F1 %.4f); nothing registered",
-            model_name,
-            registered["version"],
-            kept.macro_f1,
-        )
-    else:
-        alias = registry.choose_alias(outcome.passed, kept.macro_f1, champion)
-        registered = registry.log_and_register(
-            mlflow,
-            out_dir / MODEL_SUBDIR,
-            model_name=model_name,
-            alias=alias,
-            serving_config=serving_cfg,
-            tags={
-                "git_commit": commit,
-                "data_sha256": split_files_sha256(split_dir, labels_path, domains),
-                "test_sha256": test_sha,
-                "label_overrides": overrides,
-                "macro_f1": registry.score_tag(kept.macro_f1),
-                "accuracy": registry.score_tag(kept.test["accuracy"]),
-                "gate": "passed" if outcome.passed else "failed",
-                "classes": ",".join(classes),
-                "started_from": kept.source,
-                "finetuned_from": str(manifest["version"]) if initial is not None else "",
-            },
-        )
-        log.info(
-            "registered %s v%d as %r (champion before: v%s, macro-F1 %s, %s)",
-            model_name,
-            registered["version"],
-            alias,
-            champion["version"],
-            champion["macro_f1"],
-            champion["how"],
-        )
+    alias, registered, champion = registry.register_kept(
+        mlflow,
+        out_dir / MODEL_SUBDIR,
+        outcome,
+        model_name=model_name,
+        classes=classes,
+        test=test,
+        split_dir=split_dir,
+        labels_path=labels_path,
+        domains=domains,
+        label_overrides=overrides,
+        git_commit=commit,
+        deployed_version=manifest["version"] if initial is not None else None,
+        serving_config=serving_cfg,
+        logger=log,
+    )
     register_s = time.perf_counter() - t0
 
     # ---- alerts
-    run_id = mlflow.active_run().info.run_id
-    alerts = []
-    f1s = ", ".join(f"{a.macro_f1:.4f}" for a in outcome.attempts)
-    if not outcome.passed:
-        alerts.append(
-            cls_alerts.alert_record(
-                stage=STAGE,
-                severity="error",
-                metric="macro_f1",
-                value=kept.macro_f1,
-                threshold=min_f1,
-                attempts=len(outcome.attempts),
-                git_commit=commit,
-                mlflow_run_id=run_id,
-                message=(
-                    f"classifier gate failed after {len(outcome.attempts)} attempts ({outcome.retries} retries; "
-                    f"test macro-F1 per attempt: {f1s}); kept attempt {kept.index} (best val macro-F1), registered "
-                    f"{model_name} v{registered['version']} as {alias}; champion unchanged"
-                ),
-            )
-        )
-    elif alias != registry.CHAMPION:
-        alerts.append(
-            cls_alerts.alert_record(
-                stage=STAGE,
-                severity="warning",
-                metric="macro_f1",
-                value=kept.macro_f1,
-                threshold=champion["macro_f1"] if champion["macro_f1"] is not None else min_f1,
-                attempts=len(outcome.attempts),
-                git_commit=commit,
-                mlflow_run_id=run_id,
-                message=(
-                    f"the classifier passed the gate but was not promoted: champion v{champion['version']} "
-                    f"scores {champion['macro_f1']} on this test set ({champion['how']}); registered "
-                    f"v{registered['version']} as {alias}"
-                ),
-            )
-        )
-    cls_alerts.publish(
-        alerts,
+    published = gate_alerts(
+        outcome,
         alerts_json,
         stage=STAGE,
-        gate="passed" if outcome.passed else "failed",
+        model_name=model_name,
+        alias=alias,
+        registered_version=registered["version"],
+        champion=champion,
+        git_commit=commit,
+        mlflow_run_id=mlflow.active_run().info.run_id,
         webhook_url=alert_cfg.get("webhook_url"),
         timeout_s=float(alert_cfg.get("timeout_s", 5)),
+        deployed_beside=(
+            {"version": int(manifest["version"]), "macro_f1": deployed.macro_f1}
+            if deployed is not None and initial is None
+            else None
+        ),
     )
 
     # ---- how far apart two test figures must be: paired bootstrap intervals of macro-F1 and of LoRA - baseline
@@ -448,95 +381,28 @@ def run(
         diff["high"],
     )
 
-    lora_scores = {
-        **kept.test,
-        "macro_f1_low": lo["low"],
-        "macro_f1_high": lo["high"],
-        "val_macro_f1": kept.val_macro_f1,
-        **{
-            k: kept.info.get(k, 0)
-            for k in (
-                "train_s",
-                "best_epoch",
-                "epochs_run",
-                "steps",
-                "trainable_params",
-                "total_params",
-                "class_weighted",
-                "docs_per_epoch",
-                "docs_seen",
-                "deepspeed",
-                "world_size",
-            )
-        },
-    }
-    if deployed is None:
-        case = "fresh"
-    elif initial is None:
-        case = "challenger"
-    else:
-        case = "deployed_kept" if kept.source == "deployed" else "deployed_retrained"
-    versus_deployed = boot["difference"].get("lora-deployed")
-    metrics = {
-        "classes": len(classes),
-        "docs": {
-            "train": len(train),
-            "val": len(val),
-            "test": len(test),
-            "unlabelled": train.unlabelled + val.unlabelled + test.unlabelled,
-        },
-        "label_overrides": overrides,
-        "lora": lora_scores,
-        "baseline": {
-            **base_scores,
-            "macro_f1_low": ba["low"],
-            "macro_f1_high": ba["high"],
-            "train_docs": len(fit_idx),
-        },
-        "lora_to_baseline": {
-            "macro_f1": _ratio(kept.macro_f1, base_scores["macro_f1"]),
-            "accuracy": _ratio(kept.test["accuracy"], base_scores["accuracy"]),
-            "macro_f1_difference": diff["value"],
-            "macro_f1_difference_low": diff["low"],
-            "macro_f1_difference_high": diff["high"],
-        },
-        "bootstrap": {"confidence": boot["confidence"], "resamples": boot["n_resamples"], "method": boot["method"]},
-        "start": {
-            "case": case,
-            "reason": reason,
-            "from_deployed": int(initial is not None),
-            "deployed_kept": int(case == "deployed_kept"),
-            "deployed_version": int(manifest["version"]) if manifest else None,
-            "deployed_scored": int(deployed is not None),
-            "deployed_test_macro_f1": deployed.macro_f1 if deployed is not None else None,
-            "deployed_test_accuracy": deployed.test["accuracy"] if deployed is not None else None,
-            "lora_minus_deployed": versus_deployed["value"] if versus_deployed else None,
-            "lora_minus_deployed_low": versus_deployed["low"] if versus_deployed else None,
-            "lora_minus_deployed_high": versus_deployed["high"] if versus_deployed else None,
-        },
-        "new_data": new_data_scores(test, release_labels_path, classes, kept=kept, deployed=deployed),
-        "windows": {"max_length": max_length, "train": n_train_windows, "predict": n_predict_windows},
-        "attn_implementation": kept.info.get("attn_implementation", "deployed model as saved"),
-        "compiled_layers": int(kept.info.get("compiled_layers", 0)),
-        "gate": {
-            "passed": int(outcome.passed),
-            "min_f1": min_f1,
-            "attempts": len(outcome.attempts),
-            "retries": outcome.retries,
-            "max_retries": outcome.max_retries,
-            "kept_attempt": kept.index,
-            "trained_epochs": sum(float(a.info.get("epochs_run", 0)) for a in outcome.attempts),
-            "test_macro_f1": {f"attempt_{a.index}": a.macro_f1 for a in outcome.attempts},
-            "val_macro_f1": {f"attempt_{a.index}": a.val_macro_f1 for a in outcome.attempts},
-        },
-        "registry": {
-            "version": registered["version"],
-            "champion": int(alias == registry.CHAMPION),
-            "previous_champion_version": champion["version"],
-            "previous_champion_macro_f1": champion["macro_f1"],
-        },
-        "alerts": len(alerts),
-        "timing": {
+    new_data = new_data_scores(test, release_labels_path, classes, kept=kept, deployed=deployed)
+    metrics = classifier_metrics(
+        classes=classes,
+        train=train,
+        val=val,
+        test=test,
+        label_overrides=overrides,
+        outcome=outcome,
+        baseline=base_scores,
+        baseline_docs=len(fit_idx),
+        intervals=boot,
+        deployed=deployed,
+        from_deployed=initial is not None,
+        start_reason=reason,
+        deployed_version=int(manifest["version"]) if manifest else None,
+        new_data=new_data,
+        windows={"max_length": max_length, "train": n_train_windows, "predict": n_predict_windows},
+        registered_version=registered["version"],
+        promoted=alias == registry.CHAMPION,
+        champion=champion,
+        alerts=len(published["alerts"]),
+        timing={
             "window_cache_s": window_cache_s,
             "token_stats_s": token_stats_s,
             "baseline_s": base_scores["train_s"],
@@ -545,7 +411,7 @@ def run(
             "bootstrap_s": bootstrap_s,
             "run_s": time.perf_counter() - t_start,
         },
-    }
+    )
     mlflow.set_tags(
         {
             "gate": "passed" if outcome.passed else "failed",
@@ -563,10 +429,6 @@ def run(
     for path in (confusion_csv, baseline_confusion_csv, alerts_json):
         mlflow.log_artifact(str(path))
     return metrics
-
-
-def _ratio(a: float, b: float) -> float | None:
-    return float(a) / float(b) if b else None
 
 
 def main(argv: Sequence[str] = ()) -> None:

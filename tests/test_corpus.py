@@ -171,3 +171,154 @@ def test_external_inputs_lists_only_jsonl_sources_once():
         "mail": {"type": "jsonl", "uri": "in/m.jsonl"},
     }
     assert corpus.external_inputs(specs) == ["s3://b/news", "in/m.jsonl"]
+
+
+# --------------------------------------------------------------------------------------------- several sources
+def write_jsonl(path: Path, records: list) -> Path:
+    """``records`` as JSONL (a str is written as a raw line); the parent folder is made."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = (r if isinstance(r, str) else json.dumps(r, ensure_ascii=False) for r in records)
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+def read_jsonl(path: Path) -> list:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_a_list_of_jsonl_sources_concatenates_in_list_order(tmp_path):
+    write_jsonl(tmp_path / "base" / "a.jsonl", [{"id": "b1", "text": "기본 하나"}, {"id": "b2", "text": "기본 둘"}])
+    write_jsonl(tmp_path / "daily" / "2026-01-02.jsonl", [{"doc_id": "d1", "body": "새 글"}])
+    out = tmp_path / "raw"
+    out.mkdir()
+    specs = {
+        "news": [
+            {"type": "jsonl", "uri": str(tmp_path / "base" / "*.jsonl")},
+            {"type": "jsonl", "uri": str(tmp_path / "daily" / "*.jsonl"), "fields": {"id": "doc_id", "text": "body"}},
+        ]
+    }
+    manifest = corpus.build_corpus(specs, ["news"], out, CACHE)
+    recs = read_jsonl(out / "news.jsonl")
+    assert [r["id"] for r in recs] == ["b1", "b2", "d1"]
+    assert recs[2]["text"] == "새 글" and recs[2]["source"] == str(tmp_path / "daily" / "2026-01-02.jsonl")
+    entry = manifest["domains"]["news"]
+    assert [s["lines"] for s in entry["sources"]] == [2, 1]
+    assert (entry["lines_read"], entry["lines"], entry["updated"], entry["repeated"]) == (3, 3, 0, 0)
+    assert entry["chars"] == len("기본 하나") + len("기본 둘") + len("새 글")
+    assert manifest["totals"]["documents"] == 3
+    assert not list(out.glob(".*")), "the spool file is removed"
+
+
+def test_a_later_record_of_an_id_replaces_the_earlier_and_is_counted(tmp_path, caplog):
+    write_jsonl(
+        tmp_path / "base.jsonl",
+        [
+            {"id": "a", "text": "처음 글", "label": "x"},
+            {"id": 7, "text": "같은 글"},
+            "not json",
+            {"text": "아이디 없음"},
+            {"id": "c", "text": "그대로"},
+        ],
+    )
+    write_jsonl(
+        tmp_path / "day" / "d1.jsonl",
+        [
+            {"id": "a", "text": "고친 글", "label": "x"},  # text differs: updated
+            {"id": "7", "text": "같은 글"},  # identical but for source (and 7 == "7"): repeated
+            {"id": "c", "text": "그대로", "label": "y"},  # relabelled: updated
+            {"id": "n", "text": "새 글"},
+            {"id": "n", "text": "새 글 고침"},  # later in the same source: updated
+        ],
+    )
+    out = tmp_path / "raw"
+    out.mkdir()
+    specs = {
+        "news": [
+            {"type": "jsonl", "uri": str(tmp_path / "base.jsonl")},
+            {"type": "jsonl", "uri": str(tmp_path / "day" / "*.jsonl")},
+        ]
+    }
+    with caplog.at_level("INFO", logger="domainlm.documents.corpus"):
+        manifest = corpus.build_corpus(specs, ["news"], out, CACHE)
+    lines = (out / "news.jsonl").read_text(encoding="utf-8").splitlines()
+    # the later record is written at its own (later) position; lines without an id pass through unchanged
+    assert lines[0] == "not json"
+    recs = [None] + [json.loads(line) for line in lines[1:]]
+    assert [r.get("id") for r in recs[1:]] == [None, "a", "7", "c", "n"]
+    assert recs[1] == {"text": "아이디 없음", "domain": "news", "source": str(tmp_path / "base.jsonl")}
+    assert recs[2]["text"] == "고친 글" and recs[4]["label"] == "y" and recs[5]["text"] == "새 글 고침"
+    assert recs[3]["source"] == str(tmp_path / "day" / "d1.jsonl")
+    entry = manifest["domains"]["news"]
+    assert (entry["lines_read"], entry["lines"], entry["updated"], entry["repeated"]) == (10, 6, 3, 1)
+    assert entry["lines_read"] == entry["lines"] + entry["updated"] + entry["repeated"]
+    assert entry["examples"] == {"updated": ["a", "c", "n"], "repeated": ["7"]}
+    assert entry["chars"] == sum(len(r["text"]) for r in recs[1:])
+    assert "4 of 10 lines replaced" in caplog.text and "'a'" in caplog.text
+    assert json.loads((out / "MANIFEST.json").read_text())["domains"]["news"]["updated"] == 3
+
+
+def test_a_builtin_source_and_a_daily_drop_in_one_domain(tmp_path):
+    write_jsonl(
+        tmp_path / "in" / "d1.jsonl",
+        [{"id": "law-art-045", "text": "제45조 고친 조문", "label": "law"}, {"id": "law-new-1", "text": "새 조문"}],
+    )
+    out = tmp_path / "raw"
+    out.mkdir()
+    spec = [{"type": "kolaw", "max_docs": 3}, {"type": "jsonl", "uri": str(tmp_path / "in" / "*.jsonl")}]
+    manifest = corpus.build_corpus({"law": spec}, ["law"], out, CACHE, max_docs_per_domain=1)
+    single = tmp_path / "single"
+    single.mkdir()
+    corpus.build_corpus({"law": {"type": "kolaw", "max_docs": 3}}, ["law"], single, CACHE)
+    package_recs = read_jsonl(single / "law.jsonl")
+    assert "law-art-045" in [r["id"] for r in package_recs]
+    recs = read_jsonl(out / "law.jsonl")
+    # a source's own max_docs wins; max_docs_per_domain (1) applies to each other source of the list
+    assert [r["id"] for r in recs] == [r["id"] for r in package_recs if r["id"] != "law-art-045"] + ["law-art-045"]
+    assert recs[-1]["text"] == "제45조 고친 조문"
+    entry = manifest["domains"]["law"]
+    assert [s["type"] for s in entry["sources"]] == ["kolaw", "jsonl"]
+    assert entry["sources"][0]["version"] == "0.6.0" and entry["sources"][1]["lines"] == 1
+    assert (entry["lines_read"], entry["lines"], entry["updated"], entry["repeated"]) == (4, 3, 1, 0)
+
+
+def test_the_single_form_writes_its_source_as_it_is(tmp_path):
+    src = write_jsonl(tmp_path / "a.jsonl", [{"id": "a", "text": "하나"}, {"id": "a", "text": "둘"}, "not json"])
+    out_single, out_list = tmp_path / "single", tmp_path / "list"
+    out_single.mkdir()
+    out_list.mkdir()
+    spec = {"type": "jsonl", "uri": str(src)}
+    single = corpus.build_corpus({"news": spec}, ["news"], out_single, CACHE)
+    assert single["domains"]["news"] == {"type": "jsonl", "uri": str(src), "lines": 3}
+    assert len((out_single / "news.jsonl").read_text(encoding="utf-8").splitlines()) == 3  # validate keeps the first
+    listed = corpus.build_corpus({"news": [spec]}, ["news"], out_list, CACHE)
+    assert listed["domains"]["news"]["updated"] == 1 and listed["domains"]["news"]["lines"] == 2
+    from stages.corpus import corpus_metrics
+
+    assert corpus_metrics(single)["domains"]["news"] == {"documents": 3, "chars": 0, "updated": 0, "repeated": 0}
+    metrics = corpus_metrics(listed)
+    assert metrics["domains"]["news"]["updated"] == 1 and metrics["totals"]["updated"] == 1
+
+
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        ([], r"corpus\.sources\.news is an empty list"),
+        ([{"type": "kolaw"}, "incoming/*.jsonl"], r"corpus\.sources\.news\[1\] is a str .*not a mapping"),
+        ("incoming/*.jsonl", r"corpus\.sources\.news is a str"),
+    ],
+)
+def test_bad_source_lists_name_the_domain(tmp_path, spec, match):
+    with pytest.raises(ValueError, match=match):
+        corpus.build_corpus({"news": spec}, ["news"], tmp_path, CACHE)
+    with pytest.raises(ValueError, match=match):
+        corpus.external_inputs({"news": spec})
+    assert not list(tmp_path.iterdir()), "nothing is written before the specs are checked"
+
+
+def test_external_inputs_lists_the_jsonl_entries_of_lists():
+    specs = {
+        "law": [{"type": "kolaw"}, {"type": "jsonl", "uri": "incoming/law/*.jsonl"}],
+        "news": {"type": "jsonl", "uri": "s3://b/news/*.jsonl"},
+        "faq": [{"type": "jsonl", "uri": "s3://b/faq/*.jsonl"}, {"type": "jsonl", "uri": "s3://b/news/x-*.jsonl"}],
+    }
+    assert corpus.external_inputs(specs) == ["s3://b/faq", "s3://b/news", "incoming/law"]

@@ -30,12 +30,13 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import free_port, make_pipeline_repo, run
+from conftest import ROOT, free_port, make_pipeline_repo, run
 from lm_fixtures import TINY
 from mlflow import MlflowClient
 from test_pipeline_classifier import FIRST_FAQ_DOCS, MODEL, faq_records, params  # noqa: F401 (fixture)
 
 from domainlm.classify.deployed import read_manifest, tree_sha256
+from domainlm.documents.corpus import builtin_documents, evenly_spaced
 from domainlm.documents.jsonl import dumps
 
 #: The stages a day of new documents may run: the data half, the LM's (unchanged) documents, the classifier.
@@ -50,11 +51,22 @@ DAILY_STAGES = {
     "train_classifier",
     "report",
 }
-LM_STAGES = ("base_model", "train_lora@law", "train_lora@faq", "diff", "merge", "evaluate_experts", "evaluate")
+LM_STAGES = (
+    "base_model",
+    "train_lora@law",
+    "train_lora@office_help",
+    "train_lora@faq",
+    "diff",
+    "merge",
+    "evaluate_experts",
+    "evaluate",
+)
 
 pytestmark = pytest.mark.slow
 #: The classifier gate of these days: params.yaml's own threshold (test macro-F1 on the source labels).
 GATE = 0.75
+DOMAINS = ["law", "office_help", "faq"]
+OFFICE_DOCS = 36
 
 
 def round_(repo: Path, ports: tuple[int, int]) -> tuple[int, dict, str]:
@@ -130,11 +142,37 @@ def days(tmp_path_factory, faq_records):
         "".join(dumps(r) + "\n" for r in faq_records[:FIRST_FAQ_DOCS]), encoding="utf-8"
     )
     cfg = params(base_dir, incoming)
-    cfg["base_model"] = {**TINY, "model": {**TINY["model"], "context_length": 32}}  # built here, from the release
+    # built here, from the release: a small LM (64 hidden, 64-token context) whose classifier can learn three domains
+    cfg["base_model"] = {
+        **TINY,
+        "tokenizer": {"vocab_size": 500, "min_frequency": 2},
+        "model": {**TINY["model"], "context_length": 64, "hidden_size": 64, "intermediate_size": 128},
+        "train": {**TINY["train"], "steps": 60},
+    }
+    cfg["classifier"].update(max_length=64, windows={"train": 2, "predict": 2})
     cfg["classifier"]["gate"]["min_f1"] = GATE
+    cfg["split"] = {"test_size": 0.2}  # two faq test documents on day 1, not one
     repo = make_pipeline_repo(root / "repo", cfg)
+    # three domains, labelled by domain (office_help's pages as a JSONL source with their domain as the label): a
+    # label space a tiny LM can learn from a few dozen documents, so the project's own gate decides each day
+    office = root / "incoming" / "office_help"
+    office.mkdir(parents=True)
+    pages, _ = builtin_documents("office_help", {"type": "libreoffice_help"}, ROOT / ".cache" / "corpus")
+    picked = evenly_spaced(pages, OFFICE_DOCS)
+    (office / "part-000.jsonl").write_text(
+        "".join(dumps({"id": d.id, "text": d.text, "label": "office_help"}) + "\n" for d in picked), encoding="utf-8"
+    )
+    params_path = repo / "params.yaml"
+    p = yaml.safe_load(params_path.read_text(encoding="utf-8"))
+    p["domains"] = DOMAINS
+    p["corpus"]["sources"] = {
+        "law": p["corpus"]["sources"]["law"],
+        "office_help": {"type": "jsonl", "uri": str(office / "*.jsonl")},
+        "faq": p["corpus"]["sources"]["faq"],
+    }
+    params_path.write_text(yaml.safe_dump(p, allow_unicode=True, sort_keys=False), encoding="utf-8")
     dvc_yaml = yaml.safe_load((repo / "dvc.yaml").read_text(encoding="utf-8"))
-    dvc_yaml["stages"]["corpus"]["deps"].append(str(incoming))
+    dvc_yaml["stages"]["corpus"]["deps"] += [str(incoming), str(office)]
     (repo / "dvc.yaml").write_text(yaml.safe_dump(dvc_yaml, allow_unicode=True, sort_keys=False), encoding="utf-8")
     run(["git", "commit", "-qam", "faq arrives as JSONL"], repo)
     ports = (free_port(), free_port())
@@ -188,6 +226,54 @@ def test_day1_cuts_release_1_builds_promotes_pushes_commits_tags_and_serves(day1
     assert served["version"] == 1 and served["port"] in day1["ports"]
     (pred,) = predict(served["url"], ["데비안 패키지를 설치하려면 apt 명령을 사용합니다."])
     assert pred["label"] in manifest["classes"] and abs(sum(pred["probabilities"].values()) - 1) < 1e-4
+
+
+def test_a_second_machine_that_pulls_from_s3_with_its_own_mlflow_store_runs_the_round(day1, s3_env, tmp_path):
+    """A clone on another machine: the outputs come from the team's remote (moto S3 on 127.0.0.1), the MLflow store
+    is its own and empty. Its round scores the deployed model first and registers what it keeps or promotes in its
+    own store instead of naming a version that only the first machine's store holds."""
+    import boto3
+
+    repo = day1["repo"]
+    boto3.client("s3").create_bucket(Bucket="team-dvc")
+    run(["dvc", "remote", "add", "team", "s3://team-dvc/domain-lm"], repo)
+    run(["dvc", "remote", "modify", "team", "endpointurl", s3_env], repo)
+    for key in ("access_key_id", "secret_access_key"):
+        run(["dvc", "remote", "modify", "--local", "team", key, "testing"], repo)
+    run(["dvc", "push", "-q", "-r", "team"], repo)
+    run(["git", "commit", "-q", "-m", "the team's S3 remote", "--", ".dvc/config"], repo)
+    clone = tmp_path / "machine-2"
+    run(["git", "clone", "-q", str(repo), str(clone)], tmp_path)
+    for key in ("access_key_id", "secret_access_key"):
+        run(["dvc", "remote", "modify", "--local", "team", key, "testing"], clone)
+    run(["dvc", "remote", "default", "--local", "team"], clone)
+    run(["dvc", "pull", "-q"], clone)
+    assert "up to date" in run(["dvc", "status"], clone).stdout.lower()
+    # the next day's documents reach this machine too (the same declared source)
+    incoming, records = day1["incoming"], day1["records"]
+    (incoming / "part-001.jsonl").write_text(
+        "".join(dumps(r) + "\n" for r in records[FIRST_FAQ_DOCS:]), encoding="utf-8"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "domainlm.rounds", "round", "--no-deploy"],
+        cwd=clone,
+        capture_output=True,
+        text=True,
+        env={
+            **os.environ,
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+            "MLFLOW_TRACKING_URI": f"sqlite:///{clone / 'mlflow.db'}",
+        },
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode in (0, 2), out[-6000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    metrics = classifier_metrics(clone)
+    assert metrics["start"]["case"] in ("deployed_kept", "deployed_retrained") and set(summary["ran"]) <= DAILY_STAGES
+    if summary["decision"]["action"] in ("promote", "keep"):  # registered in this machine's own store
+        champion = client(clone).get_model_version_by_alias(MODEL, "champion")
+        assert int(champion.version) == read_manifest(clone / "models" / "deployed")["version"]
+    (incoming / "part-001.jsonl").unlink()  # day 2 brings it to the first machine
 
 
 @pytest.fixture(scope="module")
@@ -262,8 +348,9 @@ def day3(day2b):
     before = read_manifest(repo / "models" / "deployed")
     cut = release_lm(repo)
     code, summary, out = round_(repo, day2b["ports"])
-    assert code == 0, out[-6000:]
-    day2b["day3"] = {"cut": cut, "summary": summary, "metrics": classifier_metrics(repo), "before": before}
+    assert code in (0, 2), out[-6000:]
+    metrics = classifier_metrics(repo)
+    day2b["day3"] = {"cut": cut, "summary": summary, "metrics": metrics, "before": before, "code": code}
     return day2b
 
 
@@ -277,10 +364,16 @@ def test_day3_a_release_rebuilds_the_lm_and_its_classifier_enters_as_the_challen
     deployed_f1, challenger_f1 = metrics["start"]["deployed_test_macro_f1"], metrics["lora"]["macro_f1"]
     assert metrics["start"]["lora_minus_deployed"] == pytest.approx(challenger_f1 - deployed_f1, abs=1e-9)
     decision = d["summary"]["decision"]
-    assert decision["deployed_macro_f1"] == pytest.approx(deployed_f1) and f"{deployed_f1:.4f}" in decision["reason"]
-    if metrics["gate"]["passed"]:
-        assert f"{challenger_f1:.4f}" in decision["reason"] and "paired bootstrap" in decision["reason"]
-        assert decision["action"] == ("promote" if challenger_f1 > deployed_f1 else "keep")
+    if metrics["gate"]["passed"] or deployed_f1 >= GATE:  # a candidate passes: the better one is kept, exit 0
+        assert d["code"] == 0 and decision["deployed_macro_f1"] == pytest.approx(deployed_f1)
+        assert f"{deployed_f1:.4f}" in decision["reason"] and f"{challenger_f1:.4f}" in decision["reason"]
+        assert "paired bootstrap" in decision["reason"]
+        challenger_wins = metrics["gate"]["passed"] and challenger_f1 > deployed_f1
+        assert decision["action"] == ("promote" if challenger_wins else "keep")
+    else:  # neither passes: the gate failed, the alert is out, the deployed model stays
+        assert d["code"] == 2 and decision["action"] == "gate_failed"
+    if decision["action"] != "promote":
+        assert read_manifest(repo / "models" / "deployed") == d["before"]
 
 
 def test_day4_without_new_data_runs_nothing_and_creates_no_tag(day3):

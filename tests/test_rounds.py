@@ -80,6 +80,13 @@ def test_decide_keeps_promotes_and_fails_by_the_rules():
     assert d.action == PROMOTE and d.deployed_macro_f1 == 0.75 and "[-0.0100, +0.1100]" in d.reason
     challenger["start"]["deployed_test_macro_f1"] = 0.8
     assert decide(challenger, MANIFEST, test_sha256="new", rescore=never).action == KEEP
+    # a challenger that fails the gate while the deployed model passes on the same split: the deployed model stays
+    failed = metrics(passed=0, f1=0.6, case="challenger")
+    failed["start"]["deployed_test_macro_f1"] = 0.8
+    d = decide(failed, MANIFEST, test_sha256="new", rescore=never)
+    assert d.action == KEEP and d.deployed_macro_f1 == 0.8 and "failed the gate" in d.reason
+    failed["start"]["deployed_test_macro_f1"] = 0.7  # neither passes: the gate failed
+    assert decide(failed, MANIFEST, test_sha256="new", rescore=never).action == GATE_FAILED
     # metrics without the deployed model's score (a fresh model): it is re-scored on the new test split
     calls = []
     d = decide(metrics(f1=0.8), MANIFEST, test_sha256="new", rescore=lambda: calls.append(1) or 0.85)

@@ -845,7 +845,7 @@ def params_comments(path: str | Path = ROOT / "params.yaml") -> dict[str, str]:
         if stripped.startswith("#"):
             col = len(line) - len(line.lstrip())
             text = stripped.lstrip("#").strip()
-            if re.fullmatch(r"[\w-]+: \{.*\}", text):  # a commented-out example entry
+            if re.fullmatch(r"[\w-]+: [\{\[].*[\}\]]", text):  # a commented-out example entry
                 text = f"(e.g. `{text}`)"
             if cont_key is not None and not pending and col >= cont_col - 2 and col > 0:
                 add(cont_key, [text])
@@ -1078,7 +1078,7 @@ def classifier_scale_block() -> str:
 
 
 ROUND_DAYS = ROOT / RESULTS / "round_days.csv"
-ROUND_DAY_NAMES = {"day1": "Day 1", "day2": "Day 2", "release": "Release day"}
+ROUND_DAY_NAMES = {"day1": "Day 1", "day2": "Day 2", "day3": "Day 3", "day4": "Day 4", "release": "Release day"}
 START_CASES = {
     "fresh": "trained a classifier from the merged LM",
     "deployed_kept": "scored the deployed classifier first and kept it",
@@ -1089,14 +1089,15 @@ START_CASES = {
 
 def round_days_block(path: str | Path = ROUND_DAYS) -> str:
     """The table of ``benchmarks/results/round_days.csv`` (``benchmarks/round_days.py``): per day of the production
-    loop (``day1``, ``day2``, ``release``), the new documents, the wall seconds, the stages run and how many were LM
-    stages, the classifier's start case, its attempts, the round's decision, whether the merged LM changed and the
-    peak RSS in MiB; then the hardware, commit and date of the measurement (its ``.meta.json`` sidecar,
-    :func:`result_meta`) and day 2's wall time as a ratio of the release day's.
+    loop (``day1``, the daily ``day2``, ``day3``, ..., ``release``), the new documents, the wall seconds, the stages
+    run and how many were LM stages, the classifier's start case, its attempts, the round's decision, whether the
+    merged LM changed and the peak RSS in MiB; then the hardware, commit and date of the measurement (its
+    ``.meta.json`` sidecar, :func:`result_meta`), each daily round's wall time as a ratio of the release day's, and
+    how each started.
 
     Raises:
         FileNotFoundError: ``path`` does not exist (run ``python benchmarks/round_days.py``).
-        KeyError: a column or one of the days ``day2`` and ``release`` is missing.
+        KeyError: a column is missing. StopIteration: no ``release`` row.
     """
     path = Path(path)
     if not path.is_file():
@@ -1155,23 +1156,36 @@ def round_days_block(path: str | Path = ROUND_DAYS) -> str:
         f"Measured by `benchmarks/round_days.py` on {md(meta['hardware'])}, commit `{meta['commit']}`{dirty}, "
         f"{meta['date']}.",
     ]
-    days = {r["day"]: r for r in rows}
-    day2, release = days["day2"], days["release"]
-    d2, rel_s = float(day2["wall_s"]), float(release["wall_s"])
-    lm = int(day2["lm_stages_run"])
+    release = next(r for r in rows if r["day"] == "release")
+    daily = [r for r in rows if r["day"] not in ("day1", "release")]
+    rel_s = float(release["wall_s"])
+    names = [ROUND_DAY_NAMES.get(r["day"], md(r["day"])) for r in daily]
+    walls = [float(r["wall_s"]) for r in daily]
+    lm = sum(int(r["lm_stages_run"]) for r in daily)
+    new_docs = ", ".join(f"{int(r['new_docs']):,}" for r in daily)
     sentence = (
-        f"Day 2 ({int(day2['new_docs']):,} new documents) took {d2:,.0f} s, {d2 / rel_s:.2f}× the release day's "
-        f"{rel_s:,.0f} s, which rebuilt the LM; day 2 ran {int(day2['stages_run'])} stages, "
-        f"{'none of them an LM stage' if lm == 0 else f'{lm} of them LM stages'}, and "
-        f"{START_CASES.get(day2['start_case'], 'started as ' + code(day2['start_case']))}."
+        f"{' and '.join(names)} ({new_docs} new documents) took "
+        f"{' and '.join(f'{w:,.0f} s' for w in walls)}, {' and '.join(f'{w / rel_s:.2f}×' for w in walls)} the "
+        f"release day's {rel_s:,.0f} s, which rebuilt the LM; they ran "
+        f"{' and '.join(str(int(r['stages_run'])) for r in daily)} stages, "
+        f"{'none of them an LM stage' if lm == 0 else f'{lm} of them LM stages'}."
     )
-    if day2.get("deployed_test_macro_f1") and day2.get("deployed_new_test_macro_f1"):
-        sentence += (
-            f" The deployed classifier scored test macro-F1 {float(day2['deployed_test_macro_f1']):.3f} on the "
-            f"whole test split ({int(day2['test_docs']):,} documents) and "
-            f"{float(day2['deployed_new_test_macro_f1']):.3f} on the {int(day2['new_test_docs']):,} test documents "
-            "the LM release lacks (the gate reads the whole split: a day's handful of documents is noise)."
-        )
+    for r, name in zip(daily, names, strict=True):
+        case = r["start_case"]
+        sentence += f" {name} {START_CASES.get(case, 'started as ' + code(case))}"
+        if r.get("train_classifier_s"):
+            sentence += f" (`train_classifier` {float(r['train_classifier_s']):,.0f} s of the day)"
+        if r["decision"] == "gate_failed":
+            kept = float(r["test_macro_f1"])
+            sentence += f"; no attempt passed the gate (the kept attempt: test macro-F1 {kept:.3f})"
+        sentence += "."
+        if r.get("deployed_test_macro_f1") and r.get("deployed_new_test_macro_f1"):
+            sentence += (
+                f" The deployed classifier scored test macro-F1 {float(r['deployed_test_macro_f1']):.3f} on the "
+                f"whole test split ({int(r['test_docs']):,} documents) and "
+                f"{float(r['deployed_new_test_macro_f1']):.3f} on the {int(r['new_test_docs']):,} test documents "
+                "the LM release lacks (the gate reads the whole split: a day's handful of documents is noise)."
+            )
     out += ["", sentence]
     return "\n".join(out)
 

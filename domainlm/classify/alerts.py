@@ -4,6 +4,9 @@ webhook (Slack-compatible: the JSON body carries a ``text`` field, so a Slack in
 A webhook that fails (refused, timed out, non-2xx) is logged and recorded in the alert (``webhook``); it never
 fails the stage. The alerts file is the record of *this* run: ``dvc`` tracks it as the stage's output, so it
 never holds a stale alert of an older run.
+
+The classifier stage raises two (:func:`gate_alerts`): an ``error`` when the gate failed after every retry, a
+``warning`` when the model passed but the champion scores higher on the same test set.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+from domainlm.classify.gate import GateOutcome
+from domainlm.classify.registry import CHAMPION
 from domainlm.common.atomic import write_json
 
 log = logging.getLogger(__name__)
@@ -128,3 +133,111 @@ def publish(
     doc = {"stage": stage, "time": datetime.now(UTC).isoformat(timespec="seconds"), "gate": gate, "alerts": out}
     write_json(path, doc)
     return doc
+
+
+def gate_alerts(
+    outcome: GateOutcome,
+    path: str | os.PathLike,
+    *,
+    stage: str,
+    model_name: str,
+    alias: str,
+    registered_version: int,
+    champion: Mapping[str, Any],
+    git_commit: str,
+    mlflow_run_id: str | None,
+    webhook_url: str | None = None,
+    timeout_s: float = 5.0,
+    deployed_beside: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The gate's alerts, published (:func:`publish`): an ``error`` when the gate failed (every attempt's test
+    macro-F1, the kept attempt, the version registered), else a ``warning`` when the model was not promoted (the
+    champion's score on this test set); no alert when it passed and became (or stayed) champion. A challenger (a
+    classifier on a new LM) that fails the gate while the deployed model scored beside it passes gives a ``warning``:
+    the round keeps the deployed model.
+
+    Args:
+        outcome: the gate's :class:`domainlm.classify.gate.GateOutcome`; ``min_f1`` is the error's threshold.
+        path: the alerts file (``metrics/classifier_alerts.json``), written atomically.
+        stage: the stage name in each record.
+        model_name: the registered model's name.
+        alias: the alias the run's version got (``champion`` | ``challenger``,
+            :func:`domainlm.classify.registry.choose_alias`).
+        registered_version: the version registered (or kept) this run.
+        champion: :func:`domainlm.classify.registry.champion_macro_f1` before this run (``version``, ``macro_f1``
+            or None, ``how``); its ``macro_f1`` is the warning's threshold when known, else ``outcome.min_f1``.
+        git_commit, mlflow_run_id: where the records point (the stage's commit and MLflow run).
+        webhook_url, timeout_s: :func:`publish`'s webhook (None: not posted) and its timeout in seconds.
+        deployed_beside: for a challenger, the deployed model scored beside it: ``{"version", "macro_f1"}``; None
+            otherwise.
+
+    Returns:
+        The document written (:func:`publish`); ``"alerts"`` holds zero or one record.
+    """
+    kept = outcome.kept
+    alerts = []
+    f1s = ", ".join(f"{a.macro_f1:.4f}" for a in outcome.attempts)
+    deployed_passes = deployed_beside is not None and float(deployed_beside["macro_f1"]) >= outcome.min_f1
+    if not outcome.passed and deployed_passes:
+        alerts.append(
+            alert_record(
+                stage=stage,
+                severity="warning",
+                metric="macro_f1",
+                value=kept.macro_f1,
+                threshold=outcome.min_f1,
+                attempts=len(outcome.attempts),
+                git_commit=git_commit,
+                mlflow_run_id=mlflow_run_id,
+                message=(
+                    f"the challenger (a classifier on the new LM) failed the gate after {len(outcome.attempts)} "
+                    f"attempts (test macro-F1 per attempt: {f1s}); the deployed v{deployed_beside['version']} passes "
+                    f"on this test split ({float(deployed_beside['macro_f1']):.4f}) and stays; registered "
+                    f"{model_name} v{registered_version} as {alias}"
+                ),
+            )
+        )
+    elif not outcome.passed:
+        alerts.append(
+            alert_record(
+                stage=stage,
+                severity="error",
+                metric="macro_f1",
+                value=kept.macro_f1,
+                threshold=outcome.min_f1,
+                attempts=len(outcome.attempts),
+                git_commit=git_commit,
+                mlflow_run_id=mlflow_run_id,
+                message=(
+                    f"classifier gate failed after {len(outcome.attempts)} attempts ({outcome.retries} retries; "
+                    f"test macro-F1 per attempt: {f1s}); kept attempt {kept.index} (best val macro-F1), registered "
+                    f"{model_name} v{registered_version} as {alias}; champion unchanged"
+                ),
+            )
+        )
+    elif alias != CHAMPION:
+        alerts.append(
+            alert_record(
+                stage=stage,
+                severity="warning",
+                metric="macro_f1",
+                value=kept.macro_f1,
+                threshold=champion["macro_f1"] if champion["macro_f1"] is not None else outcome.min_f1,
+                attempts=len(outcome.attempts),
+                git_commit=git_commit,
+                mlflow_run_id=mlflow_run_id,
+                message=(
+                    f"the classifier passed the gate but was not promoted: champion v{champion['version']} "
+                    f"scores {champion['macro_f1']} on this test set ({champion['how']}); registered "
+                    f"v{registered_version} as {alias}"
+                ),
+            )
+        )
+    return publish(
+        alerts,
+        path,
+        stage=stage,
+        gate="passed" if outcome.passed else "failed",
+        webhook_url=webhook_url,
+        timeout_s=timeout_s,
+    )

@@ -4,15 +4,35 @@ intervals of test macro-F1 and of the difference between two models (:func:`macr
 
 Every figure is a fraction in [0, 1] except ``support`` and the confusion counts (documents). Both the LoRA
 classifier and the TF-IDF baseline are scored by :func:`score`, so their figures compare one to one.
+:func:`classifier_metrics` assembles them into ``train_classifier``'s metrics (``metrics/classifier.json``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from domainlm.classify.data import LabelledSplit
+    from domainlm.classify.gate import Attempt, GateOutcome
+
+#: The training figures of the kept attempt copied into ``lora`` (0 when the attempt has none: a deployed model).
+KEPT_TRAINING_FIGURES = (
+    "train_s",
+    "best_epoch",
+    "epochs_run",
+    "steps",
+    "trainable_params",
+    "total_params",
+    "class_weighted",
+    "docs_per_epoch",
+    "docs_seen",
+    "deepspeed",
+    "world_size",
+)
 
 
 def predicted_labels(proba: np.ndarray, classes: Sequence[str]) -> list[str]:
@@ -224,3 +244,159 @@ def new_data_scores(test, release_labels_path, classes: Sequence[str], *, kept, 
         return {k: s[k] for k in ("accuracy", "macro_f1", "weighted_f1", "roc_auc_ovr_macro")}
 
     return {"test_docs": len(rows), "release_docs": len(released), "deployed": figures(deployed), "kept": figures(kept)}
+
+
+def start_case(deployed: Attempt | None, *, from_deployed: bool, kept: Attempt) -> str:
+    """How the round started and ended: ``fresh`` (nothing deployed scored), ``challenger`` (the deployed model
+    scored beside a model trained on a new LM), ``deployed_kept`` (the gate started from the deployed model and it
+    passed: nothing trained) or ``deployed_retrained`` (retries continued it, whether one passed or not: a failed
+    gate that keeps attempt 0 is still a failed gate, never a keep).
+
+    Args:
+        deployed: the deployed model's scored attempt, or None when it was not scored.
+        from_deployed: whether the gate started from it (its attempt 0).
+        kept: the gate's kept attempt (``source`` ``deployed`` when the deployed model was kept).
+    """
+    if deployed is None:
+        return "fresh"
+    if not from_deployed:
+        return "challenger"
+    return "deployed_kept" if kept.source == "deployed" and kept.passed else "deployed_retrained"
+
+
+def classifier_metrics(
+    *,
+    classes: Sequence[str],
+    train: LabelledSplit,
+    val: LabelledSplit,
+    test: LabelledSplit,
+    label_overrides: int,
+    outcome: GateOutcome,
+    baseline: Mapping[str, Any],
+    baseline_docs: int,
+    intervals: Mapping[str, Any],
+    deployed: Attempt | None,
+    from_deployed: bool,
+    start_reason: str,
+    deployed_version: int | None,
+    new_data: Mapping[str, Any],
+    windows: Mapping[str, Any],
+    registered_version: int,
+    promoted: bool,
+    champion: Mapping[str, Any],
+    alerts: int,
+    timing: Mapping[str, float],
+) -> dict[str, Any]:
+    """``train_classifier``'s metrics (``metrics/classifier.json``): nested dicts of numbers with stable keys.
+
+    Args:
+        classes: the classes in head order.
+        train, val, test: the labelled splits (document counts, unlabelled documents).
+        label_overrides: :func:`domainlm.classify.data.count_label_overrides` of the label table.
+        outcome: the gate's :class:`domainlm.classify.gate.GateOutcome`; its ``kept`` attempt gives ``lora``.
+        baseline: the TF-IDF baseline's :func:`score` on the test split plus ``train_s`` (seconds).
+        baseline_docs: the training documents the baseline was fitted on.
+        intervals: :func:`macro_f1_intervals` with models ``lora``, ``baseline`` and, when the deployed model was
+            scored beside a trained one, ``deployed``.
+        deployed: the deployed model's scored attempt, or None.
+        from_deployed: whether the gate started from the deployed model.
+        start_reason: why the deployed model was or was not scored and continued
+            (:func:`domainlm.classify.deployed.compatible`).
+        deployed_version: the deployed manifest's version, or None when nothing is deployed.
+        new_data: :func:`new_data_scores`.
+        windows: ``max_length`` (tokens), ``train`` and ``predict`` (windows per document).
+        registered_version: the version registered (or kept) this run.
+        promoted: whether that version holds the ``champion`` alias.
+        champion: :func:`domainlm.classify.registry.champion_macro_f1` before this run.
+        alerts: the number of alerts raised.
+        timing: seconds per step.
+
+    Returns:
+        ``classes``, ``docs``, ``label_overrides``, ``lora``, ``baseline``, ``lora_to_baseline``, ``bootstrap``,
+        ``start``, ``new_data``, ``windows``, ``attn_implementation``, ``compiled_layers``, ``gate``, ``registry``,
+        ``alerts`` and ``timing`` (the stage's ``run`` documents each); fractions in [0, 1], durations in seconds.
+
+    Raises:
+        KeyError: ``intervals`` lacks the ``lora`` or ``baseline`` interval or the ``lora-baseline`` difference.
+    """
+    kept = outcome.kept
+    lo, ba = intervals["macro_f1"]["lora"], intervals["macro_f1"]["baseline"]
+    diff = intervals["difference"]["lora-baseline"]
+    lora_scores = {
+        **kept.test,
+        "macro_f1_low": lo["low"],
+        "macro_f1_high": lo["high"],
+        "val_macro_f1": kept.val_macro_f1,
+        **{k: kept.info.get(k, 0) for k in KEPT_TRAINING_FIGURES},
+    }
+    case = start_case(deployed, from_deployed=from_deployed, kept=kept)
+    versus_deployed = intervals["difference"].get("lora-deployed")
+    return {
+        "classes": len(classes),
+        "docs": {
+            "train": len(train),
+            "val": len(val),
+            "test": len(test),
+            "unlabelled": train.unlabelled + val.unlabelled + test.unlabelled,
+        },
+        "label_overrides": label_overrides,
+        "lora": lora_scores,
+        "baseline": {
+            **baseline,
+            "macro_f1_low": ba["low"],
+            "macro_f1_high": ba["high"],
+            "train_docs": baseline_docs,
+        },
+        "lora_to_baseline": {
+            "macro_f1": _ratio(kept.macro_f1, baseline["macro_f1"]),
+            "accuracy": _ratio(kept.test["accuracy"], baseline["accuracy"]),
+            "macro_f1_difference": diff["value"],
+            "macro_f1_difference_low": diff["low"],
+            "macro_f1_difference_high": diff["high"],
+        },
+        "bootstrap": {
+            "confidence": intervals["confidence"],
+            "resamples": intervals["n_resamples"],
+            "method": intervals["method"],
+        },
+        "start": {
+            "case": case,
+            "reason": start_reason,
+            "from_deployed": int(from_deployed),
+            "deployed_kept": int(case == "deployed_kept"),
+            "deployed_version": deployed_version,
+            "deployed_scored": int(deployed is not None),
+            "deployed_test_macro_f1": deployed.macro_f1 if deployed is not None else None,
+            "deployed_test_accuracy": deployed.test["accuracy"] if deployed is not None else None,
+            "lora_minus_deployed": versus_deployed["value"] if versus_deployed else None,
+            "lora_minus_deployed_low": versus_deployed["low"] if versus_deployed else None,
+            "lora_minus_deployed_high": versus_deployed["high"] if versus_deployed else None,
+        },
+        "new_data": dict(new_data),
+        "windows": dict(windows),
+        "attn_implementation": kept.info.get("attn_implementation", "deployed model as saved"),
+        "compiled_layers": int(kept.info.get("compiled_layers", 0)),
+        "gate": {
+            "passed": int(outcome.passed),
+            "min_f1": outcome.min_f1,
+            "attempts": len(outcome.attempts),
+            "retries": outcome.retries,
+            "max_retries": outcome.max_retries,
+            "kept_attempt": kept.index,
+            "trained_epochs": sum(float(a.info.get("epochs_run", 0)) for a in outcome.attempts),
+            "test_macro_f1": {f"attempt_{a.index}": a.macro_f1 for a in outcome.attempts},
+            "val_macro_f1": {f"attempt_{a.index}": a.val_macro_f1 for a in outcome.attempts},
+        },
+        "registry": {
+            "version": registered_version,
+            "champion": int(promoted),
+            "previous_champion_version": champion["version"],
+            "previous_champion_macro_f1": champion["macro_f1"],
+        },
+        "alerts": alerts,
+        "timing": dict(timing),
+    }
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return float(a) / float(b) if b else None

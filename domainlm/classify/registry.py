@@ -10,19 +10,24 @@ loaded and re-scored on this run's test split. A champion that cannot be loaded 
 non-regression), with a warning.
 
 Versions carry the tags ``git_commit``, ``data_sha256`` (split files + label table), ``test_sha256``,
-``label_overrides``, ``macro_f1``, ``accuracy``, ``gate`` (passed | failed) and ``classes``.
+``label_overrides``, ``macro_f1``, ``accuracy``, ``gate`` (passed | failed), ``classes``, ``started_from`` and
+``finetuned_from`` (:func:`version_tags`). A run that keeps the deployed model registers nothing
+(:func:`register_kept`).
 """
 
 from __future__ import annotations
 
 import importlib.metadata
 import logging
+import os
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from domainlm.classify.data import LabelledSplit, split_files_sha256, split_sha256
+from domainlm.classify.gate import GateOutcome
 from domainlm.classify.metrics import macro_f1
 from domainlm.common.tracking import ensure_registered_model
 
@@ -174,3 +179,148 @@ def log_and_register(
     version = int(registered.version)
     client.set_registered_model_alias(model_name, alias, str(version))
     return {"name": model_name, "version": version, "alias": alias, "model_uri": f"models:/{model_name}/{version}"}
+
+
+def version_tags(
+    *,
+    git_commit: str,
+    data_sha256: str | None,
+    test_sha256: str,
+    label_overrides: int | None,
+    macro_f1: float,
+    accuracy: float | None,
+    passed: bool,
+    classes: Sequence[str],
+    started_from: str,
+    finetuned_from: int | str | None,
+) -> dict[str, str]:
+    """The version tags of a classifier, as strings, in the order the module docstring lists them.
+
+    Args:
+        git_commit: the commit the model was trained at.
+        data_sha256: :func:`domainlm.classify.data.split_files_sha256` of the data it saw, or None (no tag).
+        test_sha256: :func:`domainlm.classify.data.split_sha256` of the test split it was scored on.
+        label_overrides: documents whose label differs from their source label, or None (no tag).
+        macro_f1, accuracy: its test figures in [0, 1] (:func:`score_tag`); ``accuracy`` None: no tag.
+        passed: whether it passed the gate (``gate`` = ``passed`` | ``failed``).
+        classes: the classes in head order (joined with commas).
+        started_from: ``trained``, ``continued`` or ``deployed`` (:class:`domainlm.classify.gate.Attempt`'s
+            ``source``).
+        finetuned_from: the deployed version its training continued, or None (an empty tag).
+
+    Returns:
+        ``{tag: str}`` without the None-valued tags.
+    """
+    tags = {
+        "git_commit": git_commit,
+        "data_sha256": data_sha256,
+        "test_sha256": test_sha256,
+        "label_overrides": label_overrides,
+        "macro_f1": score_tag(macro_f1),
+        "accuracy": score_tag(accuracy) if accuracy is not None else None,
+        "gate": "passed" if passed else "failed",
+        "classes": ",".join(classes),
+        "started_from": started_from,
+        "finetuned_from": finetuned_from if finetuned_from is not None else "",
+    }
+    return {k: str(v) for k, v in tags.items() if v is not None}
+
+
+def register_kept(
+    mlflow,
+    model_dir: str | Path,
+    outcome: GateOutcome,
+    *,
+    model_name: str,
+    classes: Sequence[str],
+    test: LabelledSplit,
+    split_dir: str | os.PathLike,
+    labels_path: str | os.PathLike,
+    domains: Sequence[str],
+    label_overrides: int,
+    git_commit: str,
+    deployed_version: int | None,
+    serving_config: Mapping[str, Any],
+    logger: logging.Logger | None = None,
+) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """Register the gate's kept model as a new version of ``model_name`` (champion or challenger), or, when the
+    kept model is the deployed one, register nothing: the deployed version stays champion.
+
+    The champion's macro-F1 on this test set comes first (:func:`champion_macro_f1`), then the alias
+    (:func:`choose_alias`) and :func:`log_and_register` with :func:`version_tags`.
+
+    Args:
+        mlflow: the ``mlflow`` module inside the stage's active run.
+        model_dir: the kept classifier's ``model/`` folder.
+        outcome: the gate's :class:`domainlm.classify.gate.GateOutcome` (``kept.source`` ``deployed`` registers
+            nothing).
+        model_name: the registered model's name (``classifier.registry.model_name``).
+        classes: the classes in head order.
+        test: the test split (texts and source labels), scored by a champion whose ``test_sha256`` differs.
+        split_dir, labels_path, domains: the data the model saw (the ``data_sha256`` tag).
+        label_overrides: :func:`domainlm.classify.data.count_label_overrides` of ``labels_path``.
+        git_commit: the commit the model was trained at.
+        deployed_version: the deployed version the gate started from (its attempt 0), or None.
+        serving_config: the pyfunc's ``model_config``; ``max_batch_rows`` (default 64) also sets the champion's
+            re-scoring batch.
+        logger: where the outcome is logged at INFO (default: this module's logger).
+
+    Returns:
+        ``(alias, registered, champion)``: ``champion`` or ``challenger``; :func:`log_and_register`'s dict, or
+        ``{"version": deployed_version}`` when the deployed model was kept; :func:`champion_macro_f1` before this run.
+
+    Raises:
+        mlflow.exceptions.MlflowException: the tracking server or registry refused a call.
+    """
+    from mlflow import MlflowClient
+
+    logger = logger or log
+    kept = outcome.kept
+    test_sha = split_sha256(test)
+    champion = champion_macro_f1(
+        MlflowClient(),
+        model_name,
+        test_sha256=test_sha,
+        texts=test.texts,
+        labels=test.labels,
+        batch_rows=int(serving_config.get("max_batch_rows", 64)),
+    )
+    if kept.source == "deployed":  # kept as deployed: nothing new to register, the deployed version stays champion
+        alias, registered = CHAMPION, {"version": int(deployed_version)}
+        logger.info(
+            "kept the deployed %s v%d (test macro-F1 %.4f); nothing registered",
+            model_name,
+            registered["version"],
+            kept.macro_f1,
+        )
+        return alias, registered, champion
+    alias = choose_alias(outcome.passed, kept.macro_f1, champion)
+    registered = log_and_register(
+        mlflow,
+        model_dir,
+        model_name=model_name,
+        alias=alias,
+        serving_config=serving_config,
+        tags=version_tags(
+            git_commit=git_commit,
+            data_sha256=split_files_sha256(split_dir, labels_path, domains),
+            test_sha256=test_sha,
+            label_overrides=label_overrides,
+            macro_f1=kept.macro_f1,
+            accuracy=kept.test["accuracy"],
+            passed=outcome.passed,
+            classes=classes,
+            started_from=kept.source,
+            finetuned_from=deployed_version,
+        ),
+    )
+    logger.info(
+        "registered %s v%d as %r (champion before: v%s, macro-F1 %s, %s)",
+        model_name,
+        registered["version"],
+        alias,
+        champion["version"],
+        champion["macro_f1"],
+        champion["how"],
+    )
+    return alias, registered, champion

@@ -214,9 +214,13 @@ def decide_and_promote(*, dvc: str = "dvc", promote: bool = True) -> Decision:
     test = read_split(paths.SPLIT_DIR, paths.LABELS_PATH, domains, "test")
     test_sha = split_sha256(test)
     manifest = read_manifest(paths.DEPLOYED_DIR)
-    if manifest is not None and (
-        int(manifest["version"]) == int(metrics["registry"]["version"])
-        or promotion.same_model(paths.CLASSIFIER_DIR, paths.DEPLOYED_DIR)
+    if (
+        manifest is not None
+        and int(metrics["gate"]["passed"])  # a failed gate is reported as such, whatever model the run kept
+        and (
+            int(manifest["version"]) == int(metrics["registry"]["version"])
+            or promotion.same_model(paths.CLASSIFIER_DIR, paths.DEPLOYED_DIR)
+        )
     ):
         return Decision(
             KEEP,

@@ -128,6 +128,25 @@ def decide(
             new_f1,
             version,
         )
+    start = metrics.get("start") or {}
+    if (
+        not int(metrics["gate"]["passed"])
+        and case == "challenger"
+        and manifest is not None
+        and start.get("deployed_test_macro_f1") is not None
+        and float(start["deployed_test_macro_f1"]) >= float(metrics["gate"]["min_f1"])
+    ):
+        deployed_f1 = float(start["deployed_test_macro_f1"])
+        return Decision(
+            KEEP,
+            f"the challenger (a new LM) failed the gate after {metrics['gate'].get('attempts')} attempt(s) (best test "
+            f"macro-F1 {new_f1:.4f} < {metrics['gate']['min_f1']}); the deployed v{manifest['version']} passes on the "
+            f"current test split ({deployed_f1:.4f}, scored in this run beside it){_versus_deployed(metrics)}; "
+            "it stays",
+            new_f1,
+            deployed_f1,
+            version,
+        )
     if not int(metrics["gate"]["passed"]):
         return Decision(
             GATE_FAILED,
@@ -430,35 +449,36 @@ def ensure_version(
 def classifier_tags(
     metrics: Mapping[str, Any], *, test_sha256: str, classes: Sequence[str], data_sha256: str | None = None
 ) -> dict[str, str]:
-    """The version tags ``train_classifier`` gives its model (:mod:`domainlm.classify.registry`), rebuilt from
-    ``metrics/classifier.json`` and the current split for a promote that registers the model here: ``git_commit``
-    (HEAD now), ``data_sha256`` (when given), ``test_sha256``, ``label_overrides``, ``macro_f1``, ``accuracy``,
-    ``gate``, ``classes``, ``started_from`` (``continued`` when a retry was kept, else ``trained``), plus
-    ``registered_by`` = ``promote`` and ``metrics_version`` (the version the metrics name in the store that trained
-    it).
+    """The version tags ``train_classifier`` gives its model (:func:`domainlm.classify.registry.version_tags`),
+    rebuilt from ``metrics/classifier.json`` and the current split for a promote that registers the model here:
+    ``git_commit`` (HEAD now), ``data_sha256`` (when given), ``test_sha256``, ``label_overrides``, ``macro_f1``,
+    ``accuracy``, ``gate``, ``classes``, ``started_from`` (``continued`` when a retry was kept, else ``trained``),
+    ``finetuned_from`` (:func:`finetuned_from`), plus ``registered_by`` = ``promote`` and ``metrics_version`` (the
+    version the metrics name in the store that trained it).
 
     Raises:
         KeyError: ``metrics`` lacks ``lora.macro_f1``, ``gate.passed`` or ``registry.version``.
     """
-    from domainlm.classify.registry import score_tag
+    from domainlm.classify.registry import version_tags
     from domainlm.common.stage import git_commit
 
     lora, gate = metrics["lora"], metrics["gate"]
-    tags = {
-        "git_commit": git_commit(),
-        "data_sha256": data_sha256,
-        "test_sha256": test_sha256,
-        "label_overrides": metrics.get("label_overrides"),
-        "macro_f1": score_tag(lora["macro_f1"]),
-        "accuracy": score_tag(lora["accuracy"]) if lora.get("accuracy") is not None else None,
-        "gate": "passed" if int(gate["passed"]) else "failed",
-        "classes": ",".join(classes),
-        "started_from": "continued" if int(gate.get("kept_attempt") or 0) > 0 else "trained",
-        "finetuned_from": finetuned_from(metrics) or "",
+    return {
+        **version_tags(
+            git_commit=git_commit(),
+            data_sha256=data_sha256,
+            test_sha256=test_sha256,
+            label_overrides=metrics.get("label_overrides"),
+            macro_f1=lora["macro_f1"],
+            accuracy=lora.get("accuracy"),
+            passed=bool(int(gate["passed"])),
+            classes=classes,
+            started_from="continued" if int(gate.get("kept_attempt") or 0) > 0 else "trained",
+            finetuned_from=finetuned_from(metrics),
+        ),
         "registered_by": PROMOTE_RUN,
-        "metrics_version": int(metrics["registry"]["version"]),
+        "metrics_version": str(int(metrics["registry"]["version"])),
     }
-    return {k: str(v) for k, v in tags.items() if v is not None}
 
 
 def deployed_tags(manifest: Mapping[str, Any]) -> dict[str, str]:
