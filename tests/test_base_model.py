@@ -202,7 +202,7 @@ def test_main_writes_model_metrics_and_mlflow_run(tmp_path, monkeypatch):
     import mlflow
 
     doms = list(WORDS)
-    write_split_fixture(tmp_path / "data" / "split", {d: korean_docs(d, 12) for d in doms})
+    write_split_fixture(tmp_path / "data" / "lm", {d: korean_docs(d, 12) for d in doms})
     params = {"domains": doms, "base_model": copy.deepcopy(TINY)}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True), encoding="utf-8")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

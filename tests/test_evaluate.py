@@ -264,7 +264,7 @@ def stage_repo(tmp_path_factory, tiny):
         tvs[domain] = task_vector(root / "base", adapter)
         (repo / "models" / "diff").mkdir(parents=True, exist_ok=True)
         save_file(tvs[domain], str(repo / "models" / "diff" / f"{domain}.safetensors"))
-        write_split(repo / "data" / "split", domain, texts)
+        write_split(repo / "data" / "lm", domain, texts)
         (repo / "logs").mkdir(exist_ok=True)
         (repo / "logs" / f"train_{domain}.log").write_text(
             json.dumps({"step": 5, "loss": 4.0}) + "\n" + json.dumps({"step": 5, "eval_loss": 4.5}) + "\n"

@@ -218,7 +218,7 @@ def test_main_trains_one_domain_expert(base_dir, tmp_path, monkeypatch):
 
     import mlflow
 
-    write_split_fixture(tmp_path / "data" / "split", {d: korean_docs(d, 12) for d in TRAIN_TEXTS})
+    write_split_fixture(tmp_path / "data" / "lm", {d: korean_docs(d, 12) for d in TRAIN_TEXTS})
     shutil.copytree(base_dir, tmp_path / "models" / "base")
     params = {"domains": list(TRAIN_TEXTS), "train_lora": {**copy.deepcopy(LORA_TINY)}}
     params["train_lora"]["train"].update(max_steps=4, eval_steps=2, logging_steps=1)

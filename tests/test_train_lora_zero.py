@@ -192,7 +192,7 @@ def zero_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("zero")
     model, tok, _ = pretrain.build(TRAIN_TEXTS, TINY)
     pretrain.save_hf_folder(model, tok, root / "models" / "base")
-    write_split_fixture(root / "data" / "split", {d: korean_docs(d, 20) for d in TRAIN_TEXTS})
+    write_split_fixture(root / "data" / "lm", {d: korean_docs(d, 20) for d in TRAIN_TEXTS})
     params = {
         "seed": 3,
         "lora": {
@@ -263,7 +263,7 @@ def test_first_losses_match_a_single_process_on_the_same_global_batch(zero_run, 
     single = copy.deepcopy(params)
     single["deepspeed"]["enabled"] = False
     single["train"]["batch_size"] = 2 * params["train"]["batch_size"]  # one process, the global batch of 2 ranks
-    split = root / "data" / "split"
+    split = root / "data" / "lm"
     lora.train_adapter(
         root / "models" / "base",
         lm_data.read_texts(paths.split_path(split, "faq", "train")),
@@ -312,7 +312,7 @@ def test_rank0_alone_writes_and_its_adapter_loads_back_in_one_cpu_process(zero_r
     tok = AutoTokenizer.from_pretrained(base, local_files_only=True)
     val = lm_data.pack_blocks(
         tok,
-        lm_data.read_texts(paths.split_path(root / "data" / "split", "faq", "val")),
+        lm_data.read_texts(paths.split_path(root / "data" / "lm", "faq", "val")),
         TINY["model"]["context_length"],
     )
     nll, _ = lm_data.mean_nll(model, val)
