@@ -235,3 +235,13 @@ def test_release_due_by_new_fraction(project, new, due):
 def test_release_due_without_a_release_section(project):
     project("domains: [a, b]\n", new=10)
     assert release_due() is None
+
+
+def test_only_a_pipeline_that_reads_the_release_cuts_one(tmp_path):
+    from domainlm.rounds.release import in_pipeline
+
+    assert not in_pipeline(tmp_path)  # no dvc.yaml
+    (tmp_path / "dvc.yaml").write_text("stages:\n  hello:\n    cmd: echo hello > hello.txt\n", encoding="utf-8")
+    assert not in_pipeline(tmp_path)
+    (tmp_path / "dvc.yaml").write_text((ROOT / "dvc.yaml").read_text(encoding="utf-8"), encoding="utf-8")
+    assert in_pipeline(tmp_path)

@@ -306,12 +306,14 @@ def run_round(
     started = time.monotonic()
     with RoundLock(LOCK_FILE):
         ensure_deployed(dvc)
-        release.ensure_release(dvc)
         ran: list[str] = []
-        if rel.read_release(paths.RELEASE_DIR)["release"] == 0 or release.new_fraction() is not None:
-            ran += repro(dvc, ["split"])  # today's split, to freeze or to count its new documents
-        why = release.release_due()
-        cut = release.release_lm(reason=why, dvc=dvc, push=push) if why else None
+        cut = None
+        if release.in_pipeline():
+            release.ensure_release(dvc)
+            if rel.read_release(paths.RELEASE_DIR)["release"] == 0 or release.new_fraction() is not None:
+                ran += repro(dvc, ["split"])  # today's split, to freeze or to count its new documents
+            why = release.release_due()
+            cut = release.release_lm(reason=why, dvc=dvc, push=push) if why else None
         ran += [s for s in repro(dvc) if s not in ran]
         pending = pending_changes()
         if not ran and not pending and cut is None:

@@ -50,6 +50,13 @@ def _sh(cmd: list[str], cwd: str | os.PathLike = ".") -> subprocess.CompletedPro
     return proc
 
 
+def in_pipeline(cwd: str | os.PathLike = ".") -> bool:
+    """Whether the repository's ``dvc.yaml`` reads the LM release (``data/release``): the rounds of a pipeline
+    without it (a pipeline of your own that only uses the round's lock, commit and tag) never cut one."""
+    dvc_yaml = Path(cwd) / "dvc.yaml"
+    return dvc_yaml.is_file() and str(paths.RELEASE_DIR) in dvc_yaml.read_text(encoding="utf-8")
+
+
 def ensure_release(dvc: str = "dvc", cwd: str | os.PathLike = ".") -> None:
     """Make ``data/release`` exist: ``dvc pull`` it, or write release 0 (:func:`domainlm.documents.release.
     write_bootstrap`) when the remote lacks it."""
