@@ -178,59 +178,49 @@ def gate_alerts(
     alerts = []
     f1s = ", ".join(f"{a.macro_f1:.4f}" for a in outcome.attempts)
     deployed_passes = deployed_beside is not None and float(deployed_beside["macro_f1"]) >= outcome.min_f1
+
+    def record(severity: str, threshold: float, message: str) -> dict[str, Any]:
+        return alert_record(
+            stage=stage,
+            severity=severity,
+            metric="macro_f1",
+            value=kept.macro_f1,
+            threshold=threshold,
+            attempts=len(outcome.attempts),
+            git_commit=git_commit,
+            mlflow_run_id=mlflow_run_id,
+            message=message,
+        )
+
     if not outcome.passed and deployed_passes:
         alerts.append(
-            alert_record(
-                stage=stage,
-                severity="warning",
-                metric="macro_f1",
-                value=kept.macro_f1,
-                threshold=outcome.min_f1,
-                attempts=len(outcome.attempts),
-                git_commit=git_commit,
-                mlflow_run_id=mlflow_run_id,
-                message=(
-                    f"the challenger (a classifier on the new LM) failed the gate after {len(outcome.attempts)} "
-                    f"attempts (test macro-F1 per attempt: {f1s}); the deployed v{deployed_beside['version']} passes "
-                    f"on this test split ({float(deployed_beside['macro_f1']):.4f}) and stays; registered "
-                    f"{model_name} v{registered_version} as {alias}"
-                ),
+            record(
+                "warning",
+                outcome.min_f1,
+                f"the challenger (a classifier on the new LM) failed the gate after {len(outcome.attempts)} "
+                f"attempts (test macro-F1 per attempt: {f1s}); the deployed v{deployed_beside['version']} passes "
+                f"on this test split ({float(deployed_beside['macro_f1']):.4f}) and stays; registered "
+                f"{model_name} v{registered_version} as {alias}",
             )
         )
     elif not outcome.passed:
         alerts.append(
-            alert_record(
-                stage=stage,
-                severity="error",
-                metric="macro_f1",
-                value=kept.macro_f1,
-                threshold=outcome.min_f1,
-                attempts=len(outcome.attempts),
-                git_commit=git_commit,
-                mlflow_run_id=mlflow_run_id,
-                message=(
-                    f"classifier gate failed after {len(outcome.attempts)} attempts ({outcome.retries} retries; "
-                    f"test macro-F1 per attempt: {f1s}); kept attempt {kept.index} (best val macro-F1), registered "
-                    f"{model_name} v{registered_version} as {alias}; champion unchanged"
-                ),
+            record(
+                "error",
+                outcome.min_f1,
+                f"classifier gate failed after {len(outcome.attempts)} attempts ({outcome.retries} retries; "
+                f"test macro-F1 per attempt: {f1s}); kept attempt {kept.index} (best val macro-F1), registered "
+                f"{model_name} v{registered_version} as {alias}; champion unchanged",
             )
         )
     elif alias != CHAMPION:
         alerts.append(
-            alert_record(
-                stage=stage,
-                severity="warning",
-                metric="macro_f1",
-                value=kept.macro_f1,
-                threshold=champion["macro_f1"] if champion["macro_f1"] is not None else outcome.min_f1,
-                attempts=len(outcome.attempts),
-                git_commit=git_commit,
-                mlflow_run_id=mlflow_run_id,
-                message=(
-                    f"the classifier passed the gate but was not promoted: champion v{champion['version']} "
-                    f"scores {champion['macro_f1']} on this test set ({champion['how']}); registered "
-                    f"v{registered_version} as {alias}"
-                ),
+            record(
+                "warning",
+                champion["macro_f1"] if champion["macro_f1"] is not None else outcome.min_f1,
+                f"the classifier passed the gate but was not promoted: champion v{champion['version']} "
+                f"scores {champion['macro_f1']} on this test set ({champion['how']}); registered "
+                f"v{registered_version} as {alias}",
             )
         )
     return publish(

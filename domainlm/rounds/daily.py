@@ -25,7 +25,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -181,14 +181,22 @@ def next_tag(day: dt.date, cwd: str | os.PathLike = ".") -> str:
     return f"{prefix}{max(numbers, default=0) + 1}"
 
 
+def pull_or_bootstrap(
+    target: str | os.PathLike, bootstrap: Callable[[Path], Any], *, dvc: str = "dvc", cwd: str | os.PathLike = "."
+) -> None:
+    """Make the ``dvc add``-ed ``target`` exist: ``dvc pull <target>.dvc``, or ``bootstrap(path)`` when the remote
+    lacks it (a fresh clone)."""
+    path = Path(cwd) / target
+    if path.exists():
+        return
+    pulled = subprocess.run([dvc, "pull", "-q", f"{target}.dvc"], cwd=cwd, capture_output=True)
+    if pulled.returncode != 0 or not path.exists():
+        bootstrap(path)
+
+
 def ensure_deployed(dvc: str = "dvc", cwd: str | os.PathLike = ".") -> None:
     """Make ``models/deployed`` exist: ``dvc pull`` it, or write the bootstrap folder when the remote lacks it."""
-    target = Path(cwd) / paths.DEPLOYED_DIR
-    if target.exists():
-        return
-    pulled = subprocess.run([dvc, "pull", "-q", f"{paths.DEPLOYED_DIR}.dvc"], cwd=cwd, capture_output=True)
-    if pulled.returncode != 0 or not target.exists():
-        promotion.write_bootstrap(target)
+    pull_or_bootstrap(paths.DEPLOYED_DIR, promotion.write_bootstrap, dvc=dvc, cwd=cwd)
 
 
 def decide_and_promote(*, dvc: str = "dvc", promote: bool = True) -> Decision:

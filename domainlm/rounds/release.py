@@ -43,11 +43,10 @@ class ReleaseResult:
         return asdict(self)
 
 
-def _sh(cmd: list[str], cwd: str | os.PathLike = ".") -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}: {(proc.stderr or proc.stdout)[-2000:]}")
-    return proc
+def _sh(cmd: list[str]) -> subprocess.CompletedProcess:
+    from domainlm.rounds.daily import sh  # daily imports this module: import at call time
+
+    return sh(cmd)
 
 
 def in_pipeline(cwd: str | os.PathLike = ".") -> bool:
@@ -60,12 +59,9 @@ def in_pipeline(cwd: str | os.PathLike = ".") -> bool:
 def ensure_release(dvc: str = "dvc", cwd: str | os.PathLike = ".") -> None:
     """Make ``data/release`` exist: ``dvc pull`` it, or write release 0 (:func:`domainlm.documents.release.
     write_bootstrap`) when the remote lacks it."""
-    target = Path(cwd) / paths.RELEASE_DIR
-    if target.exists():
-        return
-    pulled = subprocess.run([dvc, "pull", "-q", f"{paths.RELEASE_DIR}.dvc"], cwd=cwd, capture_output=True)
-    if pulled.returncode != 0 or not target.exists():
-        rel.write_bootstrap(target)
+    from domainlm.rounds.daily import pull_or_bootstrap
+
+    pull_or_bootstrap(paths.RELEASE_DIR, rel.write_bootstrap, dvc=dvc, cwd=cwd)
 
 
 def new_fraction() -> float | None:
