@@ -27,8 +27,8 @@ from domainlm.classify import deployed as dep
 from domainlm.classify import registry
 from domainlm.classify.alerts import gate_alerts
 from domainlm.classify.baseline import baseline_proba, fit_baseline, fit_sample
+from domainlm.classify.candidates import DEPLOYED, LineTrainer, candidate_scores, choose_line, run_lines
 from domainlm.classify.data import class_list, count_label_overrides, read_split, texts_at
-from domainlm.classify.gate import Attempt, passes, run_gate
 from domainlm.classify.metrics import (
     classifier_metrics,
     macro_f1_intervals,
@@ -39,11 +39,10 @@ from domainlm.classify.metrics import (
 )
 from domainlm.classify.model import (
     ADAPTER_SUBDIR,
+    BACKBONE_SUBDIR,
     MODEL_SUBDIR,
     appends_eos,
     predict_proba,
-    predict_windows,
-    save_classifier,
 )
 from domainlm.classify.token_stats import lengths_stats
 from domainlm.classify.training import (
@@ -51,7 +50,6 @@ from domainlm.classify.training import (
     leading_attempts,
     scoring_kwargs,
     split_caches,
-    train_attempt,
     windows_params,
 )
 from domainlm.classify.window_cache import DEFAULT_CACHE_DIR
@@ -92,13 +90,16 @@ def run(
     labels); tokenize each split once into a memory-mapped window cache (:mod:`domainlm.classify.window_cache`,
     reused while the split files, the tokenizer and the window settings stay the same), which training, validation
     and test prediction read; write token statistics from the caches (``token_stats_json``, also an MLflow
-    artifact); fit and score the TF-IDF baseline; score the deployed model when its classes match
-    (:func:`domainlm.classify.deployed.scorable`), as attempt 0 when it is also on this merged LM
-    (:func:`domainlm.classify.deployed.compatible`); run the gate (:func:`domainlm.classify.gate.run_gate`: attempt
-    ``r`` is a nested MLflow run ``attempt_<r>``, seeded ``seed + r``; a retry continues the previous attempt);
-    write the kept attempt to ``out_dir`` (``model/``, ``adapter/``) atomically; write one CSV row per test document
-    for the LoRA model and the baseline (``dvc plots`` confusion matrices); register the kept model as champion or
-    challenger, or nothing when the deployed model was kept (:func:`domainlm.classify.registry.register_kept`);
+    artifact); fit and score the TF-IDF baseline; plan the start from the deployed model
+    (:func:`domainlm.classify.deployed.plan_start`) and run a gate (:func:`domainlm.classify.gate.run_gate`: attempt
+    ``r`` is a nested MLflow run ``attempt_<r>``, seeded ``seed + r``; a retry continues the previous attempt) per
+    candidate line (:mod:`domainlm.classify.candidates`): the deployed line (the deployed model scored as attempt 0,
+    or its widened head continued; on its own backbone, runs ``deployed_attempt_<r>``, after an LM release) and the
+    challenger (trained from the merged LM); keep the line :func:`domainlm.classify.candidates.choose_line` picks and
+    write its kept attempt to ``out_dir`` (``model/``, ``adapter/``, ``backbone/``) atomically; write one CSV row per
+    test document for the LoRA model and the baseline (``dvc plots`` confusion matrices); register the kept model as
+    champion or challenger, or nothing when the deployed model was kept
+    (:func:`domainlm.classify.registry.register_kept`);
     write ``alerts_json`` and POST its alerts to ``classifier.alert.webhook_url`` when set
     (:func:`domainlm.classify.alerts.gate_alerts`); bootstrap both test macro-F1s and their difference
     (:func:`domainlm.classify.metrics.macro_f1_intervals`, ``classifier.bootstrap``); assemble the metrics
@@ -122,12 +123,15 @@ def run(
         ``lora`` and ``baseline`` (:func:`domainlm.classify.metrics.score` on the test split, plus training
         figures and ``macro_f1_low``/``macro_f1_high``, the bootstrap interval), ``lora_to_baseline`` (ratios, and
         ``macro_f1_difference`` LoRA - baseline with its interval), ``bootstrap`` (confidence, resamples,
-        method), ``start`` (``case``: ``fresh`` (nothing deployed, or another label space) | ``deployed_kept`` |
-        ``deployed_retrained`` | ``challenger`` (a new LM: trained fresh, the deployed model scored beside it),
-        ``reason``, ``deployed_version``, ``deployed_test_macro_f1``, and ``lora_minus_deployed`` with its paired
-        bootstrap interval when both were scored), ``new_data`` (test documents the LM release lacks: the
-        deployed and the kept model's scores on them), ``gate``, ``registry``, ``alerts``, ``timing``
-        (seconds per step; the stage contract adds ``stage.wall_s``, ``stage.peak_rss_mb`` and ``compute``).
+        method), ``start`` (``case``: ``fresh`` (nothing deployed, or a label space its head cannot map onto) |
+        ``deployed_kept`` | ``deployed_retrained`` | ``deployed_widened`` (new classes: its head widened, known rows
+        kept, and continued) | ``challenger`` (a new LM's classifier kept over the deployed line), ``reason``,
+        ``line``, ``widened``, ``new_classes``, ``candidates`` (every candidate's scores,
+        :func:`domainlm.classify.candidates.candidate_scores`), ``deployed_version``, ``deployed_test_macro_f1``, and
+        ``lora_minus_deployed`` with its paired bootstrap interval when both were scored), ``new_data`` (test
+        documents the LM release lacks: the deployed and the kept model's scores on them), ``gate``, ``registry``,
+        ``alerts``, ``timing`` (seconds per step; the stage contract adds ``stage.wall_s``, ``stage.peak_rss_mb``
+        and ``compute``).
 
     Raises:
         FileNotFoundError: a split file, the label table or the merged LM is missing.
@@ -201,14 +205,15 @@ def run(
     base_scores = {**score(test.labels, base_proba, classes), "train_s": time.perf_counter() - t0}
     log.info("TF-IDF baseline: test accuracy %.4f, macro-F1 %.4f", base_scores["accuracy"], base_scores["macro_f1"])
 
-    # ---- the deployed model first (scored before any training), when it fits this label space and this merged LM
-    manifest = dep.read_manifest(deployed_dir) if deployed_dir is not None else None
-    can_score, reason = dep.scorable(manifest, classes=classes)
-    if can_score:
-        continuable, reason = dep.compatible(manifest, classes=classes, merged_lm_sha256=dep.tree_sha256(lm_dir))
-    else:
-        continuable = False
-    log.info("deployed model: %s%s", reason, f" (v{manifest['version']})" if manifest else "")
+    # ---- the start from the deployed model: score it, continue it (its head widened for new classes), or not
+    plan = dep.plan_start(
+        manifest := dep.read_manifest(deployed_dir) if deployed_dir is not None else None,
+        deployed_dir,
+        classes=classes,
+        lm_dir=lm_dir,
+        merged_lm_sha256=dep.tree_sha256(lm_dir),
+    )
+    log.info("deployed model: %s%s", plan.reason, f" (v{manifest['version']})" if manifest else "")
 
     t0 = time.perf_counter()
     scoring = scoring_kwargs(cfg, compute)
@@ -216,87 +221,57 @@ def run(
     def predict(model, tok, texts):
         return predict_proba(model, tok, texts, **scoring)
 
-    def predict_test(model, tok):  # the test split's windows from its cache: the same windows as predict()
-        return predict_windows(
-            model, tok, caches["test"], test.rows, batch_size=scoring["batch_size"], compute=scoring["compute"]
-        )
-
     with scratch_folder(out_dir.parent, "attempts") as work:  # a killed run's folder is removed by the next
-
-        def train_and_score(index: int, settings: dict[str, Any], previous: Attempt | None) -> Attempt:
-            init = Path(previous.model_dir) / ADAPTER_SUBDIR if previous is not None else None
-            with mlflow_run(STAGE, settings, nested=True, run_name=f"attempt_{index}") as child:
-                run_id = child.active_run().info.run_id
-                model, tok, info = train_attempt(
-                    lm_dir,
-                    train,
-                    val,
-                    classes,
-                    cfg,
-                    settings,
-                    seed=seed + index,
-                    on_log=lambda step, figures: child.log_metrics(figures, step=step),
-                    init_adapter=init,
-                    compute=compute,
-                    windows=caches,
-                )
-                proba = predict_test(model, tok)
-                scores = score(test.labels, proba, classes)
-                passed = passes(scores["macro_f1"], min_f1)
-                attempt_dir = save_classifier(model, tok, Path(work) / f"attempt_{index}")
-                child.log_metrics(
-                    {
-                        "val_macro_f1": info["val_macro_f1"],
-                        "test_macro_f1": scores["macro_f1"],
-                        "test_accuracy": scores["accuracy"],
-                        "train_s": info["train_s"],
-                        "gate_passed": int(passed),
-                    }
-                )
-                child.set_tag("gate", "passed" if passed else "failed")
-            log.log(
-                logging.INFO if passed else logging.WARNING,
-                "attempt %d (%s, %s epochs, lr %g%s): val macro-F1 %.4f, test macro-F1 %.4f, accuracy %.4f: gate %s",
-                index,
-                f"continued from attempt {previous.index}" if previous is not None else "from the merged LM",
-                settings["epochs"],
-                float(settings["lr"]),
-                ", class-weighted" if settings["class_weighted"] else "",
-                info["val_macro_f1"],
-                scores["macro_f1"],
-                scores["accuracy"],
-                "PASSED" if passed else "failed",
-            )
-            return Attempt(
-                index=index,
-                settings=settings,
-                val_macro_f1=info["val_macro_f1"],
-                test=scores,
-                passed=passed,
-                info=info,
-                model_dir=attempt_dir,
-                run_id=run_id,
-                test_proba=proba,
-                source="continued" if previous is not None else "trained",
-            )
-
-        deployed = (
-            dep.score_deployed(deployed_dir, manifest, val, test, classes, predict, min_f1) if can_score else None
+        deployed = None
+        if plan.score:
+            deployed = dep.score_deployed(deployed_dir, manifest, val, test, classes, predict, min_f1)
+        lines = run_lines(
+            plan,
+            LineTrainer(
+                train,
+                val,
+                test,
+                classes,
+                cfg,
+                seed=seed,
+                min_f1=min_f1,
+                work=Path(work),
+                stage=STAGE,
+                compute=compute,
+                batch_size=scoring["batch_size"],
+            ),
+            deployed=deployed,
+            manifest=manifest,
+            deployed_dir=deployed_dir,
+            lm_dir=lm_dir,
+            windows=caches,
+            windows_on=lambda backbone: split_caches(
+                AutoTokenizer.from_pretrained(backbone, local_files_only=True),
+                backbone,
+                split_dir,
+                domains,
+                cfg,
+                window_cache_dir,
+            ),
+            gate={"gate": gate_cfg, "train": cfg["train"]},
         )
-        initial = deployed if continuable else None  # its retries continue it only on its own backbone
-        outcome = run_gate(
-            train_and_score,
-            cfg["train"],
-            gate_cfg,
-            min_f1=min_f1,
-            max_retries=int(gate_cfg.get("max_retries", 3)),
-            initial=initial,
-        )
+        line = choose_line(lines)
+        outcome = lines[line]
         kept = outcome.kept
+        candidates = candidate_scores(lines, deployed)
+        log.info(
+            "kept the %s line (%s): %s",
+            line,
+            kept.source,
+            "; ".join(f"{k} test macro-F1 {v['test_macro_f1']:.4f}" for k, v in candidates.items()),
+        )
         with atomic_path(out_dir, is_dir=True) as tmp:
             for sub in (MODEL_SUBDIR, ADAPTER_SUBDIR):
                 shutil.copytree(Path(kept.model_dir) / sub, Path(tmp) / sub)
+            if kept.backbone_dir is not None:  # the LM its adapter loads back onto (the DVC cache stores it once)
+                shutil.copytree(kept.backbone_dir, Path(tmp) / BACKBONE_SUBDIR)
     gate_s = time.perf_counter() - t0
+    from_deployed = line == DEPLOYED
 
     write_text(
         confusion_csv, rows_to_csv(prediction_rows(test.ids, test.labels, kept.test_proba, classes), CONFUSION_COLUMNS)
@@ -322,7 +297,7 @@ def run(
         domains=domains,
         label_overrides=overrides,
         git_commit=commit,
-        deployed_version=manifest["version"] if initial is not None else None,
+        deployed_version=manifest["version"] if from_deployed else None,
         serving_config=serving_cfg,
         logger=log,
     )
@@ -343,7 +318,7 @@ def run(
         timeout_s=float(alert_cfg.get("timeout_s", 5)),
         deployed_beside=(
             {"version": int(manifest["version"]), "macro_f1": deployed.macro_f1}
-            if deployed is not None and initial is None
+            if deployed is not None and not from_deployed
             else None
         ),
     )
@@ -393,8 +368,11 @@ def run(
         baseline_docs=len(fit_idx),
         intervals=boot,
         deployed=deployed,
-        from_deployed=initial is not None,
-        start_reason=reason,
+        from_deployed=from_deployed,
+        start_reason=plan.reason,
+        new_classes=list(plan.new_classes),
+        candidates=candidates,
+        line=line,
         deployed_version=int(manifest["version"]) if manifest else None,
         new_data=new_data,
         windows={"max_length": max_length, "train": n_train_windows, "predict": n_predict_windows},

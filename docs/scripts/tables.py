@@ -1083,6 +1083,7 @@ START_CASES = {
     "fresh": "trained a classifier from the merged LM",
     "deployed_kept": "scored the deployed classifier first and kept it",
     "deployed_retrained": "scored the deployed classifier first and continued it",
+    "deployed_widened": "widened the deployed classifier's head for new labels and continued it",
     "challenger": "trained a challenger on the new LM and scored the deployed classifier beside it",
 }
 

@@ -1,16 +1,21 @@
 """The deployed classifier: ``models/deployed``, a ``dvc add``-tracked input (never a stage output, so the
 pipeline stays acyclic), replaced only by the round's promote step.
 
-Layout: ``model/`` and ``adapter/`` exactly as ``models/classifier`` (:func:`domainlm.classify.model.save_classifier`)
-and ``deployed.json`` (:data:`MANIFEST_KEYS`). A folder whose manifest has ``version: null`` (a fresh clone's
-bootstrap) means "nothing deployed yet".
+Layout: ``model/``, ``adapter/`` and ``backbone/`` exactly as ``models/classifier``
+(:func:`domainlm.classify.model.save_classifier`; ``backbone/`` is the LM the adapter was trained on, weights and
+tokenizer) and ``deployed.json`` (:data:`MANIFEST_KEYS`). A folder whose manifest has ``version: null`` (a fresh
+clone's bootstrap) means "nothing deployed yet".
 
-``train_classifier`` scores the deployed model first (the champion/challenger baseline, :func:`score_deployed`)
-whenever its class list equals this run's (:func:`scorable`): its ``model/`` folder holds its own backbone (the LM its
-adapter was trained on, merged with the adapter) and tokenizer, so it is scored whatever the current LM. Its retries
-continue it only when it is :func:`compatible`: also built on the current merged LM (:func:`tree_sha256` of
-``models/merged``). After an LM release the deployed model is scored beside a classifier trained on the new LM, the
-challenger.
+``train_classifier`` plans its start from the deployed model (:func:`plan_start`), following the warm start of TFX's
+Trainer and MLflow's champion/challenger:
+
+- its class list equals this run's: it is scored first (:func:`score_deployed`; ``model/`` is self-contained, so
+  whatever the current LM), kept when it passes, else continued by the gate's retries;
+- this run has classes its head lacks (and lacks none of its classes): its head is widened
+  (:func:`domainlm.classify.model.widen_adapter`) and training continues from it;
+- it continues on the current merged LM when it was trained on it (same :func:`tree_sha256` of ``models/merged``),
+  else on its own ``backbone/``: after an LM release the deployed line (kept or continued) meets a classifier
+  trained on the new LM, the challenger, and the better passing one is kept (a tie keeps the deployed line).
 """
 
 from __future__ import annotations
@@ -21,12 +26,14 @@ import logging
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "deployed.json"
+BACKBONE_SUBDIR = "backbone"
 #: The manifest's keys: registry name and version, the MLflow run id, the test macro-F1 it was promoted with, the
 #: test split's hash (:func:`domainlm.classify.data.split_sha256`), the merged LM's hash (:func:`tree_sha256`), the
 #: class list, the UTC date of promotion.
@@ -86,31 +93,109 @@ def read_manifest(deployed_dir: str | os.PathLike) -> dict[str, Any] | None:
     return manifest
 
 
-def scorable(manifest: Mapping[str, Any] | None, *, classes: Sequence[str]) -> tuple[bool, str]:
-    """Whether the deployed model can be scored in this run, and why (a short reason): a model is deployed and its
-    class list equals ``classes`` (same order: class ids index the head). The LM does not matter: ``model/`` is
-    self-contained."""
-    if manifest is None:
-        return False, "no deployed model"
-    if list(manifest["classes"]) != list(classes):
-        return False, f"label space changed ({len(manifest['classes'])} deployed classes vs {len(classes)} now)"
-    return True, "deployed model scorable"
+@dataclass(frozen=True)
+class StartPlan:
+    """How ``train_classifier`` starts from the deployed model (:func:`plan_start`).
 
-
-def compatible(
-    manifest: Mapping[str, Any] | None, *, classes: Sequence[str], merged_lm_sha256: str
-) -> tuple[bool, str]:
-    """Whether the deployed model can be scored and fine-tuned in this run, and why (a short reason).
-
-    It can when a model is deployed, its class list equals ``classes`` (same order: class ids index the head) and it
-    was trained on the merged LM whose :func:`tree_sha256` is ``merged_lm_sha256``.
+    Attributes:
+        score: score the deployed model as it is (its class list equals this run's).
+        continue_on: the LM folder its adapter continues on (the current merged LM when it was trained on it, else
+            its own ``backbone/``), or None: it is not continued.
+        new_classes: this run's classes its head lacks (the head is widened before training continues), in head
+            order; empty when the class lists are equal.
+        challenger: also train a classifier from the current merged LM (a new LM, or nothing to continue).
+        reason: one sentence for the log and ``start.reason``.
     """
-    ok, reason = scorable(manifest, classes=classes)
-    if not ok:
-        return ok, reason
-    if manifest["merged_lm_sha256"] != merged_lm_sha256:
-        return False, "the merged LM changed since it was deployed (a new LM release)"
-    return True, "deployed model compatible"
+
+    score: bool
+    continue_on: Path | None
+    new_classes: tuple[str, ...]
+    challenger: bool
+    reason: str
+
+    @property
+    def widen(self) -> bool:
+        return bool(self.new_classes)
+
+
+def plan_start(
+    manifest: Mapping[str, Any] | None,
+    deployed_dir: str | os.PathLike | None,
+    *,
+    classes: Sequence[str],
+    lm_dir: str | os.PathLike,
+    merged_lm_sha256: str,
+) -> StartPlan:
+    """Plan the start from the deployed model.
+
+    - Nothing deployed: train from the merged LM (``challenger`` only).
+    - The deployed model has a class this run has no training document for: train from the merged LM; its head
+      cannot be mapped onto this label space (it is not scored either).
+    - Same class list: score it; continue it on ``lm_dir`` when it was trained on that LM (``merged_lm_sha256``),
+      else on its ``backbone/`` (and train a challenger on the new LM); a deployed folder without ``backbone/``
+      and on another LM is only scored beside the challenger.
+    - New classes: widen and continue it as above (not scored: it cannot predict the new classes); without a
+      backbone to continue on, train from the merged LM.
+
+    Args:
+        manifest: :func:`read_manifest` of ``deployed_dir`` (None: nothing deployed).
+        deployed_dir: ``models/deployed``.
+        classes: this run's class list (sorted train labels).
+        lm_dir: the current merged LM.
+        merged_lm_sha256: :func:`tree_sha256` of ``lm_dir``.
+
+    Raises:
+        ValueError: the deployed ``backbone/`` is not the LM its manifest names (``merged_lm_sha256`` differs).
+    """
+    if manifest is None:
+        return StartPlan(False, None, (), True, "no deployed model")
+    deployed_classes = list(manifest["classes"])
+    dropped = [c for c in deployed_classes if c not in classes]
+    if dropped:
+        return StartPlan(
+            False,
+            None,
+            (),
+            True,
+            f"label space changed: the deployed classes {dropped} have no training document now; trained fresh",
+        )
+    new = tuple(c for c in classes if c not in deployed_classes)
+    same_lm = manifest["merged_lm_sha256"] == merged_lm_sha256
+    backbone = Path(deployed_dir) / BACKBONE_SUBDIR if deployed_dir is not None else None
+    if backbone is not None and not backbone.is_dir():
+        backbone = None
+    if not same_lm and backbone is not None and tree_sha256(backbone) != manifest["merged_lm_sha256"]:
+        raise ValueError(
+            f"{backbone} is not the LM the deployed manifest names (merged_lm_sha256 {manifest['merged_lm_sha256']})"
+        )
+    continue_on = Path(lm_dir) if same_lm else backbone
+    where = "on this merged LM" if same_lm else "on its own backbone (a new LM release; a challenger is trained too)"
+    if new:
+        if continue_on is None:
+            return StartPlan(
+                False,
+                None,
+                (),
+                True,
+                f"new classes {list(new)} and the deployed model carries no backbone to continue on; trained fresh",
+            )
+        return StartPlan(
+            False,
+            continue_on,
+            new,
+            not same_lm,
+            f"new classes {list(new)}: the deployed head is widened (known rows kept) and continued {where}",
+        )
+    if continue_on is None:
+        return StartPlan(
+            True,
+            None,
+            (),
+            True,
+            "the merged LM changed since it was deployed (a new LM release) and the deployed model carries no "
+            "backbone: scored beside the challenger, not continued",
+        )
+    return StartPlan(True, continue_on, (), not same_lm, f"deployed model scored first, continued {where}")
 
 
 def score_deployed(
@@ -130,14 +215,14 @@ def score_deployed(
         deployed_dir: ``models/deployed``; its ``model/`` is loaded (:func:`domainlm.classify.model.load_classifier`).
         manifest: its :func:`read_manifest`.
         val, test: :class:`domainlm.classify.data.LabelledSplit` with texts.
-        classes: the class list (the deployed model's, :func:`scorable`).
+        classes: the class list (the deployed model's: :attr:`StartPlan.score`).
         predict: ``(model, tokenizer, texts) -> float [n, len(classes)]`` probabilities (the run's windows and
             compute policy).
         min_f1: the gate's threshold.
 
     Returns:
-        A :class:`domainlm.classify.gate.Attempt` with ``index`` 0, ``source`` ``"deployed"``, its ``test_proba``
-        and ``info["score_s"]`` (seconds).
+        A :class:`domainlm.classify.gate.Attempt` with ``index`` 0, ``source`` ``"deployed"``, its ``test_proba``,
+        ``backbone_dir`` (its ``backbone/``, None when the folder has none) and ``info["score_s"]`` (seconds).
     """
     from domainlm.classify.gate import Attempt, passes
     from domainlm.classify.metrics import macro_f1, score
@@ -170,4 +255,5 @@ def score_deployed(
         model_dir=Path(deployed_dir),
         test_proba=proba,
         source="deployed",
+        backbone_dir=Path(deployed_dir) / BACKBONE_SUBDIR if (Path(deployed_dir) / BACKBONE_SUBDIR).is_dir() else None,
     )

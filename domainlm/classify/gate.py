@@ -3,9 +3,9 @@
 fine-tuning the previous attempt's kept model (its LoRA matrices and score head) for ``classifier.gate.retry_epochs``
 epochs at ``classifier.gate.retry_lr``, with a class-weighted loss; it is not a fresh run.
 
-Attempt 0 is either a training from the merged LM or, when a compatible deployed model exists
-(:mod:`domainlm.classify.deployed`), that deployed model scored as it is (``initial``): kept when it passes, else the
-retries continue from it.
+Attempt 0 is a training from the merged LM, or the deployed model scored as it is (``initial``,
+:mod:`domainlm.classify.deployed`): kept when it passes, else the retries continue from it; or, when the deployed
+head was widened for new classes (``warm_start``), a continuation of it with the retry settings.
 
 The loop stops at the first passing attempt, which is kept. When every attempt fails, the attempt with the best
 *validation* macro-F1 is kept (choosing on the test split would overstate its test score) and the stage raises
@@ -37,7 +37,11 @@ class Attempt:
         model_dir: where the attempt's classifier was saved (:func:`domainlm.classify.model.save_classifier`).
         run_id: the attempt's nested MLflow run, or None.
         test_proba: the attempt's test probabilities (float ``[n_test, n_classes]``), or None.
-        source: ``"trained"`` (from the merged LM), ``"continued"`` (a retry) or ``"deployed"`` (scored, not trained).
+        source: ``"trained"`` (from the merged LM), ``"continued"`` (a retry, or the widened deployed model
+            continued) or ``"deployed"`` (scored, not trained); ``"widened"`` marks a ``warm_start`` (never an
+            attempt of its own).
+        backbone_dir: the LM folder the attempt's adapter was trained on (``models/merged``, or the deployed
+            model's ``backbone/``), or None when unknown (a deployed folder without one).
     """
 
     index: int
@@ -50,6 +54,7 @@ class Attempt:
     run_id: str | None = None
     test_proba: Any = None
     source: str = "trained"
+    backbone_dir: Path | None = None
 
     @property
     def macro_f1(self) -> float:
@@ -109,6 +114,7 @@ def run_gate(
     min_f1: float,
     max_retries: int,
     initial: Attempt | None = None,
+    warm_start: Attempt | None = None,
 ) -> GateOutcome:
     """Train, score and retry until an attempt passes or ``max_retries`` retries are spent.
 
@@ -121,27 +127,33 @@ def run_gate(
         min_f1: the macro-F1 threshold in [0, 1].
         max_retries: at most this many retries (≥ 0).
         initial: an already scored attempt 0 (the deployed model); when given, nothing is trained for attempt 0.
+        warm_start: a saved model to continue from that is not scored (the deployed model with a widened head):
+            attempt 0 continues it with the retry settings (:func:`attempt_settings` of attempt 1).
 
     Returns:
         A :class:`GateOutcome`: the first passing attempt is kept; when none passes, the one with the best
         validation macro-F1 (the earliest on a tie).
 
     Raises:
-        ValueError: ``max_retries`` < 0 or ``min_f1`` outside [0, 1]; bad retry settings (:func:`attempt_settings`).
+        ValueError: ``max_retries`` < 0 or ``min_f1`` outside [0, 1]; bad retry settings (:func:`attempt_settings`);
+            both ``initial`` and ``warm_start``.
     """
     if int(max_retries) < 0:
         raise ValueError(f"classifier.gate.max_retries must be >= 0, got {max_retries}")
     if not 0.0 <= float(min_f1) <= 1.0:
         raise ValueError(f"classifier.gate.min_f1 must be in [0, 1], got {min_f1}")
-    if int(max_retries) > 0:  # bad retry settings fail before any training, not after it
+    if initial is not None and warm_start is not None:
+        raise ValueError("the gate starts from a scored attempt 0 or from a warm start, not both")
+    if int(max_retries) > 0 or warm_start is not None:  # bad retry settings fail before any training, not after it
         attempt_settings(train, gate, 1)
     attempts: list[Attempt] = []
-    previous = initial
+    previous = initial if initial is not None else warm_start
     for index in range(int(max_retries) + 1):
         if index == 0 and initial is not None:
             attempt = initial
         else:
-            attempt = train_and_score(index, attempt_settings(train, gate, index), previous)
+            settings = attempt_settings(train, gate, max(index, 1) if warm_start is not None else index)
+            attempt = train_and_score(index, settings, previous)
         attempts.append(attempt)
         if attempt.passed:
             return GateOutcome(attempts, attempt, True, float(min_f1), int(max_retries))

@@ -246,22 +246,26 @@ def new_data_scores(test, release_labels_path, classes: Sequence[str], *, kept, 
     return {"test_docs": len(rows), "release_docs": len(released), "deployed": figures(deployed), "kept": figures(kept)}
 
 
-def start_case(deployed: Attempt | None, *, from_deployed: bool, kept: Attempt) -> str:
-    """How the round started and ended: ``fresh`` (nothing deployed scored), ``challenger`` (the deployed model
-    scored beside a model trained on a new LM), ``deployed_kept`` (the gate started from the deployed model and it
-    passed: nothing trained) or ``deployed_retrained`` (retries continued it, whether one passed or not: a failed
-    gate that keeps attempt 0 is still a failed gate, never a keep).
+def start_case(deployed: Attempt | None, *, from_deployed: bool, kept: Attempt, widened: bool = False) -> str:
+    """How the round started and ended: ``fresh`` (nothing deployed was scored or continued), ``challenger`` (a
+    classifier trained from the merged LM kept over the deployed line), ``deployed_kept`` (the deployed model
+    passed and no candidate beat it: nothing of its line trained), ``deployed_retrained`` (retries continued it,
+    whether one passed or not: a failed gate that keeps attempt 0 is still a failed gate, never a keep) or
+    ``deployed_widened`` (its head widened for new classes and continued).
 
     Args:
         deployed: the deployed model's scored attempt, or None when it was not scored.
-        from_deployed: whether the gate started from it (its attempt 0).
-        kept: the gate's kept attempt (``source`` ``deployed`` when the deployed model was kept).
+        from_deployed: whether the kept model is of the deployed line (:mod:`domainlm.classify.candidates`).
+        kept: the kept attempt (``source`` ``deployed`` when the deployed model was kept).
+        widened: whether the deployed line started from a widened head.
     """
-    if deployed is None:
+    if from_deployed:
+        if widened:
+            return "deployed_widened"
+        return "deployed_kept" if kept.source == "deployed" and kept.passed else "deployed_retrained"
+    if deployed is None and not widened:
         return "fresh"
-    if not from_deployed:
-        return "challenger"
-    return "deployed_kept" if kept.source == "deployed" and kept.passed else "deployed_retrained"
+    return "challenger"
 
 
 def classifier_metrics(
@@ -279,6 +283,9 @@ def classifier_metrics(
     from_deployed: bool,
     start_reason: str,
     deployed_version: int | None,
+    new_classes: Sequence[str] = (),
+    candidates: Mapping[str, Any] | None = None,
+    line: str | None = None,
     new_data: Mapping[str, Any],
     windows: Mapping[str, Any],
     registered_version: int,
@@ -299,10 +306,13 @@ def classifier_metrics(
         intervals: :func:`macro_f1_intervals` with models ``lora``, ``baseline`` and, when the deployed model was
             scored beside a trained one, ``deployed``.
         deployed: the deployed model's scored attempt, or None.
-        from_deployed: whether the gate started from the deployed model.
+        from_deployed: whether the kept model is of the deployed line.
         start_reason: why the deployed model was or was not scored and continued
-            (:func:`domainlm.classify.deployed.compatible`).
+            (:attr:`domainlm.classify.deployed.StartPlan.reason`).
         deployed_version: the deployed manifest's version, or None when nothing is deployed.
+        new_classes: the classes the deployed head was widened by (empty: not widened).
+        candidates: :func:`domainlm.classify.candidates.candidate_scores` (None: the kept attempt's only).
+        line: the kept line (``deployed`` | ``challenger``; None: from ``from_deployed``).
         new_data: :func:`new_data_scores`.
         windows: ``max_length`` (tokens), ``train`` and ``predict`` (windows per document).
         registered_version: the version registered (or kept) this run.
@@ -329,7 +339,7 @@ def classifier_metrics(
         "val_macro_f1": kept.val_macro_f1,
         **{k: kept.info.get(k, 0) for k in KEPT_TRAINING_FIGURES},
     }
-    case = start_case(deployed, from_deployed=from_deployed, kept=kept)
+    case = start_case(deployed, from_deployed=from_deployed, kept=kept, widened=bool(new_classes))
     versus_deployed = intervals["difference"].get("lora-deployed")
     return {
         "classes": len(classes),
@@ -362,6 +372,10 @@ def classifier_metrics(
         "start": {
             "case": case,
             "reason": start_reason,
+            "line": line or ("deployed" if from_deployed else "challenger"),
+            "widened": int(bool(new_classes)),
+            "new_classes": len(new_classes),
+            "candidates": dict(candidates or {}),
             "from_deployed": int(from_deployed),
             "deployed_kept": int(case == "deployed_kept"),
             "deployed_version": deployed_version,

@@ -8,9 +8,14 @@ as up to ``max_windows`` evenly spaced windows (the first starts at the document
 at its last); its logits are the mean of its windows' logits (:func:`predict_proba`), in training (validation),
 in the stage's predictions and in the served model alike. ``max_windows: 1`` is the document's first window only.
 
-``models/classifier`` (:func:`save_classifier`) holds ``adapter/`` (the peft adapter, which loads back onto
-``models/merged``) and ``model/`` (the adapter merged into the weights, with the tokenizer and ``id2label``
-in ``config.json``): the folder :mod:`domainlm.classify.serving` serves, with no peft needed.
+``models/classifier`` (:func:`save_classifier`) holds ``adapter/`` (the peft adapter), ``backbone/`` (the LM the
+adapter was trained on, weights and tokenizer: ``adapter/`` loads back onto it whatever the current LM is) and
+``model/`` (the adapter merged into the weights, with the tokenizer and ``id2label`` in ``config.json``): the folder
+:mod:`domainlm.classify.serving` serves, with no peft needed.
+
+A label the saved head lacks widens it (:func:`widen_adapter`): the known classes' rows are kept, a row is drawn
+for each new class, and training continues from there (the warm start of Net2Net-style function-preserving growth,
+Chen et al. 2016: the known classes' logits are unchanged until training moves them).
 """
 
 from __future__ import annotations
@@ -27,6 +32,10 @@ import torch
 
 ADAPTER_SUBDIR = "adapter"
 MODEL_SUBDIR = "model"
+BACKBONE_SUBDIR = "backbone"
+#: The adapter file peft writes (``save_pretrained`` with safetensors) and the head ``modules_to_save`` trains.
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+HEAD_MODULE = "score"
 
 
 def appends_eos(tokenizer) -> bool:
@@ -453,3 +462,76 @@ def classes_of(model) -> list[str]:
     """The model's classes in class-id order (``config.id2label``)."""
     id2label = model.config.id2label
     return [id2label[i] for i in range(len(id2label))]
+
+
+def widen_adapter(
+    adapter_dir: str | os.PathLike,
+    old_classes: Sequence[str],
+    new_classes: Sequence[str],
+    out_dir: str | os.PathLike,
+    *,
+    seed: int,
+    std: float = 0.02,
+) -> dict[str, Any]:
+    """Write a copy of a saved classifier adapter whose score head has a row per class of ``new_classes``.
+
+    Each class of ``old_classes`` keeps its row (moved to its index in ``new_classes``: class ids follow the sorted
+    class list, so a new label can shift them); each new class gets a row drawn from N(0, ``std``²) with a generator
+    seeded by ``seed``, as transformers initialises a ``Linear`` layer. The LoRA matrices and
+    ``adapter_config.json`` are copied unchanged, so on the same backbone the known classes' logits are exactly the
+    saved model's. The result loads with :func:`load_adapter` for ``new_classes``.
+
+    Args:
+        adapter_dir: a saved ``adapter/`` folder (:func:`save_classifier`; peft's ``adapter_model.safetensors``,
+            float tensors, head ``base_model.model.score.weight`` of shape ``[len(old_classes), hidden]``).
+        old_classes: the saved head's classes, in head order.
+        new_classes: the widened head's classes, in head order; must contain every class of ``old_classes``.
+        out_dir: the folder to write (created; not atomic on its own).
+        seed: seeds the new rows.
+        std: the new rows' standard deviation (the backbone's ``initializer_range``).
+
+    Returns:
+        ``{"kept": [...], "added": [...]}``: the classes whose rows were kept and the ones added, in head order.
+
+    Raises:
+        ValueError: ``new_classes`` lacks a class of ``old_classes`` or repeats one, or the adapter holds no head
+            tensor whose first dimension is ``len(old_classes)``.
+        FileNotFoundError: ``adapter_dir`` lacks its weights file.
+    """
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    old, new = list(old_classes), list(new_classes)
+    missing = [c for c in old if c not in new]
+    if missing:
+        raise ValueError(f"cannot widen the head: the new class list lacks {missing}")
+    if len(set(new)) != len(new):
+        raise ValueError(f"the new class list repeats a class: {new}")
+    adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
+    weights_path = adapter_dir / ADAPTER_WEIGHTS
+    if not weights_path.is_file():
+        raise FileNotFoundError(f"{weights_path} is missing: not a saved classifier adapter")
+    state = load_file(str(weights_path))
+    heads = [
+        k
+        for k, v in state.items()
+        if k.rsplit(".", 2)[-2:-1] == [HEAD_MODULE] and v.ndim >= 1 and v.shape[0] == len(old)
+    ]
+    if not heads:
+        raise ValueError(f"{weights_path}: no {HEAD_MODULE!r} head tensor with {len(old)} rows (one per class)")
+    gen = torch.Generator().manual_seed(int(seed))
+    index = [new.index(c) for c in old]
+    for key in heads:
+        saved = state[key]
+        widened = torch.zeros((len(new), *saved.shape[1:]), dtype=saved.dtype)
+        if key.endswith(".weight"):
+            widened.normal_(0.0, float(std), generator=gen)
+        widened[index] = saved
+        state[key] = widened.contiguous()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for path in adapter_dir.iterdir():
+        if path.is_file() and path.name != ADAPTER_WEIGHTS:
+            shutil.copy2(path, out_dir / path.name)
+    save_file(state, str(out_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    return {"kept": [c for c in new if c in old], "added": [c for c in new if c not in old]}

@@ -510,6 +510,7 @@ def train_attempt(
         if _LEADING.get():
             zero.broadcast_object(
                 {
+                    "lm_dir": str(lm_dir),
                     "classes": list(classes),
                     "settings": dict(settings),
                     "seed": int(seed),
@@ -747,12 +748,14 @@ def follow_attempts(
     (:func:`leading_attempts`), with its arguments, until rank 0 says stop; write, score and log nothing.
 
     The train and val splits are read here as rank 0 reads them (:func:`domainlm.classify.data.read_splits`,
-    without texts), and their windows from the window caches rank 0 built before its first attempt
+    without texts), and their windows from the window caches rank 0 built before the attempt
     (:func:`split_caches`; a rank on another machine builds its own); the starting adapter of a retry arrives as
-    files and is written to a temporary folder.
+    files and is written to a temporary folder. Each attempt names the LM it trains on (``models/merged``, or the
+    deployed model's ``backbone/`` in the same checkout, :mod:`domainlm.classify.deployed`).
 
     Args:
-        lm_dir, split_dir, labels_path, domains, params, compute: as the stage's rank 0 has them.
+        lm_dir: the merged LM, for an attempt that names none.
+        split_dir, labels_path, domains, params, compute: as the stage's rank 0 has them.
         window_cache_dir: the stage's window cache folder (None = encode the texts in memory).
 
     Returns:
@@ -767,15 +770,16 @@ def follow_attempts(
     zero.init_process_group()
     splits = read_splits(split_dir, labels_path, domains, with_texts=window_cache_dir is None)
     classes = class_list(splits["train"])
-    n, caches = 0, None
+    n, caches = 0, {}
     while (job := zero.broadcast_object(None)) is not None:
         if job["classes"] != classes:
             raise ValueError(f"rank 0 trains classes {job['classes']}, this rank read {classes}")
-        if caches is None and window_cache_dir is not None:  # after rank 0 has built them
+        backbone = job.get("lm_dir") or str(lm_dir)
+        if backbone not in caches and window_cache_dir is not None:  # after rank 0 has built them
             from transformers import AutoTokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(lm_dir, local_files_only=True)
-            caches = split_caches(tokenizer, lm_dir, split_dir, domains, params, window_cache_dir)
+            tokenizer = AutoTokenizer.from_pretrained(backbone, local_files_only=True)
+            caches[backbone] = split_caches(tokenizer, backbone, split_dir, domains, params, window_cache_dir)
         with tempfile.TemporaryDirectory(prefix="train_classifier_init_") as tmp:
             init = None
             if job["init_adapter"] is not None:
@@ -783,7 +787,7 @@ def follow_attempts(
                 for name, data in job["init_adapter"].items():
                     (init / name).write_bytes(data)
             train_attempt(
-                lm_dir,
+                backbone,
                 splits["train"],
                 splits["val"],
                 classes,
@@ -792,7 +796,7 @@ def follow_attempts(
                 seed=job["seed"],
                 init_adapter=init,
                 compute=compute,
-                windows=caches,
+                windows=caches.get(backbone),
             )
         n += 1
     zero.finish()

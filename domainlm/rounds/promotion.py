@@ -6,9 +6,11 @@ committed one, so ``dvc status`` stays clean). After ``dvc repro`` the round rea
 ``models/deployed`` atomically (copy beside it, then rename) and runs ``dvc add models/deployed``.
 
 The rule ("the champion never regresses", as MLflow's champion/challenger aliases are used): promote when the gate
-passed and the new model's test macro-F1 is at least the deployed model's **on the current test split**. The
-deployed model's score on that split comes from, in order: its manifest (same ``test_sha256``); attempt 0 of this
-run when ``train_classifier`` started from it; else re-scoring it (:func:`rescore_deployed`).
+passed and the new model's test macro-F1 is higher than the deployed model's **on the current test split** (a tie
+keeps the deployed model). The deployed model's score on that split comes from, in order: its manifest (same
+``test_sha256``); this run, which scored it first; else re-scoring it (:func:`rescore_deployed`). A deployed head
+widened by new classes and continued is promoted when it passes: the deployed model cannot predict those classes.
+Every reason quotes each candidate of the run (:func:`candidates_text`).
 
 The MLflow registry (``mlflow.db``) is per machine unless ``MLFLOW_TRACKING_URI`` points at a shared
 ``mlflow server``, so ``metrics/classifier.json`` (pulled with the pipeline's outputs) may name a version this store
@@ -31,7 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from domainlm.classify.deployed import MANIFEST, tree_sha256
+from domainlm.classify.deployed import BACKBONE_SUBDIR, MANIFEST, tree_sha256
 from domainlm.common.atomic import atomic_path
 
 log = logging.getLogger(__name__)
@@ -85,17 +87,18 @@ class Decision:
 
 
 def finetuned_from(metrics: Mapping[str, Any]) -> int | None:
-    """The deployed version this run's model continued (``start.case`` ``deployed_retrained``), else ``None``."""
+    """The deployed version this run's model continued (``start.case`` ``deployed_retrained`` or
+    ``deployed_widened``), else ``None``."""
     start = metrics.get("start") or {}
-    if start_case(metrics) == "deployed_retrained" and start.get("deployed_version") is not None:
+    if start_case(metrics) in ("deployed_retrained", "deployed_widened") and start.get("deployed_version") is not None:
         return int(start["deployed_version"])
     return None
 
 
 def start_case(metrics: Mapping[str, Any]) -> str:
     """``metrics["start"]["case"]`` of ``metrics/classifier.json`` (``deployed_kept`` | ``deployed_retrained`` |
-    ``challenger`` | ``fresh``); ``fresh`` when the stage wrote no ``start`` block (metrics written by a release that
-    did not score the deployed model first)."""
+    ``deployed_widened`` | ``challenger`` | ``fresh``); ``fresh`` when the stage wrote no ``start`` block (metrics
+    written by a release that did not score the deployed model first)."""
     start = metrics.get("start") or {}
     return str(start.get("case", "fresh"))
 
@@ -120,15 +123,27 @@ def decide(
     new_f1 = float(metrics["lora"]["macro_f1"])
     version = int(metrics["registry"]["version"])
     case = start_case(metrics)
+    start = metrics.get("start") or {}
+    others = candidates_text(metrics)
     if case == "deployed_kept":
         return Decision(
             KEEP,
-            "the deployed model passed the gate on the current test split; nothing trained",
+            "the deployed model passed the gate on the current test split and "
+            + (f"no candidate beat it ({others})" if others else "nothing was trained"),
             new_f1,
             new_f1,
             version,
         )
-    start = metrics.get("start") or {}
+    if case == "deployed_widened" and int(metrics["gate"]["passed"]):
+        return Decision(
+            PROMOTE,
+            f"the gate passed and the deployed v{start.get('deployed_version')}, its head widened by "
+            f"{start.get('new_classes')} new class(es) and continued, scores test macro-F1 {new_f1:.4f}; the deployed "
+            "model cannot predict the new classes" + (f" ({others})" if others else ""),
+            new_f1,
+            None,
+            version,
+        )
     if (
         not int(metrics["gate"]["passed"])
         and case == "challenger"
@@ -142,7 +157,7 @@ def decide(
             f"the challenger (a new LM) failed the gate after {metrics['gate'].get('attempts')} attempt(s) (best test "
             f"macro-F1 {new_f1:.4f} < {metrics['gate']['min_f1']}); the deployed v{manifest['version']} passes on the "
             f"current test split ({deployed_f1:.4f}, scored in this run beside it){_versus_deployed(metrics)}; "
-            "it stays",
+            "it stays" + (f" ({others})" if others else ""),
             new_f1,
             deployed_f1,
             version,
@@ -151,7 +166,7 @@ def decide(
         return Decision(
             GATE_FAILED,
             f"the gate failed after {metrics['gate'].get('attempts')} attempt(s) "
-            f"(best test macro-F1 {new_f1:.4f} < {metrics['gate'].get('min_f1')})",
+            f"(best test macro-F1 {new_f1:.4f} < {metrics['gate'].get('min_f1')})" + (f"; {others}" if others else ""),
             new_f1,
             None,
             version,
@@ -173,7 +188,7 @@ def decide(
         return Decision(
             PROMOTE,
             f"the gate passed and {_candidate(case)} test macro-F1 {new_f1:.4f} > the deployed v"
-            f"{manifest['version']}'s {deployed_f1:.4f} ({how}){interval}",
+            f"{manifest['version']}'s {deployed_f1:.4f} ({how}){interval}" + (f"; {others}" if others else ""),
             new_f1,
             deployed_f1,
             version,
@@ -181,17 +196,38 @@ def decide(
     return Decision(
         KEEP,
         f"the gate passed but {_candidate(case)} test macro-F1 {new_f1:.4f} <= the deployed v{manifest['version']}'s "
-        f"{deployed_f1:.4f} ({how}{interval}); the deployed model stays (a tie keeps it)",
+        f"{deployed_f1:.4f} ({how}{interval}); the deployed model stays (a tie keeps it)"
+        + (f"; {others}" if others else ""),
         new_f1,
         deployed_f1,
         version,
     )
 
 
+def candidates_text(metrics: Mapping[str, Any]) -> str:
+    """Every candidate's test macro-F1 from ``start.candidates`` (:func:`domainlm.classify.candidates.candidate_scores`)
+    as one clause, e.g. ``"candidates: deployed 0.7012 (failed), deployed continued 0.7601 (passed, 2 attempts),
+    challenger 0.7433 (passed, 1 attempt)"``; ``""`` when the run had a single candidate."""
+    candidates = (metrics.get("start") or {}).get("candidates") or {}
+    if len(candidates) < 2:
+        return ""
+    parts = []
+    for name, c in candidates.items():
+        n = int(c.get("attempts", 0))
+        trained = f", {n} attempt{'s' if n != 1 else ''}" if n else ""
+        parts.append(
+            f"{name.replace('_', ' ')} {float(c['test_macro_f1']):.4f} ({'passed' if c.get('passed') else 'failed'}"
+            f"{trained})"
+        )
+    return "candidates: " + ", ".join(parts)
+
+
 def _candidate(case: str) -> str:
-    return {"challenger": "the challenger's (a new LM)", "deployed_retrained": "the continued model's"}.get(
-        case, "this run's"
-    )
+    return {
+        "challenger": "the challenger's (a new LM)",
+        "deployed_retrained": "the continued model's",
+        "deployed_widened": "the widened model's",
+    }.get(case, "this run's")
 
 
 def _versus_deployed(metrics: Mapping[str, Any]) -> str:
@@ -255,7 +291,10 @@ def build_manifest(
     finetuned_from: int | None = None,
 ) -> dict[str, Any]:
     """The ``deployed.json`` of a promoted model (keys :data:`domainlm.classify.deployed.MANIFEST_KEYS`, plus
-    ``finetuned_from``: the deployed version it continued, null for a model trained from the LM)."""
+    ``finetuned_from``: the deployed version it continued, null for a model trained from the LM).
+
+    ``merged_dir``: the LM its adapter was trained on (the classifier's ``backbone/``; ``merged_lm_sha256`` is its
+    :func:`domainlm.classify.deployed.tree_sha256`)."""
     date = date or dt.datetime.now(dt.UTC)
     return {
         "registry_name": registry_name,
@@ -273,8 +312,9 @@ def build_manifest(
 def replace_deployed(
     classifier_dir: str | os.PathLike, deployed_dir: str | os.PathLike, manifest: Mapping[str, Any]
 ) -> Path:
-    """Copy ``<classifier_dir>/{model,adapter}`` and write ``manifest`` into a sibling of ``deployed_dir``, then
-    rename it onto ``deployed_dir`` (the old folder is removed only after the rename).
+    """Copy ``<classifier_dir>/{model,adapter}`` (and ``backbone/`` when it has one) and write ``manifest`` into a
+    sibling of ``deployed_dir``, then rename it onto ``deployed_dir`` (the old folder is removed only after the
+    rename).
 
     Raises:
         FileNotFoundError: ``classifier_dir`` lacks ``model/`` or ``adapter/``.
@@ -284,7 +324,9 @@ def replace_deployed(
         if not (classifier_dir / sub).is_dir():
             raise FileNotFoundError(f"{classifier_dir / sub} is missing: nothing to promote")
     with atomic_path(deployed_dir, is_dir=True) as tmp:
-        for sub in ("model", "adapter"):
+        for sub in ("model", "adapter", BACKBONE_SUBDIR):
+            if sub == BACKBONE_SUBDIR and not (classifier_dir / sub).is_dir():
+                continue
             shutil.copytree(classifier_dir / sub, tmp / sub)
         (tmp / MANIFEST).write_text(json.dumps(dict(manifest), ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
     return Path(deployed_dir)
@@ -601,7 +643,7 @@ def promote(
         run_id=local.run_id,
         test_macro_f1=float(metrics["lora"]["macro_f1"]),
         test_sha256=test_sha256,
-        merged_dir=merged_dir,
+        merged_dir=backbone if (backbone := Path(classifier_dir) / BACKBONE_SUBDIR).is_dir() else merged_dir,
         classes=classes,
         finetuned_from=finetuned_from(metrics),
     )
