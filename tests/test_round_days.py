@@ -333,7 +333,7 @@ def test_day2b_a_gate_nothing_reaches_spends_every_retry_on_the_deployed_model_a
     assert metrics["gate"]["attempts"] == 4 and metrics["gate"]["retries"] == 3
     # attempt 0 is the deployed model, unchanged; each retry continues the one before (a warm start, not a fresh run)
     assert metrics["gate"]["test_macro_f1"]["attempt_0"] == metrics["start"]["deployed_test_macro_f1"]
-    assert d["out"].count("continued from attempt") == 3
+    assert d["out"].count("continued from the deployed model") == 1 and d["out"].count("continued from attempt") == 2
     alerts = json.loads((repo / "metrics" / "classifier_alerts.json").read_text(encoding="utf-8"))
     (alert,) = alerts["alerts"]
     assert alert["severity"] == "error" and alert["attempts"] == 4 and alert["threshold"] == 0.99

@@ -1191,6 +1191,89 @@ def round_days_block(path: str | Path = ROUND_DAYS) -> str:
     return "\n".join(out)
 
 
+KEPT_DAY = ROOT / RESULTS / "kept_day.csv"
+KEPT_DAY_NAMES = {
+    "switch": "Switch (office\\_help as a JSONL source, without the day's pages)",
+    "kept": "Kept day: the pages arrive, the classifier is deployed",
+    "fresh": "Fresh day (baseline): the same pages, nothing deployed",
+}
+
+
+def kept_day_block(path: str | Path = KEPT_DAY) -> str:
+    """The table of ``benchmarks/results/kept_day.csv`` (``benchmarks/kept_day.py``): per round (``switch``,
+    ``kept``, ``fresh``), the new documents, the wall seconds, the stages run and how many were LM stages, the start
+    case, the attempts, the decision, ``train_classifier``'s seconds and the peak RSS in MiB; then the hardware,
+    commit and date (:func:`result_meta`), and the kept day against its bar (180 s plus 60 s per retry) and against
+    the fresh day.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist (run ``python benchmarks/kept_day.py``).
+        KeyError: a column is missing. StopIteration: no ``kept`` or ``fresh`` row.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} is missing: `python benchmarks/kept_day.py` times a day that keeps the deployed classifier "
+            "(about 10 minutes on 2 idle cores) and writes it"
+        )
+    with path.open(encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    meta = result_meta(path)
+    dirty = " with uncommitted changes" if meta["dirty"] else ""
+    body = [
+        [
+            KEPT_DAY_NAMES.get(r["day"], md(r["day"])),
+            f"{int(r['new_docs']):,}",
+            f"{float(r['wall_s']):,.0f}",
+            f"{int(r['stages_run'])} ({int(r['lm_stages_run'])})",
+            code(r["start_case"]),
+            r["attempts"],
+            md(r["decision"]),
+            f"{float(r['train_classifier_s']):,.0f}" if r.get("train_classifier_s") else "–",
+            f"{float(r['peak_rss_mb']):,.0f}",
+        ]
+        for r in rows
+    ]
+    kept = next(r for r in rows if r["day"] == "kept")
+    fresh = next(r for r in rows if r["day"] == "fresh")
+    retries = int(kept["retries"]) if kept["start_case"] == "deployed_retrained" else 0
+    allowance = 180 + 60 * retries
+    wall = float(kept["wall_s"])
+    sentence = (
+        f"The kept day ({int(kept['new_docs']):,} new pages) took {wall:,.0f} s for the whole round "
+        f"({START_CASES.get(kept['start_case'], 'started as ' + code(kept['start_case']))}; "
+        f"`train_classifier` {float(kept['train_classifier_s']):,.0f} s of it), "
+        f"{'within' if wall <= allowance else 'over'} its bar of {allowance} s"
+        f"{f' (180 s plus 60 s for each of {retries} retries)' if retries else ''}, and "
+        f"{wall / float(fresh['wall_s']):.2f}× the fresh day's {float(fresh['wall_s']):,.0f} s, which trained a "
+        f"classifier from the merged LM ({int(fresh['attempts'])} attempt(s)). "
+        f"LM stages run on the kept day: {int(kept['lm_stages_run'])}."
+    )
+    out = [
+        table(
+            [
+                "Round",
+                "New documents",
+                "Wall s",
+                "Stages run (LM stages)",
+                "Start case",
+                "Attempts",
+                "Decision",
+                "train\\_classifier s",
+                "Peak RSS MiB",
+            ],
+            body,
+            ["l", "r", "r", "r", "l", "r", "l", "r", "r"],
+        ),
+        "",
+        f"Measured by `benchmarks/kept_day.py` on {md(meta['hardware'])}, commit `{meta['commit']}`{dirty}, "
+        f"{meta['date']}.",
+        "",
+        sentence,
+    ]
+    return "\n".join(out)
+
+
 # --------------------------------------------------------------------------------------------------- blocks
 
 
@@ -1201,6 +1284,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "cli": cli_markdown,
     "classifier-scale": classifier_scale_block,
     "round-days": round_days_block,
+    "kept-day": kept_day_block,
 }
 
 

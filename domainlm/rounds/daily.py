@@ -230,9 +230,11 @@ def decide_and_promote(*, dvc: str = "dvc", promote: bool = True) -> Decision:
             or promotion.same_model(paths.CLASSIFIER_DIR, paths.DEPLOYED_DIR)
         )
     ):
+        others = promotion.candidates_text(metrics)  # a release day: the candidates it beat
         return Decision(
             KEEP,
-            f"v{manifest['version']} is already deployed",
+            f"v{manifest['version']} is already deployed"
+            + (f": it passed the gate on the current test split and no candidate beat it ({others})" if others else ""),
             float(metrics["lora"]["macro_f1"]),
             float(manifest["test_macro_f1"]),
             int(manifest["version"]),
