@@ -113,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         print("commit your changes first: the benchmark clones HEAD", file=sys.stderr)
         return 1
 
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
+    head = head.strip()
     work = args.work or Path(tempfile.mkdtemp(prefix="kept_day-"))
     work.mkdir(parents=True, exist_ok=True)
     incoming = work / "incoming" / DOMAIN
@@ -169,10 +171,12 @@ def main(argv: list[str] | None = None) -> int:
         "kept_to_fresh_wall": round(kept["wall_s"] / fresh["wall_s"], 3),
     }
     settings = {"domain": DOMAIN, "new_pages": len(new), "seed": args.seed, "pages": len(records)}
-    measure.write_csv(RESULTS / "kept_day.csv", rows, settings=settings)
+    # the code measured is the clone's HEAD, which had no uncommitted change when the run started
+    measured = {"commit": head, "dirty": False}
+    measure.write_csv(RESULTS / "kept_day.csv", rows, settings=settings, **measured)
     out = RESULTS / "kept_day.json"
     out.write_text(json.dumps({"rows": rows, "bars": bars, "settings": settings}, indent=2) + "\n", encoding="utf-8")
-    measure.write_meta(out, settings=settings)
+    measure.write_meta(out, settings=settings, **measured)
     print(json.dumps(bars, indent=2))
     ok = bars["within_allowance"] and not bars["lm_stages_run"] and kept["start_case"].startswith("deployed")
     return 0 if ok else 1
