@@ -206,8 +206,9 @@ def run(
     log.info("TF-IDF baseline: test accuracy %.4f, macro-F1 %.4f", base_scores["accuracy"], base_scores["macro_f1"])
 
     # ---- the start from the deployed model: score it, continue it (its head widened for new classes), or not
+    manifest = dep.read_manifest(deployed_dir) if deployed_dir is not None else None
     plan = dep.plan_start(
-        manifest := dep.read_manifest(deployed_dir) if deployed_dir is not None else None,
+        manifest,
         deployed_dir,
         classes=classes,
         lm_dir=lm_dir,
