@@ -32,23 +32,28 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-import yaml
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import measure  # noqa: E402
-from round_days import DAY2_BAR_S, DOMAIN, RETRY_ALLOWANCE_S, run_day, sh, write_part  # noqa: E402
-
-from domainlm.documents.corpus import builtin_documents  # noqa: E402
+from round_days import (  # noqa: E402
+    DAY2_BAR_S,
+    DOMAIN,
+    RETRY_ALLOWANCE_S,
+    domain_records,
+    read_domain_from,
+    round_env,
+    run_day,
+    sh,
+    write_part,
+)
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -78,14 +83,8 @@ def clone(work: Path, env: dict[str, str]) -> Path:
 
 
 def as_jsonl_source(repo: Path, incoming: Path) -> None:
-    """Read ``DOMAIN`` from the JSONL files in ``incoming`` (a dep of the corpus stage), as ``round_days.py`` does."""
-    params = yaml.safe_load((repo / "params.yaml").read_text(encoding="utf-8"))
-    params["corpus"]["cache_dir"] = str(ROOT / ".cache" / "corpus")
-    params["corpus"]["sources"][DOMAIN] = {"type": "jsonl", "uri": str(incoming / "*.jsonl")}
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False), encoding="utf-8")
-    dvc_yaml = yaml.safe_load((repo / "dvc.yaml").read_text(encoding="utf-8"))
-    dvc_yaml["stages"]["corpus"]["deps"].append(str(incoming))
-    (repo / "dvc.yaml").write_text(yaml.safe_dump(dvc_yaml, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    """Read ``DOMAIN`` from the JSONL files in ``incoming`` (``round_days.read_domain_from``) and commit that."""
+    read_domain_from(repo, incoming)
     sh(["git", "add", "-A"], repo)
     sh(["git", "commit", "-q", "-m", f"{DOMAIN} from {incoming}"], repo)
 
@@ -119,21 +118,10 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     incoming = work / "incoming" / DOMAIN
     incoming.mkdir(parents=True, exist_ok=True)
-    spec = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))["corpus"]["sources"][DOMAIN]
-    docs, _ = builtin_documents(DOMAIN, spec, ROOT / ".cache" / "corpus")
-    records = [{"id": d.id, "text": d.text, "label": d.label} for d in docs]
-    order = list(range(len(records)))
-    random.Random(args.seed).shuffle(order)
+    records, order = domain_records(args.seed)
     new = sorted(order[: args.new_pages])
     known = sorted(order[args.new_pages :])
-    env = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}",
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "DVC_NO_ANALYTICS": "1",
-    }
+    env = round_env(work / "mlflow.db")
     rows = []
     try:
         repo = clone(work, env)

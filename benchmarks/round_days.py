@@ -79,6 +79,42 @@ def sh(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> subproce
     return proc
 
 
+def domain_records(seed: int) -> tuple[list[dict[str, str]], list[int]]:
+    """``DOMAIN``'s documents from its package source in ``params.yaml`` as JSONL records (``id``, ``text``,
+    ``label``), and their indices in an order shuffled by ``seed`` (which pages arrive when)."""
+    spec = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))["corpus"]["sources"][DOMAIN]
+    docs, _ = builtin_documents(DOMAIN, spec, ROOT / ".cache" / "corpus")
+    records = [{"id": d.id, "text": d.text, "label": d.label} for d in docs]
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    return records, order
+
+
+def round_env(mlflow_db: Path) -> dict[str, str]:
+    """The environment a benchmark round runs in: this interpreter's ``bin`` first on ``PATH``, the MLflow store at
+    ``mlflow_db``, offline Hugging Face, no DVC analytics."""
+    return {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{mlflow_db}",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "DVC_NO_ANALYTICS": "1",
+    }
+
+
+def read_domain_from(repo: Path, incoming: Path) -> None:
+    """Make ``repo``'s pipeline read ``DOMAIN`` from the JSONL files in ``incoming`` (a dep of the corpus stage), with
+    the corpus cache of this repository; nothing is committed."""
+    params = yaml.safe_load((repo / "params.yaml").read_text(encoding="utf-8"))
+    params["corpus"]["cache_dir"] = str(ROOT / ".cache" / "corpus")
+    params["corpus"]["sources"][DOMAIN] = {"type": "jsonl", "uri": str(incoming / "*.jsonl")}
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    dvc_yaml = yaml.safe_load((repo / "dvc.yaml").read_text(encoding="utf-8"))
+    dvc_yaml["stages"]["corpus"]["deps"].append(str(incoming))
+    (repo / "dvc.yaml").write_text(yaml.safe_dump(dvc_yaml, allow_unicode=True, sort_keys=False), encoding="utf-8")
+
+
 def make_repo(work: Path, incoming: Path) -> Path:
     """A git + DVC repository at ``work/repo`` holding this pipeline, with ``DOMAIN`` read from ``incoming``."""
     from domainlm.documents.labels import write_empty_overrides
@@ -94,13 +130,7 @@ def make_repo(work: Path, incoming: Path) -> Path:
         else:
             (repo / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, repo / name)
-    params = yaml.safe_load((repo / "params.yaml").read_text(encoding="utf-8"))
-    params["corpus"]["cache_dir"] = str(ROOT / ".cache" / "corpus")
-    params["corpus"]["sources"][DOMAIN] = {"type": "jsonl", "uri": str(incoming / "*.jsonl")}
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False), encoding="utf-8")
-    dvc_yaml = yaml.safe_load((repo / "dvc.yaml").read_text(encoding="utf-8"))
-    dvc_yaml["stages"]["corpus"]["deps"].append(str(incoming))
-    (repo / "dvc.yaml").write_text(yaml.safe_dump(dvc_yaml, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    read_domain_from(repo, incoming)
     for cmd in (
         ["git", "init", "-q", "-b", "main"],
         ["git", "config", "user.email", "bench@example.com"],
@@ -203,23 +233,12 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     incoming = work / "incoming" / DOMAIN
     incoming.mkdir(parents=True, exist_ok=True)
-    spec = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))["corpus"]["sources"][DOMAIN]
-    docs, _ = builtin_documents(DOMAIN, spec, ROOT / ".cache" / "corpus")
-    records = [{"id": d.id, "text": d.text, "label": d.label} for d in docs]
-    order = list(range(len(records)))
-    random.Random(args.seed).shuffle(order)
+    records, order = domain_records(args.seed)
     n_day1 = round(args.day1_fraction * len(records))
     rest = order[n_day1:]
     bounds = [round(k * len(rest) / args.drops) for k in range(args.drops + 1)]
     parts = [sorted(order[:n_day1])] + [sorted(rest[a:b]) for a, b in zip(bounds, bounds[1:], strict=False)]
-    env = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'repo' / 'mlflow.db'}",
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "DVC_NO_ANALYTICS": "1",
-    }
+    env = round_env(work / "repo" / "mlflow.db")
     saved = work / "rows.json"
     rows = json.loads(saved.read_text(encoding="utf-8")) if args.resume and saved.exists() else []
     done = {r["day"] for r in rows}

@@ -547,6 +547,22 @@ def script_summary(script: Path) -> str:
     return rst_to_md(doc.strip().split("\n\n")[0]) if doc.strip() else ""
 
 
+def result_rows(path: str | Path, missing: str | None = None) -> tuple[list[dict[str, str]], dict[str, Any], str]:
+    """A benchmark CSV's rows (as strings), its :func:`result_meta`, and ``" with uncommitted changes"`` or ``""``
+    for the sentence that names the measurement.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist; the message is ``"<path> is missing: <missing>"`` when given.
+    """
+    path = Path(path)
+    if missing is not None and not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: {missing}")
+    with path.open(encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    meta = result_meta(path)
+    return rows, meta, " with uncommitted changes" if meta["dirty"] else ""
+
+
 def result_meta(path: Path) -> dict[str, Any]:
     """Hardware, commit and date of result file ``path``: its sidecar ``<path>.meta.json`` (written by
     ``benchmarks/measure.py``'s ``write_meta``) when present, else the commit and date of the last git commit that
@@ -1006,11 +1022,7 @@ def classifier_scale_block() -> str:
     """The scaling guide's table of ``benchmarks/results/classifier_scale.csv``: per training-set size and data path
     (streamed from the window caches, or in memory), data preparation, the fixed optimizer steps, prediction and
     peak RSS, with the measurement's hardware, commit and date, and the growth ratios the streamed path is held to."""
-    path = ROOT / RESULTS / "classifier_scale.csv"
-    with path.open(encoding="utf-8") as fh:
-        rows = list(csv.DictReader(fh))
-    meta = result_meta(path)
-    dirty = " with uncommitted changes" if meta["dirty"] else ""
+    rows, meta, dirty = result_rows(ROOT / RESULTS / "classifier_scale.csv")
     body = []
     for r in rows:
         measured = r["status"] == "measured"
@@ -1100,16 +1112,11 @@ def round_days_block(path: str | Path = ROUND_DAYS) -> str:
         FileNotFoundError: ``path`` does not exist (run ``python benchmarks/round_days.py``).
         KeyError: a column is missing. StopIteration: no ``release`` row.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} is missing: `python benchmarks/round_days.py` measures the days of the production loop "
-            "(about 40 minutes on 2 idle cores) and writes it"
-        )
-    with path.open(encoding="utf-8") as fh:
-        rows = list(csv.DictReader(fh))
-    meta = result_meta(path)
-    dirty = " with uncommitted changes" if meta["dirty"] else ""
+    rows, meta, dirty = result_rows(
+        path,
+        "`python benchmarks/round_days.py` measures the days of the production loop (about 40 minutes on 2 idle "
+        "cores) and writes it",
+    )
 
     def lm_rebuilt(i: int, r: Mapping[str, str]) -> str:
         if int(r["merged_changed"]):
@@ -1210,16 +1217,11 @@ def kept_day_block(path: str | Path = KEPT_DAY) -> str:
         FileNotFoundError: ``path`` does not exist (run ``python benchmarks/kept_day.py``).
         KeyError: a column is missing. StopIteration: no ``kept`` or ``fresh`` row.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} is missing: `python benchmarks/kept_day.py` times a day that keeps the deployed classifier "
-            "(about 10 minutes on 2 idle cores) and writes it"
-        )
-    with path.open(encoding="utf-8") as fh:
-        rows = list(csv.DictReader(fh))
-    meta = result_meta(path)
-    dirty = " with uncommitted changes" if meta["dirty"] else ""
+    rows, meta, dirty = result_rows(
+        path,
+        "`python benchmarks/kept_day.py` times a day that keeps the deployed classifier (about 10 minutes on 2 "
+        "idle cores) and writes it",
+    )
     body = [
         [
             KEPT_DAY_NAMES.get(r["day"], md(r["day"])),

@@ -255,5 +255,5 @@ def score_deployed(
         model_dir=Path(deployed_dir),
         test_proba=proba,
         source="deployed",
-        backbone_dir=Path(deployed_dir) / BACKBONE_SUBDIR if (Path(deployed_dir) / BACKBONE_SUBDIR).is_dir() else None,
+        backbone_dir=backbone if (backbone := Path(deployed_dir) / BACKBONE_SUBDIR).is_dir() else None,
     )

@@ -324,9 +324,8 @@ def replace_deployed(
         if not (classifier_dir / sub).is_dir():
             raise FileNotFoundError(f"{classifier_dir / sub} is missing: nothing to promote")
     with atomic_path(deployed_dir, is_dir=True) as tmp:
-        for sub in ("model", "adapter", BACKBONE_SUBDIR):
-            if sub == BACKBONE_SUBDIR and not (classifier_dir / sub).is_dir():
-                continue
+        carried = [BACKBONE_SUBDIR] if (classifier_dir / BACKBONE_SUBDIR).is_dir() else []
+        for sub in ("model", "adapter", *carried):
             shutil.copytree(classifier_dir / sub, tmp / sub)
         (tmp / MANIFEST).write_text(json.dumps(dict(manifest), ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
     return Path(deployed_dir)
